@@ -1,0 +1,63 @@
+"""Shared set-up for the benchmarks: the machine description, test photos and exported bundles."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".bench"
+OPENCV_PHOTOS = Path("/tmp/opencv-doc/usr/share/doc/opencv-doc/examples/data")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {cores} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def opencv_photos() -> list[Path]:
+    """Debian's opencv-doc sample photos (real JPEGs), fetched with apt on first use."""
+    if not OPENCV_PHOTOS.is_dir():
+        subprocess.run(
+            "cd /tmp && apt-get download opencv-doc >/dev/null && dpkg -x opencv-doc_*.deb /tmp/opencv-doc",
+            shell=True,
+            check=True,
+        )
+    return sorted(p for p in OPENCV_PHOTOS.glob("*.jpg"))
+
+
+def photo_set(count: int, size: tuple[int, int] = (1600, 1200)) -> list[Path]:
+    """``count`` JPEGs at a phone-photo-like size, made from the real sample photos (cycled)."""
+    from PIL import Image
+
+    folder = WORK / f"photos-{size[0]}x{size[1]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = opencv_photos()
+    out = []
+    for i in range(count):
+        dest = folder / f"{i:04d}.jpg"
+        if not dest.exists():
+            Image.open(sources[i % len(sources)]).convert("RGB").resize(size, Image.BICUBIC).save(dest, quality=90)
+        out.append(dest)
+    return out
+
+
+def bundle(arch: str = "ViT-B-32", precisions: str = "fp32,int8") -> Path:
+    """A full-size architecture with random weights (speed does not depend on the values)."""
+    from clipworks.export import export_model
+
+    out = WORK / f"{arch}__random"
+    if not (out / "clipworks.json").is_file():
+        export_model(arch, out, pretrained="random", precisions=precisions.split(","))
+    return out

@@ -1,0 +1,1 @@
+"""The ``clipworks`` command: thin commands that parse, call one library function, and render."""

@@ -1,0 +1,83 @@
+"""``clipworks models list|pull|info``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="List, pull and inspect model bundles.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Known models, their dimension, and whether each is in the cache."""
+    from clipworks.models.registry import list_models
+    from clipworks.models.store import find_local
+
+    rows = []
+    for record in list_models():
+        from clipworks.models.registry import parse_model_name
+
+        local = find_local(parse_model_name(record.name))
+        rows.append(
+            {
+                "name": record.name,
+                "aliases": list(record.aliases),
+                "dim": record.embed_dim,
+                "image_size": record.image_size,
+                "cached": str(local) if local else None,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'name':42} {'alias':16} {'dim':>5} {'size':>5}  cached")
+    for r in rows:
+        print(f"{r['name']:42} {', '.join(r['aliases']):16} {r['dim']:>5} {r['image_size']:>5}  {r['cached'] or '-'}")
+
+
+@app.command()
+def pull(
+    name: Annotated[str, typer.Argument(help="Model name, e.g. ViT-B-32::openai or ViT-B/32.")],
+    source: Annotated[str, typer.Option(help="auto (export if torch is installed, else hub), hub or export.")] = "auto",
+    precision: Annotated[str, typer.Option(help="Precisions to export (export source only).")] = "fp32,int8",
+    force: Annotated[bool, typer.Option(help="Fetch again even if cached.")] = False,
+) -> None:
+    """Put a model into the cache: Immich's ONNX bundle from the hub, or an export of open_clip's weights."""
+    from clipworks.models.store import pull as pull_model
+
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    path = pull_model(name, source=source, precisions=precisions, force=force)
+    print(path)
+
+
+@app.command()
+def info(
+    name: Annotated[str, typer.Argument(help="Model name or bundle path.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Where a model lives, its dimension, precisions and export checks."""
+    from clipworks.models.store import ensure_bundle
+
+    bundle = ensure_bundle(name, download=False)
+    data = {
+        "name": bundle.name,
+        "path": str(bundle.root),
+        "embed_dim": bundle.embed_dim,
+        "image_size": bundle.preprocess_cfg.get("size"),
+        "context_length": bundle.context_length,
+        "logit_scale": bundle.meta.logit_scale,
+        "normalized_outputs": bundle.meta.normalized,
+        "visual_precisions": bundle.available_precisions("visual"),
+        "textual_precisions": bundle.available_precisions("textual"),
+        "batch": bundle.meta.batch,
+        "source_sha256": bundle.meta.source_sha256,
+        "checks": bundle.meta.checks,
+    }
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        print(f"{key:20} {json.dumps(value) if isinstance(value, dict | list) else value}")

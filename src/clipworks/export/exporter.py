@@ -1,0 +1,242 @@
+"""``clipworks export``: open_clip model -> verified ONNX bundle, written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipworks.errors import ExportCheckFailed, UsageError
+from clipworks.export.graphs import DEFAULT_OPSET, export_towers
+from clipworks.export.precision import COSINE_FLOORS, to_fp16, to_int8
+from clipworks.export.source import RANDOM, SourceModel, load_source_model
+from clipworks.models.bundle import PRECISIONS, BundleMeta, graph_relpath, write_json
+
+# fp32 graphs must reproduce open_clip within this, on L2-normalised embeddings (what every caller uses).
+FP32_TOLERANCE = 1e-4
+CHECK_IMAGES = Path(__file__).resolve().parents[1] / "data" / "check_images"
+CHECK_PROMPTS = (
+    "a photo of a dog",
+    "a close-up photo of a colourful butterfly on a flower",
+    "fruit",
+    "a street with buildings and cars at night, seen from above",
+    "",
+    "an old man wearing a red hat 🎩 &amp; a scarf",
+)
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    arch: str
+    pretrained: str
+    precisions: list[str]
+    checks: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def export_model(
+    model: str,
+    out: str | Path,
+    *,
+    pretrained: str = "openai",
+    precisions: Sequence[str] = ("fp32",),
+    batch: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+    check_images: Sequence[Path] | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportReport:
+    """Export, verify against open_clip, and only then move the bundle into place at ``out``."""
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise UsageError(f"unknown precision {bad[0]!r}: choose from {', '.join(PRECISIONS)}")
+    if batch is not None and batch < 1:
+        raise UsageError(f"--batch must be 'dynamic' or a positive integer, not {batch}")
+    wanted = ["fp32", *[p for p in precisions if p != "fp32"]]
+    out = Path(out).expanduser()
+    log(f"loading {model} ({pretrained}) with open_clip")
+    src = load_source_model(model, pretrained, seed=seed)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        report = _build(src, work, wanted, batch, opset, check_images, log)
+        _replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.out = out
+    log(f"wrote {out} ({', '.join(wanted)})")
+    return report
+
+
+def _build(
+    src: SourceModel,
+    work: Path,
+    precisions: list[str],
+    batch: int | None,
+    opset: int,
+    check_images: Sequence[Path] | None,
+    log: Callable[[str], None],
+) -> ExportReport:
+    from clipworks.tokenizer import write_tokenizer_files
+
+    size = tuple(src.preprocess_cfg["size"])
+    context_length = int(src.model_config["text_cfg"]["context_length"])
+    log(f"exporting {src.arch} to ONNX (opset {opset}, batch {batch or 'dynamic'})")
+    dynamic_text = export_towers(
+        src.model, size, context_length, work / graph_relpath("visual", "fp32"),
+        work / graph_relpath("textual", "fp32"), opset=opset, batch=batch,
+    )  # fmt: skip
+    write_json(work / "config.json", src.model_config)
+    write_json(work / "visual" / "preprocess_cfg.json", src.preprocess_cfg)
+    write_tokenizer_files(work / "textual", context_length)
+
+    inputs = _check_inputs(src, work, batch, context_length, dynamic_text, check_images)
+    reference = _torch_outputs(src, inputs)
+    fp32 = _onnx_outputs(work, "fp32", inputs)
+    checks: dict[str, dict[str, float]] = {"fp32": _compare_fp32(reference, fp32)}
+    log(_describe("fp32", checks["fp32"]))
+    for precision in precisions[1:]:
+        for tower in ("visual", "textual"):
+            convert = to_fp16 if precision == "fp16" else to_int8
+            convert(work / graph_relpath(tower, "fp32"), work / graph_relpath(tower, precision))
+        checks[precision] = _compare_lowered(precision, fp32, _onnx_outputs(work, precision, inputs))
+        log(_describe(precision, checks[precision]))
+
+    meta = BundleMeta(
+        model=src.arch,
+        pretrained=src.pretrained,
+        logit_scale=src.logit_scale,
+        normalized=False,
+        opset=opset,
+        batch=str(batch) if batch else "dynamic",
+        precisions=precisions,
+        source_sha256=src.source_sha256,
+        checks=checks,
+    )
+    meta_dict = meta.to_dict()
+    meta_dict["dynamic_text_length"] = dynamic_text
+    write_json(work / "clipworks.json", meta_dict)
+    return ExportReport(work, src.arch, src.pretrained, precisions, checks)
+
+
+@dataclass
+class _CheckInputs:
+    images: np.ndarray  # (B, 3, H, W) float32, open_clip's own preprocessing
+    torch_tokens: np.ndarray  # (B, context_length), open_clip.tokenize
+    onnx_tokens: np.ndarray  # (B, L), clipworks' tokenizer, padded only to the longest prompt when allowed
+
+
+def _check_inputs(
+    src: SourceModel,
+    work: Path,
+    batch: int | None,
+    context_length: int,
+    dynamic_text: bool,
+    check_images: Sequence[Path] | None,
+) -> _CheckInputs:
+    import open_clip
+    from PIL import Image
+
+    from clipworks.tokenizer import ClipTokenizer
+
+    paths = list(check_images) if check_images else sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
+    cfg = src.preprocess_cfg
+    transform = open_clip.image_transform(
+        tuple(cfg["size"]), is_train=False, mean=cfg["mean"], std=cfg["std"],
+        resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"], fill_color=cfg["fill_color"],
+    )  # fmt: skip
+    images = np.stack([transform(Image.open(p)).numpy() for p in paths]).astype(np.float32)
+    prompts = list(CHECK_PROMPTS)
+    if batch is not None:  # a static graph takes exactly `batch` rows
+        images = np.resize(images, (batch, *images.shape[1:]))
+        prompts = [prompts[i % len(prompts)] for i in range(batch)]
+    torch_tokens = open_clip.tokenize(prompts, context_length=context_length).numpy()
+    tokenizer = ClipTokenizer.from_dir(work / "textual", context_length)
+    onnx_tokens = tokenizer.encode(prompts, pad_to=None if dynamic_text else context_length)
+    return _CheckInputs(images, torch_tokens, onnx_tokens)
+
+
+def _torch_outputs(src: SourceModel, inputs: _CheckInputs) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        image = src.model.encode_image(torch.from_numpy(inputs.images)).numpy()
+        text = src.model.encode_text(torch.from_numpy(inputs.torch_tokens).long()).numpy()
+    return {"visual": image, "textual": text}
+
+
+def _onnx_outputs(work: Path, precision: str, inputs: _CheckInputs) -> dict[str, np.ndarray]:
+    from clipworks.runtime.sessions import OrtSession
+
+    visual = OrtSession(work / graph_relpath("visual", precision), device="cpu")
+    textual = OrtSession(work / graph_relpath("textual", precision), device="cpu")
+    return {"visual": visual.run(inputs.images), "textual": textual.run(inputs.onnx_tokens)}
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _compare_fp32(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for tower in ("visual", "textual"):
+        ref, out = reference[tower], got[tower]
+        result[f"{tower}_max_abs_diff"] = float(np.abs(_normalise(ref) - _normalise(out)).max())
+        result[f"{tower}_max_abs_diff_raw"] = float(np.abs(ref - out).max())
+        result[f"{tower}_max_abs_raw"] = float(np.abs(ref).max())
+    for tower in ("visual", "textual"):
+        diff = result[f"{tower}_max_abs_diff"]
+        if not diff <= FP32_TOLERANCE:  # also catches NaN
+            raise ExportCheckFailed(
+                f"fp32 {tower} graph differs from open_clip by {diff:.2e} (limit {FP32_TOLERANCE:.0e}) "
+                "on normalised embeddings; this architecture does not export faithfully - please report it"
+            )
+    return result
+
+
+def _compare_lowered(precision: str, fp32: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Any]:
+    floor = COSINE_FLOORS[precision]
+    result: dict[str, Any] = {"floor": floor}
+    for tower in ("visual", "textual"):
+        cosine = np.sum(_normalise(fp32[tower]) * _normalise(got[tower]), axis=-1)
+        result[f"{tower}_min_cosine"] = float(cosine.min())
+        result[f"{tower}_mean_cosine"] = float(cosine.mean())
+    for tower in ("visual", "textual"):
+        worst = result[f"{tower}_min_cosine"]
+        if not worst >= floor:
+            raise ExportCheckFailed(
+                f"{precision} {tower} graph reaches cosine {worst:.4f} to fp32, under the floor {floor}; "
+                f"export without {precision} or report the architecture"
+            )
+    return result
+
+
+def _describe(precision: str, check: dict[str, float]) -> str:
+    if precision == "fp32":
+        return (
+            f"check fp32 vs open_clip: max |diff| image {check['visual_max_abs_diff']:.2e}, "
+            f"text {check['textual_max_abs_diff']:.2e} (normalised; limit {FP32_TOLERANCE:.0e})  ok"
+        )
+    return (
+        f"check {precision} vs fp32: cosine image min {check['visual_min_cosine']:.5f}, "
+        f"text min {check['textual_min_cosine']:.5f} (floor {check['floor']})  ok"
+    )
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Swap the finished bundle in, so ``dst`` is never a half-written bundle."""
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def default_export_name(arch: str, pretrained: str) -> str:
+    return f"{arch}__{RANDOM if pretrained == RANDOM else Path(pretrained).stem}"

@@ -1,0 +1,418 @@
+"""Decode images and turn them into model input: decode, resize, crop, normalise.
+
+`preprocess` reproduces open_clip's eval transform (`open_clip.image_transform(..., is_train=False)`) with
+Pillow and numpy only, so the runtime never needs torch. It resizes with the same Pillow call torchvision
+makes for PIL input and normalises through a per-channel lookup table computed with the same float32
+operations as `ToTensor` + `Normalize`, so its output matches open_clip's bit for bit.
+
+`load_image` is the tolerant front door: paths, bytes, PIL images and numpy arrays in, an RGB image out, with
+EXIF orientation applied and every unreadable input turned into one `BadImage` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import numpy as np
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from clipworks.errors import BadBundle, BadImage, UsageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageSource",
+    "PreprocessConfig",
+    "decode",
+    "is_image_path",
+    "load_image",
+    "preprocess",
+]
+
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
+Interpolation = Literal["bicubic", "bilinear"]
+ResizeMode = Literal["shortest", "longest", "squash"]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".gif"}
+)
+
+# open_clip's defaults (open_clip.constants), used for keys a preprocess_cfg.json leaves out.
+OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+_RESIZE_MODES = ("shortest", "longest", "squash")
+_INTERPOLATIONS = ("bicubic", "bilinear", "random")
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# Greyscale modes with more than 8 bits; Pillow's own convert() clips them at 255 instead of scaling.
+_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    """True when the path's extension is one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a model wants its pixels: the contents of a bundle's `visual/preprocess_cfg.json`."""
+
+    size: tuple[int, int] = (224, 224)  # (height, width)
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: Interpolation = "bicubic"
+    resize_mode: ResizeMode = "shortest"
+    fill_color: int = 0
+
+    def __post_init__(self) -> None:
+        h, w = self.size
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            _bad_cfg(f"size {self.size!r} must be two positive integers (height, width)")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            _bad_cfg(f"mean {self.mean!r} and std {self.std!r} need one value per RGB channel")
+        if any(s == 0 for s in self.std):
+            _bad_cfg(f"std {self.std!r} contains a zero")
+        if self.interpolation not in _PIL_FILTERS:
+            _bad_cfg(f"interpolation {self.interpolation!r} is not one of {', '.join(_PIL_FILTERS)}")
+        if self.resize_mode not in _RESIZE_MODES:
+            _bad_cfg(f"resize_mode {self.resize_mode!r} is not one of {', '.join(_RESIZE_MODES)}")
+        if not (isinstance(self.fill_color, int) and 0 <= self.fill_color <= 255):
+            _bad_cfg(f"fill_color {self.fill_color!r} must be an integer from 0 to 255")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessConfig:
+        """Read `open_clip.get_model_preprocess_cfg(model)`'s dict; missing keys take open_clip's defaults."""
+        mode = d.get("mode", "RGB")
+        if mode != "RGB":
+            _bad_cfg(f"mode {mode!r} is not supported; open_clip models take 'RGB'")
+        size = d.get("size") or 224
+        if isinstance(size, int):
+            size = (size, size)
+        elif isinstance(size, list | tuple) and len(size) == 1:
+            size = (size[0], size[0])
+        if not (isinstance(size, list | tuple) and len(size) == 2):
+            _bad_cfg(f"size {size!r} must be an integer or [height, width]")
+        interpolation = d.get("interpolation") or "bicubic"
+        if interpolation not in _INTERPOLATIONS:
+            _bad_cfg(f"interpolation {interpolation!r} is not one of {', '.join(_INTERPOLATIONS)}")
+        return cls(
+            size=(size[0], size[1]),
+            mean=_per_channel(d.get("mean") or OPENAI_MEAN, "mean"),
+            std=_per_channel(d.get("std") or OPENAI_STD, "std"),
+            # open_clip picks a random filter only when training; at inference "random" means bicubic.
+            interpolation="bilinear" if interpolation == "bilinear" else "bicubic",
+            resize_mode=d.get("resize_mode") or "shortest",
+            fill_color=d.get("fill_color") or 0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape `from_dict` reads back."""
+        return {
+            "size": list(self.size),
+            "mode": "RGB",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "fill_color": self.fill_color,
+        }
+
+
+def _bad_cfg(problem: str) -> NoReturn:
+    raise BadBundle(f"preprocess config: {problem}; fix visual/preprocess_cfg.json or re-export the model")
+
+
+def _per_channel(value: Any, key: str) -> tuple[float, float, float]:
+    # open_clip repeats a scalar mean/std over the three channels.
+    if isinstance(value, int | float):
+        return (float(value),) * 3
+    if not (isinstance(value, list | tuple) and len(value) == 3):
+        _bad_cfg(f"{key} {value!r} needs one value per RGB channel")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def load_image(
+    source: ImageSource, *, draft_size: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode `source` into an RGB image, upright per its EXIF orientation.
+
+    `source` is a path, encoded bytes, a PIL image or a numpy array (HxW, HxWx1, HxWx3 RGB or HxWx4 RGBA).
+    Animated files give their first frame. Alpha is dropped, not composited, exactly as open_clip's
+    `convert('RGB')` does, so embeddings match open_clip's; 16-bit and float greyscale is scaled to 8 bits
+    rather than clipped at 255 (integers: 0-255 kept, up to 65535 divided by 257, else stretched; floats:
+    0-1 times 255, 0-255 kept, else stretched).
+
+    `draft_size` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), never below
+    `draft_size` on its shorter side: much faster for large photos, slightly different pixels.
+    `max_pixels` (default `PIL.Image.MAX_IMAGE_PIXELS`) rejects larger files before decoding them; Pillow
+    refuses anything over twice its own `MAX_IMAGE_PIXELS` regardless. A PIL image that is already RGB and
+    upright is returned as is, not copied.
+    """
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        return _to_rgb(_upright(source, in_place=False), name)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise BadImage(f"{name}: no data (0 bytes); pass the encoded file's contents")
+        return _open(io.BytesIO(source), name, draft_size, limit, path=None)
+    if isinstance(source, str | os.PathLike):
+        return _open(name, name, draft_size, limit, path=name)
+    raise BadImage(f"{name}: unsupported image source; pass a path, bytes, a PIL image or a numpy array")
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, str | os.PathLike):
+        return os.fsdecode(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.width}x{source.height} {source.mode}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.shape} {source.dtype}>"
+    return f"<{type(source).__name__}>"
+
+
+def _open(
+    fp: str | io.BytesIO, name: str, draft_size: int | None, limit: int | None, path: str | None
+) -> Image.Image:
+    try:
+        with Image.open(fp) as im:
+            w, h = im.size
+            if limit is not None and w * h > limit:
+                raise BadImage(
+                    f"{name}: {w}x{h} is {w * h} pixels, over the limit of {limit}"
+                    " (a decompression bomb?); raise max_pixels if you trust the file"
+                )
+            # MpoImageFile (camera JPEGs with a preview) subclasses JpegImageFile and drafts the same way.
+            if draft_size and isinstance(im, JpegImagePlugin.JpegImageFile):
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            _upright(im, in_place=True)
+            rgb = _to_rgb(im, name)
+            # An animated file's object keeps the whole file's decoder state alive; hand back plain pixels.
+            if rgb is im and getattr(im, "n_frames", 1) > 1:
+                rgb = im.copy()
+            return rgb
+    except BadImage:
+        raise
+    except FileNotFoundError as e:
+        raise BadImage(f"{name}: no such file; check the path") from e
+    except IsADirectoryError as e:
+        raise BadImage(f"{name}: is a directory, not an image file") from e
+    except PermissionError as e:
+        raise BadImage(f"{name}: permission denied; check the file's permissions") from e
+    except Image.DecompressionBombError as e:
+        raise BadImage(
+            f"{name}: {_one_line(e)}; raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from e
+    except UnidentifiedImageError as e:
+        if path is not None and _is_empty(path):
+            raise BadImage(f"{name}: file is empty (0 bytes); re-copy or skip it") from e
+        raise BadImage(
+            f"{name}: not an image format Pillow can read; skip it or convert it to JPEG or PNG"
+        ) from e
+    except Exception as e:
+        # Pillow's plugins fail on malformed files with many exception types (OSError for truncation,
+        # SyntaxError, struct.error, IndexError, ZeroDivisionError ...); all mean "this file is unusable".
+        raise BadImage(
+            f"{name}: cannot decode image ({_one_line(e)}); the file may be truncated or corrupt"
+        ) from e
+
+
+def _is_empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _upright(im: Image.Image, *, in_place: bool) -> Image.Image:
+    try:
+        if im.getexif().get(0x0112, 1) in (0, 1):  # 0x0112 = Orientation; skip the copy when upright
+            return im
+        if in_place:
+            ImageOps.exif_transpose(im, in_place=True)
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        # A damaged EXIF block should not cost the picture: show it as stored.
+        return im
+
+
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in _WIDE_GREY_MODES:
+        return Image.fromarray(_to_uint8(np.asarray(im), name)).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise BadImage(
+            f"{name}: cannot convert colour mode {im.mode} to RGB ({_one_line(e)}); save it as RGB first"
+        ) from e
+
+
+def _from_array(a: np.ndarray, name: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or a.size == 0:
+        raise BadImage(f"{name}: expected an HxW, HxWx3 (RGB) or HxWx4 (RGBA) array")
+    im = Image.fromarray(np.ascontiguousarray(_to_uint8(a, name)))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _to_uint8(a: np.ndarray, name: str) -> np.ndarray:
+    """Scale integer or float pixels to uint8 without clipping (rules in load_image's docstring)."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind == "b":
+        return a.astype(np.uint8) * np.uint8(255)
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2:
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if a.dtype.kind in "iu":
+        lo, hi = int(a.min()), int(a.max())
+        if lo >= 0 and hi <= 255:
+            return a.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return ((a.astype(np.int64) + 128) // 257).astype(np.uint8)
+        return _stretch(a.astype(np.float64), lo, hi)
+    if a.dtype.kind == "f":
+        f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        flo, fhi = float(f.min()), float(f.max())
+        if flo >= 0 and fhi <= 1:
+            return np.rint(f * 255).astype(np.uint8)
+        if flo >= 0 and fhi <= 255:
+            return np.rint(f).astype(np.uint8)
+        return _stretch(f, flo, fhi)
+    raise BadImage(f"{name}: pixel type {a.dtype} is not supported; pass uint8, uint16 or float pixels")
+
+
+def _stretch(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi == lo:
+        return np.full(a.shape, min(max(lo, 0), 255), np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """open_clip's eval transform for `cfg`: float32 array of shape (3, height, width).
+
+    Matches `open_clip.image_transform(cfg.size, is_train=False, ...)` applied to the same PIL image,
+    including open_clip's quirks: a non-square "shortest" target always resizes bicubic, and crops that
+    need padding pad with 0 in "shortest" mode but with `fill_color` in "longest" mode. As in open_clip,
+    a non-RGB image is resized and padded in its own mode and converted afterwards (so a palette image
+    resizes nearest-neighbour and an RGBA one premultiplied); `load_image` converts to RGB first instead.
+    """
+    th, tw = cfg.size
+    resized = _resize(image, cfg)
+    rw, rh = resized.size
+    # Where the output window falls on the resized image, and where the image lands in the output.
+    (sx, dx, cw), (sy, dy, ch) = _center(rw, tw), _center(rh, th)
+    if (sx, sy, cw, ch) != (0, 0, rw, rh):
+        resized = resized.crop((sx, sy, sx + cw, sy + ch))
+    # torchvision's CenterCrop pads with 0; open_clip's CenterCropOrPad ("longest") with fill_color.
+    fill = cfg.fill_color if cfg.resize_mode == "longest" else 0
+    if resized.mode != "RGB":
+        if (cw, ch) != (tw, th):
+            # Pad before converting, as torchvision does: a fill of 40 is another colour in CMYK or P.
+            resized = _pad(resized, (dx, dy, tw - cw - dx, th - ch - dy), fill)
+            (dx, cw), (dy, ch) = (0, tw), (0, th)
+        resized = resized.convert("RGB")
+    pixels = np.asarray(resized)
+    lut = _normalize_lut(cfg.mean, cfg.std)
+    out = np.empty((3, th, tw), np.float32)
+    if (cw, ch) == (tw, th):
+        for c in range(3):
+            np.take(lut[c], pixels[:, :, c], out=out[c])
+        return out
+    for c in range(3):
+        out[c] = lut[c, fill]
+        out[c, dy : dy + ch, dx : dx + cw] = lut[c][pixels[:, :, c]]
+    return out
+
+
+def _pad(image: Image.Image, border: tuple[int, int, int, int], fill: int) -> Image.Image:
+    """torchvision's PIL constant pad (`F.pad(img, padding, fill)`) for an image of any mode."""
+    bands = len(image.getbands())
+    palette = image.getpalette() if image.mode == "P" else None
+    padded = ImageOps.expand(image, border=border, fill=(fill,) * bands if bands > 1 else fill)
+    if palette is not None:
+        padded.putpalette(palette)
+    return padded
+
+
+def _resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """The resize step of open_clip's eval transform, with torchvision's size arithmetic."""
+    th, tw = cfg.size
+    w, h = image.size
+    resample = _PIL_FILTERS[cfg.interpolation]
+    if cfg.resize_mode == "squash":  # torchvision Resize((h, w))
+        new_h, new_w = th, tw
+    elif cfg.resize_mode == "shortest" and th == tw:  # torchvision Resize(size): shorter edge to size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = th, int(th * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    else:
+        # open_clip's ResizeKeepRatio (longest=1 for "longest", 0 for a non-square "shortest" target);
+        # the expressions are copied so that the float rounding is the same.
+        longest = 1.0 if cfg.resize_mode == "longest" else 0.0
+        ratio_h, ratio_w = h / th, w / tw
+        ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+        new_h, new_w = round(h * 1.0 / ratio), round(w * 1.0 / ratio)
+        if cfg.resize_mode == "shortest":
+            resample = Image.Resampling.BICUBIC  # open_clip builds ResizeKeepRatio(image_size) here
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), resample)
+
+
+def _center(size: int, target: int) -> tuple[int, int, int]:
+    """(source offset, destination offset, length) of torchvision's center crop-or-pad along one axis."""
+    if target > size:
+        return 0, (target - size) // 2, size
+    return round((size - target) / 2.0), 0, target  # Python's round, half to even, as torchvision
+
+
+@functools.lru_cache(maxsize=32)
+def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32 table of ((v / 255) - mean) / std, evaluated step by step in float32.
+
+    ToTensor divides by 255 and Normalize subtracts then divides, each rounded to float32; doing the same
+    once per byte value makes the output identical to open_clip's, and a gather is faster than arithmetic.
+    """
+    v = np.arange(256, dtype=np.float32) / np.float32(255)
+    m = np.asarray(mean, np.float32)[:, None]
+    s = np.asarray(std, np.float32)[:, None]
+    lut = (v[None, :] - m) / s
+    lut.setflags(write=False)
+    return lut
+
+
+def decode(
+    source: ImageSource,
+    cfg: PreprocessConfig,
+    mode: Literal["exact", "fast"] = "exact",
+    *,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Load and preprocess one image: float32 (3, height, width). Safe to call from many threads.
+
+    "exact" matches open_clip; "fast" lets JPEGs decode at reduced scale first (see `load_image`).
+    """
+    if mode not in ("exact", "fast"):
+        raise UsageError(f"decode mode {mode!r} is not 'exact' or 'fast'")
+    # The larger target side: a non-square target may need that many pixels along the image's shorter side.
+    draft = max(cfg.size) if mode == "fast" else None
+    return preprocess(load_image(source, draft_size=draft, max_pixels=max_pixels), cfg)

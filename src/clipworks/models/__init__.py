@@ -1,0 +1,1 @@
+"""Model names, bundles on disk, and downloads."""

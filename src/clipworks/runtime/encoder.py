@@ -1,0 +1,201 @@
+"""``ClipModel``: both towers of a bundle behind ``encode_images`` and ``encode_texts``.
+
+Each tower implements one batch method (``embed_image_batch`` / ``embed_token_batch``); batching,
+ordering and normalisation live once here, as simonw/llm's ``EmbeddingModel`` asks of its models.
+Towers load lazily: a host that only matches images against a prompt file never loads the text side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from clipworks.errors import BadBundle
+from clipworks.models.bundle import Bundle
+from clipworks.runtime.sessions import GPU_PROVIDERS, OrtSession, available_providers
+
+PreprocessMode = Literal["exact", "fast"]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def resolve_precision(bundle: Bundle, precision: str, device: str) -> str:
+    """``auto``: fp16 on a GPU when the bundle has it, fp32 otherwise (int8 is opt-in: it moves vectors)."""
+    if precision != "auto":
+        return precision
+    on_gpu = device.startswith(("cuda", "tensorrt")) or (
+        device == "auto" and bool(GPU_PROVIDERS & set(available_providers()))
+    )
+    if on_gpu and "fp16" in bundle.available_precisions("visual"):
+        return "fp16"
+    return "fp32"
+
+
+class ClipModel:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        preprocess: PreprocessMode = "exact",
+    ) -> None:
+        self.bundle = bundle
+        self.device = device
+        self.precision = resolve_precision(bundle, precision, device)
+        self.threads = threads
+        self.preprocess_mode: PreprocessMode = preprocess
+        bundle.graph("visual", self.precision)  # fail now, with the bundle's precisions, not at first use
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def embed_dim(self) -> int:
+        return self.bundle.embed_dim
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.bundle.meta.logit_scale)
+
+    @cached_property
+    def preprocess_cfg(self) -> Any:
+        from clipworks.imaging import PreprocessConfig
+
+        return PreprocessConfig.from_dict(self.bundle.preprocess_cfg)
+
+    # -- sessions (lazy) ---------------------------------------------------------------------------
+    @cached_property
+    def visual(self) -> OrtSession:
+        return OrtSession(self.bundle.graph("visual", self.precision), self.device, self.threads)
+
+    @cached_property
+    def textual(self) -> OrtSession:
+        if not self.bundle.has_text_tower():
+            raise BadBundle(f"{self.bundle.root} has no text encoder (textual/model.onnx); use a full bundle")
+        precision = self.precision if self.precision in self.bundle.available_precisions("textual") else "fp32"
+        return OrtSession(self.bundle.graph("textual", precision), self.device, self.threads)
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from clipworks.tokenizer import ClipTokenizer
+
+        return ClipTokenizer.from_dir(self.bundle.textual_dir, self.bundle.context_length)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.visual.providers
+
+    # -- one batch method per tower -----------------------------------------------------------------
+    def embed_image_batch(self, pixels: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Embed preprocessed pixels ``(B, 3, S, S)``; the unit every image path goes through."""
+        out = _run_batched(self.visual, pixels.astype(np.float32, copy=False))
+        return self._finish(out, normalize)
+
+    def embed_token_batch(self, tokens: np.ndarray, normalize: bool = True) -> np.ndarray:
+        out = _run_batched(self.textual, tokens)
+        return self._finish(out, normalize)
+
+    def _finish(self, out: np.ndarray, normalize: bool) -> np.ndarray:
+        out = out.astype(np.float32, copy=False)
+        if normalize and not self.bundle.meta.normalized:
+            return l2_normalize(out)
+        return out
+
+    # -- public encoders ---------------------------------------------------------------------------
+    def preprocess(self, image: Any, mode: PreprocessMode | None = None) -> np.ndarray:
+        """Decode one image (path, bytes, PIL image or array) into model pixels ``(3, S, S)``."""
+        from clipworks.imaging import decode
+
+        return decode(image, self.preprocess_cfg, mode or self.preprocess_mode)
+
+    def encode_images(
+        self,
+        images: Iterable[Any],
+        batch_size: int = 32,
+        normalize: bool = True,
+        mode: PreprocessMode | None = None,
+    ) -> np.ndarray:
+        """Embed images in input order. An unreadable image raises ``BadImage`` naming it.
+
+        For folders of files with bad ones skipped and decoding in threads, use ``clipworks.pipeline``.
+        """
+        chunks: list[np.ndarray] = []
+        batch: list[np.ndarray] = []
+        for image in images:
+            batch.append(self.preprocess(image, mode))
+            if len(batch) == batch_size:
+                chunks.append(self.embed_image_batch(np.stack(batch), normalize))
+                batch = []
+        if batch:
+            chunks.append(self.embed_image_batch(np.stack(batch), normalize))
+        if not chunks:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate(chunks)
+
+    def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256, normalize: bool = True) -> np.ndarray:
+        """Embed texts in input order; batches group prompts of similar length so padding stays short."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.embed_dim), np.float32)
+        static_length = self._static_text_length()
+        tokens = self.tokenizer.encode(texts, pad_to=self.bundle.context_length)
+        lengths = (tokens != 0).sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        out = np.empty((len(texts), self.embed_dim), np.float32)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            width = static_length or int(lengths[idx].max())
+            out[idx] = self.embed_token_batch(tokens[idx, :width], normalize)
+        return out
+
+    def _static_text_length(self) -> int | None:
+        """Graphs with a fixed text axis (Immich's, static exports) must get exactly that many tokens."""
+        shape = self.textual.input_shape
+        return shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+
+    def __repr__(self) -> str:
+        return f"ClipModel({self.name!r}, precision={self.precision!r}, device={self.device!r})"
+
+
+def _run_batched(session: OrtSession, array: np.ndarray) -> np.ndarray:
+    """Run a graph, splitting or padding to its static batch size when it has one (Immich: batch 1)."""
+    fixed = session.static_batch
+    if fixed is None or len(array) == fixed:
+        return session.run(array)
+    outs = []
+    for start in range(0, len(array), fixed):
+        chunk = array[start : start + fixed]
+        real = len(chunk)
+        if real < fixed:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - real, axis=0)])
+        outs.append(session.run(chunk)[:real])
+    return np.concatenate(outs)
+
+
+def load(
+    name_or_path: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    *,
+    threads: int | None = None,
+    preprocess: PreprocessMode = "exact",
+    download: bool = True,
+) -> ClipModel:
+    """Load a model by registry name (pulled on first use unless ``download=False``) or bundle path."""
+    from clipworks.models.store import ensure_bundle
+
+    bundle = ensure_bundle(name_or_path, download=download)
+    return ClipModel(bundle, device=device, precision=precision, threads=threads, preprocess=preprocess)

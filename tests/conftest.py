@@ -1,0 +1,66 @@
+"""Shared test helpers: shared data, real photos, and tiny random-weight bundles exported once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# /work/shared/data, beside the checkout: real files from other tools, read-only. CI clones the
+# project with shared/ beside it, so a missing folder is a broken checkout, not a reason to skip.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+PACKAGE_PHOTOS = Path(__file__).resolve().parents[1] / "src" / "clipworks" / "data" / "check_images"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"shared data not found at {SHARED_DATA}: clone the project beside shared/"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    """Real photos: the ones shipped for export checks, plus CLIPWORKS_TEST_IMAGES (.ci/run sets it)."""
+    found = sorted(PACKAGE_PHOTOS.glob("*.jpg"))
+    extra = os.environ.get("CLIPWORKS_TEST_IMAGES")
+    if extra:
+        found += sorted(p for p in Path(extra).iterdir() if p.suffix.lower() in {".jpg", ".png"})
+    return found
+
+
+def _export(tmp_path_factory: pytest.TempPathFactory, config: str, precisions: tuple[str, ...], **kw) -> Path:
+    from clipworks.export import export_model
+
+    out = tmp_path_factory.mktemp("bundles") / config
+    export_model(str(MODEL_CONFIGS / f"{config}.json"), out, pretrained="random", precisions=precisions,
+                 log=lambda _: None, **kw)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def vit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT (2 layers, 128 wide) with all three precisions."""
+    return _export(tmp_path_factory, "tiny-vit", ("fp32", "fp16", "int8"))
+
+
+@pytest.fixture(scope="session")
+def rn_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ModifiedResNet (OpenAI's RN layout with attention pooling)."""
+    return _export(tmp_path_factory, "tiny-rn", ("fp32", "int8"))
+
+
+@pytest.fixture(scope="session")
+def source_model():
+    """The torch models the bundles were exported from (same seed, same weights)."""
+    from clipworks.export.source import load_source_model
+
+    cache: dict[str, object] = {}
+
+    def get(config: str):
+        if config not in cache:
+            cache[config] = load_source_model(str(MODEL_CONFIGS / f"{config}.json"), "random", seed=0)
+        return cache[config]
+
+    return get

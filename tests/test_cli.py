@@ -1,0 +1,149 @@
+"""The clipworks command as a user runs it: output files, messages, exit codes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipworks.cli.main import main
+from conftest import MODEL_CONFIGS
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def folder(tmp_path: Path, photos) -> Path:
+    d = tmp_path / "photos"
+    d.mkdir()
+    for p in photos[:4]:
+        shutil.copy(p, d / p.name)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    return d
+
+
+def test_embed_images_writes_sophgo_pkl_and_skips_bad_files(capsys, vit_bundle, folder, tmp_path) -> None:
+    out = tmp_path / "embeddings.pkl"
+    code, _, err = run(capsys, "embed", "images", folder, "-o", out, "--model", vit_bundle, "--batch-size", "3")
+    assert code == 0, err
+    data = pickle.loads(out.read_bytes())
+    assert len(data["img_path"]) == 4 and not any("broken" in p for p in data["img_path"])
+    np.testing.assert_allclose(np.linalg.norm(np.stack(data["embedding"]), axis=1), 1.0, atol=1e-5)
+    assert "warning: skipped" in err and "broken.jpg" in err
+    assert "embedded 4 images, 1 skipped" in err and "images/s" in err
+
+
+def test_embed_images_npy_and_parquet(capsys, vit_bundle, folder, tmp_path) -> None:
+    for name in ("e.npy", "e.parquet"):
+        code, _, err = run(capsys, "embed", "images", folder, "-o", tmp_path / name, "-m", vit_bundle)
+        assert code == 0, err
+    assert len((tmp_path / "e.paths.txt").read_text().splitlines()) == 4
+    assert np.load(tmp_path / "e.npy").shape == (4, 32)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["embed", "images", "{empty}", "-o", "{tmp}/e.pkl"], 2, "no images found in"),
+        (["embed", "images", "{tmp}/nowhere", "-o", "{tmp}/e.pkl"], 2, "nowhere does not exist"),
+        (["embed", "images", "{folder}", "-o", "{tmp}/e.csv"], 2, "must end in .pkl, .npy, .parquet"),
+        (["embed", "images", "{folder}", "-o", "{tmp}/e.pkl", "-m", "ViT-B/33"], 1, "unknown model 'ViT-B/33'"),
+        (["embed", "images", "{folder}", "-o", "{tmp}/e.pkl", "-m", "{half}"], 1, "visual/model.onnx is missing"),
+        (["embed", "images", "{only_bad}", "-o", "{tmp}/e.pkl"], 1, "none of the 1 files could be read"),
+        (["embed", "texts", "-o", "{tmp}/t.json"], 2, "exactly one of them"),
+        (["embed", "texts", "a", "--threshold", "2", "-o", "{tmp}/t.json"], 2, "between 0 and 1"),
+        (["embed", "texts", "--texts-json", "{tmp}/nope.json"], 1, "nope.json"),
+        (["export", "ViT-Q-1", "--out", "{tmp}/x", "--pretrained", "random"], 1, "no architecture 'ViT-Q-1'"),
+    ],
+)
+def test_bad_input_gets_one_line_and_an_exit_code(capsys, vit_bundle, folder, tmp_path, args, code, message) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "only_bad").mkdir()
+    (tmp_path / "only_bad" / "x.jpg").write_bytes(b"")
+    half = tmp_path / "half"
+    shutil.copytree(vit_bundle, half)
+    (half / "visual" / "model.onnx").unlink()
+    values = {"tmp": tmp_path, "empty": tmp_path / "empty", "folder": folder, "half": half,
+              "only_bad": tmp_path / "only_bad"}  # fmt: skip
+    argv = [a.format(**values) for a in args]
+    if "-m" not in argv and argv[0] == "embed":
+        argv += ["-m", str(vit_bundle)]
+    got, out, err = run(capsys, *argv)
+    assert got == code, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "e.pkl").exists()
+
+
+def test_embed_texts_writes_a_hailo_file_and_matches_an_image(capsys, vit_bundle, photos, tmp_path) -> None:
+    out = tmp_path / "prompts.json"
+    code, stdout, err = run(
+        capsys, "embed", "texts", "fruit", "a baboon", "-n", "a person", "-o", out, "-m", vit_bundle,
+        "--image-path", photos[0],
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert set(data) == {"threshold", "text_prefix", "ensemble_template", "entries"}
+    texts = [(e["text"], e["negative"]) for e in data["entries"]]
+    assert texts[:3] == [("fruit", False), ("a baboon", False), ("a person", True)]
+    assert len(data["entries"]) == 6 and len(data["entries"][0]["embedding"]) == 32
+    assert "best:" in stdout
+
+
+def test_embed_texts_from_hailo_texts_json(capsys, vit_bundle, shared_data, tmp_path) -> None:
+    out = tmp_path / "t.json"
+    code, _, err = run(
+        capsys, "embed", "texts", "--texts-json", shared_data / "hailo" / "texts_json_example.json", "-o", out,
+        "-m", vit_bundle,
+    )  # fmt: skip
+    assert code == 0, err
+    entries = json.loads(out.read_text())["entries"]
+    assert [e["text"] for e in entries if e["negative"]] == ["person"]
+
+
+def test_prompt_file_of_another_dimension_is_refused_when_matched(capsys, vit_bundle, shared_data, photos) -> None:
+    from clipworks.errors import BadPromptFile
+    from clipworks.prompts import PromptSet, match
+
+    import clipworks
+
+    hailo = PromptSet.load(shared_data / "hailo" / "embeddings.json")  # RN50x4, 640-d
+    with pytest.raises(BadPromptFile, match="640 but the image embeddings have dimension 32"):
+        match(clipworks.load(vit_bundle).encode_images(photos[:1]), hailo)
+
+
+def test_export_command_and_models_info(capsys, tmp_path) -> None:
+    out = tmp_path / "bundle"
+    code, _, err = run(
+        capsys, "export", MODEL_CONFIGS / "tiny-rn.json", "--out", out, "--pretrained", "random",
+        "--precision", "fp32",
+    )  # fmt: skip
+    assert code == 0, err
+    code, stdout, err = run(capsys, "models", "info", out, "--json")
+    info = json.loads(stdout)
+    assert info["embed_dim"] == 32 and info["visual_precisions"] == ["fp32"]
+    assert info["checks"]["fp32"]["visual_max_abs_diff"] <= 1e-4
+
+
+def test_models_list(capsys) -> None:
+    code, stdout, _ = run(capsys, "models", "list", "--json")
+    names = [r["name"] for r in json.loads(stdout)]
+    assert code == 0 and "ViT-B-32::openai" in names and "RN50x4::openai" in names
+
+
+def test_console_script_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipworks.cli.main", "--version"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("clipworks ")

@@ -1,0 +1,588 @@
+"""clipworks.imaging: loading every kind of input, parity with open_clip's eval transform, bad inputs.
+
+The parity tests need open_clip (the `export` extra) and skip without it. Images are made here in a temp
+folder; the sample photos shipped in clipworks/data/check_images are used too, and so is every image in
+the folder named by CLIPWORKS_TEST_IMAGES when that is set (e.g. Debian opencv-doc's examples/data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter, features
+
+import clipworks.imaging
+from clipworks.errors import BadBundle, BadImage
+from clipworks.imaging import (
+    IMAGE_EXTENSIONS,
+    PreprocessConfig,
+    decode,
+    is_image_path,
+    load_image,
+    preprocess,
+)
+
+CHECK_IMAGES = Path(clipworks.imaging.__file__).parent / "data" / "check_images"
+# torchvision's PIL path and ours run the same Pillow resize and the same float32 arithmetic, so the arrays
+# come out identical (observed max difference: 0.0); the bound only leaves room for a future reordering.
+PARITY_ATOL = 1e-6
+
+
+def natural(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth colour fields, gradients, hard-edged shapes, fine grain."""
+    rng = np.random.default_rng(seed)
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
+    draw = ImageDraw.Draw(field)
+    for _ in range(12):
+        x0, x1 = sorted(rng.integers(0, width, 2).tolist())
+        y0, y1 = sorted(rng.integers(0, height, 2).tolist())
+        colour = tuple(rng.integers(0, 256, 3).tolist())
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x1 + 1, y1 + 1), fill=colour)
+    for _ in range(8):
+        xy = rng.integers(0, max(width, height), 4).tolist()
+        draw.line(xy, fill=tuple(rng.integers(0, 256, 3).tolist()), width=max(1, width // 200))
+    pixels = np.asarray(field.filter(ImageFilter.GaussianBlur(max(1, width // 400))), np.float32)
+    ramp = np.linspace(-30, 30, width, dtype=np.float32)[None, :, None]
+    # Fine texture (foliage, fabric) in some regions only: what makes downscaling choices visible.
+    noise = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
+    texture = np.asarray(noise.filter(ImageFilter.GaussianBlur(1)), np.float32) - 128
+    where = np.asarray(Image.fromarray(rng.integers(0, 256, (3, 4), dtype=np.uint8)).resize((width, height)))
+    grain = rng.normal(0, 4, pixels.shape).astype(np.float32)
+    detail = (texture * where.astype(np.float32) / 160)[:, :, None] + grain
+    return Image.fromarray(np.clip(pixels + ramp + detail, 0, 255).astype(np.uint8))
+
+
+# name: (width, height, file name); sizes below, at and above 224-336, odd, portrait, landscape, panorama.
+SYNTHETIC = {
+    "landscape_jpg": (640, 480, "landscape.jpg"),
+    "portrait_png": (480, 640, "portrait.png"),
+    "small_webp": (100, 75, "small.webp"),
+    "odd_bmp": (223, 225, "odd.bmp"),
+    "panorama_tiff": (1000, 301, "panorama.tiff"),
+    "tall_jpeg": (151, 601, "tall.jpeg"),
+    "square_224_png": (224, 224, "square.png"),
+    "tiny_gif": (17, 9, "tiny.gif"),
+    "big_jpg": (1333, 999, "big.JPG"),
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("synthetic")
+    paths = {}
+    for i, (name, (w, h, file)) in enumerate(SYNTHETIC.items()):
+        paths[name] = folder / file
+        natural(w, h, seed=i).save(paths[name], quality=90)  # only lossy formats read quality
+    return paths
+
+
+def real_photos() -> list[Path]:
+    found = sorted(p for p in CHECK_IMAGES.glob("*") if is_image_path(p))
+    extra = os.environ.get("CLIPWORKS_TEST_IMAGES")
+    if extra:
+        found += sorted(p for p in Path(extra).rglob("*") if is_image_path(p))
+    return found
+
+
+@pytest.fixture(scope="module")
+def open_clip() -> Any:
+    return pytest.importorskip("open_clip")
+
+
+def open_clip_transform(open_clip: Any, d: dict[str, Any]) -> Callable[[Image.Image], Any]:
+    """open_clip's eval transform for a preprocess_cfg dict, read by open_clip itself (not by us)."""
+    size = d.get("size", 224)
+    return open_clip.image_transform(
+        tuple(size) if isinstance(size, list) else size,
+        is_train=False,
+        mean=d.get("mean"),
+        std=d.get("std"),
+        resize_mode=d.get("resize_mode"),
+        interpolation=d.get("interpolation"),
+        fill_color=d.get("fill_color", 0),
+    )
+
+
+# Every resize mode at the three sizes CLIP models use (224, RN50x4's 288, ViT-L/14@336), plus the corners:
+# non-square targets (where open_clip takes another code path), bilinear, "random" and a grey fill colour.
+CONFIGS = [
+    pytest.param({"size": size, "resize_mode": mode}, id=f"{mode}-{size}")
+    for size in (224, 288, 336)
+    for mode in ("shortest", "longest", "squash")
+] + [
+    pytest.param({"size": [224, 320], "resize_mode": "shortest"}, id="shortest-224x320"),
+    # open_clip resizes a non-square "shortest" target bicubic whatever the config says.
+    pytest.param(
+        {"size": [320, 224], "resize_mode": "shortest", "interpolation": "bilinear"},
+        id="shortest-320x224-bilinear",
+    ),
+    pytest.param(
+        {"size": [256, 192], "resize_mode": "longest", "fill_color": 128}, id="longest-256x192-fill"
+    ),
+    pytest.param({"size": [224, 320], "resize_mode": "squash"}, id="squash-224x320"),
+    pytest.param({"size": 224, "interpolation": "bilinear"}, id="shortest-224-bilinear"),
+    pytest.param({"size": 224, "resize_mode": "longest", "interpolation": "random"}, id="longest-224-random"),
+    pytest.param(
+        {"size": 224, "resize_mode": "longest", "fill_color": 255, "mean": 0.5, "std": 0.5},
+        id="longest-224-scalar-mean",
+    ),
+]
+
+
+@pytest.mark.parametrize("d", CONFIGS)
+@pytest.mark.parametrize("name", list(SYNTHETIC))
+def test_preprocess_matches_open_clip(open_clip: Any, synthetic: dict[str, Path], name: str, d: dict) -> None:
+    image = load_image(synthetic[name])
+    cfg = PreprocessConfig.from_dict(d)
+    ours = preprocess(image, cfg)
+    ref = open_clip_transform(open_clip, d)(image).numpy()
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    assert ours.shape == ref.shape == (3, *cfg.size)
+    assert np.abs(ours - ref).max() <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("d", CONFIGS[:9])
+def test_preprocess_matches_open_clip_on_real_photos(open_clip: Any, d: dict) -> None:
+    photos = real_photos()
+    if not photos:
+        pytest.skip(f"no photos in {CHECK_IMAGES} and CLIPWORKS_TEST_IMAGES not set")
+    cfg = PreprocessConfig.from_dict(d)
+    transform = open_clip_transform(open_clip, d)
+    worst = 0.0
+    for path in photos:
+        image = load_image(path)
+        worst = max(worst, float(np.abs(preprocess(image, cfg) - transform(image).numpy()).max()))
+    print(f"{len(photos)} photos, {d}: max abs diff {worst}")
+    assert worst <= PARITY_ATOL
+
+
+# As open_clip does, preprocess() resizes a non-RGB image in its own mode and converts afterwards.
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "1", "I"])
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest"])
+def test_preprocess_matches_open_clip_on_raw_modes(open_clip: Any, mode: str, resize_mode: str) -> None:
+    rgba = np.dstack([np.asarray(natural(150, 110, seed=7)), np.tile(np.linspace(0, 255, 150), (110, 1))])
+    image = Image.fromarray(rgba.astype(np.uint8)).convert(mode)
+    d = {"size": 224, "resize_mode": resize_mode, "fill_color": 40}
+    ours = preprocess(image, PreprocessConfig.from_dict(d))
+    assert np.abs(ours - open_clip_transform(open_clip, d)(image).numpy()).max() <= PARITY_ATOL
+
+
+def test_decode_of_rgba_matches_open_clip_after_convert(open_clip: Any, tmp_path: Path) -> None:
+    # decode() drops alpha before resizing, i.e. open_clip(Image.open(p).convert("RGB")). open_clip on the
+    # raw RGBA image resizes premultiplied, which turns fully transparent areas black: a different input.
+    rgba = np.dstack([np.asarray(natural(150, 110, seed=8)), np.full((110, 150), 255, np.uint8)])
+    rgba[:, :40, 3] = 0
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba).save(path)
+    ref = open_clip_transform(open_clip, {})(Image.open(path).convert("RGB")).numpy()
+    assert np.abs(decode(path, PreprocessConfig()) - ref).max() <= PARITY_ATOL
+
+
+# ----- loading: EXIF, modes, sources -----
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size", "top", "bottom", "left", "right"),
+    [
+        (1, (60, 40), None, None, RED, BLUE),
+        (3, (60, 40), None, None, BLUE, RED),  # rotated 180
+        (6, (40, 60), RED, BLUE, None, None),  # stored turned left: display rotates 90 clockwise
+        (8, (40, 60), BLUE, RED, None, None),  # stored turned right: display rotates 90 anticlockwise
+    ],
+)
+def test_exif_orientation(tmp_path: Path, orientation: int, size: tuple, top, bottom, left, right) -> None:
+    stored = Image.new("RGB", (60, 40), RED)
+    stored.paste(BLUE, (30, 0, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    for source in (path, path.read_bytes(), Image.open(path)):
+        image = load_image(source)
+        assert image.size == size
+        a = np.asarray(image, np.float32)
+        halves = {
+            "top": a[: a.shape[0] // 2 - 2],
+            "bottom": a[a.shape[0] // 2 + 2 :],
+            "left": a[:, : a.shape[1] // 2 - 2],
+            "right": a[:, a.shape[1] // 2 + 2 :],
+        }
+        for where, colour in (("top", top), ("bottom", bottom), ("left", left), ("right", right)):
+            if colour is not None:
+                assert np.abs(halves[where].mean(axis=(0, 1)) - colour).max() < 8, where
+
+
+def test_exif_orientation_leaves_callers_image_alone(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.new("RGB", (60, 40), RED).save(path, exif=exif)
+    original = Image.open(path)
+    assert load_image(original).size == (40, 60)
+    assert original.size == (60, 40)
+
+
+def _save(image: Image.Image, name: str, **kwargs: Any) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        image.save(folder / name, **kwargs)
+        return folder / name
+
+    return write
+
+
+def _palette(transparency: int | None) -> Image.Image:
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([10, 200, 30, 250, 240, 5] + [0, 0, 0] * 254)
+    im.paste(1, (4, 0, 8, 8))
+    if transparency is not None:
+        im.info["transparency"] = transparency
+    return im
+
+
+def _animated(fmt: str) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        path = folder / f"anim.{fmt}"
+        frames = [Image.new("RGB", (16, 12), colour) for colour in (RED, BLUE, (0, 255, 0))]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True)
+        assert Image.open(path).n_frames == 3
+        return path
+
+    return write
+
+
+def _halves(left: tuple, right: tuple, size: tuple[int, int] = (8, 8)) -> np.ndarray:
+    a = np.empty((size[1], size[0], 3), np.uint8)
+    a[:, : size[0] // 2], a[:, size[0] // 2 :] = left, right
+    return a
+
+
+_GRADIENT_16 = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))
+_GRADIENT_8 = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+_RGBA = np.zeros((8, 8, 4), np.uint8)
+_RGBA[:, :4] = (10, 20, 30, 0)  # fully transparent, hidden colour kept (no compositing, as open_clip)
+_RGBA[:, 4:] = (200, 100, 50, 255)
+_FLOAT = np.linspace(0, 1, 4 * 256, dtype=np.float32).reshape(4, 256)
+_FLOAT_8 = np.rint(_FLOAT.astype(np.float64) * 255).astype(np.uint8)
+
+
+def _grey(a: np.ndarray) -> np.ndarray:
+    return np.repeat(a[..., None], 3, axis=2)
+
+
+# (source made in a folder, expected RGB pixels, tolerance); file sources are written first.
+MODES = [
+    pytest.param(
+        _save(Image.new("L", (8, 8), 100), "grey.png"), _grey(np.full((8, 8), 100, np.uint8)), 0, id="L"
+    ),
+    pytest.param(
+        _save(Image.fromarray(np.indices((8, 8)).sum(0) % 2 == 0), "bits.png"),
+        _grey((np.indices((8, 8)).sum(0) % 2 == 0).astype(np.uint8) * 255),
+        0,
+        id="1-bit",
+    ),
+    pytest.param(_save(_palette(None), "pal.png"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P"),
+    pytest.param(
+        _save(_palette(0), "paltrans.png"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P-transparency"
+    ),
+    pytest.param(
+        _save(_palette(0), "paltrans.gif"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P-transp-gif"
+    ),
+    pytest.param(
+        _save(Image.fromarray(_RGBA), "rgba.png"), _halves((10, 20, 30), (200, 100, 50)), 0, id="RGBA"
+    ),
+    pytest.param(
+        _save(Image.new("LA", (8, 8), (50, 0)), "la.png"), _grey(np.full((8, 8), 50, np.uint8)), 0, id="LA"
+    ),
+    pytest.param(
+        _save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "cmyk.tiff"), _halves(RED, RED), 0, id="CMYK-tiff"
+    ),
+    pytest.param(
+        _save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "cmyk.jpg", quality=100),
+        _halves(RED, RED),
+        3,
+        id="CMYK-jpeg",
+    ),
+    # 16 and 32 bits are scaled down, never clipped at 255 as Pillow's convert("L") would.
+    pytest.param(_save(Image.fromarray(_GRADIENT_16), "grey16.png"), _grey(_GRADIENT_8), 0, id="I;16-png"),
+    pytest.param(_save(Image.fromarray(_GRADIENT_16), "grey16.tiff"), _grey(_GRADIENT_8), 0, id="I;16-tiff"),
+    pytest.param(
+        _save(Image.fromarray(_GRADIENT_8.astype(np.int32) * 4000 - 100_000), "int32.tiff"),
+        _grey(_GRADIENT_8),
+        0,
+        id="I-32bit-tiff",
+    ),
+    pytest.param(_save(Image.fromarray(_FLOAT), "float.tiff"), _grey(_FLOAT_8), 0, id="F-tiff"),
+    pytest.param(_animated("gif"), _halves(RED, RED, (16, 12)), 0, id="animated-gif"),
+    pytest.param(_animated("png"), _halves(RED, RED, (16, 12)), 0, id="animated-png"),
+    pytest.param(
+        _animated("webp"),
+        _halves(RED, RED, (16, 12)),
+        0,
+        id="animated-webp",
+        marks=pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP"),
+    ),
+    # In-memory sources.
+    pytest.param(lambda _: _halves(RED, BLUE), _halves(RED, BLUE), 0, id="array-HxWx3"),
+    pytest.param(lambda _: _RGBA.copy(), _halves((10, 20, 30), (200, 100, 50)), 0, id="array-HxWx4"),
+    pytest.param(
+        lambda _: np.full((8, 8), 7, np.uint8), _grey(np.full((8, 8), 7, np.uint8)), 0, id="array-HxW"
+    ),
+    pytest.param(
+        lambda _: np.full((8, 8, 1), 7, np.uint8), _grey(np.full((8, 8), 7, np.uint8)), 0, id="array-HxWx1"
+    ),
+    pytest.param(lambda _: _GRADIENT_16, _grey(_GRADIENT_8), 0, id="array-uint16"),
+    pytest.param(lambda _: _FLOAT, _grey(_FLOAT_8), 0, id="array-float-0-1"),
+    pytest.param(lambda _: np.eye(8, dtype=bool), _grey(np.eye(8, dtype=np.uint8) * 255), 0, id="array-bool"),
+    pytest.param(lambda _: _halves(RED, BLUE)[:, ::-1], _halves(BLUE, RED), 0, id="array-strided"),
+    pytest.param(lambda _: Image.fromarray(_RGBA), _halves((10, 20, 30), (200, 100, 50)), 0, id="PIL-RGBA"),
+    pytest.param(
+        lambda folder: _save(Image.new("L", (8, 8), 100), "b.png")(folder).read_bytes(),
+        _grey(np.full((8, 8), 100, np.uint8)),
+        0,
+        id="bytes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "expected", "tolerance"), MODES)
+def test_load_image_modes(
+    tmp_path: Path, make: Callable[[Path], Any], expected: np.ndarray, tolerance: int
+) -> None:
+    image = load_image(make(tmp_path))
+    assert image.mode == "RGB"
+    got = np.asarray(image).astype(np.int16)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= tolerance
+
+
+def test_rgb_pil_image_is_not_copied() -> None:
+    image = Image.new("RGB", (5, 5))
+    assert load_image(image) is image
+
+
+# ----- bad inputs -----
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + iend
+
+
+def _file(name: str, data: bytes | Callable[[], bytes]) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        (folder / name).write_bytes(data() if callable(data) else data)
+        return folder / name
+
+    return write
+
+
+def _encoded(fmt: str, cut: float = 1.0) -> Callable[[], bytes]:
+    def encode() -> bytes:
+        buffer = io.BytesIO()
+        natural(300, 200).save(buffer, fmt)
+        data = buffer.getvalue()
+        return data[: int(len(data) * cut)]
+
+    return encode
+
+
+_NOISE = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+# (source made in a folder, load_image keywords, words the message must contain)
+BAD = [
+    pytest.param(lambda f: f / "missing.jpg", {}, "no such file", id="missing-path"),
+    pytest.param(_file("empty.jpg", b""), {}, "empty", id="zero-byte-file"),
+    pytest.param(
+        _file("notes.jpg", b"shopping list: eggs, milk\n" * 20), {}, "not an image", id="text-as-jpg"
+    ),
+    pytest.param(_file("noise.png", _NOISE), {}, "not an image", id="random-bytes-file"),
+    pytest.param(_file("half.jpg", _encoded("JPEG", 0.5)), {}, "truncated", id="truncated-jpeg"),
+    pytest.param(_file("half.png", _encoded("PNG", 0.5)), {}, "truncated", id="truncated-png"),
+    pytest.param(
+        _file("bomb.png", _png_header_only(100_000, 100_000)), {}, "decompression bomb", id="bomb-header"
+    ),
+    pytest.param(
+        _file("big.png", _png_header_only(10_000, 10_000)), {}, "over the limit", id="over-max-pixels"
+    ),
+    pytest.param(
+        _file("small.png", _encoded("PNG")), {"max_pixels": 5000}, "over the limit", id="small-max_pixels"
+    ),
+    pytest.param(lambda f: f, {}, "directory", id="directory"),
+    pytest.param(lambda _: _NOISE, {}, "not an image", id="random-bytes"),
+    pytest.param(lambda _: b"", {}, "0 bytes", id="empty-bytes"),
+    pytest.param(lambda _: np.zeros((4, 4, 2), np.uint8), {}, "HxWx3", id="array-2-channels"),
+    pytest.param(lambda _: np.zeros((4, 4), np.complex64), {}, "not supported", id="array-complex"),
+    pytest.param(lambda _: 42, {}, "unsupported image source", id="int"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(("make", "kwargs", "words"), BAD)
+def test_bad_inputs_raise_bad_image(
+    tmp_path: Path, make: Callable[[Path], Any], kwargs: dict, words: str
+) -> None:
+    source = make(tmp_path)
+    with pytest.raises(BadImage) as caught:
+        load_image(source, **kwargs)
+    message = str(caught.value)
+    assert words in message
+    assert "\n" not in message
+    if isinstance(source, Path):
+        assert str(source) in message
+    elif isinstance(source, bytes):
+        assert f"<{len(source)} bytes>" in message
+    with pytest.raises(BadImage):
+        decode(source, PreprocessConfig(), "fast", **kwargs)
+
+
+# ----- fast vs exact -----
+
+
+def fast_vs_exact(source: Path, cfg: PreprocessConfig) -> tuple[float, float]:
+    """Mean and max absolute difference between decode(fast) and decode(exact), in normalised units."""
+    diff = np.abs(decode(source, cfg, "fast") - decode(source, cfg, "exact"))
+    return float(diff.mean()), float(diff.max())
+
+
+def test_fast_mode_drafts_jpegs_and_stays_close(tmp_path: Path) -> None:
+    path = tmp_path / "large.jpg"
+    natural(2000, 1500, seed=3).save(path, quality=90)
+    # libjpeg scales by 1/2, 1/4 or 1/8; 1/4 is the smallest that keeps the short side >= 224.
+    assert load_image(path, draft_size=224).size == (500, 375)
+    assert load_image(path).size == (2000, 1500)
+    for cfg in (PreprocessConfig(), PreprocessConfig(size=(336, 336))):
+        mean, worst = fast_vs_exact(path, cfg)
+        print(
+            f"2000x1500 JPEG at {cfg.size}: fast vs exact mean {mean:.4f}, max {worst:.4f} (normalised units)"
+        )
+        # One grey level is about 1/(255*0.27) = 0.015 normalised units; opencv-doc's photos that draft
+        # (up to 1282x1110) measured mean 0.005-0.09, max 0.06-1.1.
+        assert mean < 0.1
+        assert worst < 1.5
+    for photo in real_photos():
+        mean, worst = fast_vs_exact(photo, PreprocessConfig())
+        print(f"{photo.name}: fast vs exact mean {mean:.4f}, max {worst:.4f}")
+        assert mean < 0.15
+
+
+def test_fast_mode_is_exact_for_non_jpeg(synthetic: dict[str, Path]) -> None:
+    cfg = PreprocessConfig()
+    for name in ("portrait_png", "panorama_tiff", "small_webp"):
+        assert np.array_equal(decode(synthetic[name], cfg, "fast"), decode(synthetic[name], cfg, "exact"))
+
+
+def test_decode_is_thread_safe(synthetic: dict[str, Path]) -> None:
+    cfg = PreprocessConfig(size=(288, 288))
+    jobs = [(path, mode) for path in synthetic.values() for mode in ("exact", "fast")] * 3
+    alone = [decode(path, cfg, mode) for path, mode in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda job: decode(job[0], cfg, job[1]), jobs))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
+
+
+# ----- configuration, extensions, imports -----
+
+
+@pytest.mark.parametrize(
+    ("d", "expected"),
+    [
+        ({}, PreprocessConfig()),
+        ({"size": 224}, PreprocessConfig(size=(224, 224))),
+        ({"size": [288, 288], "resize_mode": "shortest"}, PreprocessConfig(size=(288, 288))),
+        ({"size": [224, 320]}, PreprocessConfig(size=(224, 320))),
+        ({"interpolation": "random"}, PreprocessConfig(interpolation="bicubic")),
+        ({"mean": 0.5, "std": [0.5, 0.5, 0.5]}, PreprocessConfig(mean=(0.5,) * 3, std=(0.5,) * 3)),
+        (
+            {
+                "size": [336, 336],
+                "mode": "RGB",
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+                "interpolation": "bilinear",
+                "resize_mode": "squash",
+                "fill_color": 0,
+                "unknown_future_key": 1,
+            },
+            PreprocessConfig((336, 336), (0.5,) * 3, (0.5,) * 3, "bilinear", "squash", 0),
+        ),
+        ({"resize_mode": "crop"}, "resize_mode 'crop'"),
+        ({"mode": "L"}, "mode 'L'"),
+        ({"size": [1, 2, 3]}, "size"),
+        ({"size": [0, 224]}, "size"),
+        ({"mean": [0.5, 0.5]}, "mean"),
+        ({"std": [0.5, 0.0, 0.5]}, "zero"),
+        ({"interpolation": "lanczos"}, "interpolation 'lanczos'"),
+        ({"fill_color": 300}, "fill_color"),
+    ],
+)
+def test_preprocess_config_from_dict(d: dict, expected: PreprocessConfig | str) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(BadBundle, match=expected):
+            PreprocessConfig.from_dict(d)
+    else:
+        cfg = PreprocessConfig.from_dict(d)
+        assert cfg == expected
+        assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_preprocess_config_matches_open_clip(open_clip: Any) -> None:
+    defaults = PreprocessConfig.from_dict(dataclasses.asdict(open_clip.transform.PreprocessCfg()))
+    assert defaults.mean == tuple(open_clip.constants.OPENAI_DATASET_MEAN)
+    assert defaults.std == tuple(open_clip.constants.OPENAI_DATASET_STD)
+    assert defaults == PreprocessConfig()
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("a.jpg", True),
+        ("A.JPEG", True),
+        ("dir.png/x.Png", True),
+        (Path("s/t.webp"), True),
+        ("scan.TIF", True),
+        ("x.tiff", True),
+        ("x.bmp", True),
+        ("x.gif", True),
+        ("x.txt", False),
+        ("jpg", False),
+        ("x.jpg.part", False),
+        ("x.heic", False),
+    ],
+)
+def test_is_image_path(path: str | Path, expected: bool) -> None:
+    assert is_image_path(path) is expected
+
+
+def test_image_extensions_are_lower_case_with_dots() -> None:
+    assert all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS)
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".gif"} == IMAGE_EXTENSIONS
+
+
+def test_imaging_does_not_import_torch() -> None:
+    src = str(Path(clipworks.imaging.__file__).parents[1])
+    code = (
+        "import sys, clipworks.imaging\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'open_clip'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,126 @@
+"""The threaded pipeline: input order, skipped files, bounded window, output formats."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clipworks
+from clipworks.errors import UsageError
+from clipworks.outputs import read_embeddings, write_embeddings
+from clipworks.pipeline import collect_image_files, embed_files, iter_embeddings
+
+
+def _bad_files(folder: Path, photo: Path) -> dict[str, Path]:
+    """One of each kind of unreadable file the pipeline must survive."""
+    bad = {
+        "zero-bytes": folder / "empty.jpg",
+        "not-an-image": folder / "notes.png",
+        "truncated": folder / "cut.jpg",
+        "bomb": folder / "bomb.png",
+    }
+    bad["zero-bytes"].write_bytes(b"")
+    bad["not-an-image"].write_text("just some text, not a picture")
+    bad["truncated"].write_bytes(photo.read_bytes()[: photo.stat().st_size // 3])
+    # A valid PNG header that declares 100000 x 100000 pixels: a decompression bomb.
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    bad["bomb"].write_bytes(
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    )
+    return bad
+
+
+@pytest.fixture
+def library(tmp_path: Path, photos: list[Path]) -> tuple[Path, list[Path], dict[str, Path]]:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    good = []
+    for i, p in enumerate(photos[:6]):
+        dest = (folder / "sub" if i % 2 else folder) / f"{i:02d}_{p.name}"
+        shutil.copy(p, dest)
+        good.append(dest)
+    shutil.copy(photos[0], folder / ".hidden" / "secret.jpg")
+    shutil.copy(photos[0], folder / "UPPER.JPG")
+    good.append(folder / "UPPER.JPG")
+    (folder / "readme.txt").write_text("not an image extension: ignored")
+    return folder, good, _bad_files(folder, photos[0])
+
+
+def test_collect_walks_recursively_and_skips_hidden(library) -> None:
+    folder, good, bad = library
+    found = collect_image_files([folder])
+    assert set(found) == set(good) | set(bad.values())
+    assert not any(".hidden" in str(p) for p in found)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp / "missing", "does not exist"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no images found"),
+    ],
+)
+def test_collect_refuses_missing_and_empty(tmp_path: Path, make, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        collect_image_files([make(tmp_path)])
+
+
+def test_bad_files_are_skipped_counted_and_named(vit_bundle: Path, library, capsys) -> None:
+    folder, good, bad = library
+    model = clipworks.load(vit_bundle)
+    files = collect_image_files([folder])
+    skipped = []
+    result = embed_files(model, files, batch_size=3, workers=2, progress=False, on_skip=skipped.append)
+    assert sorted(result.paths) == sorted(str(p) for p in good)
+    assert {f.path for f in skipped} == {str(p) for p in bad.values()}
+    assert all(Path(f.path).name in f.error for f in skipped)  # each message names its file
+    assert "4 skipped" in result.summary() and "images/s" in result.summary()
+
+
+def test_pipeline_keeps_input_order_and_matches_direct_encoding(vit_bundle: Path, photos) -> None:
+    model = clipworks.load(vit_bundle)
+    order = [photos[i % len(photos)] for i in (3, 0, 5, 1, 1, 4, 2, 0, 5)]
+    result = embed_files(model, order, batch_size=4, workers=3, queue_size=5, progress=False)
+    assert result.paths == [str(p) for p in order]
+    np.testing.assert_allclose(result.embeddings, model.encode_images(order), atol=1e-5)
+
+
+def test_batches_come_out_as_they_are_encoded(vit_bundle: Path, photos) -> None:
+    model = clipworks.load(vit_bundle)
+    sizes = [len(b.paths) for b in iter_embeddings(model, photos[:5], batch_size=2, on_skip=lambda f: None)]
+    assert sizes == [2, 2, 1]
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".npy", ".parquet"])
+def test_output_formats_round_trip(tmp_path: Path, suffix: str) -> None:
+    paths = ["a.jpg", "dir/b ü.png", "c.webp"]
+    emb = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    written = write_embeddings(tmp_path / f"out{suffix}", paths, emb)
+    assert written[0].is_file()
+    got_paths, got = read_embeddings(tmp_path / f"out{suffix}")
+    assert got_paths == paths
+    np.testing.assert_array_equal(got, emb)
+
+
+def test_pkl_is_sophgo_format(tmp_path: Path) -> None:
+    emb = np.eye(2, 4, dtype=np.float32)
+    write_embeddings(tmp_path / "embeddings.pkl", ["x.jpg", "y.jpg"], emb)
+    data = pickle.loads((tmp_path / "embeddings.pkl").read_bytes())
+    assert data["img_path"] == ["x.jpg", "y.jpg"]
+    assert isinstance(data["embedding"], list) and data["embedding"][0].dtype == np.float32
+    assert data["embedding"][0].shape == (4,)
+
+
+@pytest.mark.parametrize(("name", "message"), [("out.csv", "must end in"), ("nodir/out.pkl", "does not exist")])
+def test_bad_output_paths(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        write_embeddings(tmp_path / name, [], np.zeros((0, 4), np.float32))
