@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from common import bundle, machine, photo_set
 
 PROMPTS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels" / "imagenet1k.txt"
@@ -105,7 +106,10 @@ def main() -> None:
 
     rows: dict[str, float] = {}
     runs = [
-        ("open_clip torch fp32, README loop (baseline)", lambda: torch_readme_images(args.arch, paths, args.threads)),
+        (
+            "open_clip torch fp32, README loop (baseline)",
+            lambda: torch_readme_images(args.arch, paths, args.threads),
+        ),
         ("open_clip torch fp32, batch 32", lambda: torch_batched_images(args.arch, paths, args.threads)),
         ("clipworks fp32 exact", lambda: clipworks_images(root, paths, args.threads, "fp32", "exact")),
         ("clipworks fp32 fast", lambda: clipworks_images(root, paths, args.threads, "fp32", "fast")),
@@ -119,7 +123,10 @@ def main() -> None:
         print(f"{name:48} {rows[name]:9.1f} {rows[name] / base:11.2f}x", flush=True)
 
     text_runs = [
-        ("open_clip torch fp32, padded to 77 (baseline)", lambda: torch_texts(args.arch, prompts, args.threads)),
+        (
+            "open_clip torch fp32, padded to 77 (baseline)",
+            lambda: torch_texts(args.arch, prompts, args.threads),
+        ),
         ("clipworks fp32, padded to longest", lambda: clipworks_texts(root, prompts, args.threads, "fp32")),
         ("clipworks int8, padded to longest", lambda: clipworks_texts(root, prompts, args.threads, "int8")),
     ]

@@ -57,8 +57,16 @@ def test_embed_images_npy_and_parquet(capsys, vit_bundle, folder, tmp_path) -> N
         (["embed", "images", "{empty}", "-o", "{tmp}/e.pkl"], 2, "no images found in"),
         (["embed", "images", "{tmp}/nowhere", "-o", "{tmp}/e.pkl"], 2, "nowhere does not exist"),
         (["embed", "images", "{folder}", "-o", "{tmp}/e.csv"], 2, "must end in .pkl, .npy, .parquet"),
-        (["embed", "images", "{folder}", "-o", "{tmp}/e.pkl", "-m", "ViT-B/33"], 1, "unknown model 'ViT-B/33'"),
-        (["embed", "images", "{folder}", "-o", "{tmp}/e.pkl", "-m", "{half}"], 1, "visual/model.onnx is missing"),
+        (
+            ["embed", "images", "{folder}", "-o", "{tmp}/e.pkl", "-m", "ViT-B/33"],
+            1,
+            "unknown model 'ViT-B/33'",
+        ),
+        (
+            ["embed", "images", "{folder}", "-o", "{tmp}/e.pkl", "-m", "{half}"],
+            1,
+            "visual/model.onnx is missing",
+        ),
         (["embed", "images", "{only_bad}", "-o", "{tmp}/e.pkl"], 1, "none of the 1 files could be read"),
         (["embed", "texts", "-o", "{tmp}/t.json"], 2, "exactly one of them"),
         (["embed", "texts", "a", "--threshold", "2", "-o", "{tmp}/t.json"], 2, "between 0 and 1"),
@@ -78,7 +86,7 @@ def test_bad_input_gets_one_line_and_an_exit_code(capsys, vit_bundle, folder, tm
     argv = [a.format(**values) for a in args]
     if "-m" not in argv and argv[0] == "embed":
         argv += ["-m", str(vit_bundle)]
-    got, out, err = run(capsys, *argv)
+    got, _, err = run(capsys, *argv)
     assert got == code, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err
@@ -113,10 +121,9 @@ def test_embed_texts_from_hailo_texts_json(capsys, vit_bundle, shared_data, tmp_
 
 
 def test_prompt_file_of_another_dimension_is_refused_when_matched(capsys, vit_bundle, shared_data, photos) -> None:
+    import clipworks
     from clipworks.errors import BadPromptFile
     from clipworks.prompts import PromptSet, match
-
-    import clipworks
 
     hailo = PromptSet.load(shared_data / "hailo" / "embeddings.json")  # RN50x4, 640-d
     with pytest.raises(BadPromptFile, match="640 but the image embeddings have dimension 32"):
@@ -147,3 +154,18 @@ def test_console_script_runs() -> None:
         [sys.executable, "-m", "clipworks.cli.main", "--version"], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0 and proc.stdout.startswith("clipworks ")
+
+
+def test_embed_texts_interactive_reads_lines_until_empty(capsys, vit_bundle, tmp_path, monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a dog\n-an empty room\na cat\n\nnot read\n"))
+    out = tmp_path / "t.json"
+    code, _, err = run(capsys, "embed", "texts", "--interactive", "-o", out, "-m", vit_bundle)
+    assert code == 0, err
+    entries = json.loads(out.read_text())["entries"]
+    assert [(e["text"], e["negative"]) for e in entries[:3]] == [
+        ("a dog", False),
+        ("a cat", False),
+        ("an empty room", True),
+    ]

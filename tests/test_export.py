@@ -59,7 +59,9 @@ def test_failed_check_is_an_error_and_leaves_nothing(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # no partial folder left behind
 
 
-def test_failed_reexport_keeps_the_old_bundle(vit_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_reexport_keeps_the_old_bundle(
+    vit_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     out = tmp_path / "bundle"

@@ -131,9 +131,7 @@ CONFIGS = [
         {"size": [320, 224], "resize_mode": "shortest", "interpolation": "bilinear"},
         id="shortest-320x224-bilinear",
     ),
-    pytest.param(
-        {"size": [256, 192], "resize_mode": "longest", "fill_color": 128}, id="longest-256x192-fill"
-    ),
+    pytest.param({"size": [256, 192], "resize_mode": "longest", "fill_color": 128}, id="longest-256x192-fill"),
     pytest.param({"size": [224, 320], "resize_mode": "squash"}, id="squash-224x320"),
     pytest.param({"size": 224, "interpolation": "bilinear"}, id="shortest-224-bilinear"),
     pytest.param({"size": 224, "resize_mode": "longest", "interpolation": "random"}, id="longest-224-random"),
@@ -288,9 +286,7 @@ def _grey(a: np.ndarray) -> np.ndarray:
 
 # (source made in a folder, expected RGB pixels, tolerance); file sources are written first.
 MODES = [
-    pytest.param(
-        _save(Image.new("L", (8, 8), 100), "grey.png"), _grey(np.full((8, 8), 100, np.uint8)), 0, id="L"
-    ),
+    pytest.param(_save(Image.new("L", (8, 8), 100), "grey.png"), _grey(np.full((8, 8), 100, np.uint8)), 0, id="L"),
     pytest.param(
         _save(Image.fromarray(np.indices((8, 8)).sum(0) % 2 == 0), "bits.png"),
         _grey((np.indices((8, 8)).sum(0) % 2 == 0).astype(np.uint8) * 255),
@@ -298,21 +294,11 @@ MODES = [
         id="1-bit",
     ),
     pytest.param(_save(_palette(None), "pal.png"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P"),
-    pytest.param(
-        _save(_palette(0), "paltrans.png"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P-transparency"
-    ),
-    pytest.param(
-        _save(_palette(0), "paltrans.gif"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P-transp-gif"
-    ),
-    pytest.param(
-        _save(Image.fromarray(_RGBA), "rgba.png"), _halves((10, 20, 30), (200, 100, 50)), 0, id="RGBA"
-    ),
-    pytest.param(
-        _save(Image.new("LA", (8, 8), (50, 0)), "la.png"), _grey(np.full((8, 8), 50, np.uint8)), 0, id="LA"
-    ),
-    pytest.param(
-        _save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "cmyk.tiff"), _halves(RED, RED), 0, id="CMYK-tiff"
-    ),
+    pytest.param(_save(_palette(0), "paltrans.png"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P-transparency"),
+    pytest.param(_save(_palette(0), "paltrans.gif"), _halves((10, 200, 30), (250, 240, 5)), 0, id="P-transp-gif"),
+    pytest.param(_save(Image.fromarray(_RGBA), "rgba.png"), _halves((10, 20, 30), (200, 100, 50)), 0, id="RGBA"),
+    pytest.param(_save(Image.new("LA", (8, 8), (50, 0)), "la.png"), _grey(np.full((8, 8), 50, np.uint8)), 0, id="LA"),
+    pytest.param(_save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "cmyk.tiff"), _halves(RED, RED), 0, id="CMYK-tiff"),
     pytest.param(
         _save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "cmyk.jpg", quality=100),
         _halves(RED, RED),
@@ -341,12 +327,8 @@ MODES = [
     # In-memory sources.
     pytest.param(lambda _: _halves(RED, BLUE), _halves(RED, BLUE), 0, id="array-HxWx3"),
     pytest.param(lambda _: _RGBA.copy(), _halves((10, 20, 30), (200, 100, 50)), 0, id="array-HxWx4"),
-    pytest.param(
-        lambda _: np.full((8, 8), 7, np.uint8), _grey(np.full((8, 8), 7, np.uint8)), 0, id="array-HxW"
-    ),
-    pytest.param(
-        lambda _: np.full((8, 8, 1), 7, np.uint8), _grey(np.full((8, 8), 7, np.uint8)), 0, id="array-HxWx1"
-    ),
+    pytest.param(lambda _: np.full((8, 8), 7, np.uint8), _grey(np.full((8, 8), 7, np.uint8)), 0, id="array-HxW"),
+    pytest.param(lambda _: np.full((8, 8, 1), 7, np.uint8), _grey(np.full((8, 8), 7, np.uint8)), 0, id="array-HxWx1"),
     pytest.param(lambda _: _GRADIENT_16, _grey(_GRADIENT_8), 0, id="array-uint16"),
     pytest.param(lambda _: _FLOAT, _grey(_FLOAT_8), 0, id="array-float-0-1"),
     pytest.param(lambda _: np.eye(8, dtype=bool), _grey(np.eye(8, dtype=np.uint8) * 255), 0, id="array-bool"),
@@ -362,9 +344,7 @@ MODES = [
 
 
 @pytest.mark.parametrize(("make", "expected", "tolerance"), MODES)
-def test_load_image_modes(
-    tmp_path: Path, make: Callable[[Path], Any], expected: np.ndarray, tolerance: int
-) -> None:
+def test_load_image_modes(tmp_path: Path, make: Callable[[Path], Any], expected: np.ndarray, tolerance: int) -> None:
     image = load_image(make(tmp_path))
     assert image.mode == "RGB"
     got = np.asarray(image).astype(np.int16)
@@ -411,21 +391,13 @@ _NOISE = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes
 BAD = [
     pytest.param(lambda f: f / "missing.jpg", {}, "no such file", id="missing-path"),
     pytest.param(_file("empty.jpg", b""), {}, "empty", id="zero-byte-file"),
-    pytest.param(
-        _file("notes.jpg", b"shopping list: eggs, milk\n" * 20), {}, "not an image", id="text-as-jpg"
-    ),
+    pytest.param(_file("notes.jpg", b"shopping list: eggs, milk\n" * 20), {}, "not an image", id="text-as-jpg"),
     pytest.param(_file("noise.png", _NOISE), {}, "not an image", id="random-bytes-file"),
     pytest.param(_file("half.jpg", _encoded("JPEG", 0.5)), {}, "truncated", id="truncated-jpeg"),
     pytest.param(_file("half.png", _encoded("PNG", 0.5)), {}, "truncated", id="truncated-png"),
-    pytest.param(
-        _file("bomb.png", _png_header_only(100_000, 100_000)), {}, "decompression bomb", id="bomb-header"
-    ),
-    pytest.param(
-        _file("big.png", _png_header_only(10_000, 10_000)), {}, "over the limit", id="over-max-pixels"
-    ),
-    pytest.param(
-        _file("small.png", _encoded("PNG")), {"max_pixels": 5000}, "over the limit", id="small-max_pixels"
-    ),
+    pytest.param(_file("bomb.png", _png_header_only(100_000, 100_000)), {}, "decompression bomb", id="bomb-header"),
+    pytest.param(_file("big.png", _png_header_only(10_000, 10_000)), {}, "over the limit", id="over-max-pixels"),
+    pytest.param(_file("small.png", _encoded("PNG")), {"max_pixels": 5000}, "over the limit", id="small-max_pixels"),
     pytest.param(lambda f: f, {}, "directory", id="directory"),
     pytest.param(lambda _: _NOISE, {}, "not an image", id="random-bytes"),
     pytest.param(lambda _: b"", {}, "0 bytes", id="empty-bytes"),
@@ -437,9 +409,7 @@ BAD = [
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize(("make", "kwargs", "words"), BAD)
-def test_bad_inputs_raise_bad_image(
-    tmp_path: Path, make: Callable[[Path], Any], kwargs: dict, words: str
-) -> None:
+def test_bad_inputs_raise_bad_image(tmp_path: Path, make: Callable[[Path], Any], kwargs: dict, words: str) -> None:
     source = make(tmp_path)
     with pytest.raises(BadImage) as caught:
         load_image(source, **kwargs)
@@ -471,9 +441,7 @@ def test_fast_mode_drafts_jpegs_and_stays_close(tmp_path: Path) -> None:
     assert load_image(path).size == (2000, 1500)
     for cfg in (PreprocessConfig(), PreprocessConfig(size=(336, 336))):
         mean, worst = fast_vs_exact(path, cfg)
-        print(
-            f"2000x1500 JPEG at {cfg.size}: fast vs exact mean {mean:.4f}, max {worst:.4f} (normalised units)"
-        )
+        print(f"2000x1500 JPEG at {cfg.size}: fast vs exact mean {mean:.4f}, max {worst:.4f} (normalised units)")
         # One grey level is about 1/(255*0.27) = 0.015 normalised units; opencv-doc's photos that draft
         # (up to 1282x1110) measured mean 0.005-0.09, max 0.06-1.1.
         assert mean < 0.1

@@ -276,9 +276,9 @@ def test_texts_json_validates(tmp_path: Path, content: str, error: str | None) -
 def test_from_texts(positive: list[str], negative: list[str], slots: int, texts: list[str]) -> None:
     ps = PromptSet.from_texts(positive, negative, slots=slots)
     assert [e.text for e in ps.entries] == texts
-    assert [e.negative for e in ps.entries[: len(positive) + len(negative)]] == [False] * len(positive) + [
-        True
-    ] * len(negative)
+    assert [e.negative for e in ps.entries[: len(positive) + len(negative)]] == [False] * len(positive) + [True] * len(
+        negative
+    )
 
 
 # -- matching rules ----------------------------------------------------------------------------
@@ -463,9 +463,7 @@ def test_encode_entries_in_one_batch(tmp_path: Path) -> None:
     assert ps.dim == 8
 
     # stored values are the float32 values, exactly, and survive a save/load
-    assert np.array_equal(
-        ps.entries[1].embedding.astype(np.float32).astype(np.float64), ps.entries[1].embedding
-    )
+    assert np.array_equal(ps.entries[1].embedding.astype(np.float32).astype(np.float64), ps.entries[1].embedding)
     assert PromptSet.load(ps.save(tmp_path / "p.json")) == ps
 
     # only_missing re-encodes nothing once every text has an embedding

@@ -123,7 +123,7 @@ def test_unknown_device_is_refused(vit_bundle: Path) -> None:
 def test_a_bad_image_names_itself(vit_bundle: Path, tmp_path: Path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    with pytest.raises(BadImage, match="broken.jpg"):
+    with pytest.raises(BadImage, match=r"broken\.jpg"):
         clipworks.load(vit_bundle).encode_images([bad])
     with pytest.raises(BadImage):
         clipworks.load(vit_bundle).encode_images([io.BytesIO(b"").getvalue()])

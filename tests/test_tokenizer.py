@@ -27,7 +27,7 @@ HARD_STRINGS = [
     # accents, precomposed and combining; ligatures and case rules ftfy or lower() change
     "Café crème brûlée, naïve façade, Ångström",
     "cafe\u0301 with a combining acute",
-    "cafe&#769; with an escaped combining acute",
+    '<i>cafe&#769;</i>: an escaped combining acute that ftfy leaves alone after a "<"',
     "ﬁnal ﬂow ﬀ ligatures",
     "İstanbul, straße, ZAŻÓŁĆ GĘŚLĄ JAŹŃ",
     "ſtraße 'ſ and 'S",  # long s: a contraction for open_clip's case-insensitive pattern
@@ -126,9 +126,7 @@ def test_files_are_hugging_face_clip_files(textual_dir: Path) -> None:
     assert model["type"] == "BPE" and model["end_of_word_suffix"] == "</w>"
     assert len(model["vocab"]) == 49408
     assert model["vocab"][SOT] == SOT_ID and model["vocab"][EOT] == EOT_ID
-    assert all(
-        isinstance(m, str) and m.count(" ") == 1 for m in model["merges"]
-    )  # readable by tokenizers<0.20
+    assert all(isinstance(m, str) and m.count(" ") == 1 for m in model["merges"])  # readable by tokenizers<0.20
     assert {t["content"]: t["id"] for t in data["added_tokens"]} == {SOT: SOT_ID, EOT: EOT_ID}
     assert data["post_processor"]["type"] == "RobertaProcessing"
 
@@ -143,21 +141,18 @@ def test_label_prompts_match_open_clip(shared_data: Path, tokenizer: ClipTokeniz
     labels = []
     for name in ("imagenet1k.txt", "kinetics400.txt"):
         labels += (shared_data / "labels" / name).read_text(encoding="utf-8").splitlines()
-    texts = [
-        template(label)
-        for label in labels
-        for template in open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
-    ]
+    texts = [template(label) for label in labels for template in open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES]
     assert len(texts) >= 10_000
 
     padded = tokenizer.encode(texts, pad_to=77)
     np.testing.assert_array_equal(padded, reference(texts))
-    unpadded = tokenizer.encode(texts)
-    assert unpadded.shape == (len(texts), (padded != 0).sum(axis=1).max())
-    np.testing.assert_array_equal(unpadded, padded[:, : unpadded.shape[1]])
+    # Unpadded on every 8th prompt only, to keep the suite fast; the hard strings check it too.
+    unpadded = tokenizer.encode(texts[::8])
+    assert unpadded.shape == (len(texts[::8]), (padded[::8] != 0).sum(axis=1).max())
+    np.testing.assert_array_equal(unpadded, padded[::8, : unpadded.shape[1]])
 
 
-@pytest.mark.parametrize("text", HARD_STRINGS)
+@pytest.mark.parametrize("text", HARD_STRINGS, ids=[ascii(t)[:40] for t in HARD_STRINGS])
 def test_hard_string_matches_open_clip(tokenizer: ClipTokenizer, text: str) -> None:
     assert tokenizer.encode([text], pad_to=77).tolist() == reference([text]).tolist()
 
@@ -212,12 +207,18 @@ def test_pad_to_shorter_than_longest_prompt_is_refused(tokenizer: ClipTokenizer)
 
 
 def test_every_assigned_codepoint_matches_open_clip(tokenizer: ClipTokenizer) -> None:
-    # In words, beside apostrophes and digits, so each character meets every branch of the word pattern.
-    chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs")]
-    texts = [
-        "a" + "".join(chars[i : i + 6]) + "b'" + "".join(chars[i : i + 6]) + "1"
-        for i in range(0, len(chars), 6)
+    # Unassigned and private-use codepoints left out (see the module docstring); of the big uniform blocks of
+    # ideographs and syllables one in 50, to stay fast.
+    uniform = ("CJK UNIFIED IDEOGRAPH", "HANGUL SYLLABLE", "TANGUT IDEOGRAPH")
+    chars = [
+        chr(c)
+        for c in range(0x110000)
+        if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co")
+        and (c % 50 == 0 or not unicodedata.name(chr(c), "").startswith(uniform))
     ]
+    # Six neighbours, after a letter and again after an apostrophe, then a digit: every branch of the word
+    # pattern meets every character.
+    texts = ["a" + "".join(chars[i : i + 6]) + "'" + "".join(chars[i : i + 6]) + "1" for i in range(0, len(chars), 6)]
     np.testing.assert_array_equal(tokenizer.encode(texts, pad_to=77), reference(texts))
 
 
@@ -261,12 +262,10 @@ def test_hugging_face_file_with_normaliser_gives_the_same_ids(
 ) -> None:
     hf_dir = hugging_face_clip_file(textual_dir, tmp_path / "hf")
     hf = ClipTokenizer.from_dir(hf_dir)
-    np.testing.assert_array_equal(
-        hf.encode(HARD_STRINGS, pad_to=77), tokenizer.encode(HARD_STRINGS, pad_to=77)
-    )
+    np.testing.assert_array_equal(hf.encode(HARD_STRINGS, pad_to=77), tokenizer.encode(HARD_STRINGS, pad_to=77))
     # The file used as it is would not: NFC after unescaping, and "<|endoftext|>" as a special token.
     raw = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-    for text in ("cafe&#769;", "<|endoftext|>"):
+    for text in ("<i>cafe&#769;</i>", "<|endoftext|>"):
         assert raw.encode(clean_text(text)).ids != tokenizer.encode([text])[0].tolist()
 
 

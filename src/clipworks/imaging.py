@@ -38,9 +38,7 @@ ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Im
 Interpolation = Literal["bicubic", "bilinear"]
 ResizeMode = Literal["shortest", "longest", "squash"]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".gif"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".gif"})
 
 # open_clip's defaults (open_clip.constants), used for keys a preprocess_cfg.json leaves out.
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -136,9 +134,7 @@ def _per_channel(value: Any, key: str) -> tuple[float, float, float]:
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
-def load_image(
-    source: ImageSource, *, draft_size: int | None = None, max_pixels: int | None = None
-) -> Image.Image:
+def load_image(source: ImageSource, *, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode `source` into an RGB image, upright per its EXIF orientation.
 
     `source` is a path, encoded bytes, a PIL image or a numpy array (HxW, HxWx1, HxWx3 RGB or HxWx4 RGBA).
@@ -180,9 +176,7 @@ def _describe(source: object) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _open(
-    fp: str | io.BytesIO, name: str, draft_size: int | None, limit: int | None, path: str | None
-) -> Image.Image:
+def _open(fp: str | io.BytesIO, name: str, draft_size: int | None, limit: int | None, path: str | None) -> Image.Image:
     try:
         with Image.open(fp) as im:
             w, h = im.size
@@ -210,21 +204,15 @@ def _open(
     except PermissionError as e:
         raise BadImage(f"{name}: permission denied; check the file's permissions") from e
     except Image.DecompressionBombError as e:
-        raise BadImage(
-            f"{name}: {_one_line(e)}; raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
-        ) from e
+        raise BadImage(f"{name}: {_one_line(e)}; raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
     except UnidentifiedImageError as e:
         if path is not None and _is_empty(path):
             raise BadImage(f"{name}: file is empty (0 bytes); re-copy or skip it") from e
-        raise BadImage(
-            f"{name}: not an image format Pillow can read; skip it or convert it to JPEG or PNG"
-        ) from e
+        raise BadImage(f"{name}: not an image format Pillow can read; skip it or convert it to JPEG or PNG") from e
     except Exception as e:
         # Pillow's plugins fail on malformed files with many exception types (OSError for truncation,
         # SyntaxError, struct.error, IndexError, ZeroDivisionError ...); all mean "this file is unusable".
-        raise BadImage(
-            f"{name}: cannot decode image ({_one_line(e)}); the file may be truncated or corrupt"
-        ) from e
+        raise BadImage(f"{name}: cannot decode image ({_one_line(e)}); the file may be truncated or corrupt") from e
 
 
 def _is_empty(path: str) -> bool:

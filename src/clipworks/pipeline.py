@@ -48,9 +48,7 @@ class EmbedResult:
 
     def summary(self) -> str:
         skipped = f", {len(self.failures)} skipped" if self.failures else ""
-        return (
-            f"embedded {len(self.paths)} images{skipped} in {self.seconds:.1f} s: {self.images_per_s:.1f} images/s"
-        )
+        return f"embedded {len(self.paths)} images{skipped} in {self.seconds:.1f} s: {self.images_per_s:.1f} images/s"
 
 
 def collect_image_files(inputs: Sequence[str | Path], *, recursive: bool = True) -> list[Path]:

@@ -330,11 +330,7 @@ def encode_entries(
     are. With ``only_missing`` only entries without an embedding are encoded. Returns the indices
     of the entries encoded.
     """
-    todo = [
-        i
-        for i, e in enumerate(prompt_set.entries)
-        if e.text and not (only_missing and e.embedding is not None)
-    ]
+    todo = [i for i, e in enumerate(prompt_set.entries) if e.text and not (only_missing and e.embedding is not None)]
     if not todo:
         return []
     spans: list[tuple[int, int]] = []
@@ -347,9 +343,7 @@ def encode_entries(
     if rows.ndim != 2 or rows.shape[0] != len(texts):
         raise ValueError(f"encode_texts returned shape {rows.shape} for {len(texts)} texts")
     for i, (a, b) in zip(todo, spans, strict=True):
-        prompt_set.entries[i].embedding = combine_embeddings(prompt_set.entries[i], rows[a:b]).astype(
-            np.float64
-        )
+        prompt_set.entries[i].embedding = combine_embeddings(prompt_set.entries[i], rows[a:b]).astype(np.float64)
     return todo
 
 
@@ -482,9 +476,7 @@ def _atomic_write(path: Path, text: str) -> None:
             tmp.unlink(missing_ok=True)
             raise
     except OSError as e:
-        raise BadPromptFile(
-            f"{path}: cannot write ({e.strerror}); check that the folder exists and is writable"
-        ) from e
+        raise BadPromptFile(f"{path}: cannot write ({e.strerror}); check that the folder exists and is writable") from e
 
 
 def _is_number(x: Any) -> bool:

@@ -7,11 +7,11 @@ file and does the rest the way open_clip's ``SimpleTokenizer`` does, because the
 (NFC, ``\\s+`` collapse, per-character lowercase) and special-token matching differ from open_clip in corner
 cases.
 
-Known differences from open_clip, all in text that no prompt set contains:
-
-- Characters assigned in a newer Unicode version than the one the ``tokenizers`` regex engine (Oniguruma)
-  knows, which the ``regex`` module that open_clip uses may already class as letters (e.g. CJK Extension J,
-  U+323B0..U+33479). Both sides' answer depends on the installed library versions.
+The one known difference from open_clip: characters assigned in a newer Unicode version than the one
+Python's and the ``tokenizers`` regex engine's (Oniguruma) tables know, which the ``regex`` module that
+open_clip uses may already class as letters (Unicode 16/17 additions such as U+0C5C or CJK Extension J,
+U+323B0..U+33479). Both answers depend on the installed library versions. Every codepoint assigned in
+Python's Unicode tables gives open_clip's ids (tests/test_tokenizer.py sweeps them).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import html
 import json
 import re
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ OPEN_CLIP_EOT = "<end_of_text>"
 # open_clip compiles it with IGNORECASE, which in lowercased text only adds "'ſ" (long s) as a contraction;
 # spelling that out is ~40% faster than Oniguruma's (?i).
 _WORDS = r"""'[sſ]|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-# Hugging Face's file spells the same pattern with its special tokens first and without (?i); we write that.
+# What Hugging Face's CLIP files carry (special tokens first): we write that, for Immich's runtime.
 _HF_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # Case-insensitive like open_clip's pattern, which also takes "<ſtart_of_text>" (but then BPE-encodes it).
 _SPECIAL = re.compile(f"{re.escape(OPEN_CLIP_SOT)}|{re.escape(OPEN_CLIP_EOT)}", re.IGNORECASE)
@@ -57,6 +58,7 @@ class ClipTokenizer:
     """CLIP BPE tokenizer with open_clip's ids; rows are padded with 0 only to the longest in the batch."""
 
     def __init__(self, tokenizer: Tokenizer, context_length: int = 77, source: str = "tokenizer") -> None:
+        """Wrap (and reconfigure) a loaded CLIP ``Tokenizer``; ``source`` names it in error messages."""
         sot = _first_id(tokenizer, SOT, OPEN_CLIP_SOT)
         eot = _first_id(tokenizer, EOT, OPEN_CLIP_EOT)
         model = tokenizer.model
@@ -89,7 +91,8 @@ class ClipTokenizer:
 
     @classmethod
     def from_dir(cls, textual_dir: Path, context_length: int = 77) -> ClipTokenizer:
-        """Load ``textual_dir/tokenizer.json`` (ours or a Hugging Face / Immich CLIP one)."""
+        """Load ``textual_dir/tokenizer.json`` (ours or a Hugging Face / Immich CLIP one); ``BadBundle`` if
+        it is missing or not a CLIP BPE tokenizer."""
         path = Path(textual_dir) / "tokenizer.json"
         if not path.is_file():
             raise BadBundle(f"{path} is missing: re-export the model (`clipworks export`) or pull it again")
@@ -112,20 +115,27 @@ class ClipTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         cleaned = [_drop_unmatched(clean_text(t)) for t in texts]
-        bodies = [e.ids for e in self._tokenizer.encode_batch(cleaned, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: 20% faster.
+        encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        bodies = [e.ids for e in encode_batch(cleaned, add_special_tokens=False)]
         for i, text in enumerate(cleaned):
             if "_of_text>" in text and _SPECIAL.search(text):  # substring test first: it is cheaper
                 bodies[i] = self._encode_with_specials(text)
+        # open_clip keeps the first context_length - 1 tokens and overwrites the last with the end token.
         keep = self.context_length - 2
-        longest = min(max((len(b) for b in bodies), default=-2) + 2, self.context_length)
+        bodies = [b[:keep] if len(b) > keep else b for b in bodies]
+        sizes = np.fromiter(map(len, bodies), dtype=np.intp, count=len(bodies))
+        longest = int(sizes.max()) + 2 if len(bodies) else 0
         if pad_to is not None and pad_to < longest:
             raise UsageError(f"pad_to={pad_to} is shorter than the longest prompt ({longest} tokens)")
         out = np.zeros((len(bodies), longest if pad_to is None else pad_to), dtype=np.int64)
-        for row, body in zip(out, bodies, strict=True):
-            n = min(len(body), keep)
-            row[0] = self.sot_id
-            row[1 : n + 1] = body[:n]
-            row[n + 1] = self.eot_id
+        if not bodies:
+            return out
+        # One vectorised fill: a numpy assignment per row cost more than the tokenizing itself.
+        out[:, 0] = self.sot_id
+        in_body = np.arange(1, out.shape[1])[None, :] <= sizes[:, None]
+        out[:, 1:][in_body] = np.fromiter(chain.from_iterable(bodies), dtype=np.int64, count=int(sizes.sum()))
+        out[np.arange(len(bodies)), sizes + 1] = self.eot_id
         return out
 
     def _encode_with_specials(self, text: str) -> list[int]:

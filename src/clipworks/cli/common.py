@@ -12,7 +12,10 @@ from clipworks.settings import DEFAULT_MODEL
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", envvar="CLIPWORKS_MODEL", help="Registry name (ViT-B-32::openai, ViT-B/32, ...) or bundle path."
+        "--model",
+        "-m",
+        envvar="CLIPWORKS_MODEL",
+        help="Registry name (ViT-B-32::openai, ViT-B/32, ...) or bundle path.",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, tensorrt, openvino or coreml.")]

@@ -32,7 +32,9 @@ def images(
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decoder threads (default: cores, at most 8).")] = None,
     queue_size: Annotated[int | None, typer.Option(help="Decoded images held ahead of the encoder.")] = None,
-    preprocess: Annotated[str, typer.Option(help="exact (open_clip's transform) or fast (reduced JPEG decode).")] = "exact",
+    preprocess: Annotated[
+        str, typer.Option(help="exact (open_clip's transform) or fast (reduced JPEG decode).")
+    ] = "exact",
     threads: ThreadsOpt = None,
 ) -> None:
     """Embed folders of images (L2-normalised float32) into one file, skipping unreadable files."""
@@ -75,7 +77,9 @@ def texts(
     output: Annotated[Path, typer.Option("--output", "-o", help="Hailo-format JSON file to write.")] = Path(
         "text_embeddings.json"
     ),
-    negative: Annotated[list[str] | None, typer.Option("--negative", "-n", help="Negative prompt (repeatable).")] = None,
+    negative: Annotated[
+        list[str] | None, typer.Option("--negative", "-n", help="Negative prompt (repeatable).")
+    ] = None,
     texts_json: Annotated[
         Path | None, typer.Option(help='A {"positive": [...], "negative": [...]} file (Hailo --texts-json).')
     ] = None,

@@ -19,7 +19,9 @@ def _parse_batch(value: str) -> int | None:
 
 
 def export(
-    model: Annotated[str, typer.Argument(help="open_clip architecture (RN50, ViT-B-32, ViT-B/32, ...) or config JSON.")],
+    model: Annotated[
+        str, typer.Argument(help="open_clip architecture (RN50, ViT-B-32, ViT-B/32, ...) or config JSON.")
+    ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default: the model cache).")] = None,
     pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint path, or 'random'.")] = "openai",
     precision: Annotated[str, typer.Option(help="Comma-separated: fp32,fp16,int8.")] = "fp32,int8",

@@ -18,7 +18,9 @@ def to_fp16(src: Path, dst: Path) -> None:
     # Inputs and outputs stay float32 so callers never change; LayerNorm/Softmax overflow is
     # avoided by keeping those ops in fp32 inside the graph.
     converted = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"]
+        model,
+        keep_io_types=True,
+        op_block_list=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
     )
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(converted, str(dst))

@@ -83,7 +83,9 @@ def load_source_model(model: str, pretrained: str = "openai", seed: int = 0) -> 
     else:
         if pretrained not in open_clip.list_pretrained_tags_by_model(arch):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
-            raise ModelNotFound(f"open_clip has no pretrained tag {pretrained!r} for {arch} (tags: {tags}; or 'random')")
+            raise ModelNotFound(
+                f"open_clip has no pretrained tag {pretrained!r} for {arch} (tags: {tags}; or 'random')"
+            )
         try:
             net = open_clip.create_model(arch, pretrained=pretrained, require_pretrained=True)
         except Exception as e:  # network, hub or cache failures all end here
