@@ -37,3 +37,10 @@ class UsageError(ClipworksError):
     """Arguments that cannot work together, or inputs that are missing."""
 
     exit_code = 2
+
+
+def status(message: str) -> None:
+    """Progress and status lines go to stderr, so stdout stays clean for data (JSON, tables, paths)."""
+    import sys
+
+    print(message, file=sys.stderr)

@@ -43,3 +43,29 @@ def hf_hub_cache() -> Path:
 def offline() -> bool:
     """True when the user asked for no network (``CLIPWORKS_OFFLINE`` or ``HF_HUB_OFFLINE``)."""
     return any(os.environ.get(k, "").lower() in {"1", "true", "yes"} for k in ("CLIPWORKS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def db_path() -> Path:
+    """The photo library database (``CLIPWORKS_DB``, else ``$XDG_DATA_HOME/clipworks/library.db``)."""
+    env = os.environ.get("CLIPWORKS_DB")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "clipworks" / "library.db"
+
+
+def tags_cache_dir() -> Path:
+    """Cached tag-vocabulary embeddings for interrogation (under the cache dir)."""
+    return cache_dir() / "tags"
+
+
+def api_key() -> str | None:
+    """The HTTP service's bearer token (``CLIPWORKS_API_KEY``); None leaves the service open."""
+    return os.environ.get("CLIPWORKS_API_KEY") or None
+
+
+def demo_video() -> Path | None:
+    """The video behind ``clipworks stream --input demo`` (``CLIPWORKS_DEMO_VIDEO``); None: a synthetic clip."""
+    env = os.environ.get("CLIPWORKS_DEMO_VIDEO")
+    return Path(env).expanduser() if env else None

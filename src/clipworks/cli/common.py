@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
+from clipworks.errors import status
 from clipworks.settings import DEFAULT_MODEL
 
 ModelOpt = Annotated[
@@ -30,6 +30,4 @@ def load_model(model: str, device: str, precision: str, threads: int | None = No
     return load(model, device=device, precision=precision, threads=threads, preprocess=preprocess)  # type: ignore[arg-type]
 
 
-def info(message: str) -> None:
-    """Status lines go to stderr so that stdout stays clean for data (JSON, tables)."""
-    print(message, file=sys.stderr)
+info = status

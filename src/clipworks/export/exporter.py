@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from clipworks.errors import ExportCheckFailed, UsageError
+from clipworks.errors import ExportCheckFailed, UsageError, status
 from clipworks.export.graphs import DEFAULT_OPSET, export_towers
 from clipworks.export.precision import COSINE_FLOORS, to_fp16, to_int8
 from clipworks.export.source import RANDOM, SourceModel, load_source_model
@@ -49,7 +49,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     seed: int = 0,
     check_images: Sequence[Path] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = status,
 ) -> ExportReport:
     """Export, verify against open_clip, and only then move the bundle into place at ``out``."""
     bad = [p for p in precisions if p not in PRECISIONS]

@@ -86,13 +86,7 @@ def load_source_model(model: str, pretrained: str = "openai", seed: int = 0) -> 
             raise ModelNotFound(
                 f"open_clip has no pretrained tag {pretrained!r} for {arch} (tags: {tags}; or 'random')"
             )
-        try:
-            net = open_clip.create_model(arch, pretrained=pretrained, require_pretrained=True)
-        except Exception as e:  # network, hub or cache failures all end here
-            raise ClipworksError(
-                f"could not fetch open_clip weights {arch}::{pretrained} ({type(e).__name__}: {str(e)[:200]}); "
-                "check the network, or pass --pretrained PATH to a local checkpoint"
-            ) from e
+        net = _create_pretrained(open_clip, arch, pretrained)
         tag = pretrained
     net = net.float().eval()
     for p in net.parameters():
@@ -108,6 +102,50 @@ def load_source_model(model: str, pretrained: str = "openai", seed: int = 0) -> 
         logit_scale=float(net.logit_scale.exp().item()),
         source_sha256=weights_sha256(net),
     )
+
+
+def _hub_unreachable() -> str | None:
+    """Why the weights hub cannot be reached (None if it can), found in seconds rather than retries."""
+    import urllib.error
+    import urllib.request
+
+    from clipworks import settings
+
+    if settings.offline():
+        return "offline mode is set"
+    try:
+        urllib.request.urlopen(urllib.request.Request(settings.hf_endpoint(), method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:
+        return None  # it answered: reachable
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def _create_pretrained(open_clip: Any, arch: str, tag: str) -> Any:
+    """open_clip's pretrained weights; offline, only its local cache is tried, with one clear error."""
+    import huggingface_hub.constants as hf_constants
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings are noise here
+    unreachable = _hub_unreachable()
+    was_offline = hf_constants.HF_HUB_OFFLINE
+    if unreachable:
+        hf_constants.HF_HUB_OFFLINE = True  # read the cache only, instead of five retries per file
+    root = logging.getLogger()
+    root_level = root.level
+    root.setLevel(logging.CRITICAL)  # open_clip logs its own download failure; ours below says more
+    try:
+        return open_clip.create_model(arch, pretrained=tag, require_pretrained=True)
+    except Exception as e:  # network, hub or cache failures all end here
+        why = f"the hub is unreachable: {unreachable}" if unreachable else f"{type(e).__name__}: {str(e)[:160]}"
+        raise ModelNotFound(
+            f"cannot get the weights of {arch}::{tag} ({why}); with network access run "
+            f"`clipworks models pull {arch}::{tag}`, or export a local checkpoint "
+            f"(`clipworks export {arch} --pretrained FILE --out DIR`) and pass --model DIR"
+        ) from e
+    finally:
+        hf_constants.HF_HUB_OFFLINE = was_offline
+        root.setLevel(root_level)
 
 
 def _load_checkpoint(open_clip: Any, torch: Any, arch: str, path: Path) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipworks import settings
-from clipworks.errors import ClipworksError, ModelNotFound
+from clipworks.errors import ClipworksError, ModelNotFound, status
 from clipworks.models.bundle import Bundle, is_bundle_dir, load_bundle
 from clipworks.models.hub import download_bundle, find_in_hf_cache
 from clipworks.models.registry import RANDOM_TAG, ModelRef, parse_model_name
@@ -62,7 +62,7 @@ def pull(
     source: str = "auto",
     precisions: tuple[str, ...] = ("fp32", "int8"),
     force: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = status,
 ) -> Path:
     """Fetch ``ref`` into the cache: export from open_clip when torch is here, else the Immich hub bundle."""
     if isinstance(ref, str):

@@ -1,0 +1,140 @@
+"""``clipworks index add|status|remove|export|import``: the photo library database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info
+
+app = typer.Typer(help="Index folders of photos into a searchable SQLite library.", no_args_is_help=True)
+
+DbOpt = Annotated[
+    Path | None,
+    typer.Option("--db", help="Library file (default: $CLIPWORKS_DB or ~/.local/share/clipworks/library.db)."),
+]
+LibraryModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        envvar="CLIPWORKS_MODEL",
+        help="Registry name or bundle path (default: the model the library was indexed with, else ViT-B-32::openai).",
+    ),
+]
+
+
+def open_library(db: Path | None, model: str | None, *, create: bool = False, need_model: bool = False, **load):  # type: ignore[no-untyped-def]
+    """A Library; ``need_model`` falls back to the default model when the library has none yet."""
+    from clipworks.library import Library
+    from clipworks.settings import default_model
+
+    library = Library(db, model, create=create, **load)
+    if model is None and need_model and not library.store.models():
+        library = Library(db, default_model(), create=create, **load)
+    return library
+
+
+@app.command()
+def add(
+    folders: Annotated[list[Path], typer.Argument(help="Folders of photos (searched recursively).")],
+    db: DbOpt = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Glob of paths or names to skip (repeatable; remembered per folder)."),
+    ] = None,
+    model: LibraryModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per inference call and per commit.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decoder threads (default: cores, at most 8).")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Add folders to the library, or bring them up to date: only new and changed files are embedded."""
+    library = open_library(db, model, create=True, need_model=True, device=device, precision=precision,
+                           threads=threads)  # fmt: skip
+    progress = {"embedded": 0}
+    try:
+        report = library.index(
+            folders, excludes=exclude, batch_size=batch_size, workers=workers,
+            on_batch=lambda n: progress.update(embedded=n),
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        info(f"interrupted: {progress['embedded']} images embedded and committed; run the same command to continue")
+        raise
+    info(f"{library.path}: {report.summary()}")
+    if report.failures:
+        info(f"{len(report.failures)} files could not be read; they are retried when they change (`index status`)")
+
+
+@app.command()
+def status(
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Folders, files, vectors per model, files waiting to be embedded, and files that could not be read."""
+    from clipworks.library import Library
+
+    state = Library(db).status()
+    if as_json:
+        print(json.dumps({
+            "db": str(state.path), "schema_version": state.schema_version,
+            "folders": [{"path": p, "excludes": e, "files": n} for p, e, n in state.roots],
+            "files": state.files, "deleted": state.deleted,
+            "models": [{"name": m.name, "dim": m.dim, "vectors": v, "pending": w} for m, v, w in state.models],
+            "errors": [{"path": p, "error": e} for p, e in state.errors],
+        }, indent=2))  # fmt: skip
+        return
+    print(f"library {state.path} (schema {state.schema_version})")
+    for path, excludes, count in state.roots:
+        skip = f" (excluding {', '.join(excludes)})" if excludes else ""
+        print(f"  folder {path}: {count} files{skip}")
+    print(f"  {state.files} files, {state.deleted} deleted, {len(state.errors)} unreadable")
+    for row, vectors, waiting in state.models:
+        more = f", {waiting} waiting" if waiting else ""
+        print(f"  model {row.name} ({row.dim}-d): {vectors} vectors{more}")
+    for path, error in state.errors:
+        print(f"  unreadable {path}: {error}")
+
+
+@app.command()
+def remove(
+    folder: Annotated[Path, typer.Argument(help="A folder added before.")],
+    db: DbOpt = None,
+) -> None:
+    """Forget a folder: its files and their vectors leave the library (the photos stay on disk)."""
+    from clipworks.library import Library
+
+    removed = Library(db).remove(folder)
+    info(f"removed {folder} and {removed} files from the library")
+
+
+@app.command("export")
+def export_(
+    output: Annotated[Path, typer.Argument(help="OUT.pkl (Sophgo), OUT.npy (+ .paths.txt), OUT.parquet or OUT.db.")],
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="pkl, npy, parquet or clipitems (default: from the suffix).")
+    ] = None,
+    db: DbOpt = None,
+    model: LibraryModelOpt = None,
+) -> None:
+    """Write the vectors of every present photo to an interchange file."""
+    count, written = open_library(db, model).export(output, fmt)
+    info(f"exported {count} vectors to " + ", ".join(str(p) for p in written))
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="embeddings.pkl, .npy (+ .paths.txt), .parquet or a ClipItems .db.")],
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="pkl, npy, parquet or clipitems (default: from the suffix).")
+    ] = None,
+    db: DbOpt = None,
+    model: LibraryModelOpt = None,
+) -> None:
+    """Add vectors made elsewhere; their dimension must match the model's."""
+    report = open_library(db, model, create=True, need_model=True).import_file(file, fmt)
+    missing = f" ({report.missing} of the paths are not on this machine)" if report.missing else ""
+    info(f"imported {report.imported} vectors from {file}{missing}")

@@ -1,0 +1,121 @@
+"""``clipworks serve``: the HTTP service (Automatic1111 interrogate, embeddings, classify, rank)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info
+from clipworks.errors import ClipworksError, UsageError
+
+ServeModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="CLIPWORKS_MODEL",
+        help="Registry name or bundle path (default: with --db the library's model, else ViT-B-32::openai).",
+    ),
+]
+
+
+def serve(
+    model: ServeModelOpt = None,
+    db: Annotated[
+        Path | None,
+        typer.Option(help="Photo library to serve: the gallery at / and the search API at /api/search."),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default 127.0.0.1; 0.0.0.0 with --api-key).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port (Automatic1111 clients usually use 7860).")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer KEY' on every route but /healthz (or CLIPWORKS_API_KEY)."),
+    ] = None,
+    preload: Annotated[bool, typer.Option(help="Load the model and tag vocabulary at start-up.")] = False,
+    tags_file: Annotated[Path | None, typer.Option(help="Interrogation vocabulary (default imagenet1k).")] = None,
+    threshold: Annotated[float, typer.Option(help="Interrogation cosine threshold.")] = 0.22,
+    top: Annotated[int, typer.Option(min=1, help="Most tags in a caption.")] = 10,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most items per model run.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for more requests.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Items waiting beyond which requests get 503.")] = 256,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 32.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image (width x height); larger ones get 413.")] = 40_000_000,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve Automatic1111's /sdapi/v1/interrogate and an embedding API from one model (docs at /docs)."""
+    try:
+        import uvicorn
+
+        from clipworks.service import ServiceSettings, create_app
+    except ImportError as e:
+        raise ClipworksError(
+            f"the HTTP service needs its extra ({e.name} is missing): pip install 'clipworks[serve]'"
+        ) from e
+    from clipworks import settings as env
+    from clipworks.zeroshot import load_labels_file
+
+    key = api_key or env.api_key()
+    bind = host or ("0.0.0.0" if key else "127.0.0.1")
+    if host and host not in ("127.0.0.1", "localhost", "::1") and not key:
+        info(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise UsageError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
+    logger = logging.getLogger("clipworks")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(log_level.upper())
+    clip, library = open_served_library(db, model, device, precision, threads) if db is not None else (None, None)
+    name = clip.name if clip is not None else model or env.default_model()
+    svc = ServiceSettings(
+        model=name,
+        device=device,
+        precision=precision,
+        threads=threads,
+        db=db,
+        api_key=key,
+        preload=preload,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_pixels=max_pixels,
+        tags=load_labels_file(tags_file) if tags_file else None,
+        threshold=threshold,
+        top=top,
+    )
+    from clipworks.service import gallery
+
+    app = create_app(svc, model=clip, library=library, routers=[gallery.router])
+    where = f"http://{bind}:{port}"
+    if library is not None:
+        info(f"gallery of {library.path} at {where}/")
+    info(f"clipworks serving {name} on {where} (docs at /docs){'' if key else ', no API key'}")
+    uvicorn.run(app, host=bind, port=port, log_level=log_level.lower())
+
+
+def open_served_library(db: Path, model: str | None, device: str, precision: str, threads: int | None):  # type: ignore[no-untyped-def]
+    """The library at ``db`` and the model to serve it with, loaded now: the library's own model unless
+    ``--model`` names another one it also holds vectors for (queries must be encoded by the indexing model)."""
+    from clipworks.cli.common import load_model
+    from clipworks.library import Library
+
+    source = model
+    if source is None:
+        with Library(db) as probe:
+            source = probe.model_row.source
+    if source is None:
+        raise UsageError(f"{db} does not record where its model came from; pass --model")
+    clip = load_model(source, device, precision, threads)
+    library = Library(db, clip)
+    library.model_row  # noqa: B018 -- refuse a model the library has no vectors for now, not on the first query
+    return clip, library

@@ -1,0 +1,276 @@
+"""The photo library: folders indexed into one SQLite file, searched by text, image or both.
+
+``Library`` is the one object callers need (the CLI, a web server)::
+
+    lib = Library("library.db", model="ViT-B-32::openai", create=True)
+    lib.index(["~/Pictures"])
+    lib.search("beach -people", top_k=20)   # [Hit(path, score), ...], highest cosine first
+
+Reads are thread-safe: every thread gets its own SQLite connection, and the cached matrix is swapped
+whole when the database's generation changes (another process indexing, say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipworks.errors import UsageError
+from clipworks.library.indexer import IndexReport, model_identity
+from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine, parse_query
+from clipworks.library.store import SCHEMA_VERSION, ModelRow, Store
+
+__all__ = ["SCHEMA_VERSION", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "parse_query"]
+
+
+@dataclass
+class LibraryStatus:
+    path: Path
+    schema_version: int
+    roots: list[tuple[str, list[str], int]]  # (folder, excludes, present files)
+    files: int
+    deleted: int
+    errors: list[tuple[str, str]]
+    models: list[tuple[ModelRow, int, int]]  # (model, vectors of present files, files waiting for one)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Library:
+    """A library database plus the model whose vectors it searches.
+
+    ``model`` is a loaded ``ClipModel``, a name or bundle path, or None: the one model the database
+    holds vectors for (loaded from where it was indexed from, only when a query needs encoding).
+    """
+
+    def __init__(
+        self,
+        db: str | Path | None = None,
+        model: Any = None,
+        *,
+        create: bool = False,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        side_file: bool = True,
+    ) -> None:
+        from clipworks.settings import db_path
+
+        self.path = Path(db).expanduser() if db is not None else db_path()
+        self._model_arg = model
+        self._load_opts = {"device": device, "precision": precision, "threads": threads}
+        self._side_file = side_file
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._clip: Any = None if model is None or isinstance(model, str | Path) else model
+        self._row: ModelRow | None = None
+        self._cache: MatrixCache | None = None
+        self._stores: list[Store] = []
+        self._create = create
+        self.store  # noqa: B018 -- open (and create or migrate) now, so errors surface here
+
+    # -- connections -------------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = Store(self.path, create=self._create)
+            self._local.store = store
+            with self._lock:
+                self._stores.append(store)
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            for store in self._stores:
+                with contextlib.suppress(Exception):
+                    store.close()
+            self._stores.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the model ---------------------------------------------------------------------------------
+    @property
+    def clip(self) -> Any:
+        """The ClipModel, loaded on first use."""
+        with self._lock:
+            if self._clip is None:
+                from clipworks.runtime.encoder import load
+
+                source = self._model_arg if self._model_arg is not None else self.model_row.source
+                self._clip = load(source, **self._load_opts)
+            return self._clip
+
+    @property
+    def model_row(self) -> ModelRow:
+        """The stored model whose vectors this library searches."""
+        with self._lock:
+            if self._row is None:
+                self._row = self._resolve_model()
+            return self._row
+
+    def _resolve_model(self) -> ModelRow:
+        models = self.store.models()
+        if self._model_arg is None and self._clip is None:
+            if len(models) == 1:
+                return models[0]
+            if not models:
+                raise UsageError(f"the library {self.path} is empty: run `clipworks index add DIR` first")
+            names = ", ".join(m.name for m in models)
+            raise UsageError(f"{self.path} holds vectors of several models ({names}); pick one with --model")
+        name, fingerprint = model_identity(self.clip)
+        found = self.store.find_model(name, fingerprint)
+        if found is None:
+            have = ", ".join(m.name for m in models) or "none"
+            raise UsageError(
+                f"{self.path} has no vectors for {name} (it has: {have}); run `clipworks index add DIR --model "
+                f"{self._model_arg or name}` first"
+            )
+        return found
+
+    def register_model(self) -> ModelRow:
+        from clipworks.library.indexer import register_model
+
+        with self._lock:
+            self._row = register_model(self.store, self.clip)
+            return self._row
+
+    # -- indexing ----------------------------------------------------------------------------------
+    def index(self, folders: Sequence[str | Path], **options: Any) -> IndexReport:
+        """Bring ``folders`` into the library (see ``indexer.index_folders`` for the options)."""
+        from clipworks.library.indexer import index_folders
+
+        report = index_folders(self.store, self.clip, folders, **options)
+        self._row = None
+        return report
+
+    def remove(self, folder: str | Path) -> int:
+        from clipworks.library.indexer import remove_root
+
+        return remove_root(self.store, folder)
+
+    # -- search ------------------------------------------------------------------------------------
+    def vectors(self) -> ExactIndex:
+        """The current exact index of the model's vectors (rebuilt when the database changed)."""
+        row = self.model_row
+        with self._lock:
+            if self._cache is None:
+                self._cache = MatrixCache(self.path, row, side_file=self._side_file)
+            return self._cache.get(self.store)
+
+    def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
+        """Encode and combine query terms (stored vectors are reused for photos already in the library)."""
+        texts = [t for t in terms if t.kind == "text"]
+        vectors: list[np.ndarray] = []
+        weights: list[float] = []
+        if texts:
+            clip = self.clip
+            with self._lock:
+                clip.textual, clip.tokenizer  # noqa: B018 -- build the lazy sessions once, not in two threads
+            vectors += list(clip.encode_texts([t.value for t in texts]))
+            weights += [t.weight for t in texts]
+        for term in terms:
+            if term.kind == "image":
+                vectors.append(self.image_vector(term.value))
+                weights.append(term.weight)
+        return combine(np.stack(vectors), weights)
+
+    def image_vector(self, path: str | Path) -> np.ndarray:
+        row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
+        if row is not None:
+            stored = self.store.vector(self.model_row, row.id)
+            if stored is not None:
+                return stored
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"{path} does not exist")
+        return self.clip.encode_images([Path(path).expanduser()])[0]
+
+    def search(
+        self,
+        query: str | Sequence[str] | None = None,
+        *,
+        images: Sequence[str | Path] = (),
+        negatives: Sequence[str] = (),
+        top_k: int = 10,
+        threshold: float | None = None,
+    ) -> list[Hit]:
+        """Ranked (path, cosine) hits for a text query (``"beach -people 2:sunset"``), images, or both."""
+        words = query.split() if isinstance(query, str) else list(query or [])
+        terms = parse_query(words, negatives=negatives, images=[str(i) for i in images])
+        return self.search_vector(self.query_vector(terms), top_k=top_k, threshold=threshold)
+
+    def search_vector(
+        self, vector: np.ndarray, *, top_k: int = 10, threshold: float | None = None, exclude: Sequence[int] = ()
+    ) -> list[Hit]:
+        if top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, not {top_k}")
+        ids, scores = self.vectors().top_k(vector, top_k, threshold, exclude)
+        names = self.store.paths_of(ids)
+        return [Hit(names[int(i)], float(s)) for i, s in zip(ids, scores, strict=True) if int(i) in names]
+
+    def similar(self, path: str | Path, *, top_k: int = 10, threshold: float | None = None) -> list[Hit]:
+        """Photos most like ``path`` (itself left out)."""
+        vector = self.image_vector(path)
+        row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
+        return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[row.id] if row else [])
+
+    def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
+        """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``)."""
+        from clipworks.library.search import duplicate_groups
+
+        if not -1.0 <= threshold <= 1.0:
+            raise UsageError(f"--threshold must be a cosine between -1 and 1, not {threshold}")
+        groups = duplicate_groups(self.vectors(), threshold)
+        names = self.store.paths_of(i for g in groups for i, _ in g)
+        return [[Hit(names[i], s) for i, s in g] for g in groups]
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def status(self) -> LibraryStatus:
+        from clipworks.library.indexer import pending
+        from clipworks.library.store import prefix_range
+
+        store = self.store
+        with store.snapshot() as db:
+            roots = []
+            for root, excludes in store.roots():
+                low, high = prefix_range(root)
+                count = db.execute(
+                    "SELECT COUNT(*) FROM files WHERE path >= ? AND path < ? AND deleted_at IS NULL", (low, high)
+                ).fetchone()[0]
+                roots.append((root, excludes, count))
+            files = db.execute("SELECT COUNT(*) FROM files WHERE deleted_at IS NULL").fetchone()[0]
+            deleted = db.execute("SELECT COUNT(*) FROM files WHERE deleted_at IS NOT NULL").fetchone()[0]
+            errors = db.execute(
+                "SELECT path, error FROM files WHERE error IS NOT NULL AND deleted_at IS NULL ORDER BY path"
+            ).fetchall()
+            models = []
+            for row in store.models():
+                vectors = db.execute(
+                    "SELECT COUNT(*) FROM embeddings e JOIN files f ON f.id = e.file_id "
+                    "WHERE e.model_id = ? AND f.deleted_at IS NULL",
+                    (row.id,),
+                ).fetchone()[0]
+                models.append((row, vectors, len(pending(store, row, [r for r, _, _ in roots]))))
+        return LibraryStatus(self.path, store.version, roots, files, deleted, errors, models)
+
+    def export(self, out: str | Path, fmt: str | None = None) -> tuple[int, list[Path]]:
+        from clipworks.library.interchange import export_vectors
+
+        return export_vectors(self.store, self.model_row, out, fmt)
+
+    def import_file(self, file: str | Path, fmt: str | None = None) -> Any:
+        """Import vectors made by this library's model (the model is registered when new)."""
+        from clipworks.library.interchange import import_vectors
+
+        row = self.register_model() if (self._model_arg is not None or self._clip is not None) else self.model_row
+        return import_vectors(self.store, row, file, fmt)

@@ -1,0 +1,231 @@
+"""Queries and exact top-k search over the stored vectors.
+
+A query is a weighted sum of unit vectors: texts (``beach``, ``+beach``, ``-people``, ``2:cat``,
+``--not people``), images and stored photos; the sum is normalised and every photo is scored by cosine
+similarity. The matrix of a model's vectors is cached in memory and in a memory-mapped side file beside
+the database, both keyed by the database's generation counter, so a query costs one matrix-vector product
+instead of reading every BLOB out of SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+import numpy as np
+
+from clipworks.errors import UsageError
+from clipworks.library.store import ModelRow, Store
+
+
+class Hit(NamedTuple):
+    path: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Term:
+    kind: Literal["text", "image"]
+    value: str
+    weight: float = 1.0
+
+
+_WEIGHT = re.compile(r"^([+-]?)(\d+(?:\.\d*)?|\.\d+):(.+)$", re.S)
+
+
+def parse_term(arg: str, kind: Literal["text", "image"] = "text") -> Term | None:
+    """``+x`` / ``-x`` / ``N:x`` / ``-N:x`` become a term; a plain word returns None (joined by the caller)."""
+    m = _WEIGHT.match(arg)
+    if m and not (kind == "image" and Path(arg).exists()):
+        sign = -1.0 if m.group(1) == "-" else 1.0
+        return Term(kind, m.group(3).strip(), sign * float(m.group(2)))
+    if len(arg) > 1 and arg[0] in "+-":
+        return Term(kind, arg[1:].strip(), -1.0 if arg[0] == "-" else 1.0)
+    return None
+
+
+def parse_query(words: Sequence[str] = (), *, negatives: Sequence[str] = (), images: Sequence[str] = ()) -> list[Term]:
+    """Consecutive plain words form one prompt (``a dog on a beach``); prefixed words are terms of their own."""
+    terms: list[Term] = []
+    plain: list[str] = []
+
+    def flush() -> None:
+        if plain:
+            terms.append(Term("text", " ".join(plain)))
+            plain.clear()
+
+    for word in words:
+        term = parse_term(word)
+        if term is None:
+            plain.append(word)
+        else:
+            flush()
+            terms.append(term)
+    flush()
+    terms += [Term("text", n, -1.0) for n in negatives]
+    for image in images:
+        terms.append(parse_term(image, "image") or Term("image", image))
+    for term in terms:
+        if not term.value:
+            raise UsageError("empty query term: write +text, -text or N:text")
+        if term.weight == 0:
+            raise UsageError(f"query term {term.value!r} has weight 0")
+    if not any(t.weight > 0 for t in terms):
+        raise UsageError("a query needs at least one positive term (text or --image); negatives only subtract")
+    return terms
+
+
+def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Normalise each vector, sum them with their weights, normalise the sum."""
+    vectors = np.asarray(vectors, np.float32)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    query = (np.asarray(weights, np.float32)[:, None] * vectors).sum(axis=0)
+    norm = float(np.linalg.norm(query))
+    if norm < 1e-6:
+        raise UsageError("the query terms cancel out; weight the positive ones higher")
+    return (query / norm).astype(np.float32)
+
+
+class VectorIndex(Protocol):
+    """What search needs of an index: exact here; an approximate one (FAISS, HNSW) would fit the same slot."""
+
+    ids: np.ndarray
+
+    def top_k(
+        self, query: np.ndarray, k: int, threshold: float | None = None, exclude: Sequence[int] = ()
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ExactIndex:
+    """Brute-force cosine over L2-normalised rows: one matrix-vector product and an argpartition."""
+
+    def __init__(self, ids: np.ndarray, matrix: np.ndarray) -> None:
+        self.ids = ids
+        self.matrix = matrix
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def scores(self, query: np.ndarray) -> np.ndarray:
+        return self.matrix @ np.asarray(query, np.float32)
+
+    def top_k(
+        self, query: np.ndarray, k: int, threshold: float | None = None, exclude: Sequence[int] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids, scores) of the ``k`` best rows, highest first; rows below ``threshold`` left out."""
+        if len(self.ids) == 0 or k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        scores = self.scores(query)
+        if exclude:
+            scores[np.isin(self.ids, np.asarray(exclude, np.int64))] = -np.inf
+        take = min(k, len(scores))
+        best = np.argpartition(-scores, take - 1)[:take] if take < len(scores) else np.arange(len(scores))
+        best = best[np.lexsort((self.ids[best], -scores[best]))]  # by score, ties by id: reproducible
+        best = best[np.isfinite(scores[best])]
+        if threshold is not None:
+            best = best[scores[best] >= threshold]
+        return self.ids[best], scores[best]
+
+
+def cache_dir_for(db: Path) -> Path:
+    return db.with_name(db.name + "-vectors")
+
+
+class MatrixCache:
+    """The current matrix of one model: in memory, else the side file, else rebuilt from SQLite.
+
+    The side file (``<db>-vectors/m<model>-g<generation>.npy`` and ``.ids.npy``) lets a fresh process
+    start with a memory map instead of decoding every BLOB; a stale generation is rebuilt and replaced.
+    """
+
+    def __init__(self, db: Path, model: ModelRow, *, side_file: bool = True) -> None:
+        self.db = db
+        self.model = model
+        self.side_file = side_file
+        self.generation = -1
+        self.index: ExactIndex = ExactIndex(np.zeros(0, np.int64), np.zeros((0, model.dim), np.float32))
+
+    def get(self, store: Store) -> ExactIndex:
+        generation = store.generation()
+        if generation != self.generation:
+            self.index, self.generation = self._load(store)
+        return self.index
+
+    def _names(self, generation: int) -> tuple[Path, Path]:
+        base = cache_dir_for(self.db) / f"m{self.model.id}-g{generation}"
+        return base.with_suffix(".ids.npy"), base.with_suffix(".npy")
+
+    def _load(self, store: Store) -> tuple[ExactIndex, int]:
+        generation = store.generation()
+        if self.side_file:
+            ids_file, matrix_file = self._names(generation)
+            if matrix_file.is_file() and ids_file.is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    ids = np.load(ids_file)
+                    matrix = np.load(matrix_file, mmap_mode="r")
+                    if matrix.shape == (len(ids), self.model.dim):
+                        return ExactIndex(ids, matrix), generation
+        with store.snapshot():
+            generation = store.generation()
+            ids, matrix = store.live_vectors(self.model)
+        if self.side_file:
+            with contextlib.suppress(OSError):
+                self._write(generation, ids, matrix)
+        return ExactIndex(ids, matrix), generation
+
+    def _write(self, generation: int, ids: np.ndarray, matrix: np.ndarray) -> None:
+        folder = cache_dir_for(self.db)
+        folder.mkdir(exist_ok=True)
+        ids_file, matrix_file = self._names(generation)
+        for target, array in ((ids_file, ids), (matrix_file, matrix)):  # the matrix last: it marks completion
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            with tmp.open("wb") as fh:
+                np.save(fh, array)
+            tmp.replace(target)
+        prefix = f"m{self.model.id}-g"
+        for old in folder.glob(f"{prefix}*.npy"):
+            if old not in (ids_file, matrix_file):
+                old.unlink(missing_ok=True)
+
+
+def duplicate_groups(index: ExactIndex, threshold: float, block: int = 1024) -> list[list[tuple[int, float]]]:
+    """Groups of rows whose cosine to another member is at least ``threshold`` (single linkage).
+
+    Each group is (file id, best cosine to another member), the groups largest first. Blocked matrix
+    products keep memory at ``block`` x N scores.
+    """
+    n = len(index.ids)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    best = np.full(n, -np.inf, np.float32)
+    matrix = np.asarray(index.matrix)
+    for start in range(0, n, block):
+        scores = matrix[start : start + block] @ matrix.T
+        rows, cols = np.nonzero(scores >= threshold)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            i = start + r
+            if c <= i:
+                continue
+            s = float(scores[r, c])
+            best[i] = max(best[i], s)
+            best[c] = max(best[c], s)
+            a, b = find(i), find(c)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in np.nonzero(np.isfinite(best))[0].tolist():
+        groups.setdefault(find(i), []).append(i)
+    out = [[(int(index.ids[i]), float(best[i])) for i in members] for members in groups.values()]
+    out.sort(key=lambda g: (-len(g), g[0][0]))
+    return out

@@ -1,0 +1,136 @@
+"""The HTTP app: Automatic1111's interrogate API and an encoder service, from one model in one process.
+
+``create_app`` builds it; ``clipworks serve`` runs it with uvicorn. Requests never touch the model
+themselves: they decode their images in request threads and hand pixels or texts to the single
+inference worker (``batcher.py``), which batches what arrives together.
+
+Other features add routes through ``routers`` (the photo library's search and gallery when the server is
+given ``--db``); their handlers reach the shared state as ``request.app.state.clip`` (``ServiceState``:
+``embed_texts``, ``embed_images``, ``decode``, ``settings.db``) and the library object passed as
+``library`` as ``request.app.state.clip.library``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clipworks import __version__
+from clipworks.service import a1111, embeddings, health
+from clipworks.service.batcher import QueueFull
+from clipworks.service.limits import BodySizeLimit
+from clipworks.service.state import ServiceSettings, ServiceState
+
+log = logging.getLogger("clipworks.service")
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    model: Any = None,
+    library: Any = None,
+    routers: Iterable[APIRouter] = (),
+) -> FastAPI:
+    """Build the service.
+
+    ``model``: an already loaded ``ClipModel`` (or anything with its encode methods) to serve instead of
+    loading ``settings.model``. ``library``: an opened photo library for the routes in ``routers``.
+    """
+    settings = settings or ServiceSettings()
+    state = ServiceState(settings, model=model, library=library)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.batcher.start()
+        if settings.preload:
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(state.preload)
+        elif not state.holder.loaded:
+            log.info("model %s will load on the first request (start with --preload to load it now)", settings.model)
+        try:
+            yield
+        finally:
+            state.batcher.stop()
+
+    app = FastAPI(
+        title="clipworks",
+        version=__version__,
+        description="CLIP on ONNX Runtime: Automatic1111-compatible interrogation, zero-shot tagging and "
+        "text/image embeddings. With an API key, send `Authorization: Bearer KEY` (all routes but /healthz).",
+        lifespan=lifespan,
+    )
+    app.state.clip = state
+    state.metrics = health.Metrics(state)
+
+    for router in (health.router, a1111.router, embeddings.router, *routers):
+        app.include_router(router)
+
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(QueueFull, _queue_full)  # type: ignore[arg-type]
+
+    # Added last = outermost: metrics see every answer, auth runs before any body is read.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(BearerAuth, key=settings.api_key)
+    app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
+    return app
+
+
+def _error_body(path: str, status: int, detail: Any) -> dict[str, Any]:
+    """Automatic1111's error body on its routes (``api_middleware.handle_exception``), FastAPI's elsewhere."""
+    if path.startswith("/sdapi/"):
+        return {"error": "HTTPException", "detail": detail, "body": "", "errors": f"{status}: {detail}"}
+    return {"detail": detail}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(
+        _error_body(request.url.path, exc.status_code, exc.detail), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+    return JSONResponse(
+        _error_body(request.url.path, 503, str(exc)), status_code=503, headers={"Retry-After": str(exc.retry_after)}
+    )
+
+
+class BearerAuth:
+    """``Authorization: Bearer KEY`` on every route but ``/healthz``; 401 otherwise."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": "missing or wrong API key: send 'Authorization: Bearer KEY'"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

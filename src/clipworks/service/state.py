@@ -1,0 +1,180 @@
+"""What the routes share: settings, the one model, the batcher, the tag vocabulary and label embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from clipworks import settings as env
+from clipworks.service.batcher import Batcher
+from clipworks.service.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, decode_base64, decode_pixels
+from clipworks.zeroshot import DEFAULT_TEMPLATE, TAG_TEMPLATE, TagIndex, vocabulary
+
+log = logging.getLogger("clipworks.service")
+
+
+@dataclass
+class ServiceSettings:
+    """Everything ``clipworks serve`` can set; the defaults suit one edge box."""
+
+    model: str = field(default_factory=env.default_model)
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    preprocess: str = "exact"
+    # The photo library the gallery routes serve (mounted by the library feature when given).
+    db: Path | None = None
+    api_key: str | None = None
+    preload: bool = False
+    # Dynamic batching: a batch closes at max_batch items or max_wait_ms after its first job.
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    retry_after: int = 1
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_items: int = 256  # texts + images in one request
+    # Interrogation: tags (None: the shipped imagenet1k vocabulary), template, threshold, caption length.
+    tags: list[str] | None = None
+    tag_template: str = TAG_TEMPLATE
+    threshold: float = 0.22
+    top: int = 10
+    label_template: str = DEFAULT_TEMPLATE
+    tags_cache_dir: Path | None = None
+    label_cache_size: int = 256
+
+
+class ModelHolder:
+    """The process's one model: given, or loaded once on first use (or at start-up with preload)."""
+
+    def __init__(self, settings: ServiceSettings, model: Any = None) -> None:
+        self.settings = settings
+        self._model = model
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def name(self) -> str:
+        return str(self._model.name) if self._model is not None else self.settings.model
+
+    def get(self, reason: str = "first request") -> Any:
+        if self._model is not None:
+            return self._model
+        with self._lock:
+            if self._model is None:
+                from clipworks.runtime.encoder import load
+
+                s = self.settings
+                log.info("loading model %s (%s)", s.model, reason)
+                t0 = time.perf_counter()
+                model = load(s.model, s.device, s.precision, threads=s.threads, preprocess=s.preprocess)  # type: ignore[arg-type]
+                provider = model.providers[0]  # opens the image session now, not in the first request
+                log.info(
+                    "model %s loaded in %.1f s: %s on %s, %d-d",
+                    model.name,
+                    time.perf_counter() - t0,
+                    model.precision,
+                    provider,
+                    model.embed_dim,
+                )
+                self._model = model
+        return self._model
+
+
+class ServiceState:
+    def __init__(self, settings: ServiceSettings, model: Any = None, library: Any = None) -> None:
+        self.settings = settings
+        self.holder = ModelHolder(settings, model)
+        self.library = library
+        self.metrics: Any = None  # set by create_app
+        self.batcher = Batcher(
+            self.holder.get,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            retry_after=settings.retry_after,
+            on_batch=self._on_batch,
+        )
+        # One build of the vocabulary however many requests wait for it (a future, not an asyncio lock:
+        # test clients may run each request on a new event loop).
+        self._tags: Future[TagIndex] | None = None
+        self._tags_lock = threading.Lock()
+        self._labels: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+
+    def _on_batch(self, kind: str, size: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_batch(kind, size, seconds)
+
+    @property
+    def model(self) -> Any:
+        return self.holder.get()
+
+    # -- images ------------------------------------------------------------------------------------
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded image bytes -> model pixels, with the pixel limit (runs in a request thread)."""
+        model = self.model
+        return decode_pixels(data, model.preprocess_cfg, self.settings.max_pixels, model.preprocess_mode)
+
+    def decode_b64(self, encoding: str) -> np.ndarray:
+        return self.decode(decode_base64(encoding))
+
+    async def decode_many(self, blobs: Sequence[bytes]) -> list[np.ndarray]:
+        return await run_in_threadpool(lambda: [self.decode(b) for b in blobs])
+
+    async def embed_images(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        return await self.batcher.embed("image", pixels)
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return await self.batcher.embed("text", texts)
+
+    async def text_embeddings_cached(self, prompts: Sequence[str]) -> np.ndarray:
+        """Embeddings of a label set, kept in a small LRU: clients send the same labels again and again."""
+        key = tuple(prompts)
+        hit = self._labels.get(key)
+        if hit is not None:
+            self._labels.move_to_end(key)
+            return hit
+        emb = await self.embed_texts(prompts)
+        self._labels[key] = emb
+        while len(self._labels) > self.settings.label_cache_size:
+            self._labels.popitem(last=False)
+        return emb
+
+    # -- tags --------------------------------------------------------------------------------------
+    async def tag_index(self) -> TagIndex:
+        """The interrogation vocabulary, encoded once on the worker (and cached on disk across runs)."""
+        with self._tags_lock:
+            if self._tags is None or (self._tags.done() and self._tags.exception() is not None):
+                self._tags = self.batcher.submit_call(self._build_tags)
+            future = self._tags
+        return await asyncio.wrap_future(future)
+
+    def _build_tags(self, model: Any) -> TagIndex:
+        s = self.settings
+        tags = s.tags if s.tags is not None else vocabulary("imagenet1k")
+        t0 = time.perf_counter()
+        index = TagIndex.build(model, tags, template=s.tag_template, cache_dir=s.tags_cache_dir)
+        how = "read from cache" if index.from_cache else "encoded"
+        log.info("%d interrogation tags %s in %.1f s", len(index.tags), how, time.perf_counter() - t0)
+        return index
+
+    def preload(self) -> None:
+        """Load the model and the tag vocabulary now (``--preload``) instead of on first use."""
+        self.holder.get("--preload")
+        with self._tags_lock:
+            self._tags = self.batcher.submit_call(self._build_tags)
+        self._tags.result()

@@ -1,0 +1,140 @@
+"""Per-frame CLIP features of one video: a decode thread feeds the encoder through a bounded queue.
+
+The decode thread demuxes, decodes and preprocesses (PyAV and PIL release the GIL) while the caller's
+thread runs ONNX Runtime on full batches, so decoding overlaps inference and at most ``queue_size``
+preprocessed frames are held, however long the video.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipworks.errors import UsageError
+from clipworks.runtime.encoder import ClipModel
+from clipworks.video.frames import Sampling, iter_frames
+
+FEATURE_KEY = "clip"  # video_features' feature_type, the prefix of every output key
+
+
+@dataclass
+class VideoFeatures:
+    """What video_features returns for one video: raw embeddings, the fps and each frame's time."""
+
+    path: Path
+    embeddings: np.ndarray  # (T, D) float32, not normalised
+    timestamps_ms: np.ndarray  # (T,) float64
+    fps: float
+    seconds: float = 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return len(self.embeddings) / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """The keys and dtypes video_features saves (it builds them with ``np.array`` of Python floats)."""
+        return {
+            FEATURE_KEY: self.embeddings.astype(np.float64),
+            "fps": np.array(self.fps, dtype=np.float64),
+            "timestamps_ms": np.asarray(self.timestamps_ms, dtype=np.float64),
+        }
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def _decode(frames: Iterator[Any], model: ClipModel, out: queue.Queue[Any], stop: threading.Event) -> None:
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for frame in frames:
+            if not put((frame.timestamp_ms, model.preprocess(frame.to_image()))):
+                return
+        put(_END)
+    except BaseException as e:  # handed to the encoding thread, which re-raises it there
+        put(_Failed(e))
+    finally:
+        frames.close()  # type: ignore[attr-defined]  # closes the container from the thread that opened it
+
+
+def iter_feature_batches(
+    model: ClipModel,
+    path: str | Path,
+    sampling: Sampling | None = None,
+    *,
+    batch_size: int = 32,
+    queue_size: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(timestamps_ms, raw embeddings)`` per encoded batch, in frame order."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
+    frames = iter_frames(path, sampling)
+    pending: queue.Queue[Any] = queue.Queue(maxsize=queue_size or max(2 * batch_size, 8))
+    stop = threading.Event()
+    worker = threading.Thread(target=_decode, args=(frames, model, pending, stop), name="clipworks-video", daemon=True)
+    worker.start()
+    times: list[float] = []
+    pixels: list[np.ndarray] = []
+    try:
+        while True:
+            item = pending.get()
+            if item is _END:
+                break
+            if isinstance(item, _Failed):
+                raise item.error
+            times.append(item[0])
+            pixels.append(item[1])
+            if len(pixels) == batch_size:
+                yield np.asarray(times), model.embed_image_batch(np.stack(pixels), normalize=False)
+                times, pixels = [], []
+        if pixels:
+            yield np.asarray(times), model.embed_image_batch(np.stack(pixels), normalize=False)
+    finally:
+        stop.set()
+        worker.join()
+
+
+def extract_features(
+    model: ClipModel,
+    path: str | Path,
+    sampling: Sampling | None = None,
+    *,
+    batch_size: int = 32,
+    queue_size: int | None = None,
+    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> VideoFeatures:
+    """Embed the sampled frames of one video. ``on_batch(timestamps_ms, embeddings)`` sees each batch."""
+    from clipworks.video.frames import plan_sampling, probe
+
+    start = time.perf_counter()
+    if sampling is None:
+        sampling = plan_sampling(probe(path))
+    times: list[np.ndarray] = []
+    chunks: list[np.ndarray] = []
+    for stamps, embeddings in iter_feature_batches(model, path, sampling, batch_size=batch_size, queue_size=queue_size):
+        times.append(stamps)
+        chunks.append(embeddings)
+        if on_batch:
+            on_batch(stamps, embeddings)
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.embed_dim), np.float32)
+    stamps = np.concatenate(times).astype(np.float64) if times else np.zeros((0,), np.float64)
+    return VideoFeatures(Path(path), embeddings, stamps, sampling.fps, time.perf_counter() - start)
