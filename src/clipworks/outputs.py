@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from clipworks.atomic import atomic_path, atomic_write_text
 from clipworks.errors import UsageError
 
 OUTPUT_SUFFIXES = (".pkl", ".npy", ".parquet")
@@ -39,37 +39,31 @@ def _pyarrow(out: Path):  # type: ignore[no-untyped-def]
     return pa, pq
 
 
-def _atomic(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
 def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
     """Write atomically (temp file + rename), so an interrupted run never leaves a half file. Returns files."""
     out = check_output_path(out)
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if len(paths) != len(embeddings):
         raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
-    tmp = _atomic(out)
     written = [out]
-    if out.suffix == ".pkl":
-        # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors.
-        data = {"img_path": [str(p) for p in paths], "embedding": list(embeddings)}
-        with tmp.open("wb") as fh:
-            pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    elif out.suffix == ".npy":
-        with tmp.open("wb") as fh:
-            np.save(fh, embeddings)
+    if out.suffix == ".npy":  # the paths first: the array's appearance marks a complete pair
         listing = paths_file_for(out)
-        listing_tmp = _atomic(listing)
-        listing_tmp.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
-        listing_tmp.replace(listing)
+        atomic_write_text(listing, "".join(f"{p}\n" for p in paths))
         written.append(listing)
-    else:
-        pa, pq = _pyarrow(out)
-        dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
-        pq.write_table(pa.table({"path": pa.array([str(p) for p in paths]), "embedding": vectors}), tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        if out.suffix == ".pkl":
+            # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors.
+            data = {"img_path": [str(p) for p in paths], "embedding": list(embeddings)}
+            with tmp.open("wb") as fh:
+                pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        elif out.suffix == ".npy":
+            with tmp.open("wb") as fh:
+                np.save(fh, embeddings)
+        else:
+            pa, pq = _pyarrow(out)
+            dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
+            vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
+            pq.write_table(pa.table({"path": pa.array([str(p) for p in paths]), "embedding": vectors}), tmp)
     return written
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
-import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from clipworks.atomic import atomic_write_text
 from clipworks.errors import BadPromptFile
 
 DEFAULT_THRESHOLD = 0.8
@@ -459,22 +458,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    # A unique name in the same folder so os.replace is an atomic rename on the same filesystem;
-    # os.open with 0o666 lets the umask decide the mode, as a plain open() would.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.exists():
-                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text)
     except OSError as e:
         raise BadPromptFile(f"{path}: cannot write ({e.strerror}); check that the folder exists and is writable") from e
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
 
 __all__ = [
@@ -283,10 +284,8 @@ def _read_cache(path: Path, rows: int) -> np.ndarray | None:
 def _write_cache(path: Path, emb: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
             np.save(f, emb, allow_pickle=False)
-        tmp.replace(path)
     except OSError:
         # A read-only cache costs speed, not correctness: the embeddings are still returned.
         pass

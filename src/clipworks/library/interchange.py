@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library.store import ModelRow, Store, now, to_blob
 
@@ -65,21 +66,20 @@ def write_clipitems(out: Path, paths: list[str], matrix: np.ndarray) -> Path:
     """A fresh ClipItems database (written beside, then renamed into place)."""
     if not out.parent.is_dir():
         raise UsageError(f"folder {out.parent} for {out.name} does not exist; create it first")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    conn = sqlite3.connect(tmp)
-    try:
-        conn.execute(CLIPITEMS_SCHEMA)
-        stamp = int(time.time() * 1000)
-        native = np.ascontiguousarray(matrix, dtype=np.float32)  # native byte order, as the C++ node reads it
-        conn.executemany(
-            "INSERT INTO ClipItems (timestamp, type, name, text, url, feature, extra) VALUES (?, 1, ?, '', ?, ?, '')",
-            [(stamp, os.path.basename(p), p, native[i].tobytes()) for i, p in enumerate(paths)],
-        )
-        conn.commit()
-    finally:
-        conn.close()
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        conn = sqlite3.connect(tmp)
+        try:
+            conn.execute(CLIPITEMS_SCHEMA)
+            stamp = int(time.time() * 1000)
+            native = np.ascontiguousarray(matrix, dtype=np.float32)  # native byte order, as the C++ node reads it
+            conn.executemany(
+                "INSERT INTO ClipItems (timestamp, type, name, text, url, feature, extra) "
+                "VALUES (?, 1, ?, '', ?, ?, '')",
+                [(stamp, os.path.basename(p), p, native[i].tobytes()) for i, p in enumerate(paths)],
+            )
+            conn.commit()
+        finally:
+            conn.close()
     return out
 
 

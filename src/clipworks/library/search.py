@@ -10,7 +10,6 @@ instead of reading every BLOB out of SQLite.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
+from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
 from clipworks.library.store import ModelRow, Store
 
@@ -183,10 +183,8 @@ class MatrixCache:
         folder.mkdir(exist_ok=True)
         ids_file, matrix_file = self._names(generation)
         for target, array in ((ids_file, ids), (matrix_file, matrix)):  # the matrix last: it marks completion
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            with tmp.open("wb") as fh:
+            with atomic_path(target) as tmp, tmp.open("wb") as fh:
                 np.save(fh, array)
-            tmp.replace(target)
         prefix = f"m{self.model.id}-g"
         for old in folder.glob(f"{prefix}*.npy"):
             if old not in (ids_file, matrix_file):

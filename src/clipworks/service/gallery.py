@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
 from clipworks.library.search import combine, parse_query
 from clipworks.library.store import FILE_COLUMNS, FileRow
@@ -190,9 +191,8 @@ def render_thumbnail(source: str, target: Path, size: int) -> None:
         im.draft("RGB", (size, size))
         image = ImageOps.exif_transpose(im).convert("RGB")
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    image.save(tmp, "JPEG", quality=85, optimize=True)
-    tmp.replace(target)  # whole or not at all: a reader never sees half a thumbnail
+    with atomic_path(target) as tmp:  # whole or not at all: a reader never sees half a thumbnail
+        image.save(tmp, "JPEG", quality=85, optimize=True)
 
 
 def thumbnail(library: Any, row: FileRow, st: os.stat_result, size: int) -> Path:

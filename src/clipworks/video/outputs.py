@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
 from clipworks.video.features import FEATURE_KEY, VideoFeatures
 
@@ -69,15 +69,6 @@ def _pyarrow() -> tuple[Any, Any]:
     return pa, pq
 
 
-def _replace(tmp: Path, dest: Path) -> Path:
-    tmp.replace(dest)
-    return dest
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_features(features: VideoFeatures, out_dir: Path, action: str, *, warn: IO[str] | None = None) -> list[Path]:
     """Write one video's files atomically (temp file + rename); returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,13 +80,12 @@ def save_features(features: VideoFeatures, out_dir: Path, action: str, *, warn: 
     ):
         if key != "fps" and len(value) == 0:
             print(f"Warning: the value is empty for {key} @ {dest}", file=warn or sys.stdout)
-        tmp = _tmp(dest)
-        with tmp.open("wb") as fh:
+        with atomic_path(dest) as tmp, tmp.open("wb") as fh:
             if action == "save_numpy":
                 np.save(fh, value)
             else:
                 pickle.dump(value, fh)
-        written.append(_replace(tmp, dest))
+        written.append(dest)
     return written
 
 
@@ -110,9 +100,9 @@ def _save_parquet(features: VideoFeatures, dest: Path) -> Path:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
         }
     ).replace_schema_metadata({"fps": repr(float(features.fps)), "feature": FEATURE_KEY})
-    tmp = _tmp(dest)
-    pq.write_table(table, tmp)
-    return _replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
+    return dest
 
 
 def print_features(features: VideoFeatures, file: IO[str] | None = None) -> None:
