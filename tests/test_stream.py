@@ -228,3 +228,20 @@ def test_multi_stream_features_the_stream_with_the_planted_match(vit_bundle, vte
     assert {e["stream"] for e in ev} == {0, 1}  # ... and the others ran to the end
     featured = [e["stream"] for e in _events(events, "featured")]
     assert featured and all(s == 1 for s in featured), featured
+
+
+def test_demo_clip_is_made_once_in_the_cache(tmp_path, monkeypatch) -> None:
+    import av
+
+    from clipworks.stream.sources import demo_video
+
+    monkeypatch.setenv("CLIPWORKS_HOME", str(tmp_path))
+    monkeypatch.delenv("CLIPWORKS_DEMO_VIDEO", raising=False)
+    clip = demo_video()
+    assert clip == tmp_path / "stream" / "demo.mp4"
+    assert [p.name for p in clip.parent.iterdir()] == ["demo.mp4"]  # no temporary file left beside it
+    with av.open(str(clip)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == 100
+    stamp = clip.stat().st_mtime_ns
+    assert demo_video() == clip and clip.stat().st_mtime_ns == stamp  # reused, not made again

@@ -10,7 +10,6 @@ behind the source. A camera that disconnects is reopened with exponential backof
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import re
 import threading
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError
 
 CAMERA_RE = re.compile(r"^(/dev/video\d+|\d+)$")
@@ -55,9 +55,8 @@ def demo_video() -> Path:
     out = settings.cache_dir() / "stream" / "demo.mp4"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".demo.{os.getpid()}.mp4")
-        write_synthetic_clip(tmp)
-        os.replace(tmp, out)
+        with atomic_path(out, suffix=".mp4") as tmp:  # the suffix tells the encoder the container
+            write_synthetic_clip(tmp)
     return out
 
 
