@@ -137,7 +137,6 @@ def main() -> None:
         print(f"{name:48} {rows[name]:9.1f} {rows[name] / base:11.2f}x", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": rows}, indent=2))
-    np.set_printoptions()
 
 
 if __name__ == "__main__":
