@@ -110,7 +110,9 @@ def parse_yolo(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = np.asarray(out, np.float32)
     if out.ndim != 2:
         raise UsageError(f"YOLO output has shape {out.shape}; expected (N, 85) or (84, N)")
-    if out.shape[0] < out.shape[1] and out.shape[0] in (84, 85):
+    # v8 writes channels first (84, N); v5 writes rows (N, 85). Decide by the 84/85 axis, not by which
+    # axis is longer: a graph with NMS folded in can report fewer than 84 candidates.
+    if out.shape[0] == 84 or (out.shape[0] == 85 and out.shape[1] not in (84, 85)):
         out = out.T
     if out.shape[1] == 85:  # v5: cx, cy, w, h, objectness, 80 class scores
         scores = out[:, 4] * out[:, 5 + PERSON_CLASS]
