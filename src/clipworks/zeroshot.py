@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -68,6 +68,16 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     z = logits - logits.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=axis, keepdims=True)
+
+
+# video_features' show_pred table, which `clipworks classify` prints too.
+PREDICTION_HEADER = "  Logits | Prob. | Label "
+
+
+def format_prediction_table(rows: Iterable[tuple[float, float, str]]) -> str:
+    """The header, then one ``logit | prob | label`` line per ``(logit, prob, label)`` row."""
+    lines = "".join(f"{logit:8.3f} | {prob:.3f} | {label}\n" for logit, prob, label in rows)
+    return f"{PREDICTION_HEADER}\n{lines}"
 
 
 def apply_template(template: str, labels: Sequence[str]) -> list[str]:

@@ -12,8 +12,6 @@ from clipworks.cli.common import MODEL_DEFAULT, DeviceOpt, ModelOpt, PrecisionOp
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.imaging import is_image_path
 
-TABLE_HEADER = "  Logits | Prob. | Label "
-
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files and/or folders (searched recursively).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
@@ -61,7 +59,7 @@ def classify(
     threads: ThreadsOpt = None,
 ) -> None:
     """Zero-shot classify images: softmax(logit_scale * cosine) over the labels, best first."""
-    from clipworks.zeroshot import apply_template, classify_embeddings, load_labels_file
+    from clipworks.zeroshot import apply_template, classify_embeddings, format_prediction_table, load_labels_file
 
     inputs, extra = _split_images(images, bool(labels))
     if bool(labels) == bool(labels_file):
@@ -80,9 +78,7 @@ def classify(
         if i:
             print()
         print(path)
-        print(TABLE_HEADER)
-        for s in row:
-            print(f"{s.logit:8.3f} | {s.prob:.3f} | {s.label}")
+        print(format_prediction_table((s.logit, s.prob, s.label) for s in row), end="")
 
 
 def interrogate(

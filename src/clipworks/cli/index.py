@@ -111,12 +111,15 @@ def remove(
     info(f"removed {folder} and {removed} files from the library")
 
 
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="pkl, npy, parquet or clipitems (default: from the suffix).")
+]
+
+
 @app.command("export")
 def export_(
     output: Annotated[Path, typer.Argument(help="OUT.pkl (Sophgo), OUT.npy (+ .paths.txt), OUT.parquet or OUT.db.")],
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="pkl, npy, parquet or clipitems (default: from the suffix).")
-    ] = None,
+    fmt: FormatOpt = None,
     db: DbOpt = None,
     model: LibraryModelOpt = None,
 ) -> None:
@@ -128,9 +131,7 @@ def export_(
 @app.command("import")
 def import_(
     file: Annotated[Path, typer.Argument(help="embeddings.pkl, .npy (+ .paths.txt), .parquet or a ClipItems .db.")],
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="pkl, npy, parquet or clipitems (default: from the suffix).")
-    ] = None,
+    fmt: FormatOpt = None,
     db: DbOpt = None,
     model: LibraryModelOpt = None,
 ) -> None:

@@ -7,9 +7,9 @@ from importlib import resources
 import numpy as np
 
 from clipworks.runtime.encoder import ClipModel, l2_normalize
+from clipworks.zeroshot import format_prediction_table, softmax
 
 TOP_K = 5
-HEADER = "  Logits | Prob. | Label "
 
 
 def kinetics_prompts() -> list[str]:
@@ -36,11 +36,10 @@ class FramePredictor:
 
 
 def format_predictions(logits: np.ndarray, texts: list[str], k: int = TOP_K) -> list[str]:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    probs = softmax(logits, axis=1)
     blocks = []
     for row_logits, row_probs in zip(logits, probs, strict=True):
         order = np.argsort(-row_probs, kind="stable")[:k]
-        rows = "".join(f"{row_logits[i]:8.3f} | {row_probs[i]:.3f} | {texts[i]}\n" for i in order)
-        blocks.append(f"{HEADER}\n{rows}\n")
+        table = format_prediction_table((row_logits[i], row_probs[i], texts[i]) for i in order)
+        blocks.append(table + "\n")
     return blocks
