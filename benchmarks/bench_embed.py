@@ -13,8 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from common import bundle, machine, photo_set
 
 PROMPTS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels" / "imagenet1k.txt"
