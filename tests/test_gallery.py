@@ -7,8 +7,6 @@ import base64
 import io
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from clipworks.cli.main import main
 from clipworks.library import Library
 from clipworks.runtime.encoder import ClipModel
 from clipworks.service import ServiceSettings, create_app, gallery
+from conftest import serve_app
 from library_helpers import file_ids, make_variants
 
 QUERIES = ["a photo of a dog", "building -fruit", "2:butterfly +squirrel", "monkey"]
@@ -350,24 +349,8 @@ def browser(profile: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def live_server(model, library, tmp_path):
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(make_app(model, library, tmp_path), host="127.0.0.1", port=port,
-                                        log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serve_app(make_app(model, library, tmp_path)) as url:
+        yield url
 
 
 SCREENSHOT = Path("/tmp/clipworks-gallery.png")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import socket
 import struct
 import threading
 import time
@@ -22,6 +21,7 @@ from PIL import Image
 from clipworks.service import ServiceSettings, create_app
 from clipworks.service.batcher import Batcher, QueueFull
 from clipworks.zeroshot import TagIndex
+from conftest import serve_app
 
 TAGS = ["dog", "cat", "building", "fruit", "monkey", "butterfly", "football", "squirrel"]
 
@@ -404,28 +404,11 @@ def test_model_loads_on_first_use_or_at_start_with_a_log_line(vit_bundle, tmp_pa
 # -- a real server on loopback ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    import uvicorn
-
     app = create_app(settings(tmp_path_factory.mktemp("srv"), max_wait_ms=30, max_batch=64), model=model)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(10)
+    with serve_app(app) as url:
+        yield url, app
 
 
 def test_unmodified_a1111_client_gets_a_caption(server, images) -> None:
