@@ -9,33 +9,48 @@ import typer
 
 app = typer.Typer(help="List, pull and inspect model bundles.", no_args_is_help=True)
 
+EXPORT_ONLY = "export-only"  # `models list` for a name without a ready bundle: the export extra makes one
+
 
 @app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Known models, their dimension, and whether each is in the cache."""
-    from clipworks.models.registry import list_models
+    """Known models: dimension, where a ready bundle comes from (or export-only), and whether it is cached."""
+    from clipworks.errors import BadBundle
+    from clipworks.models.registry import list_models, parse_model_name
     from clipworks.models.store import find_local
 
     rows = []
     for record in list_models():
-        from clipworks.models.registry import parse_model_name
-
-        local = find_local(parse_model_name(record.name))
+        incomplete = None
+        try:
+            local = find_local(parse_model_name(record.name))
+        except BadBundle as e:
+            local, incomplete = None, str(e)
         rows.append(
             {
                 "name": record.name,
                 "aliases": list(record.aliases),
                 "dim": record.embed_dim,
                 "image_size": record.image_size,
+                # The hub repository of Immich's ready ONNX bundle; None: export-only (needs the export extra).
+                "hub_repo": record.hf_repo,
                 "cached": str(local) if local else None,
+                "incomplete": incomplete,
             }
         )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'name':42} {'alias':16} {'dim':>5} {'size':>5}  cached")
-    for r in rows:
-        print(f"{r['name']:42} {', '.join(r['aliases']):16} {r['dim']:>5} {r['image_size']:>5}  {r['cached'] or '-'}")
+    sources = [r["hub_repo"] or EXPORT_ONLY for r in rows]
+    name_w = max(len(r["name"]) for r in rows)
+    source_w = max(map(len, sources))
+    print(f"{'name':{name_w}}  {'alias':14} {'dim':>5} {'size':>5}  {'ready bundle':{source_w}}  cached")
+    for r, source in zip(rows, sources, strict=True):
+        cached = r["cached"] or ("incomplete: pull again" if r["incomplete"] else "-")
+        print(
+            f"{r['name']:{name_w}}  {', '.join(r['aliases']):14} {r['dim']:>5} {r['image_size']:>5}  "
+            f"{source:{source_w}}  {cached}"
+        )
 
 
 @app.command()
@@ -45,7 +60,10 @@ def pull(
     precision: Annotated[str, typer.Option(help="Precisions to export (export source only).")] = "fp32,int8",
     force: Annotated[bool, typer.Option(help="Fetch again even if cached.")] = False,
 ) -> None:
-    """Put a model into the cache: Immich's ONNX bundle from the hub, or an export of open_clip's weights."""
+    """Put a model into the cache: Immich's ONNX bundle from the hub, or an export of open_clip's weights.
+
+    Export-only names (see `models list`) need the export extra.
+    """
     from clipworks.models.store import pull as pull_model
 
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())

@@ -1,125 +1,125 @@
-"""Fetch ready Immich-layout bundles from a Hugging Face hub, or find them in its local cache.
+"""Ready Immich-layout bundles from a Hugging Face hub, through ``huggingface_hub.snapshot_download``.
 
-Plain ``urllib`` against the hub's public HTTP API, so pulling needs neither torch nor
-huggingface_hub; ``HF_ENDPOINT`` points it elsewhere (a mirror, or a test server).
+Bundles are downloaded into the huggingface_hub cache (``settings.hf_hub_cache()``) in its own layout, so
+they are shared with other tools, resumed after an interruption, and one snapshot is one commit:
+``snapshot_download`` resolves ``main`` to a commit once and fetches every file at that commit, so a
+repository updated during a pull cannot mix revisions. It sends the token to the hub only, never to the
+storage host a file redirects to. The settings it needs (endpoint, cache, token) are read by
+``clipworks.settings`` at call time and passed to it explicitly.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from clipworks import settings
-from clipworks.errors import DownloadError
+from clipworks.errors import BadBundle, DownloadError
 
-TIMEOUT_S = 60
-CHUNK = 1 << 20
+REVISION = "main"
+
+# What the runtime reads from an Immich bundle. A snapshot missing any of them is partial (an interrupted
+# pull, or a repository that is not a CLIP bundle) and is never used as a model.
+BUNDLE_FILES = (
+    "config.json",
+    "visual/model.onnx",
+    "visual/preprocess_cfg.json",
+    "textual/model.onnx",
+    "textual/tokenizer.json",
+)
+# config.json and the files directly under visual/ and textual/. fnmatch's "*" crosses "/", so the ignore
+# pattern drops what Immich compiles for other runtimes one folder deeper (visual/rknpu/rk3588/model.rknn,
+# textual/fp16/model.armnn).
+ALLOW_PATTERNS = ["config.json", "visual/*", "textual/*"]
+IGNORE_PATTERNS = ["*/*/*"]
 
 
-def _request(url: str) -> urllib.request.Request:
-    headers = {"User-Agent": "clipworks"}
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    return urllib.request.Request(url, headers=headers)
+def repo_cache_dir(repo: str) -> Path:
+    """Where huggingface_hub keeps ``repo``: ``models--ORG--NAME`` under the hub cache (its documented layout)."""
+    return settings.hf_hub_cache() / ("models--" + repo.replace("/", "--"))
 
 
-def _wanted(rfilename: str) -> bool:
-    """The files the runtime reads: config.json and the files directly under visual/ and textual/.
+def cached_snapshot(repo: str) -> Path | None:
+    """The snapshot of ``repo`` that ``main`` points at in the huggingface_hub cache, None if there is none.
 
-    Immich repositories also hold compiled graphs for other runtimes (``visual/rknpu/...``); skip those.
+    Read from the cache layout (``refs/main`` names the commit, ``snapshots/<commit>`` holds its files)
+    rather than through huggingface_hub, so loading a model by name never imports it. Raises ``BadBundle``
+    when that snapshot lacks a file the runtime needs.
     """
-    parts = rfilename.split("/")
-    if parts == ["config.json"]:
-        return True
-    return len(parts) == 2 and parts[0] in {"visual", "textual"}
-
-
-def list_repo_files(repo: str, revision: str = "main") -> list[str]:
-    url = f"{settings.hf_endpoint()}/api/models/{repo}/revision/{urllib.parse.quote(revision, safe='')}"
+    root = repo_cache_dir(repo)
     try:
-        with urllib.request.urlopen(_request(url), timeout=TIMEOUT_S) as response:
-            info = json.load(response)
-    except urllib.error.HTTPError as e:
-        raise DownloadError(f"{url} answered HTTP {e.code}: is {repo!r} a public model repository?") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        commit = (root / "refs" / REVISION).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadBundle(f"cannot read {root / 'refs' / REVISION} ({e}); delete {root} and pull again") from e
+    snapshot = root / "snapshots" / commit
+    if not commit or not snapshot.is_dir():
+        return None
+    return _require_complete(repo, snapshot)
+
+
+def _require_complete(repo: str, snapshot: Path) -> Path:
+    missing = [f for f in BUNDLE_FILES if not (snapshot / f).is_file()]
+    if missing:
+        raise BadBundle(
+            f"the snapshot of {repo} in {snapshot} is incomplete ({', '.join(missing)} missing): "
+            "an interrupted download, or a repository without an Immich CLIP bundle; pull it again with network access"
+        )
+    return snapshot
+
+
+def download_snapshot(repo: str, *, force: bool = False) -> Path:
+    """Download the runtime files of ``repo`` at one commit of ``main``; the complete snapshot folder.
+
+    Files already in the cache at that commit are not fetched again (unless ``force``); an interrupted
+    download resumes. Raises ``DownloadError`` with one line naming the repository and the cause.
+    """
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    endpoint = settings.hf_endpoint()
+    options: dict[str, Any] = {
+        "revision": REVISION,
+        "cache_dir": settings.hf_hub_cache(),
+        "endpoint": endpoint,
+        # False rather than None: given None, huggingface_hub would read the token file of the HF_HOME it saw
+        # when first imported, which may not be the one settings.hf_token() looked in.
+        "token": settings.hf_token() or False,
+        "allow_patterns": ALLOW_PATTERNS,
+        "ignore_patterns": IGNORE_PATTERNS,
+        "force_download": force,
+    }
+    where = f"{endpoint}/{repo}"
+    try:
+        folder = huggingface_hub.snapshot_download(repo, **options)
+    except hub_errors.RepositoryNotFoundError as e:  # also gated and private repositories (401, 403, 404)
         raise DownloadError(
-            f"cannot reach {settings.hf_endpoint()} ({getattr(e, 'reason', e)}); check the network or HF_ENDPOINT, "
+            f"{where} answered HTTP {_status(e)}: no such model repository, or HF_TOKEN may not read it"
+        ) from e
+    except hub_errors.RevisionNotFoundError as e:
+        raise DownloadError(f"{where} has no {REVISION!r} revision") from e
+    except hub_errors.HfHubHTTPError as e:
+        raise DownloadError(f"{where} answered HTTP {_status(e)}; try the pull again later") from e
+    except hub_errors.LocalEntryNotFoundError as e:
+        # What snapshot_download raises when the hub cannot be reached and the cache has nothing.
+        raise DownloadError(
+            f"cannot reach {endpoint} ({_root_cause(e)}); check the network or HF_ENDPOINT, "
             "or pass --model PATH to a bundle folder you already have"
         ) from e
-    except json.JSONDecodeError as e:
-        raise DownloadError(f"{url} did not answer JSON; is HF_ENDPOINT a Hugging Face hub?") from e
-    files = [s["rfilename"] for s in info.get("siblings", []) if _wanted(s.get("rfilename", ""))]
-    if "config.json" not in files or "visual/model.onnx" not in files:
-        raise DownloadError(f"{repo} has no Immich CLIP bundle (config.json and visual/model.onnx expected)")
-    return sorted(files)
+    except OSError as e:  # a full disk, a cut connection, a size that does not match the hub's
+        raise DownloadError(f"download of {where} failed ({_root_cause(e)}); run the pull again to resume") from e
+    return _require_complete(repo, Path(folder))
 
 
-def download_file(url: str, dest: Path, progress: Callable[[int, int | None], None] | None = None) -> None:
-    """Stream to ``dest.part`` and rename, so an interrupted download never looks complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(_request(url), timeout=TIMEOUT_S) as response, part.open("wb") as fh:
-            total = response.headers.get("Content-Length")
-            total_bytes = int(total) if total and total.isdigit() else None
-            while chunk := response.read(CHUNK):
-                fh.write(chunk)
-                if progress:
-                    progress(len(chunk), total_bytes)
-        if total_bytes is not None and part.stat().st_size != total_bytes:
-            raise DownloadError(f"{url} ended after {part.stat().st_size} of {total_bytes} bytes; run the pull again")
-    except urllib.error.HTTPError as e:
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"{url} answered HTTP {e.code}") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"download of {url} failed ({getattr(e, 'reason', e)}); run the pull again") from e
-    part.replace(dest)
+def _status(e: Exception) -> str:
+    response = getattr(e, "response", None)
+    return str(getattr(response, "status_code", "error"))
 
 
-def download_bundle(repo: str, dest: Path, revision: str = "main", show_progress: bool = True) -> Path:
-    """Download every runtime file of ``repo`` into ``dest`` (atomically: a temp folder, then a rename)."""
-    from tqdm import tqdm
-
-    files = list_repo_files(repo, revision)
-    work = dest.parent / f".{dest.name}.download-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    base = f"{settings.hf_endpoint()}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}"
-    try:
-        with tqdm(unit="B", unit_scale=True, desc=repo, disable=not show_progress, leave=False) as bar:
-            for name in files:
-
-                def advance(n: int, total: int | None) -> None:
-                    bar.update(n)
-
-                download_file(f"{base}/{name}", work / name, advance)
-        if dest.exists():
-            shutil.rmtree(dest)
-        work.rename(dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest
-
-
-def find_in_hf_cache(repo: str) -> Path | None:
-    """A complete snapshot of ``repo`` already in the huggingface_hub cache (the ``main`` ref first)."""
-    root = settings.hf_hub_cache() / ("models--" + repo.replace("/", "--"))
-    snapshots = root / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = root / "refs" / "main"
-    candidates = []
-    if ref.is_file():
-        candidates.append(snapshots / ref.read_text().strip())
-    candidates += sorted(p for p in snapshots.iterdir() if p.is_dir())
-    for snap in candidates:
-        if (snap / "config.json").is_file() and (snap / "visual" / "model.onnx").is_file():
-            return snap
-    return None
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's message, on one line: huggingface_hub wraps the network error it met."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]

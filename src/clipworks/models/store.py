@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipworks import settings
-from clipworks.errors import ClipworksError, ModelNotFound, status
+from clipworks.errors import BadBundle, ClipworksError, ModelNotFound, status
 from clipworks.models.bundle import Bundle, is_bundle_dir, load_bundle
-from clipworks.models.hub import download_bundle, find_in_hf_cache
+from clipworks.models.hub import cached_snapshot, download_snapshot, repo_cache_dir
 from clipworks.models.registry import RANDOM_TAG, ModelRef, parse_model_name
 
 
@@ -17,14 +17,25 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", "/")) or name.endswith(".onnx") or "\\" in name
 
 
-def find_local(ref: ModelRef) -> Path | None:
-    """The bundle of ``ref`` in the clipworks cache, else in the Hugging Face cache; None if absent."""
+def find_local(ref: ModelRef, source: str = "auto") -> Path | None:
+    """The bundle of ``ref`` in the clipworks cache (exports), else its hub snapshot in the Hugging Face cache;
+    None if neither has it. ``source`` "export" or "hub" looks in that one place only. ``BadBundle`` if the hub
+    snapshot there is partial."""
     cached = ref.cache_path()
-    if is_bundle_dir(cached):
+    if source != "hub" and is_bundle_dir(cached):
         return cached
-    if ref.hf_repo:
-        return find_in_hf_cache(ref.hf_repo)
+    if source != "export" and ref.hf_repo:
+        return cached_snapshot(ref.hf_repo)
     return None
+
+
+def _not_downloaded(ref: ModelRef) -> ModelNotFound:
+    """The one message for a model that is not on disk while the network may not be used."""
+    places = [ref.cache_path()] + ([repo_cache_dir(ref.hf_repo)] if ref.hf_repo else [])
+    return ModelNotFound(
+        f"{ref.name} is not downloaded (looked in {' and '.join(map(str, places))}); "
+        f"run `clipworks models pull {ref.name}` with network access, or pass --model PATH to a bundle folder"
+    )
 
 
 def ensure_bundle(name_or_path: str | Path | None = None, *, download: bool = True) -> Bundle:
@@ -41,14 +52,17 @@ def ensure_bundle(name_or_path: str | Path | None = None, *, download: bool = Tr
                 f"model path {path} does not exist; pass a bundle folder (made by `clipworks export`) or a model name"
             ) from None
         raise
-    local = find_local(ref)
+    offline = not download or settings.offline()
+    try:
+        local = find_local(ref)
+    except BadBundle:
+        if offline:
+            raise
+        local = None  # a partial hub snapshot: pull() completes it
     if local is not None:
         return load_bundle(local)
-    if not download or settings.offline():
-        raise ModelNotFound(
-            f"{ref.name} is not downloaded (looked in {ref.cache_path()}); run `clipworks models pull {ref.name}` "
-            "with network access, or pass --model PATH to a bundle folder"
-        )
+    if offline:
+        raise _not_downloaded(ref)
     return load_bundle(pull(ref))
 
 
@@ -64,28 +78,36 @@ def pull(
     force: bool = False,
     log: Callable[[str], None] = status,
 ) -> Path:
-    """Fetch ``ref`` into the cache: export from open_clip when torch is here, else the Immich hub bundle."""
+    """Fetch ``ref``: export open_clip's weights when torch is here (into the clipworks cache), else download
+    Immich's bundle (into the Hugging Face cache). Returns the bundle folder."""
     if isinstance(ref, str):
         ref = parse_model_name(ref)
-    dest = ref.cache_path()
-    if is_bundle_dir(dest) and not force:
-        log(f"{ref.name} is already in {dest}")
-        return dest
+    if source not in {"auto", "hub", "export"}:
+        raise ClipworksError(f"unknown pull source {source!r}: use auto, hub or export")
+    if not force:
+        try:
+            local = find_local(ref, source)
+        except BadBundle:
+            local = None  # a partial hub snapshot: finish that download rather than export a second copy
+            source = "hub" if source == "auto" else source
+        if local is not None:
+            log(f"{ref.name} is already in {local}")
+            return local
     if source == "auto":
         source = "export" if torch_available() or ref.tag == RANDOM_TAG else "hub"
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if source == "export":
         from clipworks.export import export_model
 
+        dest = ref.cache_path()
+        dest.parent.mkdir(parents=True, exist_ok=True)
         export_model(ref.arch, dest, pretrained=ref.tag, precisions=precisions, log=log)
         return dest
-    if source != "hub":
-        raise ClipworksError(f"unknown pull source {source!r}: use auto, hub or export")
     if not ref.hf_repo:
         raise ModelNotFound(
-            f"no ready ONNX bundle is published for {ref.name}; install the export extra "
+            f"{ref.name} is export-only: Immich publishes no ready ONNX bundle of it; install the export extra "
             f"(pip install 'clipworks[export]') and run `clipworks models pull {ref.name}` to export it"
         )
-    log(f"downloading {ref.hf_repo} from {settings.hf_endpoint()}")
-    download_bundle(ref.hf_repo, dest)
-    return dest
+    if settings.offline():
+        raise _not_downloaded(ref)
+    log(f"downloading {ref.hf_repo} from {settings.hf_endpoint()} into {settings.hf_hub_cache()}")
+    return download_snapshot(ref.hf_repo, force=force)
