@@ -154,7 +154,8 @@ class FakeHub:
         self.commits: dict[str, dict[str, bytes]] = {}
         self.main = ""
         self.main_after_first_info: str | None = None  # a push that lands while a pull is running
-        self.fail_blob_of: str | None = None  # a file whose CDN download answers HTTP 500
+        self.fail_blob_of: str | None = None  # a file whose CDN download fails ...
+        self.failure = "HTTP 500"  # ... with this answer, or "cut" (the connection drops)
         self.hub_requests: list[tuple[str, str, str | None]] = []  # method, path, Authorization
         self.cdn_requests: list[tuple[str, str, str | None]] = []
         self.cdn_url = ""
@@ -235,7 +236,7 @@ class FakeHub:
 
     def cdn_app(self):
         from starlette.applications import Starlette
-        from starlette.responses import Response
+        from starlette.responses import Response, StreamingResponse
         from starlette.routing import Route
 
         async def blob(request):
@@ -244,8 +245,14 @@ class FakeHub:
             path, data = blobs.get(request.path_params["oid"], (None, b""))
             if path is None:
                 return Response(b"NoSuchKey", 404)
-            if path == self.fail_blob_of:
+            if path == self.fail_blob_of and self.failure == "HTTP 500":
                 return Response(b"InternalError", 500)
+            if path == self.fail_blob_of:  # the connection drops after the headers, before any byte of the body
+
+                async def nothing():
+                    yield b""
+
+                return StreamingResponse(nothing(), headers={"Content-Length": str(len(data))})
             return Response(data, headers={"Content-Length": str(len(data))})
 
         return Starlette(routes=[Route("/repos/{oid}", blob, methods=["GET", "HEAD"])])
@@ -338,10 +345,14 @@ def test_a_repository_the_hub_does_not_have_is_named_with_its_answer(hub: FakeHu
         pull("ViT-L-14::openai", source="hub", log=lambda _: None)
 
 
-def test_an_interrupted_pull_is_never_loaded_and_the_next_pull_completes_it(hub: FakeHub, home: Path) -> None:
-    hub.fail_blob_of = "textual/model.onnx"
-    with pytest.raises(DownloadError, match=r"answered HTTP 500"):
+@pytest.mark.parametrize(("failure", "message"), [("HTTP 500", "answered HTTP 500"), ("cut", "failed .*resume")])
+def test_an_interrupted_pull_is_never_loaded_and_the_next_pull_completes_it(
+    hub: FakeHub, home: Path, failure: str, message: str
+) -> None:
+    hub.fail_blob_of, hub.failure = "textual/model.onnx", failure
+    with pytest.raises(DownloadError, match=message) as caught:
         pull("ViT-B-32::openai", source="hub", log=lambda _: None)
+    assert "\n" not in str(caught.value)
     snapshot = _snapshot(hub.main)
     assert (snapshot / "visual" / "model.onnx").is_file() and not (snapshot / "textual" / "model.onnx").exists()
     with pytest.raises(BadBundle, match=r"ViT-B-32__openai in .* is incomplete \(textual/model\.onnx missing\)"):

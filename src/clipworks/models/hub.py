@@ -10,6 +10,7 @@ storage host a file redirects to. The settings it needs (endpoint, cache, token)
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,21 @@ def download_snapshot(repo: str, *, force: bool = False) -> Path:
             f"cannot reach {endpoint} ({_root_cause(e)}); check the network or HF_ENDPOINT, "
             "or pass --model PATH to a bundle folder you already have"
         ) from e
-    except OSError as e:  # a full disk, a cut connection, a size that does not match the hub's
+    except (OSError, *_transport_errors()) as e:  # a full disk, a cut connection, a size not the hub's
         raise DownloadError(f"download of {where} failed ({_root_cause(e)}); run the pull again to resume") from e
     return _require_complete(repo, Path(folder))
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's network errors, which are not OSError and which huggingface_hub lets through once its
+    retries are spent: httpx2's (huggingface_hub 2.x) or httpx's (1.x)."""
+    found = []
+    for client in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def _status(e: Exception) -> str:
