@@ -10,7 +10,7 @@ from clipworks import settings
 from clipworks.errors import ClipworksError, ModelNotFound, status
 from clipworks.models.bundle import Bundle, is_bundle_dir, load_bundle
 from clipworks.models.hub import download_bundle, find_in_hf_cache
-from clipworks.models.registry import RANDOM_TAG, ModelRef, parse_model_name
+from clipworks.models.registry import RANDOM_TAG, SEPARATOR, ModelRef, parse_model_name
 
 
 def _looks_like_path(name: str) -> bool:
@@ -47,7 +47,9 @@ def ensure_bundle(name_or_path: str | Path | None = None, *, download: bool = Tr
     if not download or settings.offline():
         raise ModelNotFound(
             f"{ref.name} is not downloaded (looked in {ref.cache_path()}); run `clipworks models pull {ref.name}` "
-            "with network access, or pass --model PATH to a bundle folder"
+            f"with network access, pass --model PATH to a bundle folder, or, to try things offline, use "
+            f"{ref.arch}{SEPARATOR}{RANDOM_TAG} (seeded random weights exported locally: needs no download, "
+            "needs clipworks[export], gives meaningless vectors)"
         )
     return load_bundle(pull(ref))
 
