@@ -135,3 +135,14 @@ def test_missing_extra_is_one_line_naming_it(tmp_path, module, args, named, extr
     _one_error_line(proc.stderr, named)
     assert f"pip install 'clipworks[{extra}]'" in proc.stderr
     assert list(tmp_path.iterdir()) == [], "nothing may be written before the check"
+
+
+@pytest.mark.parametrize("command", [["embed", "texts", "a dog"], ["video", "search", "a dog", "v.mp4"]])
+def test_offline_missing_model_offers_the_random_variant(capsys, tmp_path, monkeypatch, command) -> None:
+    monkeypatch.setenv("CLIPWORKS_HOME", str(tmp_path))
+    monkeypatch.setenv("CLIPWORKS_OFFLINE", "1")
+    monkeypatch.setenv("CLIPWORKS_MODEL", "ViT-B-32::openai")  # the video commands honour it too
+    code = main(command)
+    _, err = capsys.readouterr()
+    assert code == 1
+    _one_error_line(err, "ViT-B-32::random")

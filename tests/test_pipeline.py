@@ -135,7 +135,7 @@ def test_npy_and_its_paths_from_different_runs_are_refused(tmp_path: Path) -> No
     write_embeddings(tmp_path / "a.npy", ["x.jpg", "y.jpg"], rng.standard_normal((2, 4)))
     write_embeddings(tmp_path / "b.npy", ["y.jpg", "x.jpg"], rng.standard_normal((2, 4)))
     shutil.copy(tmp_path / "b.paths.json", tmp_path / "a.paths.json")  # same count, other run
-    with pytest.raises(ClipworksError, match="does not belong to a.npy"):
+    with pytest.raises(ClipworksError, match=r"does not belong to a\.npy"):
         read_embeddings(tmp_path / "a.npy")
 
 
@@ -164,3 +164,14 @@ def test_a_full_disk_leaves_the_old_npy_and_paths_whole(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "failed", proc.stderr  # EFBIG part-way through
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the old pair, and no temporary files
     assert read_embeddings(out)[0] == ["old.jpg"]
+
+
+def test_encode_images_takes_one_image_or_many(vit_bundle: Path, photos) -> None:
+    from PIL import Image
+
+    model = clipworks.load(vit_bundle)
+    want = model.encode_images([photos[0]])
+    for one in (str(photos[0]), photos[0], photos[0].read_bytes(), Image.open(photos[0])):
+        np.testing.assert_allclose(model.encode_images(one), want, atol=1e-6)
+    with pytest.raises(TypeError, match="an image or an iterable of images"):
+        model.encode_images(42)
