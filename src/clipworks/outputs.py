@@ -9,7 +9,6 @@ refused when read instead of being silently misread. Parquet keeps each name's e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from clipworks.atomic import atomic_path
+from clipworks.checksum import file_sha256
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.extras import require
 
@@ -51,14 +51,6 @@ def _pyarrow(out: Path) -> tuple[Any, Any]:
     return pa, pq
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_npy(out: Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
     """Both files as one unit: each is written in full to a temporary file before either is renamed.
 
@@ -72,7 +64,7 @@ def _write_npy(out: Path, paths: Sequence[str], embeddings: np.ndarray) -> list[
             fh.flush()
             os.fsync(fh.fileno())
         record = {"format": PATHS_FORMAT, "embeddings": out.name, "count": len(paths),
-                  "sha256": _sha256(npy_tmp), "paths": list(paths)}  # fmt: skip
+                  "sha256": file_sha256(npy_tmp), "paths": list(paths)}  # fmt: skip
         with list_tmp.open("w", encoding="ascii") as fh:
             # ensure_ascii: names that are not UTF-8 are written as \udcXX escapes, which json reads back.
             json.dump(record, fh, ensure_ascii=True)
@@ -119,7 +111,7 @@ def _read_paths_file(npy: Path, rows: int) -> list[str]:
         paths, count, digest = record["paths"], record["count"], record["sha256"]
     except (ValueError, KeyError, TypeError) as e:
         raise ClipworksError(f"{listing} is not a clipworks paths file ({PATHS_FORMAT}); embed again") from e
-    if count != rows or len(paths) != rows or digest != _sha256(npy):
+    if count != rows or len(paths) != rows or digest != file_sha256(npy):
         raise ClipworksError(
             f"{listing} does not belong to {npy.name} (another run wrote one of them): the paths would be "
             "matched to the wrong vectors; embed again"
