@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ def test_embed_images_npy_and_parquet(capsys, vit_bundle, folder, tmp_path) -> N
     for name in ("e.npy", "e.parquet"):
         code, _, err = run(capsys, "embed", "images", folder, "-o", tmp_path / name, "-m", vit_bundle)
         assert code == 0, err
-    assert len((tmp_path / "e.paths.txt").read_text().splitlines()) == 4
+    assert len(json.loads((tmp_path / "e.paths.json").read_text())["paths"]) == 4
     assert np.load(tmp_path / "e.npy").shape == (4, 32)
 
 
@@ -169,3 +170,68 @@ def test_embed_texts_interactive_reads_lines_until_empty(capsys, vit_bundle, tmp
         ("a cat", False),
         ("an empty room", True),
     ]
+
+
+# File names a POSIX folder may hold: bytes that are not UTF-8, a newline, a tab, a quote.
+ODD_NAMES = [b"\xff\xfe latin-1 \xe9.jpg", b"two\nlines.jpg", b"tab\there.jpg", b"it's.jpg"]
+
+
+@pytest.fixture
+def odd_folder(tmp_path: Path, photos) -> Path:
+    d = tmp_path / "odd"
+    d.mkdir()
+    for raw, photo in zip([*ODD_NAMES, b"plain.jpg"], photos, strict=False):
+        shutil.copy(photo, os.path.join(os.fsencode(d), raw))
+    return d
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pkl", ".parquet"])
+def test_non_utf8_and_newline_names_through_embed(capsys, vit_bundle, odd_folder, tmp_path, suffix) -> None:
+    import clipworks
+    from clipworks.outputs import read_embeddings
+
+    out = tmp_path / f"e{suffix}"
+    code, _, err = run(capsys, "embed", "images", odd_folder, "-o", out, "-m", vit_bundle)
+    assert code == 0, err
+    paths, vectors = read_embeddings(out)
+    assert sorted(os.path.basename(os.fsencode(p)) for p in paths) == sorted([*ODD_NAMES, b"plain.jpg"])
+    # Each vector is still its own file's: embedding the file alone gives the same vector.
+    model = clipworks.load(vit_bundle)
+    for path, vector in zip(paths, vectors, strict=True):
+        np.testing.assert_allclose(model.encode_images(path)[0], vector, atol=1e-5)
+
+
+def test_classify_quotes_names_that_need_it(capsys, vit_bundle, odd_folder) -> None:
+    code, out, err = run(capsys, "classify", odd_folder, "--labels", "a dog", "a cat", "-m", vit_bundle, "--top-k", "1")
+    assert code == 0, err
+    shown = [line for line in out.splitlines() if line.startswith(("/", "$'"))]
+    assert len(shown) == len(ODD_NAMES) + 1, out
+    assert any(line.startswith("$'") and line.endswith("two\\nlines.jpg'") for line in shown), out
+    assert any("\\xff\\xfe latin-1 \\xe9.jpg'" in line for line in shown), out
+    assert any(line.endswith("/it's.jpg") for line in shown), out  # printable: left as it is
+
+
+def test_embed_texts_with_image_path_keeps_the_prompt_file(capsys, vit_bundle, photos, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "text_embeddings.json"
+    earlier.write_text('{"kept": true}')
+    code, out, err = run(capsys, "embed", "texts", "a dog", "--image-path", photos[0], "-m", vit_bundle)
+    assert code == 0, err
+    assert earlier.read_text() == '{"kept": true}'
+    assert "not saved" in err and "best:" in out
+    code, _, err = run(capsys, "embed", "texts", "a dog", "-m", vit_bundle)
+    assert code == 0 and "replaced the previous file" in err
+    assert json.loads(earlier.read_text())["entries"][0]["text"] == "a dog"
+
+
+def test_classify_labels_with_their_own_article(capsys, vit_bundle, photos) -> None:
+    import clipworks
+
+    model = clipworks.load(vit_bundle)
+    code, out, err = run(capsys, "classify", photos[0], "--labels", "a dog", "cat", "-m", vit_bundle, "--json")
+    assert code == 0, err
+    got = {r["label"]: r["logit"] for r in json.loads(out)[0]["results"]}
+    image = model.encode_images(photos[0])[0]
+    want = model.encode_texts(["a photo of a dog.", "a photo of a cat."]) @ image * model.logit_scale
+    assert got["a dog"] == pytest.approx(float(want[0]), abs=1e-3)
+    assert got["cat"] == pytest.approx(float(want[1]), abs=1e-3)

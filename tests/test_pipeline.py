@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import clipworks
-from clipworks.errors import UsageError
+from clipworks.errors import ClipworksError, UsageError
 from clipworks.outputs import read_embeddings, write_embeddings
 from clipworks.pipeline import collect_image_files, embed_files, iter_embeddings
 
@@ -102,8 +105,9 @@ def test_batches_come_out_as_they_are_encoded(vit_bundle: Path, photos) -> None:
 
 @pytest.mark.parametrize("suffix", [".pkl", ".npy", ".parquet"])
 def test_output_formats_round_trip(tmp_path: Path, suffix: str) -> None:
-    paths = ["a.jpg", "dir/b ü.png", "c.webp"]
-    emb = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    # Names as os.fsdecode gives them: one with bytes that are not UTF-8, one with a newline.
+    paths = ["a.jpg", "dir/b ü.png", "c.webp", os.fsdecode(b"\xff\xfe.jpg"), "two\nlines.jpg"]
+    emb = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     written = write_embeddings(tmp_path / f"out{suffix}", paths, emb)
     assert written[0].is_file()
     got_paths, got = read_embeddings(tmp_path / f"out{suffix}")
@@ -124,3 +128,50 @@ def test_pkl_is_sophgo_format(tmp_path: Path) -> None:
 def test_bad_output_paths(tmp_path: Path, name: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         write_embeddings(tmp_path / name, [], np.zeros((0, 4), np.float32))
+
+
+def test_npy_and_its_paths_from_different_runs_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    write_embeddings(tmp_path / "a.npy", ["x.jpg", "y.jpg"], rng.standard_normal((2, 4)))
+    write_embeddings(tmp_path / "b.npy", ["y.jpg", "x.jpg"], rng.standard_normal((2, 4)))
+    shutil.copy(tmp_path / "b.paths.json", tmp_path / "a.paths.json")  # same count, other run
+    with pytest.raises(ClipworksError, match=r"does not belong to a\.npy"):
+        read_embeddings(tmp_path / "a.npy")
+
+
+# Writes past the limit fail with EFBIG, as they would on a full disk; SIGXFSZ is ignored so they fail, not kill.
+FULL_DISK = """
+import resource, signal, sys
+import numpy as np
+from clipworks.outputs import write_embeddings
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    vectors = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)  # does not compress
+    write_embeddings(sys.argv[1], [f"new{i}.jpg" for i in range(64)], vectors)
+except OSError:
+    print("failed")
+"""
+
+
+def test_a_full_disk_leaves_the_old_npy_and_paths_whole(tmp_path: Path) -> None:
+    out = tmp_path / "e.npy"
+    write_embeddings(out, ["old.jpg"], np.zeros((1, 512), np.float32))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    src = str(Path(clipworks.__file__).parents[1])  # the clipworks under test, in the child process too
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(out)], capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": src}, timeout=120)  # fmt: skip
+    assert proc.stdout.strip() == "failed", proc.stderr  # EFBIG part-way through
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the old pair, and no temporary files
+    assert read_embeddings(out)[0] == ["old.jpg"]
+
+
+def test_encode_images_takes_one_image_or_many(vit_bundle: Path, photos) -> None:
+    from PIL import Image
+
+    model = clipworks.load(vit_bundle)
+    want = model.encode_images([photos[0]])
+    for one in (str(photos[0]), photos[0], photos[0].read_bytes(), Image.open(photos[0])):
+        np.testing.assert_allclose(model.encode_images(one), want, atol=1e-6)
+    with pytest.raises(TypeError, match="an image or an iterable of images"):
+        model.encode_images(42)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -245,3 +246,46 @@ def test_demo_clip_is_made_once_in_the_cache(tmp_path, monkeypatch) -> None:
     assert frames == 100
     stamp = clip.stat().st_mtime_ns
     assert demo_video() == clip and clip.stat().st_mtime_ns == stamp  # reused, not made again
+
+
+@pytest.mark.parametrize(
+    ("flag", "name", "message"),
+    [
+        ("--output", "no-such-folder/out.mp4", "does not exist"),
+        ("--events", "no-such-folder/ev.jsonl", "does not exist"),
+        ("--output", "a-folder.mp4", "is a folder"),
+    ],
+)
+def test_unwritable_outputs_are_refused_before_the_first_frame(vtest, tmp_path, capsys, flag, name, message):
+    (tmp_path / "a-folder.mp4").mkdir()
+    # A model that does not exist proves the check comes before the model loads and any frame is read.
+    code = main(["stream", "--input", str(vtest), "--model", str(tmp_path / "no-model"), flag, str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and flag in err and message in err and "no-model" not in err
+
+
+CHANGE = re.compile(r"^(\d+\.\d\d)s stream 0: (.+) \d\.\d{3}( \(below threshold\))?$")
+
+
+def test_headless_stream_prints_each_change_and_creates_no_prompt_file(vit_bundle, vtest, tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    events = tmp_path / "ev.jsonl"
+    code = main(["stream", "--input", str(vtest), "--model", str(vit_bundle), "--max-frames", "12",
+                 "--events", str(events)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.jsonl"]  # no embeddings.json nobody asked for
+    changes, last = [], None
+    for e in _events(events):
+        if (e["label"], e["passed"]) != last:
+            last = (e["label"], e["passed"])
+            changes.append((f"{e['time']:.2f}", e["label"], e["passed"]))
+    printed = [CHANGE.match(line) for line in out.splitlines()]
+    assert all(printed), out
+    assert [(m[1], m[2], m[3] is None) for m in printed] == changes, out
+    asked = tmp_path / "mine.json"
+    code = main(["stream", "--input", str(vtest), "--model", str(vit_bundle), "--max-frames", "1",
+                 "--json-path", str(asked)])  # fmt: skip
+    assert code == 0 and PromptSet.load(asked).entries

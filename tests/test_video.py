@@ -294,3 +294,55 @@ def test_reencode_on_request_keeps_tmp_files(capsys, vit_bundle, videos, tmp_pat
     data = saved(tmp_path / "out", vit_bundle.name, "v_GGSY1Qvo990")
     assert data["clip"].shape == (18, 32) and float(data["fps"]) == 1.0
     np.testing.assert_array_equal(data["timestamps_ms"], np.arange(18) * 1000.0)
+
+
+def _cut_clip(tmp_path: Path) -> tuple[Path, Path]:
+    """An 18-frame mp4 (index up front, as `-movflags faststart` writes it), and a copy with its last 40% cut off."""
+    import av
+
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("mpeg4", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(18):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    return whole, cut
+
+
+SHORT = re.compile(r"^warning: .*cut\.mp4: read (\d+) of the (\d+) frames its header promises", re.MULTILINE)
+
+
+@pytest.mark.parametrize(("sampling", "expected"), [([], 18), (["--extraction-fps", "2"], 6)])
+def test_a_truncated_video_warns_with_expected_and_read_frames(capsys, vit_bundle, tmp_path, sampling, expected):
+    whole, cut = _cut_clip(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "video", "features", whole, "-m", vit_bundle, *sampling)
+    assert code == 0 and "warning" not in err, err  # the whole file reads every frame its header promises
+    code, _, err = run(capsys, "video", "features", cut, "-m", vit_bundle, *sampling,
+                       "--on-extraction", "save_numpy", "--output-path", out)  # fmt: skip
+    # The frames that were read are right and saved, so the run succeeds; the warning says what is missing.
+    assert code == 0, err
+    found = SHORT.search(err)
+    assert found is not None, err
+    read = int(found.group(1))
+    assert int(found.group(2)) == expected and 0 < read < expected
+    assert saved(out, vit_bundle.name, "cut")["clip"].shape == (read, 32)
+    assert "1 cut short" in err
+    code, _, err = run(capsys, "video", "search", "a dog", cut, "-m", vit_bundle, "--output-path", tmp_path / "none",
+                       *(sampling or ["--extraction-fps", "6"]))  # fmt: skip
+    assert code == 0 and SHORT.search(err), err
+
+
+@pytest.mark.parametrize("command", [["features", "--extraction-total", "2"], ["search", "a dog"]])
+def test_video_commands_honour_clipworks_model(capsys, vit_bundle, videos, tmp_path, monkeypatch, command) -> None:
+    monkeypatch.setenv("CLIPWORKS_MODEL", str(vit_bundle))
+    code, _, err = run(capsys, "video", *command, videos / GGSY, "--output-path", tmp_path)
+    assert code == 0, err

@@ -1,21 +1,34 @@
-"""Embedding files: Sophgo's ``embeddings.pkl``, ``.npy`` with a paths file, and Parquet."""
+"""Embedding files: Sophgo's ``embeddings.pkl``, ``.npy`` with a paths file, and Parquet.
+
+File names are kept exactly, whatever bytes they hold: a newline, or bytes that are not UTF-8 (which
+Python carries as ``os.fsdecode``'s surrogates), survive every format. ``OUT.npy`` pairs with
+``OUT.paths.json``: one JSON document, so a newline in a name cannot shift the list, that records how many
+vectors the array holds and the array file's SHA-256, so an array and a list from different runs are
+refused when read instead of being silently misread. Parquet keeps each name's exact bytes beside the text.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from clipworks.atomic import atomic_path, atomic_write_text
-from clipworks.errors import UsageError
+from clipworks.atomic import atomic_path
+from clipworks.checksum import file_sha256
+from clipworks.errors import ClipworksError, UsageError
+from clipworks.extras import require
 
 OUTPUT_SUFFIXES = (".pkl", ".npy", ".parquet")
+PATHS_FORMAT = "clipworks-paths/1"
 
 
 def paths_file_for(npy: Path) -> Path:
-    return npy.with_suffix(".paths.txt")
+    return npy.with_suffix(".paths.json")
 
 
 def check_output_path(out: str | Path) -> Path:
@@ -30,13 +43,35 @@ def check_output_path(out: str | Path) -> Path:
     return out
 
 
-def _pyarrow(out: Path):  # type: ignore[no-untyped-def]
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise UsageError(f"writing {out} needs pyarrow: pip install 'clipworks[parquet]', or use .pkl/.npy") from e
+def _pyarrow(out: Path) -> tuple[Any, Any]:
+    require("pyarrow", "parquet", f"writing {out} (or use .pkl/.npy)")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     return pa, pq
+
+
+def _write_npy(out: Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
+    """Both files as one unit: each is written in full to a temporary file before either is renamed.
+
+    A full disk or a crash while writing leaves the old pair as it was; the list records the array's
+    checksum, so the one instant between the two renames cannot pass for a matching pair either.
+    """
+    listing = paths_file_for(out)
+    with atomic_path(out) as npy_tmp, atomic_path(listing) as list_tmp:
+        with npy_tmp.open("wb") as fh:
+            np.save(fh, embeddings)
+            fh.flush()
+            os.fsync(fh.fileno())
+        record = {"format": PATHS_FORMAT, "embeddings": out.name, "count": len(paths),
+                  "sha256": file_sha256(npy_tmp), "paths": list(paths)}  # fmt: skip
+        with list_tmp.open("w", encoding="ascii") as fh:
+            # ensure_ascii: names that are not UTF-8 are written as \udcXX escapes, which json reads back.
+            json.dump(record, fh, ensure_ascii=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # atomic_path renames the inner (list) file first, then the array.
+    return [out, listing]
 
 
 def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
@@ -45,26 +80,43 @@ def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarr
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if len(paths) != len(embeddings):
         raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
-    written = [out]
-    if out.suffix == ".npy":  # the paths first: the array's appearance marks a complete pair
-        listing = paths_file_for(out)
-        atomic_write_text(listing, "".join(f"{p}\n" for p in paths))
-        written.append(listing)
+    paths = [os.fsdecode(p) for p in paths]
+    if out.suffix == ".npy":
+        return _write_npy(out, paths, embeddings)
     with atomic_path(out) as tmp:
         if out.suffix == ".pkl":
-            # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors.
-            data = {"img_path": [str(p) for p in paths], "embedding": list(embeddings)}
+            # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors. Pickle keeps
+            # surrogates (names that are not UTF-8) as they are.
+            data = {"img_path": paths, "embedding": list(embeddings)}
             with tmp.open("wb") as fh:
                 pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        elif out.suffix == ".npy":
-            with tmp.open("wb") as fh:
-                np.save(fh, embeddings)
         else:
             pa, pq = _pyarrow(out)
             dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
             vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
-            pq.write_table(pa.table({"path": pa.array([str(p) for p in paths]), "embedding": vectors}), tmp)
-    return written
+            raw = [os.fsencode(p) for p in paths]
+            # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
+            text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
+            table = pa.table({"path": text, "path_bytes": pa.array(raw, pa.binary()), "embedding": vectors})
+            pq.write_table(table, tmp)
+    return [out]
+
+
+def _read_paths_file(npy: Path, rows: int) -> list[str]:
+    listing = paths_file_for(npy)
+    if not listing.is_file():
+        raise UsageError(f"{listing} (the paths of {npy.name}) is missing")
+    try:
+        record = json.loads(listing.read_text(encoding="ascii"))
+        paths, count, digest = record["paths"], record["count"], record["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClipworksError(f"{listing} is not a clipworks paths file ({PATHS_FORMAT}); embed again") from e
+    if count != rows or len(paths) != rows or digest != file_sha256(npy):
+        raise ClipworksError(
+            f"{listing} does not belong to {npy.name} (another run wrote one of them): the paths would be "
+            "matched to the wrong vectors; embed again"
+        )
+    return list(paths)
 
 
 def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
@@ -79,12 +131,14 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
             raise UsageError(f"{path} is not an embeddings.pkl (expected keys 'img_path' and 'embedding')")
         return list(data["img_path"]), np.asarray(np.stack(data["embedding"]) if data["embedding"] else [], np.float32)
     if path.suffix == ".npy":
-        listing = paths_file_for(path)
-        if not listing.is_file():
-            raise UsageError(f"{listing} (the paths of {path.name}) is missing")
-        return listing.read_text(encoding="utf-8").splitlines(), np.load(path).astype(np.float32)
+        embeddings = np.load(path).astype(np.float32)
+        return _read_paths_file(path, len(embeddings)), embeddings
     if path.suffix == ".parquet":
         _, pq = _pyarrow(path)
         table = pq.read_table(path)
-        return table["path"].to_pylist(), np.asarray(table["embedding"].to_pylist(), np.float32)
+        if "path_bytes" in table.column_names:
+            paths = [os.fsdecode(b) for b in table["path_bytes"].to_pylist()]
+        else:  # written by other tools, or before names were stored exactly
+            paths = table["path"].to_pylist()
+        return paths, np.asarray(table["embedding"].to_pylist(), np.float32)
     raise UsageError(f"{path} must end in {', '.join(OUTPUT_SUFFIXES)}")

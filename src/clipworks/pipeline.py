@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipworks.display import one_line, quote_path
 from clipworks.errors import BadImage, UsageError
 from clipworks.imaging import is_image_path
 from clipworks.runtime.encoder import ClipModel, PreprocessMode
@@ -109,7 +110,7 @@ def iter_embeddings(
     window = queue_size or max(2 * batch_size, 4 * workers)
     if window < 1:
         raise UsageError(f"--queue-size must be at least 1, not {queue_size}")
-    skip = on_skip or (lambda f: warn(f"skipped {f.path}: {f.error}"))
+    skip = on_skip or (lambda f: warn(f"skipped {quote_path(f.path)}: {one_line(f.error)}"))
     pending: deque[tuple[str, Future[np.ndarray]]] = deque()
     it = iter(sources)
     paths: list[str] = []
@@ -167,7 +168,8 @@ def embed_files(
     with tqdm(total=len(sources), unit="img", disable=disable, dynamic_ncols=True) as bar:
 
         def on_skip_with_bar(failure: Failure) -> None:
-            (on_skip or (lambda f: bar.write(f"warning: skipped {f.path}: {f.error}", file=sys.stderr)))(failure)
+            line = f"warning: skipped {quote_path(failure.path)}: {one_line(failure.error)}"
+            (on_skip or (lambda f: bar.write(line, file=sys.stderr)))(failure)
 
         for batch in iter_embeddings(
             model, sources, batch_size=batch_size, workers=workers, queue_size=queue_size, mode=mode,

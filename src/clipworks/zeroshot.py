@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -80,10 +81,18 @@ def format_prediction_table(rows: Iterable[tuple[float, float, str]]) -> str:
     return f"{PREDICTION_HEADER}\n{lines}"
 
 
+# "a {}" / "an {}" in a template, and a label that brings its own article ("a dog", "the sea").
+_ARTICLE_SLOT = re.compile(r"\b(?:a|an)\s+\{\}", re.IGNORECASE)
+_OWN_ARTICLE = re.compile(r"(?:a|an|the)\s", re.IGNORECASE)
+
+
 def apply_template(template: str, labels: Sequence[str]) -> list[str]:
+    """Fill ``{}`` with each label. A label with its own article drops the template's ("a photo of a {}."
+    with "a dog" is "a photo of a dog.", not "a photo of a a dog.")."""
     if "{}" not in template:
         raise UsageError(f"template {template!r} has no '{{}}' for the label; e.g. 'a photo of a {{}}.'")
-    return [template.replace("{}", label) for label in labels]
+    bare = _ARTICLE_SLOT.sub("{}", template)
+    return [(bare if _OWN_ARTICLE.match(label) else template).replace("{}", label) for label in labels]
 
 
 def _encoder(model: Any, encode: Encode | None) -> Encode:

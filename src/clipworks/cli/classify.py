@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from clipworks.cli.common import MODEL_DEFAULT, DeviceOpt, ModelOpt, PrecisionOpt, ThreadsOpt, info, load_model
+from clipworks.display import quote_path
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.imaging import is_image_path
 
@@ -77,7 +78,7 @@ def classify(
     for i, (path, row) in enumerate(zip(paths, rows, strict=True)):
         if i:
             print()
-        print(path)
+        print(quote_path(path))
         print(format_prediction_table((s.logit, s.prob, s.label) for s in row), end="")
 
 
@@ -125,6 +126,6 @@ def interrogate(
         print(json.dumps(out, indent=2))
         return
     for item in out:
-        print(f"{item['image']}: {item['caption']}")
+        print(f"{quote_path(item['image'])}: {item['caption']}")
         for name, r in item.get("results", {}).items():
             print(f"  {name}: {r['winner']} ({r['confidence']:.3f})")

@@ -17,7 +17,10 @@ from clipworks.cli.common import (
     info,
     load_model,
 )
+from clipworks.display import quote_path
 from clipworks.errors import ClipworksError, UsageError
+
+DEFAULT_TEXTS_FILE = "text_embeddings.json"  # Hailo's text_image_matcher writes this name
 
 app = typer.Typer(help="Embed images into a file, or texts into a prompt JSON file.", no_args_is_help=True)
 
@@ -52,7 +55,7 @@ def images(
         raise ClipworksError(f"none of the {len(files)} files could be read as an image; nothing written to {out}")
     written = write_embeddings(out, result.paths, result.embeddings)
     info(result.summary())
-    info("wrote " + ", ".join(str(p) for p in written))
+    info("wrote " + ", ".join(quote_path(p) for p in written))
 
 
 def _read_interactive() -> tuple[list[str], list[str]]:
@@ -74,9 +77,15 @@ def _read_interactive() -> tuple[list[str], list[str]]:
 @app.command()
 def texts(
     text: Annotated[list[str] | None, typer.Argument(help="Prompts to encode.")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Hailo-format JSON file to write.")] = Path(
-        "text_embeddings.json"
-    ),
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help=f"Hailo-format JSON file to write (default: {DEFAULT_TEXTS_FILE}; with --image-path, none).",
+            show_default=False,
+        ),
+    ] = None,
     negative: Annotated[
         list[str] | None, typer.Option("--negative", "-n", help="Negative prompt (repeatable).")
     ] = None,
@@ -111,8 +120,15 @@ def texts(
         prompt_set = PromptSet.from_texts(positive, negatives, **options)
     clip = load_model(model, device, precision)
     encode_entries(prompt_set, clip.encode_texts)
-    saved = prompt_set.save(output)
-    info(f"wrote {saved} ({len(prompt_set.active_indices())} prompts, {clip.embed_dim}-d, {clip.name})")
+    if output is None and image_path is not None:
+        # A look at how one image matches must not replace a prompt file made earlier.
+        info(f"prompts not saved (pass -o FILE to save them, e.g. -o {DEFAULT_TEXTS_FILE})")
+    else:
+        target = output or Path(DEFAULT_TEXTS_FILE)
+        replaced = " (replaced the previous file)" if target.exists() else ""
+        saved = prompt_set.save(target)
+        prompts = len(prompt_set.active_indices())
+        info(f"wrote {quote_path(saved)}{replaced} ({prompts} prompts, {clip.embed_dim}-d, {clip.name})")
     if image_path is not None:
         result = match(clip.encode_images([image_path]), prompt_set)[0]
         for index, probability in sorted(result.probabilities.items(), key=lambda kv: -kv[1]):

@@ -118,7 +118,7 @@ FormatOpt = Annotated[
 
 @app.command("export")
 def export_(
-    output: Annotated[Path, typer.Argument(help="OUT.pkl (Sophgo), OUT.npy (+ .paths.txt), OUT.parquet or OUT.db.")],
+    output: Annotated[Path, typer.Argument(help="OUT.pkl (Sophgo), OUT.npy (+ .paths.json), OUT.parquet or OUT.db.")],
     fmt: FormatOpt = None,
     db: DbOpt = None,
     model: LibraryModelOpt = None,
@@ -130,7 +130,7 @@ def export_(
 
 @app.command("import")
 def import_(
-    file: Annotated[Path, typer.Argument(help="embeddings.pkl, .npy (+ .paths.txt), .parquet or a ClipItems .db.")],
+    file: Annotated[Path, typer.Argument(help="embeddings.pkl, .npy (+ .paths.json), .parquet or a ClipItems .db.")],
     fmt: FormatOpt = None,
     db: DbOpt = None,
     model: LibraryModelOpt = None,

@@ -12,6 +12,7 @@ from clipworks.cli.common import MODEL_DEFAULT, DeviceOpt, ModelOpt, PrecisionOp
 from clipworks.errors import ClipworksError, UsageError
 
 MULTI_DEFAULT_INPUTS = 4
+DEFAULT_PROMPT_FILE = "embeddings.json"
 
 
 def stream(
@@ -25,9 +26,14 @@ def stream(
     threads: ThreadsOpt = None,
     detector: Annotated[str, typer.Option(help="none (whole frame), person (HOG), or a YOLO .onnx path.")] = "none",
     detection_threshold: Annotated[float, typer.Option(help="Minimum person detection score.")] = 0.5,
-    json_path: Annotated[Path, typer.Option(help="Hailo-format prompt file (created if missing).")] = Path(
-        "embeddings.json"
-    ),
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Hailo-format prompt file, created if missing (default: a few prompts in memory, "
+            f"saved to ./{DEFAULT_PROMPT_FILE} only from the web page's Save).",
+            show_default=False,
+        ),
+    ] = None,
     disable_runtime_prompts: Annotated[
         bool, typer.Option(help="Only read --json-path; never load the text encoder (saves its memory).")
     ] = False,
@@ -48,8 +54,7 @@ def stream(
     """Run CLIP on live video, Hailo CLIP app style: headless events, an mp4, or a browser page."""
     from clipworks.stream.app import StreamApp, StreamOptions
     from clipworks.stream.prompts import PromptState
-    from clipworks.stream.sinks import EventsSink, VideoSink
-    from clipworks.stream.sources import open_sources
+    from clipworks.stream.sinks import EventsSink, VideoSink, check_output_file
 
     uris = list(inputs or [])
     if multi_stream:
@@ -66,6 +71,11 @@ def stream(
     host_port = _parse_web(web) if web else None
     if output is not None and output.suffix.lower() != ".mp4":
         raise UsageError(f"--output {output}: write an .mp4 file")
+    for path, flag in ((output, "--output"), (events, "--events")):
+        if path is not None:
+            check_output_file(path, flag)  # before the model loads and the first frame, not after the run
+    _require_extras(detector, multi_stream, output is not None, web is not None)
+    from clipworks.stream.sources import open_sources
 
     sources = open_sources(uris, sync=sync, loop=loop, strict=not multi_stream)
     if all(s.error for s in sources):
@@ -76,8 +86,9 @@ def stream(
         # Online prompts load the text tower now, as Hailo's app does, so the first edit is quick.
         _ = clip.textual, clip.tokenizer
         encode = clip.encode_texts
-    prompts = PromptState.open(json_path, encode)
-    info(f"stream: {len(sources)} input(s), model {clip.name}, prompts {json_path} "
+    prompts = PromptState.open(json_path or Path(DEFAULT_PROMPT_FILE), encode, create=json_path is not None)
+    where = json_path if json_path is not None else "in memory"
+    info(f"stream: {len(sources)} input(s), model {clip.name}, prompts {where} "
          f"({'online' if prompts.online else 'read-only'}), detector {detector}")  # fmt: skip
     opts = StreamOptions(
         detector=detector, detection_threshold=detection_threshold, interval=classify_every, max_crops=max_crops,
@@ -87,7 +98,7 @@ def stream(
     events_sink = EventsSink(events) if events is not None else None
     video_sink = VideoSink(output, fps=sources[0].fps or 10.0) if output is not None else None
     server = None
-    app = StreamApp(clip, prompts, sources, opts, events=events_sink, video=video_sink)
+    app = StreamApp(clip, prompts, sources, opts, events=events_sink, video=video_sink, changes=sys.stdout)
     try:
         if host_port is not None:
             from clipworks.stream.web import WebServer
@@ -107,6 +118,21 @@ def stream(
     if summary.errors and len(summary.errors) == len(sources):
         raise ClipworksError("; ".join(summary.errors.values()))
     sys.stderr.flush()
+
+
+def _require_extras(detector: str, multi_stream: bool, output: bool, web: bool) -> None:
+    """Every optional module the run will import, checked before any work (clipworks[stream] has them all)."""
+    from clipworks.extras import require
+
+    require("av", "stream", "clipworks stream")
+    if multi_stream:  # before the detector: --multi-stream picks person mode itself
+        require(("cv2", "trackers", "supervision"), "stream", "--multi-stream")
+    if detector != "none":
+        require(("cv2", "trackers", "supervision"), "stream", f"--detector {detector}")
+    if output:
+        require("cv2", "stream", "--output")
+    if web:
+        require(("fastapi", "uvicorn", "cv2"), "stream", "--web")
 
 
 def _parse_web(value: str) -> tuple[str, int]:

@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperCommand
 
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info, load_model
+from clipworks.display import one_line, quote_path
 from clipworks.errors import ClipworksError, UsageError
+from clipworks.extras import require
 
 app = typer.Typer(help="Per-frame CLIP features (video_features-compatible) and search inside videos.",
                   no_args_is_help=True)  # fmt: skip
@@ -22,7 +23,7 @@ GREEDY = ("--pred-texts", "--video-paths")
 
 
 class GreedyListCommand(TyperCommand):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         spread: list[str] = []
         flag: str | None = None
         for arg in args:
@@ -48,7 +49,13 @@ def features(
         Path | None, typer.Option("--file-with-video-paths", help="A text file with one video path a line.")
     ] = None,
     model: Annotated[
-        str, typer.Option("--model", "-m", help="ViT-B/32, RN50, ..., a registry name, a bundle path, or custom.")
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            envvar="CLIPWORKS_MODEL",
+            help="ViT-B/32, RN50, ..., a registry name, a bundle path, or custom.",
+        ),
     ] = VIDEO_MODEL_DEFAULT,
     extraction_fps: Annotated[
         float | None, typer.Option("--extraction-fps", help="Frames per second to take (ffmpeg's fps=N frames).")
@@ -85,6 +92,7 @@ def features(
     from clipworks.video.models import output_name, resolve_model
     from clipworks.video.outputs import output_dir
 
+    require("av", "video", "clipworks video")
     action = on_extraction or "print"
     if output_format is not None:
         if output_format != "parquet":
@@ -115,7 +123,10 @@ def search(
     videos: Annotated[list[Path], typer.Argument(help="Video files.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Moments to show.")] = 10,
     model: Annotated[
-        str, typer.Option("--model", "-m", help="The model the features were (or will be) made with.")
+        str,
+        typer.Option(
+            "--model", "-m", envvar="CLIPWORKS_MODEL", help="The model the features were (or will be) made with."
+        ),
     ] = VIDEO_MODEL_DEFAULT,
     extraction_fps: Annotated[
         float, typer.Option("--extraction-fps", help="Frames per second to embed where no features are saved.")
@@ -139,6 +150,7 @@ def search(
 
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, not {top_k}")
+    require("av", "video", "clipworks video")
     paths = read_video_list(videos, None)
     saved_dir = output_dir(output_path, output_name(model))
     clip = load_model(resolve_model(model), device, precision, threads)
@@ -146,20 +158,23 @@ def search(
     for video in paths:
         features = load_features(saved_dir, video)
         if features is not None:
-            info(f"{video}: using the {len(features.embeddings)} saved frames in {saved_dir}")
+            info(f"{quote_path(video)}: using the {len(features.embeddings)} saved frames in {saved_dir}")
         else:
             try:
                 features = extract_features(
                     clip, video, plan_sampling(probe(video), extraction_fps), batch_size=batch_size
                 )
             except ClipworksError as e:
-                print(f"error: {e} - continuing with the next video", file=sys.stderr)
+                print(f"error: {one_line(str(e))} - continuing with the next video", file=sys.stderr)
                 continue
-            info(f"{video}: {len(features.embeddings)} frames at {extraction_fps:g} fps "
+            shortfall = features.shortfall()
+            if shortfall is not None:
+                print(f"warning: {one_line(shortfall)}", file=sys.stderr)
+            info(f"{quote_path(video)}: {len(features.embeddings)} frames at {extraction_fps:g} fps "
                  f"({features.frames_per_s:.1f} frames/s)")  # fmt: skip
         found.append(features)
     if not found:
         raise ClipworksError("none of the videos could be read")
     moments = top_moments(clip.encode_texts([query])[0], found, top_k=top_k, min_gap_ms=min_gap * 1000)
     for moment in moments:
-        print(f"{moment.score:.4f}  {moment.clock}  {moment.video}")
+        print(f"{moment.score:.4f}  {moment.clock}  {quote_path(moment.video)}")

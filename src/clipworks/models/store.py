@@ -10,7 +10,7 @@ from clipworks import settings
 from clipworks.errors import BadBundle, ClipworksError, ModelNotFound, status
 from clipworks.models.bundle import Bundle, is_bundle_dir, load_bundle
 from clipworks.models.hub import cached_snapshot, download_snapshot, repo_cache_dir
-from clipworks.models.registry import RANDOM_TAG, ModelRef, parse_model_name
+from clipworks.models.registry import RANDOM_TAG, SEPARATOR, ModelRef, parse_model_name
 
 
 def _looks_like_path(name: str) -> bool:
@@ -34,7 +34,9 @@ def _not_downloaded(ref: ModelRef) -> ModelNotFound:
     places = [ref.cache_path()] + ([repo_cache_dir(ref.hf_repo)] if ref.hf_repo else [])
     return ModelNotFound(
         f"{ref.name} is not downloaded (looked in {' and '.join(map(str, places))}); "
-        f"run `clipworks models pull {ref.name}` with network access, or pass --model PATH to a bundle folder"
+        f"run `clipworks models pull {ref.name}` with network access, pass --model PATH to a bundle folder, or, "
+        f"to try things offline, use {ref.arch}{SEPARATOR}{RANDOM_TAG} (seeded random weights exported locally: "
+        "needs no download, needs clipworks[export], gives meaningless vectors)"
     )
 
 

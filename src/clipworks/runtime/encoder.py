@@ -7,6 +7,7 @@ Towers load lazily: a host that only matches images against a prompt file never 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -121,15 +122,24 @@ class ClipModel:
 
     def encode_images(
         self,
-        images: Iterable[Any],
+        images: Iterable[Any] | Any,
         batch_size: int = 32,
         normalize: bool = True,
         mode: PreprocessMode | None = None,
     ) -> np.ndarray:
         """Embed images in input order. An unreadable image raises ``BadImage`` naming it.
 
-        For folders of files with bad ones skipped and decoding in threads, use ``clipworks.pipeline``.
+        One image (a path, bytes or a PIL image) gives a ``(1, D)`` array, as a list of one would: a bare
+        string is never iterated as characters. For folders of files with bad ones skipped and decoding in
+        threads, use ``clipworks.pipeline``.
         """
+        if _is_single_image(images):
+            images = [images]
+        elif not isinstance(images, Iterable):
+            raise TypeError(
+                f"encode_images takes an image or an iterable of images (paths, bytes, PIL images, arrays), "
+                f"not {type(images).__name__}"
+            )
         chunks: list[np.ndarray] = []
         batch: list[np.ndarray] = []
         for image in images:
@@ -168,6 +178,12 @@ class ClipModel:
 
     def __repr__(self) -> str:
         return f"ClipModel({self.name!r}, precision={self.precision!r}, device={self.device!r})"
+
+
+def _is_single_image(image: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(image, str | bytes | bytearray | os.PathLike | Image.Image)
 
 
 def _run_batched(session: OrtSession, array: np.ndarray) -> np.ndarray:

@@ -81,6 +81,7 @@ class StreamApp:
         video: VideoSink | None = None,
         view: Any = None,
         log: IO[str] | None = None,
+        changes: IO[str] | None = None,
     ) -> None:
         self.model = model
         self.prompts = prompts
@@ -90,6 +91,10 @@ class StreamApp:
         self.video = video
         self.view = view
         self.log = log or sys.stderr
+        # Where each change of a stream's (or a track's) label is printed, one line each: the CLI passes
+        # stdout, so a headless run shows what it sees without --events.
+        self.changes = changes
+        self._shown: dict[tuple[int, int | None], tuple[str | None, bool]] = {}
         self.timer = StageTimer()
         self.person = options.detector != "none"
         self.detector: Any = None
@@ -256,6 +261,7 @@ class StreamApp:
                            "probabilities": probs, "frame": f.index, "time": round(f.time, 4), "track_id": tid,
                            "prompts_version": version}  # fmt: skip
         self.summary.classifications += 1
+        self._print_change(f, tid, r)
         self._emit(
             {
                 "event": "classification",
@@ -270,6 +276,15 @@ class StreamApp:
                 "passed": bool(r.passed),
             }
         )
+
+    def _print_change(self, f: Frame, tid: int | None, r: Any) -> None:
+        shown = (r.text, bool(r.passed))
+        if self.changes is None or self._shown.get((f.stream, tid)) == shown:
+            return
+        self._shown[(f.stream, tid)] = shown
+        who = f"stream {f.stream}" + (f" track {tid}" if tid is not None else "")
+        mark = "" if r.passed else " (below threshold)"
+        print(f"{f.time:.2f}s {who}: {r.text} {r.probability:.3f}{mark}", file=self.changes, flush=True)
 
     def _update_featured(self, frames: list[Frame]) -> None:
         if not self.opts.multi_stream:

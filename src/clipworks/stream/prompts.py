@@ -44,8 +44,11 @@ class PromptState:
         return self.encode_texts is not None
 
     @classmethod
-    def open(cls, path: Path, encode_texts: Callable[[list[str]], np.ndarray] | None) -> PromptState:
-        """Load ``path``; when it is missing and prompts are online, create it with a few default prompts."""
+    def open(
+        cls, path: Path, encode_texts: Callable[[list[str]], np.ndarray] | None, *, create: bool = True
+    ) -> PromptState:
+        """Load ``path``; when it is missing and prompts are online, start from a few default prompts and
+        write them to ``path`` if ``create`` (else they live in memory until saved)."""
         if path.is_file():
             ps = PromptSet.load(path)
             if encode_texts is not None and any(e.text and e.embedding is None for e in ps.entries):
@@ -58,7 +61,8 @@ class PromptState:
         else:
             ps = PromptSet.from_texts(DEFAULT_TEXTS)
             encode_entries(ps, encode_texts)
-            ps.save(path)
+            if create:
+                ps.save(path)
         while len(ps.entries) < HAILO_SLOTS:
             ps.entries.append(PromptEntry(""))
         return cls(ps, path, encode_texts)

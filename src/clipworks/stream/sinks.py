@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -15,11 +16,22 @@ from clipworks.errors import UsageError
 STAGES = ("decode", "detect", "track", "clip", "draw")
 
 
+def check_output_file(path: Path, what: str) -> None:
+    """Refuse a file that cannot be created (missing folder, a folder in its place) before any frame."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"{what} {path}: the folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"{what} {path}: the folder {path.parent} is not writable")
+
+
 class EventsSink:
     """One JSON object a line, flushed as written, so ``tail -f`` and a crash both see every event."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        check_output_file(path, "--events")
         try:
             self._f: IO[str] | None = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         except OSError as e:
@@ -46,6 +58,7 @@ class VideoSink:
     """An mp4 writer (PyAV, H.264 when available else MPEG-4), opened on the first frame's size."""
 
     def __init__(self, path: Path, fps: float = 10.0) -> None:
+        check_output_file(path, "--output")
         self.path = path
         self.fps = max(1, round(fps))
         self._container: Any = None

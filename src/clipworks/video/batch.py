@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from clipworks.display import one_line, quote_path
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.runtime.encoder import ClipModel
 from clipworks.video.features import VideoFeatures, extract_features
@@ -55,6 +56,7 @@ class RunSummary:
     extracted: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    short: list[Path] = field(default_factory=list)  # extracted, but fewer frames than their headers promise
     frames: int = 0
     seconds: float = 0.0
 
@@ -63,6 +65,8 @@ class RunSummary:
         parts = [f"{len(self.extracted)} videos extracted ({self.frames} frames, {rate:.1f} frames/s)"]
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
+        if self.short:
+            parts.append(f"{len(self.short)} cut short (see the warnings)")
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
         return ", ".join(parts) + f" in {self.seconds:.1f} s"
@@ -180,13 +184,17 @@ def run_extraction(
             raise
         except Exception as e:  # one bad video must not end a run over thousands
             message = str(e) if isinstance(e, ClipworksError) else f"{type(e).__name__}: {e}"
-            print(f"error: {video}: {message} - continuing with the next video", file=log)
+            print(f"error: {quote_path(video)}: {one_line(message)} - continuing with the next video", file=log)
             summary.failed.append((video, message))
             continue
         summary.extracted.append(video)
         summary.frames += len(features.embeddings)
+        shortfall = features.shortfall()
+        if shortfall is not None:
+            print(f"warning: {one_line(shortfall)}", file=log)
+            summary.short.append(video)
         print(
-            f"[{n}/{len(videos)}] {video}: {len(features.embeddings)} frames in {features.seconds:.1f} s "
+            f"[{n}/{len(videos)}] {quote_path(video)}: {len(features.embeddings)} frames in {features.seconds:.1f} s "
             f"({features.frames_per_s:.1f} frames/s)",
             file=log,
         )

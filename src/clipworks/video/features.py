@@ -33,10 +33,23 @@ class VideoFeatures:
     timestamps_ms: np.ndarray  # (T,) float64
     fps: float
     seconds: float = 0.0
+    expected_frames: int | None = None  # what the container's header promises for this sampling
 
     @property
     def frames_per_s(self) -> float:
         return len(self.embeddings) / self.seconds if self.seconds > 0 else 0.0
+
+    def shortfall(self) -> str | None:
+        """A warning when decoding ended well before the header's frame count (a cut-off or damaged file).
+
+        The features of the frames that were read are still right, so this is a warning, not an error.
+        One frame of slack: the header's duration and ffmpeg's rounding can differ by a frame.
+        """
+        read, expected = len(self.embeddings), self.expected_frames
+        if expected is None or read >= expected - 1:
+            return None
+        return (f"{self.path}: read {read} of the {expected} frames its header promises; "
+                "the file is probably truncated or damaged")  # fmt: skip
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """The keys and dtypes video_features saves (it builds them with ``np.array`` of Python floats)."""
@@ -126,8 +139,9 @@ def extract_features(
     from clipworks.video.frames import plan_sampling, probe
 
     start = time.perf_counter()
+    info = probe(path)
     if sampling is None:
-        sampling = plan_sampling(probe(path))
+        sampling = plan_sampling(info)
     times: list[np.ndarray] = []
     chunks: list[np.ndarray] = []
     for stamps, embeddings in iter_feature_batches(model, path, sampling, batch_size=batch_size, queue_size=queue_size):
@@ -137,4 +151,6 @@ def extract_features(
             on_batch(stamps, embeddings)
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.embed_dim), np.float32)
     stamps = np.concatenate(times).astype(np.float64) if times else np.zeros((0,), np.float64)
-    return VideoFeatures(Path(path), embeddings, stamps, sampling.fps, time.perf_counter() - start)
+    return VideoFeatures(
+        Path(path), embeddings, stamps, sampling.fps, time.perf_counter() - start, sampling.expected_frames(info)
+    )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
+from clipworks.checksum import file_sha256
 from clipworks.errors import ClipworksError, ModelNotFound
 
 CUSTOM = "custom"
@@ -62,20 +62,12 @@ def openai_arch(state: dict[str, Any]) -> str:
     return arch
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_custom(checkpoint: Path) -> Path:
     """Export the checkpoint once into the model cache, keyed by its checksum; later runs reuse it."""
     from clipworks.models.bundle import is_bundle_dir
     from clipworks.settings import models_dir
 
-    out = models_dir() / f"CLIP-custom__{_sha256(checkpoint)[:16]}"
+    out = models_dir() / f"CLIP-custom__{file_sha256(checkpoint)[:16]}"
     if is_bundle_dir(out):
         return out
     try:

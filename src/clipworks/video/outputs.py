@@ -15,7 +15,7 @@ from typing import IO, Any
 import numpy as np
 
 from clipworks.atomic import atomic_path
-from clipworks.errors import UsageError
+from clipworks.extras import require
 from clipworks.video.features import FEATURE_KEY, VideoFeatures
 
 OUTPUT_KEYS = (FEATURE_KEY, "fps", "timestamps_ms")
@@ -61,11 +61,10 @@ def _load(path: Path) -> Any:
 
 
 def _pyarrow() -> tuple[Any, Any]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise UsageError("--format parquet needs pyarrow: pip install 'clipworks[parquet]'") from e
+    require("pyarrow", "parquet", "--format parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     return pa, pq
 
 
