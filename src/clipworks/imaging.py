@@ -323,10 +323,11 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     resizes nearest-neighbour and an RGBA one premultiplied); `load_image` converts to RGB first instead.
 
     Memory stays bounded whatever the aspect ratio. open_clip resizes the whole image before it crops, so a
-    40000x1 strip in "shortest" mode becomes a 8960000x224 image (6 GB) of which 224x224 is kept; here an
-    image whose resized size would be over `EXACT_RESIZE_LIMIT` times the output's is resampled only where
-    the crop keeps it, which moves a few pixels by one grey level from open_clip's. A side that would round
-    to 0 pixels ("longest" mode on such a strip, where open_clip fails) is kept 1 pixel wide.
+    40000x1 strip in "shortest" mode becomes a 8960000x224 image (8 GB in Pillow) of which 224x224 is kept;
+    here an image whose resized size would be over `EXACT_RESIZE_LIMIT` times the output's is resampled only
+    where the crop keeps it, which moves single pixels by up to 2 grey levels from open_clip's (measured in
+    tests/test_imaging.py). A side that would round to 0 pixels ("longest" mode on such a strip, where
+    open_clip fails) is kept 1 pixel wide.
     """
     th, tw = cfg.size
     new_w, new_h, resample = _resize_plan(image.size, cfg)
