@@ -184,13 +184,15 @@ def thumbs_dir(library: Any) -> Path:
 
 
 def render_thumbnail(source: str, target: Path, size: int) -> None:
-    """Decode ``source`` (reduced while decoding where JPEG allows), fit it in ``size`` px, write a JPEG."""
-    from PIL import Image, ImageOps
+    """Fit ``source`` in ``size`` px and write it as a JPEG. A file indexing refuses (over the pixel limit,
+    unreadable) is refused here too, before it is decoded: 415 with the reason."""
+    from clipworks.errors import BadImage
+    from clipworks.imaging import load_thumbnail
 
-    with Image.open(source) as im:
-        im.draft("RGB", (size, size))
-        image = ImageOps.exif_transpose(im).convert("RGB")
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    try:
+        image = load_thumbnail(source, size)
+    except BadImage as e:
+        raise HTTPException(status_code=415, detail=f"no thumbnail: {e}") from e
     with atomic_path(target) as tmp:  # whole or not at all: a reader never sees half a thumbnail
         image.save(tmp, "JPEG", quality=85, optimize=True)
 
