@@ -64,6 +64,16 @@ MIGRATIONS: list[str] = [
     CREATE TABLE state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO state (key, value) VALUES ('generation', 0);
     """,
+    # 2: what each path was when indexed (device, inode, the real path when a link leads there) so that
+    # a server opens that very file and nothing swapped in; whether a folder follows links out of itself;
+    # a random id telling this database from an earlier one at the same path (it keys the side file).
+    """
+    ALTER TABLE files ADD COLUMN dev INTEGER;
+    ALTER TABLE files ADD COLUMN ino INTEGER;
+    ALTER TABLE files ADD COLUMN target TEXT;
+    ALTER TABLE roots ADD COLUMN follow_links INTEGER NOT NULL DEFAULT 0;
+    INSERT INTO state (key, value) VALUES ('library_id', random() & 9223372036854775807);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -262,6 +272,59 @@ class Store:
         ).fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return ids, from_blobs((r[1] for r in rows), model.dim)
+
+    # -- identity: which database this is, and which file on disk each row is ------------------------
+    def side_file_key(self) -> tuple[int, int]:
+        """(library id, generation), read in one statement: what a cached matrix of this database is valid for."""
+        row = self.conn.execute(
+            "SELECT (SELECT value FROM state WHERE key = 'library_id'), "
+            "(SELECT value FROM state WHERE key = 'generation')"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def recorded_file(self, file_id: int) -> RecordedFile | None:
+        row = self.conn.execute(f"SELECT {RECORDED_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
+        return RecordedFile(*row) if row else None
+
+    def recorded_under(self, root: str) -> list[RecordedFile]:
+        low, high = prefix_range(root)
+        rows = self.conn.execute(
+            f"SELECT {RECORDED_COLUMNS} FROM files WHERE path >= ? AND path < ?", (low, high)
+        ).fetchall()
+        return [RecordedFile(*r) for r in rows]
+
+    def follow_links(self, root: str) -> bool:
+        row = self.conn.execute("SELECT follow_links FROM roots WHERE path = ?", (root,)).fetchone()
+        return bool(row and row[0])
+
+
+RECORDED_COLUMNS = "id, path, target, size, mtime_ns, dev, ino, error, deleted_at"
+
+
+@dataclass(frozen=True)
+class RecordedFile:
+    """The file a row stands for, as stat saw it when it was indexed: ``dev`` and ``ino`` are None for rows
+    written before schema 2 or imported, until an index run covers them; ``target`` is the real path when
+    the indexed path went through a symlink."""
+
+    id: int
+    path: str
+    target: str | None
+    size: int
+    mtime_ns: int
+    dev: int | None
+    ino: int | None
+    error: str | None
+    deleted_at: float | None
+
+    @property
+    def real_path(self) -> str:
+        return self.target or self.path
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is this very file, unchanged: device and inode (a freed inode number is soon
+        reused, so size and mtime too)."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (self.dev, self.ino, self.size, self.mtime_ns)
 
 
 def now() -> float:
