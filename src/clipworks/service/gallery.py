@@ -143,6 +143,14 @@ def media_type(fh: BinaryIO, file_id: int) -> str:
     return found
 
 
+def open_file_path(fh: BinaryIO) -> str:
+    """A path that opens the very file ``fh`` has open (``/proc/self/fd/N`` resolves to its inode, not to a
+    name someone could swap), for code that takes a path, such as ``render_thumbnail``."""
+    fd = fh.fileno()
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else f"/dev/fd/{fd}"
+
+
 def chunks(fh: BinaryIO, size: int) -> Iterator[bytes]:
     """At most ``size`` bytes of ``fh`` (its fstat size, sent as Content-Length), then close it."""
     try:
@@ -269,7 +277,7 @@ def thumbnail(library: Any, file_id: int, fh: BinaryIO, st: os.stat_result, size
         return target
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        render_thumbnail(fh, target, size)  # type: ignore[arg-type]  # Image.open reads an open file too
+        render_thumbnail(open_file_path(fh), target, size)
     except OSError as e:
         raise HTTPException(status_code=415, detail=f"photo {file_id} cannot be decoded for a thumbnail ({e})") from e
     for stale in folder.glob(f"{file_id}-{size}-*.jpg"):
