@@ -3,7 +3,8 @@
 Reconciling is one transaction (new, changed, moved, copied, restored and vanished files); embedding then
 commits each batch from ``clipworks.pipeline.iter_embeddings`` in its own transaction. What still needs a
 vector is read back from the database, not remembered, so a run killed at any point leaves a valid file
-and the next run carries on where it stopped.
+and the next run carries on where it stopped. One run at a time per library (``<db>-index.lock``): a
+second one waits, then finds the first one's work done instead of doing it again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from clipworks.errors import status
 from clipworks.library.scan import FileStat, SkippedFolder, excluded_path, file_hash, resolve_root, walk
-from clipworks.library.store import FileRow, ModelRow, RecordedFile, Store, now, prefix_range, to_blob
+from clipworks.library.store import FileRow, ModelRow, Store, now, prefix_range, to_blob
 from clipworks.runtime.encoder import ClipModel
 
 
@@ -111,13 +112,13 @@ def add_roots(
     return out
 
 
-def _same_file(row: FileRow, recorded: RecordedFile, stat: FileStat) -> bool:
+def _same_file(row: FileRow, stat: FileStat) -> bool:
     """Whether an unchanged-looking file (same size and mtime) is still the one the row recorded.
 
     Another inode at the path (a copy, a hard link, a restored backup) is the same photo only when its
     bytes hash the same, which keeps a library moved to another disk from being embedded again.
     """
-    if recorded.dev is None or (recorded.dev, recorded.ino) == (stat.dev, stat.ino):
+    if row.dev is None or (row.dev, row.ino) == (stat.dev, stat.ino):
         return True  # a row from before identities were recorded: size and mtime decide, as they did then
     if row.hash is None:
         return False
@@ -135,13 +136,11 @@ def reconcile(store: Store, roots: Sequence[Root], report: IndexReport) -> None:
         scanned.update((stat.path, stat) for stat in found)
     report.scanned = len(scanned)
     known: dict[str, FileRow] = {}
-    recorded: dict[int, RecordedFile] = {}
     root_of: dict[int, Root] = {}
     for root in roots:
         for row in store.files_under(root.path):
             known[row.path] = row
             root_of.setdefault(row.id, root)
-        recorded.update((r.id, r) for r in store.recorded_under(root.path))
 
     changed: list[FileStat] = []
     restored: list[FileStat] = []
@@ -152,12 +151,11 @@ def reconcile(store: Store, roots: Sequence[Root], report: IndexReport) -> None:
         if row is None:
             new.append(stat)
             continue
-        rec = recorded[row.id]
-        if row.size != stat.size or row.mtime_ns != stat.mtime_ns or not _same_file(row, rec, stat):
+        if row.size != stat.size or row.mtime_ns != stat.mtime_ns or not _same_file(row, stat):
             changed.append(stat)
         elif row.deleted_at is not None:
             restored.append(stat)
-        elif (rec.dev, rec.ino, rec.target) != (stat.dev, stat.ino, stat.target):
+        elif (row.dev, row.ino, row.target) != (stat.dev, stat.ino, stat.target):
             refreshed.append(stat)
             report.unchanged += 1
         else:

@@ -30,9 +30,9 @@ class FileStat:
     path: str
     size: int
     mtime_ns: int
-    dev: int = 0
-    ino: int = 0
-    target: str | None = None
+    dev: int
+    ino: int
+    target: str | None
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,10 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class FileRow:
+    """A file as stat saw it when it was indexed. ``dev`` and ``ino`` are None for rows written before
+    schema 2 or imported, until an index run covers them; ``target`` is the real path when the indexed
+    path went through a symlink."""
+
     id: int
     path: str
     size: int
@@ -96,9 +100,21 @@ class FileRow:
     hash: str | None
     error: str | None
     deleted_at: float | None
+    dev: int | None
+    ino: int | None
+    target: str | None
+
+    @property
+    def real_path(self) -> str:
+        return self.target or self.path
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is this very file, unchanged: device and inode (a freed inode number is soon
+        reused, so size and mtime too)."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (self.dev, self.ino, self.size, self.mtime_ns)
 
 
-FILE_COLUMNS = "id, path, size, mtime_ns, hash, error, deleted_at"
+FILE_COLUMNS = "id, path, size, mtime_ns, hash, error, deleted_at, dev, ino, target"
 
 
 def to_blob(vector: np.ndarray) -> bytes:
@@ -273,7 +289,7 @@ class Store:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return ids, from_blobs((r[1] for r in rows), model.dim)
 
-    # -- identity: which database this is, and which file on disk each row is ------------------------
+    # -- which database this is; a file by id; how a folder is walked --------------------------------
     def side_file_key(self) -> tuple[int, int]:
         """(library id, generation), read in one statement: what a cached matrix of this database is valid for."""
         row = self.conn.execute(
@@ -282,49 +298,13 @@ class Store:
         ).fetchone()
         return int(row[0]), int(row[1])
 
-    def recorded_file(self, file_id: int) -> RecordedFile | None:
-        row = self.conn.execute(f"SELECT {RECORDED_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
-        return RecordedFile(*row) if row else None
-
-    def recorded_under(self, root: str) -> list[RecordedFile]:
-        low, high = prefix_range(root)
-        rows = self.conn.execute(
-            f"SELECT {RECORDED_COLUMNS} FROM files WHERE path >= ? AND path < ?", (low, high)
-        ).fetchall()
-        return [RecordedFile(*r) for r in rows]
+    def file_by_id(self, file_id: int) -> FileRow | None:
+        row = self.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
+        return FileRow(*row) if row else None
 
     def follow_links(self, root: str) -> bool:
         row = self.conn.execute("SELECT follow_links FROM roots WHERE path = ?", (root,)).fetchone()
         return bool(row and row[0])
-
-
-RECORDED_COLUMNS = "id, path, target, size, mtime_ns, dev, ino, error, deleted_at"
-
-
-@dataclass(frozen=True)
-class RecordedFile:
-    """The file a row stands for, as stat saw it when it was indexed: ``dev`` and ``ino`` are None for rows
-    written before schema 2 or imported, until an index run covers them; ``target`` is the real path when
-    the indexed path went through a symlink."""
-
-    id: int
-    path: str
-    target: str | None
-    size: int
-    mtime_ns: int
-    dev: int | None
-    ino: int | None
-    error: str | None
-    deleted_at: float | None
-
-    @property
-    def real_path(self) -> str:
-        return self.target or self.path
-
-    def matches(self, st: os.stat_result) -> bool:
-        """Whether ``st`` is this very file, unchanged: device and inode (a freed inode number is soon
-        reused, so size and mtime too)."""
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (self.dev, self.ino, self.size, self.mtime_ns)
 
 
 def now() -> float:

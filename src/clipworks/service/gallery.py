@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
 from clipworks.library.search import combine, parse_query
-from clipworks.library.store import FILE_COLUMNS, FileRow, RecordedFile
+from clipworks.library.store import FileRow
 
 router = APIRouter(tags=["gallery"])
 
@@ -83,14 +83,14 @@ def library_of(request: Request) -> Any:
 
 def live_file(library: Any, file_id: int) -> FileRow:
     """The row of a present (indexed, not deleted) file, else 404."""
-    row = library.store.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
-    if row is None or row[6] is not None:
+    row = library.store.file_by_id(file_id)
+    if row is None or row.deleted_at is not None:
         raise HTTPException(status_code=404, detail=f"no photo {file_id} in the library")
-    return FileRow(*row)
+    return row
 
 
 class OpenPhoto(NamedTuple):
-    record: RecordedFile
+    row: FileRow
     file: BinaryIO
     stat: os.stat_result
 
@@ -101,9 +101,7 @@ def open_recorded(library: Any, file_id: int) -> OpenPhoto:
     One ``open`` (no final symlink followed: the real path was recorded; non-blocking, so a FIFO swapped
     in cannot hang the server) then checks on the open file, so nothing can be swapped in between.
     """
-    rec: RecordedFile | None = library.store.recorded_file(file_id)
-    if rec is None or rec.deleted_at is not None:
-        raise HTTPException(status_code=404, detail=f"no photo {file_id} in the library")
+    rec = live_file(library, file_id)
     if rec.error is not None:
         raise HTTPException(status_code=404, detail=f"photo {file_id} could not be read as an image when indexed")
     if rec.dev is None:
@@ -404,7 +402,7 @@ def original(request: Request, file_id: FileId) -> Response:
     name = os.path.basename(rec.path)
     headers = {
         "Content-Length": str(st.st_size),
-        "Content-Disposition": f"inline; filename*=utf-8''{quote(name)}",
+        "Content-Disposition": f"inline; filename*=utf-8''{quote(name, errors='replace')}",  # a non-UTF-8 name too
         "Cache-Control": "private, max-age=300",
         "X-Content-Type-Options": "nosniff",  # the type is the decoded format's; no browser guessing
     }
