@@ -45,6 +45,14 @@ def add(
         list[str] | None,
         typer.Option("--exclude", help="Glob of paths or names to skip (repeatable; remembered per folder)."),
     ] = None,
+    follow_links: Annotated[
+        bool | None,
+        typer.Option(
+            "--follow-links/--no-follow-links",
+            help="Follow symlinked folders that lead outside the folder (remembered per folder; default: no). "
+            "Links to image files are always followed.",
+        ),
+    ] = None,
     model: LibraryModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -58,12 +66,18 @@ def add(
     progress = {"embedded": 0}
     try:
         report = library.index(
-            folders, excludes=exclude, batch_size=batch_size, workers=workers,
+            folders, excludes=exclude, follow_links=follow_links, batch_size=batch_size, workers=workers,
             on_batch=lambda n: progress.update(embedded=n),
         )  # fmt: skip
     except KeyboardInterrupt:
         info(f"interrupted: {progress['embedded']} images embedded and committed; run the same command to continue")
         raise
+    for folder in report.skipped_folders:
+        if folder.kind == "unreadable":
+            info(f"warning: cannot read folder {folder.path} ({folder.detail}); its photos are kept as they were")
+        else:
+            info(f"warning: not following {folder.path} -> {folder.detail}: it leads outside the folder "
+                 "(--follow-links indexes it)")  # fmt: skip
     info(f"{library.path}: {report.summary()}")
     if report.failures:
         info(f"{len(report.failures)} files could not be read; they are retried when they change (`index status`)")

@@ -64,6 +64,16 @@ MIGRATIONS: list[str] = [
     CREATE TABLE state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO state (key, value) VALUES ('generation', 0);
     """,
+    # 2: what each path was when indexed (device, inode, the real path when a link leads there) so that
+    # a server opens that very file and nothing swapped in; whether a folder follows links out of itself;
+    # a random id telling this database from an earlier one at the same path (it keys the side file).
+    """
+    ALTER TABLE files ADD COLUMN dev INTEGER;
+    ALTER TABLE files ADD COLUMN ino INTEGER;
+    ALTER TABLE files ADD COLUMN target TEXT;
+    ALTER TABLE roots ADD COLUMN follow_links INTEGER NOT NULL DEFAULT 0;
+    INSERT INTO state (key, value) VALUES ('library_id', random() & 9223372036854775807);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -79,6 +89,10 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class FileRow:
+    """A file as stat saw it when it was indexed. ``dev`` and ``ino`` are None for rows written before
+    schema 2 or imported, until an index run covers them; ``target`` is the real path when the indexed
+    path went through a symlink."""
+
     id: int
     path: str
     size: int
@@ -86,9 +100,21 @@ class FileRow:
     hash: str | None
     error: str | None
     deleted_at: float | None
+    dev: int | None
+    ino: int | None
+    target: str | None
+
+    @property
+    def real_path(self) -> str:
+        return self.target or self.path
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is this very file, unchanged: device and inode (a freed inode number is soon
+        reused, so size and mtime too)."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (self.dev, self.ino, self.size, self.mtime_ns)
 
 
-FILE_COLUMNS = "id, path, size, mtime_ns, hash, error, deleted_at"
+FILE_COLUMNS = "id, path, size, mtime_ns, hash, error, deleted_at, dev, ino, target"
 
 
 def to_blob(vector: np.ndarray) -> bytes:
@@ -262,6 +288,23 @@ class Store:
         ).fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return ids, from_blobs((r[1] for r in rows), model.dim)
+
+    # -- which database this is; a file by id; how a folder is walked --------------------------------
+    def side_file_key(self) -> tuple[int, int]:
+        """(library id, generation), read in one statement: what a cached matrix of this database is valid for."""
+        row = self.conn.execute(
+            "SELECT (SELECT value FROM state WHERE key = 'library_id'), "
+            "(SELECT value FROM state WHERE key = 'generation')"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def file_by_id(self, file_id: int) -> FileRow | None:
+        row = self.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
+        return FileRow(*row) if row else None
+
+    def follow_links(self, root: str) -> bool:
+        row = self.conn.execute("SELECT follow_links FROM roots WHERE path = ?", (root,)).fetchone()
+        return bool(row and row[0])
 
 
 def now() -> float:
