@@ -20,7 +20,8 @@ from typing import Any, cast
 import numpy as np
 
 from clipworks.library.scan import FileStat, file_hash, resolve_root, walk
-from clipworks.library.store import FileRow, ModelRow, Store, now, prefix_range, to_blob
+from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob
+from clipworks.names import to_bytes
 from clipworks.runtime.encoder import ClipModel
 
 
@@ -88,9 +89,9 @@ def add_roots(
         if root not in known or (excludes is not None and known[root] != patterns):
             with store.write() as db:
                 db.execute(
-                    "INSERT INTO roots (path, excludes, added_at) VALUES (?, ?, ?) "
+                    f"INSERT INTO roots (path, excludes, added_at) VALUES ({TEXT_ARG}, ?, ?) "
                     "ON CONFLICT(path) DO UPDATE SET excludes = excluded.excludes",
-                    (root, json.dumps(patterns), now()),
+                    (to_bytes(root), json.dumps(patterns), now()),
                 )
         out.append((root, patterns))
     return out
@@ -161,15 +162,16 @@ def _add_new(db: Any, stat: FileStat, vanished: dict[int, FileRow], report: Inde
     if gone:
         file_id = gone[0][0]
         db.execute(
-            "UPDATE files SET path = ?, size = ?, mtime_ns = ?, deleted_at = NULL, updated_at = ? WHERE id = ?",
-            (stat.path, stat.size, stat.mtime_ns, t, file_id),
+            f"UPDATE files SET path = {TEXT_ARG}, size = ?, mtime_ns = ?, deleted_at = NULL, updated_at = ? "
+            "WHERE id = ?",
+            (to_bytes(stat.path), stat.size, stat.mtime_ns, t, file_id),
         )
         vanished.pop(file_id, None)
         report.moved += 1
         return
     cursor = db.execute(
-        "INSERT INTO files (path, size, mtime_ns, hash, updated_at) VALUES (?, ?, ?, ?, ?)",
-        (stat.path, stat.size, stat.mtime_ns, digest, t),
+        f"INSERT INTO files (path, size, mtime_ns, hash, updated_at) VALUES ({TEXT_ARG}, ?, ?, ?, ?)",
+        (to_bytes(stat.path), stat.size, stat.mtime_ns, digest, t),
     )
     if same:
         source = same[0][0]
@@ -193,9 +195,9 @@ def pending(store: Store, model: ModelRow, roots: Sequence[str]) -> list[tuple[i
         low, high = prefix_range(root)
         out += store.conn.execute(
             "SELECT f.id, f.path FROM files f LEFT JOIN embeddings e ON e.file_id = f.id AND e.model_id = ? "
-            "WHERE f.path >= ? AND f.path < ? AND f.deleted_at IS NULL AND f.error IS NULL "
+            f"WHERE f.path >= {TEXT_ARG} AND f.path < {TEXT_ARG} AND f.deleted_at IS NULL AND f.error IS NULL "
             "AND e.file_id IS NULL ORDER BY f.path",
-            (model.id, low, high),
+            (model.id, to_bytes(low), to_bytes(high)),
         ).fetchall()
     return list(dict(out).items())
 
@@ -243,8 +245,8 @@ def index_folders(
                         [(hashing.hashes.pop(p, None), t, ids[p]) for p in batch.paths],
                     )
                     db.executemany(
-                        "UPDATE files SET hash = ?, error = ?, updated_at = ? WHERE id = ?",
-                        [(hashing.hashes.pop(f.path, None), f.error, t, ids[f.path]) for f in batch.failures],
+                        f"UPDATE files SET hash = ?, error = {TEXT_ARG}, updated_at = ? WHERE id = ?",
+                        [(hashing.hashes.pop(f.path, None), to_bytes(f.error), t, ids[f.path]) for f in batch.failures],
                     )
                 report.embedded += len(batch.paths)
                 report.failed += len(batch.failures)
@@ -270,11 +272,14 @@ def remove_root(store: Store, folder: str | Path) -> int:
     covered = [r for r in others if root.startswith(prefix_range(r)[0])]
     removed = 0
     with store.write() as db:
-        db.execute("DELETE FROM roots WHERE path = ?", (root,))
+        db.execute(f"DELETE FROM roots WHERE path = {TEXT_ARG}", (to_bytes(root),))
         if not covered:
             inner = [r for r in others if r.startswith(prefix_range(root)[0])]
             low, high = prefix_range(root)
-            rows = db.execute("SELECT id, path FROM files WHERE path >= ? AND path < ?", (low, high)).fetchall()
+            rows = db.execute(
+                f"SELECT id, path FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG}",
+                (to_bytes(low), to_bytes(high)),
+            ).fetchall()
             gone = [(i,) for i, p in rows if not any(p.startswith(prefix_range(r)[0]) for r in inner)]
             db.executemany("DELETE FROM files WHERE id = ?", gone)
             removed = len(gone)
