@@ -26,7 +26,7 @@ from clipworks.cli.main import main
 from clipworks.library import Library
 from clipworks.library.store import Store
 from conftest import MODEL_CONFIGS
-from library_helpers import make_variants, stored_vectors
+from library_helpers import copy_photos, make_variants, stored_vectors
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
@@ -154,11 +154,7 @@ def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
 
 @pytest.fixture
 def folder(tmp_path: Path, photos: list[Path]) -> Path:
-    root = tmp_path / "photos"
-    root.mkdir()
-    for p in photos:
-        shutil.copy(p, root / p.name)
-    return root
+    return copy_photos(photos, tmp_path / "photos")
 
 
 def index(db: Path, folder: Path, bundle: Path) -> dict[str, np.ndarray]:

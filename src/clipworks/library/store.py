@@ -252,7 +252,7 @@ class Store:
             uri=self.read_only, factory=_Connection,
         )  # fmt: skip
         conn.library = self.path
-        conn.text_factory = from_bytes  # names that are not UTF-8 are stored as their bytes (see `text_arg`)
+        conn.text_factory = from_bytes  # names that are not UTF-8 are stored as their bytes (see `TEXT_ARG`)
         return conn
 
     # -- schema ------------------------------------------------------------------------------------
