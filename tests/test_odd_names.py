@@ -3,7 +3,7 @@
 A POSIX name is bytes: these tests make files whose names are not UTF-8 or hold newlines, tabs, leading
 dashes, right-to-left overrides, emoji, spaces and quotes, and check that the library stores each one byte
 for byte, that text output keeps one name on one line in the documented form (bash itself decodes the
-``$'...'`` strings, see ``clipworks.names``) and that JSON output stays JSON.
+``$'...'`` strings, see ``clipworks.display``) and that JSON output stays JSON.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from clipworks.cli.main import main
+from clipworks.display import quote_path
 from clipworks.library import Library
-from clipworks.names import from_bytes, quote_name, to_bytes
+from clipworks.library.store import from_bytes, to_bytes
 from library_helpers import make_variants
 
 NAMES: dict[str, bytes] = {
@@ -139,7 +140,7 @@ def test_similar_finds_the_copy_of_each_name(
     assert len(lines) == 3
     score, printed = lines[0].split("  ", 1)
     assert as_bash_reads_it(printed) == copy and float(score) > 0.9999
-    assert printed == quote_name(from_bytes(copy))
+    assert printed == quote_path(from_bytes(copy))
     link = next(p for p in os.listdir(os.fsencode(results)) if p.startswith(b"0."))
     assert os.readlink(join(os.fsencode(results), link)) == copy
     code, out, _ = run(capsys, "similar", path, "--top-k", "3", "--db", str(odd.db), "--json")
@@ -218,6 +219,6 @@ def test_remove_a_folder_with_an_odd_name(odd: Odd, tmp_path: Path) -> None:
         ("/p/back\\slash\x7f", "$'/p/back\\\\slash\\x7f'"),
     ],
 )
-def test_quote_name_table(name: str, printed: str) -> None:
-    assert quote_name(name) == printed
+def test_quote_path_table(name: str, printed: str) -> None:
+    assert quote_path(name) == printed
     assert as_bash_reads_it(printed) == to_bytes(name)

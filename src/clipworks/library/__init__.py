@@ -252,8 +252,7 @@ class Library:
     # -- bookkeeping -------------------------------------------------------------------------------
     def status(self) -> LibraryStatus:
         from clipworks.library.indexer import pending
-        from clipworks.library.store import TEXT_ARG, prefix_range
-        from clipworks.names import to_bytes
+        from clipworks.library.store import TEXT_ARG, prefix_range, to_bytes
 
         store = self.store
         with store.snapshot() as db:

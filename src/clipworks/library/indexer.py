@@ -20,8 +20,7 @@ from typing import Any, cast
 import numpy as np
 
 from clipworks.library.scan import FileStat, file_hash, resolve_root, walk
-from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob
-from clipworks.names import to_bytes
+from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob, to_bytes
 from clipworks.runtime.encoder import ClipModel
 
 

@@ -14,8 +14,7 @@ import numpy as np
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError, UsageError
-from clipworks.library.store import TEXT_ARG, ModelRow, Store, now, read_only_uri, to_blob
-from clipworks.names import from_bytes, to_bytes
+from clipworks.library.store import TEXT_ARG, ModelRow, Store, from_bytes, now, read_only_uri, to_blob, to_bytes
 
 FORMATS = ("pkl", "npy", "parquet", "clipitems")
 CLIPITEMS_SUFFIXES = (".db", ".sqlite", ".sqlite3")

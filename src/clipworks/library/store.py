@@ -23,7 +23,6 @@ from urllib.parse import quote
 import numpy as np
 
 from clipworks.errors import ClipworksError, UsageError
-from clipworks.names import from_bytes, to_bytes
 
 BUSY_TIMEOUT_MS = 30_000
 VECTOR_DTYPE = np.dtype("<f4")
@@ -115,6 +114,19 @@ def prefix_range(root: str) -> tuple[str, str]:
 # bytes in a TEXT value and compares them bytewise, so valid UTF-8 reads as it always did and the prefix
 # ranges still hold, while a name that is not UTF-8 (or an error message quoting one) round-trips exactly.
 TEXT_ARG = "CAST(? AS TEXT)"
+
+
+def to_bytes(text: str) -> bytes:
+    """Text as stored: UTF-8, with the lone surrogates that stand for undecodable bytes (`os.fsdecode`)
+    written back as those bytes. Fixed to UTF-8, so a library reads the same under any locale."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def from_bytes(data: bytes) -> str:
+    """The inverse of `to_bytes`: the ``str`` Python's file functions take for those bytes."""
+    return data.decode("utf-8", "surrogateescape")
+
+
 ELSEWHERE = "make it writable or use --db elsewhere"
 LOW_SPACE = 1 << 20
 

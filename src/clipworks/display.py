@@ -1,0 +1,34 @@
+"""File names as text lines: lossless, and never more than one line each.
+
+A POSIX file name is bytes: it may hold a newline, a tab or bytes that are not UTF-8 (Python carries
+those as lone surrogates, ``os.fsdecode``). Printed raw, a newline splits one name over two lines and a
+surrogate crashes a UTF-8 stdout. ``quote_path`` leaves printable names alone and writes any other (a
+control character, bytes that are not UTF-8, an invisible format character such as U+202E RIGHT-TO-LEFT
+OVERRIDE, or a name that itself starts with ``$'``) as one bash ``$'...'`` string, in the spirit of
+``ls --quoting-style=shell-escape``: each such character as its UTF-8 bytes ``\\xHH`` (``\\n``, ``\\t``,
+``\\r`` by name), so that pasted into bash, in any locale, it is the file's exact name. JSON output needs
+none of this: ``json.dumps`` escapes control characters and writes undecodable bytes as ``\\udcXX``,
+which ``os.fsencode(json.loads(...))`` turns back into the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\", "'": "\\'"}
+
+
+def quote_path(path: str | os.PathLike[str]) -> str:
+    """``path`` unchanged when it is printable, else a bash ``$'...'`` string of its exact bytes."""
+    text = os.fspath(path)
+    if text.isprintable() and not text.startswith("$'"):
+        return text
+    out = []
+    for char in text:
+        if char in _NAMED:
+            out.append(_NAMED[char])
+        elif char.isprintable():
+            out.append(char)
+        else:  # a lone surrogate is the one byte it stands for; any other character, its UTF-8 bytes
+            out.append("".join(f"\\x{b:02x}" for b in os.fsencode(char)))
+    return "$'" + "".join(out) + "'"
