@@ -297,6 +297,16 @@ def damage_pages(db: Path) -> None:
             fh.write(np.random.default_rng(page).bytes(4096))
 
 
+def damage_file_rows(db: Path) -> None:
+    """Overwrite a page in the middle of the files table (where an index run writes without reading)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        leaves = [r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name = 'files' AND pagetype = 'leaf'")]
+    page = sorted(leaves)[len(leaves) // 2]
+    with db.open("r+b") as fh:
+        fh.seek((page - 1) * 4096)
+        fh.write(np.random.default_rng(page).bytes(4096))
+
+
 def damage_one_vector(db: Path) -> None:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.execute("UPDATE embeddings SET vector = vector || zeroblob(64) WHERE file_id = 7")
@@ -316,7 +326,8 @@ def _commands(folder: Path, source: Path, out: Path, bundle: Path) -> dict[str, 
 
 @pytest.mark.parametrize(
     ("damage", "command"),
-    [(damage_pages, c) for c in ("search", "duplicates", "status", "export", "add", "import")]
+    [(damage_pages, c) for c in ("search", "duplicates", "status", "export")]
+    + [(damage_file_rows, c) for c in ("search", "status", "add", "import")]
     + [(damage_one_vector, c) for c in ("search", "duplicates", "export")],
     ids=lambda v: getattr(v, "__name__", v),
 )
