@@ -89,6 +89,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Folders, files, vectors per model, files waiting to be embedded, and files that could not be read."""
+    from clipworks.display import quote_path
     from clipworks.library import Library
 
     state = Library(db).status()
@@ -101,16 +102,16 @@ def status(
             "errors": [{"path": p, "error": e} for p, e in state.errors],
         }, indent=2))  # fmt: skip
         return
-    print(f"library {state.path} (schema {state.schema_version})")
+    print(f"library {quote_path(str(state.path))} (schema {state.schema_version})")
     for path, excludes, count in state.roots:
-        skip = f" (excluding {', '.join(excludes)})" if excludes else ""
-        print(f"  folder {path}: {count} files{skip}")
+        skip = f" (excluding {', '.join(map(quote_path, excludes))})" if excludes else ""
+        print(f"  folder {quote_path(path)}: {count} files{skip}")
     print(f"  {state.files} files, {state.deleted} deleted, {len(state.errors)} unreadable")
     for row, vectors, waiting in state.models:
         more = f", {waiting} waiting" if waiting else ""
         print(f"  model {row.name} ({row.dim}-d): {vectors} vectors{more}")
     for path, error in state.errors:
-        print(f"  unreadable {path}: {error}")
+        print(f"  unreadable {quote_path(path)}: {quote_path(error)}")
 
 
 @app.command()

@@ -23,8 +23,13 @@ import numpy as np
 
 from clipworks.errors import status
 from clipworks.library.scan import FileStat, SkippedFolder, excluded_path, file_hash, resolve_root, walk
-from clipworks.library.store import FileRow, ModelRow, Store, now, prefix_range, to_blob
+from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob, to_bytes
 from clipworks.runtime.encoder import ClipModel
+
+
+def _stored(text: str | None) -> bytes | None:
+    """An optional path as the store binds it (see `store.to_bytes`)."""
+    return None if text is None else to_bytes(text)
 
 
 @dataclass
@@ -103,10 +108,10 @@ def add_roots(
         if root not in known or known[root] != patterns or stored_follow != follow:
             with store.write() as db:
                 db.execute(
-                    "INSERT INTO roots (path, excludes, follow_links, added_at) VALUES (?, ?, ?, ?) "
+                    f"INSERT INTO roots (path, excludes, follow_links, added_at) VALUES ({TEXT_ARG}, ?, ?, ?) "
                     "ON CONFLICT(path) DO UPDATE SET excludes = excluded.excludes, "
                     "follow_links = excluded.follow_links",
-                    (root, json.dumps(patterns), int(follow), now()),
+                    (to_bytes(root), json.dumps(patterns), int(follow), now()),
                 )
         out.append(Root(root, patterns, follow))
     return out
@@ -175,15 +180,16 @@ def reconcile(store: Store, roots: Sequence[Root], report: IndexReport) -> None:
         for stat in changed:
             row = known[stat.path]
             db.execute(
-                "UPDATE files SET size = ?, mtime_ns = ?, dev = ?, ino = ?, target = ?, hash = NULL, error = NULL, "
+                f"UPDATE files SET size = ?, mtime_ns = ?, dev = ?, ino = ?, target = {TEXT_ARG}, hash = NULL, "
+                "error = NULL, "
                 "deleted_at = NULL, updated_at = ? WHERE id = ?",
-                (stat.size, stat.mtime_ns, stat.dev, stat.ino, stat.target, t, row.id),
+                (stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), t, row.id),
             )
             db.execute("DELETE FROM embeddings WHERE file_id = ?", (row.id,))
         report.changed += len(changed)
         db.executemany(
-            "UPDATE files SET dev = ?, ino = ?, target = ?, deleted_at = NULL, updated_at = ? WHERE id = ?",
-            [(s.dev, s.ino, s.target, t, known[s.path].id) for s in restored + refreshed],
+            f"UPDATE files SET dev = ?, ino = ?, target = {TEXT_ARG}, deleted_at = NULL, updated_at = ? WHERE id = ?",
+            [(s.dev, s.ino, _stored(s.target), t, known[s.path].id) for s in restored + refreshed],
         )
         report.restored += len(restored)
         for stat in new:
@@ -213,16 +219,17 @@ def _add_new(db: Any, stat: FileStat, vanished: dict[int, FileRow], report: Inde
     if gone:
         file_id = gone[0][0]
         db.execute(
-            "UPDATE files SET path = ?, size = ?, mtime_ns = ?, dev = ?, ino = ?, target = ?, deleted_at = NULL, "
-            "updated_at = ? WHERE id = ?",
-            (stat.path, stat.size, stat.mtime_ns, stat.dev, stat.ino, stat.target, t, file_id),
+            f"UPDATE files SET path = {TEXT_ARG}, size = ?, mtime_ns = ?, dev = ?, ino = ?, target = {TEXT_ARG}, "
+            "deleted_at = NULL, updated_at = ? WHERE id = ?",
+            (to_bytes(stat.path), stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), t, file_id),
         )
         vanished.pop(file_id, None)
         report.moved += 1
         return
     cursor = db.execute(
-        "INSERT INTO files (path, size, mtime_ns, dev, ino, target, hash, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (stat.path, stat.size, stat.mtime_ns, stat.dev, stat.ino, stat.target, digest, t),
+        f"INSERT INTO files (path, size, mtime_ns, dev, ino, target, hash, updated_at) "
+        f"VALUES ({TEXT_ARG}, ?, ?, ?, ?, {TEXT_ARG}, ?, ?)",
+        (to_bytes(stat.path), stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), digest, t),
     )
     if same:
         source = same[0][0]
@@ -246,9 +253,9 @@ def pending(store: Store, model: ModelRow, roots: Sequence[str]) -> list[tuple[i
         low, high = prefix_range(root)
         out += store.conn.execute(
             "SELECT f.id, f.path FROM files f LEFT JOIN embeddings e ON e.file_id = f.id AND e.model_id = ? "
-            "WHERE f.path >= ? AND f.path < ? AND f.deleted_at IS NULL AND f.error IS NULL "
+            f"WHERE f.path >= {TEXT_ARG} AND f.path < {TEXT_ARG} AND f.deleted_at IS NULL AND f.error IS NULL "
             "AND e.file_id IS NULL ORDER BY f.path",
-            (model.id, low, high),
+            (model.id, to_bytes(low), to_bytes(high)),
         ).fetchall()
     return list(dict(out).items())
 
@@ -352,8 +359,8 @@ def _embed(
                     [(hashing.hashes.pop(p, None), t, ids[p]) for p in batch.paths],
                 )
                 db.executemany(
-                    "UPDATE files SET hash = ?, error = ?, updated_at = ? WHERE id = ?",
-                    [(hashing.hashes.pop(f.path, None), f.error, t, ids[f.path]) for f in batch.failures],
+                    f"UPDATE files SET hash = ?, error = {TEXT_ARG}, updated_at = ? WHERE id = ?",
+                    [(hashing.hashes.pop(f.path, None), to_bytes(f.error), t, ids[f.path]) for f in batch.failures],
                 )
             report.embedded += len(batch.paths)
             report.failed += len(batch.failures)
@@ -377,11 +384,14 @@ def remove_root(store: Store, folder: str | Path) -> int:
     covered = [r for r in others if root.startswith(prefix_range(r)[0])]
     removed = 0
     with index_lock(store.path), store.write() as db:  # not under an index run still embedding its files
-        db.execute("DELETE FROM roots WHERE path = ?", (root,))
+        db.execute(f"DELETE FROM roots WHERE path = {TEXT_ARG}", (to_bytes(root),))
         if not covered:
             inner = [r for r in others if r.startswith(prefix_range(root)[0])]
             low, high = prefix_range(root)
-            rows = db.execute("SELECT id, path FROM files WHERE path >= ? AND path < ?", (low, high)).fetchall()
+            rows = db.execute(
+                f"SELECT id, path FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG}",
+                (to_bytes(low), to_bytes(high)),
+            ).fetchall()
             gone = [(i,) for i, p in rows if not any(p.startswith(prefix_range(r)[0]) for r in inner)]
             db.executemany("DELETE FROM files WHERE id = ?", gone)
             removed = len(gone)
