@@ -177,9 +177,8 @@ def test_status_quotes_folders_and_unreadable_files(capsys: pytest.CaptureFixtur
     assert [os.fsencode(e["path"]) for e in state["errors"]] == [odd.broken]
 
 
-@pytest.mark.parametrize("suffix", [".pkl", ".db"])
+@pytest.mark.parametrize("suffix", [".pkl", ".npy", ".parquet", ".db"])
 def test_export_and_import_keep_names_exact(odd: Odd, tmp_path: Path, vit_bundle: Path, suffix: str) -> None:
-    # .npy (+ its paths file) and .parquet go through clipworks.outputs, shared with `embed`; not here.
     out = tmp_path / f"exported{suffix}"
     assert main(["index", "export", str(out), "--db", str(odd.db)]) == 0
     fresh = tmp_path / "fresh.db"
