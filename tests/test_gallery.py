@@ -165,7 +165,7 @@ def test_search_by_uploaded_image(client, library, photos, form) -> None:
         ("POST", "/api/search", {"json": {"path": "/etc/passwd"}}, 404),
         ("POST", "/api/search", {"json": {"path": "../../etc/passwd"}}, 404),
         ("POST", "/api/search", {"json": {"image": "not an image"}}, 400),
-        ("POST", "/api/search", {"content": b"{broken"}, 422),
+        ("POST", "/api/search", {"content": b"{broken", "headers": {"content-type": "application/json"}}, 422),
         ("POST", "/api/search", {"files": {"other": ("a.txt", b"x")}}, 422),
         ("POST", "/api/search", {"files": {"image": ("a.jpg", b"not a jpeg")}}, 400),
         ("GET", "/thumb/999999", {}, 404),

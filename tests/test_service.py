@@ -392,13 +392,16 @@ def test_model_loads_on_first_use_or_at_start_with_a_log_line(vit_bundle, tmp_pa
     app = create_app(settings(tmp_path, model=str(vit_bundle)))
     with TestClient(app) as c:
         assert "will load on the first request" in caplog.text
-        assert c.get("/healthz").json()["loaded"] is False
+        health = c.get("/healthz")  # not ready: a load balancer must not count on it yet
+        assert health.status_code == 503 and health.json()["loaded"] is False
+        assert "loads on the first request" in health.json()["reason"]
         assert c.post("/v1/embeddings", json={"texts": ["a"]}).status_code == 200
-        assert "(first request)" in caplog.text and c.get("/healthz").json()["loaded"] is True
+        health = c.get("/healthz")
+        assert "(first request)" in caplog.text and health.status_code == 200 and health.json()["loaded"] is True
     caplog.clear()
     with TestClient(create_app(settings(tmp_path, model=str(vit_bundle), preload=True))) as c:
         assert "(--preload)" in caplog.text and "interrogation tags" in caplog.text
-        assert c.get("/healthz").json()["loaded"] is True
+        assert c.get("/healthz").status_code == 200
 
 
 # -- a real server on loopback ---------------------------------------------------------------------

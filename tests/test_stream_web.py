@@ -297,15 +297,19 @@ def test_cli_web_serves_the_page_until_duration(vit_bundle, clip_video, tmp_path
 
     port = _free_port()
     result: list[int] = []
+    key_file = tmp_path / "key"
+    key_file.write_text("page-key\n")  # the key from a file: kept out of `ps`
     args = ["stream", "--input", str(clip_video[0]), "--model", str(vit_bundle), "--json-path",
-            str(tmp_path / "p.json"), "--web", f"127.0.0.1:{port}", "--duration", "4"]  # fmt: skip
+            str(tmp_path / "p.json"), "--web", f"127.0.0.1:{port}", "--duration", "4",
+            "--api-key-file", str(key_file)]  # fmt: skip
+    auth = {"Authorization": "Bearer page-key"}
     t = threading.Thread(target=lambda: result.append(main(args)))
     t0 = time.monotonic()
     t.start()
 
     def page() -> str | None:
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/", timeout=1).text
+            return httpx.get(f"http://127.0.0.1:{port}/", headers=auth, timeout=1).text
         except httpx.HTTPError:
             return None
 
@@ -313,7 +317,8 @@ def test_cli_web_serves_the_page_until_duration(vit_bundle, clip_video, tmp_path
     assert 'id="video"' in html and 'id="threshold"' in html
     # The clip (20 frames, not synced) is done long before --duration: the page stays up till then.
     time.sleep(1.5)
-    assert httpx.get(f"http://127.0.0.1:{port}/api/state").json()["running"] is True
+    assert httpx.get(f"http://127.0.0.1:{port}/api/state", headers=auth).json()["running"] is True
+    assert httpx.get(f"http://127.0.0.1:{port}/api/state").status_code == 401
     t.join(20)
     assert result == [0] and time.monotonic() - t0 >= 4
     assert f"live page at http://127.0.0.1:{port}/" in capsys.readouterr().err
@@ -418,3 +423,26 @@ def test_page_edits_a_prompt_sees_its_bar_change_and_saves(browser, live, readon
     box = browser.find_elements(By.CSS_SELECTOR, "#rows .row input.text")[0]
     assert box.get_attribute("value") == "a street" and not box.is_enabled()
     browser.save_screenshot("/tmp/clipworks_stream_web_readonly.png")
+
+
+def test_page_with_an_api_key_logs_in_and_saves(browser, live):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from clipworks.stream.web import WebServer
+
+    # A second page over the same running stream, with a key.
+    server = WebServer(live.app, "127.0.0.1", 0, api_key="page-key").start()
+    try:
+        browser.get(server.url + "/")
+        key = _wait(lambda: browser.find_elements(By.ID, "key"), 5, "the login form")[0]
+        key.send_keys("page-key", Keys.ENTER)
+        want = [e["text"] for e in live.client.get("/api/state").json()["entries"]]
+        texts = "return [...document.querySelectorAll('#rows input.text')].map(i => i.value)"
+        _wait(lambda: browser.execute_script(texts) == want, 5, "the rows, polled with the login cookie")
+        assert browser.current_url == server.url + "/"
+        browser.find_element(By.ID, "save").click()  # a POST from the page: same origin, cookie, no header
+        _wait(lambda: "Saved to" in browser.find_element(By.ID, "message").text, 3, "the save message")
+        assert [e["text"] for e in json.loads(live.path.read_text())["entries"]] == want
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from clipworks.cli import access
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info
 from clipworks.errors import ClipworksError, UsageError
 
@@ -32,11 +33,16 @@ def serve(
         str | None, typer.Option(help="Address to bind (default 127.0.0.1; 0.0.0.0 with --api-key).")
     ] = None,
     port: Annotated[int, typer.Option(help="Port (Automatic1111 clients usually use 7860).")] = 8000,
-    api_key: Annotated[
-        str | None,
-        typer.Option(help="Require 'Authorization: Bearer KEY' on every route but /healthz (or CLIPWORKS_API_KEY)."),
-    ] = None,
-    preload: Annotated[bool, typer.Option(help="Load the model and tag vocabulary at start-up.")] = False,
+    api_key: access.ApiKeyOpt = None,
+    api_key_file: access.ApiKeyFileOpt = None,
+    allowed_host: access.AllowedHostOpt = None,
+    preload: Annotated[
+        bool,
+        typer.Option(
+            help="Load the model and tag vocabulary before listening (else on the first request; "
+            "/healthz answers 503 until then)."
+        ),
+    ] = False,
     tags_file: Annotated[Path | None, typer.Option(help="Interrogation vocabulary (default imagenet1k).")] = None,
     threshold: Annotated[float, typer.Option(help="Interrogation cosine threshold.")] = 0.22,
     top: Annotated[int, typer.Option(min=1, help="Most tags in a caption.")] = 10,
@@ -62,7 +68,7 @@ def serve(
     from clipworks import settings as env
     from clipworks.zeroshot import load_labels_file
 
-    key = api_key or env.api_key()
+    key = access.api_key(api_key, api_key_file)
     bind = host or ("0.0.0.0" if key else "127.0.0.1")
     if host and host not in ("127.0.0.1", "localhost", "::1") and not key:
         info(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
@@ -83,6 +89,7 @@ def serve(
         threads=threads,
         db=db,
         api_key=key,
+        allowed_hosts=access.allowed_hosts(bind, allowed_host),
         preload=preload,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
@@ -96,6 +103,11 @@ def serve(
     from clipworks.service import gallery
 
     app = create_app(svc, model=clip, library=library, routers=[gallery.router])
+    # A model that cannot serve stops the command here, in one line, before anything says "serving".
+    if preload:
+        app.state.clip.preload()
+    else:
+        app.state.clip.holder.check()
     where = f"http://{bind}:{port}"
     if library is not None:
         info(f"gallery of {library.path} at {where}/")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from clipworks.cli import access
 from clipworks.cli.common import MODEL_DEFAULT, DeviceOpt, ModelOpt, PrecisionOpt, ThreadsOpt, info, load_model
 from clipworks.errors import ClipworksError, UsageError
 
@@ -41,6 +42,9 @@ def stream(
     web: Annotated[
         str | None, typer.Option(help="Serve the live page with the prompt panel on HOST:PORT (or PORT: 127.0.0.1).")
     ] = None,
+    api_key: access.ApiKeyOpt = None,
+    api_key_file: access.ApiKeyFileOpt = None,
+    allowed_host: access.AllowedHostOpt = None,
     output: Annotated[Path | None, typer.Option(help="Write the annotated video (.mp4).")] = None,
     events: Annotated[Path | None, typer.Option(help="Write one JSON line per classification.")] = None,
     show_fps: Annotated[bool, typer.Option(help="Print and draw FPS and per-stage milliseconds.")] = False,
@@ -69,6 +73,8 @@ def stream(
     if classify_every <= 0 or max_crops < 1:
         raise UsageError("--classify-every must be above 0 and --max-crops at least 1")
     host_port = _parse_web(web) if web else None
+    key = access.api_key(api_key, api_key_file)
+    hosts = access.allowed_hosts(host_port[0], allowed_host) if host_port else ()
     if output is not None and output.suffix.lower() != ".mp4":
         raise UsageError(f"--output {output}: write an .mp4 file")
     for path, flag in ((output, "--output"), (events, "--events")):
@@ -103,7 +109,7 @@ def stream(
         if host_port is not None:
             from clipworks.stream.web import WebServer
 
-            server = WebServer(app, *host_port).start()
+            server = WebServer(app, *host_port, api_key=key, allowed_hosts=hosts).start()
             app.view = server.view
             info(f"stream: live page at {server.url}/ (Ctrl-C to stop)")
         summary = app.run()

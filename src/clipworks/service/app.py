@@ -12,8 +12,6 @@ given ``--db``); their handlers reach the shared state as ``request.app.state.cl
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -24,10 +22,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipworks import __version__
+from clipworks.errors import BadBundle
 from clipworks.service import a1111, embeddings, health
 from clipworks.service.batcher import QueueFull
-from clipworks.service.limits import BodySizeLimit
-from clipworks.service.state import ServiceSettings, ServiceState
+from clipworks.service.state import ModelUnavailable, ServiceSettings, ServiceState
+from clipworks.webguard import GuardPolicy, WebGuard
 
 log = logging.getLogger("clipworks.service")
 
@@ -52,7 +51,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.batcher.start()
-        if settings.preload:
+        if settings.preload and not state.preloaded:  # `clipworks serve --preload` did it before listening
             from starlette.concurrency import run_in_threadpool
 
             await run_in_threadpool(state.preload)
@@ -67,7 +66,8 @@ def create_app(
         title="clipworks",
         version=__version__,
         description="CLIP on ONNX Runtime: Automatic1111-compatible interrogation, zero-shot tagging and "
-        "text/image embeddings. With an API key, send `Authorization: Bearer KEY` (all routes but /healthz).",
+        "text/image embeddings. With an API key, send `Authorization: Bearer KEY` (all routes but /healthz); "
+        "a browser logs in at /login.",
         lifespan=lifespan,
     )
     app.state.clip = state
@@ -78,11 +78,18 @@ def create_app(
 
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(QueueFull, _queue_full)  # type: ignore[arg-type]
+    for unavailable in (ModelUnavailable, BadBundle):  # a model that fails to load, or a tower that fails to open
+        app.add_exception_handler(unavailable, _model_unavailable)  # type: ignore[arg-type]
 
-    # Added last = outermost: metrics see every answer, auth runs before any body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    if settings.api_key:
-        app.add_middleware(BearerAuth, key=settings.api_key)
+    # Added last = outermost: metrics see every answer, the guard runs before any body is read.
+    policy = GuardPolicy(
+        api_key=settings.api_key,
+        allowed_hosts=settings.allowed_hosts,
+        max_body_bytes=settings.max_body_bytes,
+        open_paths=OPEN_PATHS,
+        error_body=_error_body,
+    )
+    app.add_middleware(WebGuard, policy=policy)
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
     return app
 
@@ -106,31 +113,5 @@ async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
     )
 
 
-class BearerAuth:
-    """``Authorization: Bearer KEY`` on every route but ``/healthz``; 401 otherwise."""
-
-    def __init__(self, app: Any, key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {key}".encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
-        if hmac.compare_digest(given, self.expected):
-            await self.app(scope, receive, send)
-            return
-        body = json.dumps({"detail": "missing or wrong API key: send 'Authorization: Bearer KEY'"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+async def _model_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(_error_body(request.url.path, 503, str(exc)), status_code=503)

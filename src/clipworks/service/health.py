@@ -1,4 +1,4 @@
-"""``GET /healthz`` and ``GET /metrics`` (Prometheus), and the middleware that feeds the metrics."""
+"""``GET /healthz`` (readiness) and ``GET /metrics`` (Prometheus), and the middleware that feeds the metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 router = APIRouter(tags=["health"])
@@ -75,16 +75,31 @@ class MetricsMiddleware:
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
 
-@router.get("/healthz", summary="Liveness: always open, even with --api-key")
-async def healthz(request: Request) -> dict[str, Any]:
+@router.get(
+    "/healthz",
+    summary="Readiness: 200 once the model is loaded and the worker runs, else 503 with the reason; always open",
+    responses={503: {"description": "Not ready: the model is not loaded yet, failed to load, or the worker stopped."}},
+)
+async def healthz(request: Request) -> JSONResponse:
     state = request.app.state.clip
-    return {
-        "status": "ok",
-        "model": state.holder.name,
-        "loaded": state.holder.loaded,
-        "worker": state.batcher.alive,
-        "queue_depth": state.batcher.depth,
+    holder, batcher = state.holder, state.batcher
+    reason = None
+    if holder.error is not None:
+        reason = holder.error
+    elif not holder.loaded:
+        reason = f"model {holder.name} is not loaded yet: it loads on the first request, or at start-up with preload"
+    elif not batcher.alive:
+        reason = "the inference worker is not running"
+    body = {
+        "status": "ok" if reason is None else "not ready",
+        "model": holder.name,
+        "loaded": holder.loaded,
+        "worker": batcher.alive,
+        "queue_depth": batcher.depth,
     }
+    if reason is not None:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

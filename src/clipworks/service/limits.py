@@ -1,21 +1,18 @@
-"""Bounded input: request-body size, image pixel count, and Automatic1111-compatible base64 decoding."""
+"""Bounded input: the request-body size limit's default, image pixel count, and Automatic1111-compatible base64
+decoding. The body limit itself is enforced by ``clipworks.webguard`` in front of the app."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-import json
 import warnings
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from clipworks.errors import BadImage
 from clipworks.imaging import PreprocessConfig, decode
-
-ASGIApp = Any
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 DEFAULT_MAX_PIXELS = 40_000_000  # a 48 MP phone photo is fine at 0.7x; a 40k x 40k PNG is not
@@ -71,50 +68,3 @@ def decode_pixels(data: bytes, cfg: PreprocessConfig, max_pixels: int, mode: str
             return decode(data, cfg, mode, max_pixels=max_pixels)  # type: ignore[arg-type]
     except BadImage as e:
         raise InvalidImage(str(e)) from e
-
-
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length up front or while streaming."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await _send_413(send, self.max_bytes)
-                    return
-        seen = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    from starlette.exceptions import HTTPException
-
-                    raise HTTPException(413, _too_large(self.max_bytes))
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _too_large(max_bytes: int) -> str:
-    return f"request body is over the limit of {max_bytes} bytes"
-
-
-async def _send_413(send: Any, max_bytes: int) -> None:
-    body = json.dumps({"detail": _too_large(max_bytes)}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -17,6 +17,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from clipworks import settings as env
+from clipworks.errors import ClipworksError, ModelNotFound
 from clipworks.service.batcher import Batcher
 from clipworks.service.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, decode_base64, decode_pixels
 from clipworks.zeroshot import DEFAULT_TEMPLATE, TAG_TEMPLATE, TagIndex, vocabulary
@@ -36,6 +37,8 @@ class ServiceSettings:
     # The photo library the gallery routes serve (mounted by the library feature when given).
     db: Path | None = None
     api_key: str | None = None
+    # Host names the server answers to besides IP literals, localhost and this machine's name (webguard.py).
+    allowed_hosts: tuple[str, ...] = ()
     preload: bool = False
     # Dynamic batching: a batch closes at max_batch items or max_wait_ms after its first job.
     max_batch: int = 32
@@ -55,13 +58,22 @@ class ServiceSettings:
     label_cache_size: int = 256
 
 
+class ModelUnavailable(ClipworksError):
+    """The served model could not be loaded: requests get 503 with this reason, ``/healthz`` says not ready."""
+
+
 class ModelHolder:
-    """The process's one model: given, or loaded once on first use (or at start-up with preload)."""
+    """The process's one model: given, or loaded once on first use (or at start-up with preload).
+
+    A failed load is remembered (``error``) for ``/healthz`` and raised as ``ModelUnavailable``; the next use
+    tries again, so a model fixed on disk serves without a restart.
+    """
 
     def __init__(self, settings: ServiceSettings, model: Any = None) -> None:
         self.settings = settings
         self._model = model
         self._lock = threading.Lock()
+        self.error: str | None = None
 
     @property
     def loaded(self) -> bool:
@@ -71,18 +83,47 @@ class ModelHolder:
     def name(self) -> str:
         return str(self._model.name) if self._model is not None else self.settings.model
 
-    def get(self, reason: str = "first request") -> Any:
+    def check(self) -> None:
+        """Find the model and check its files without opening or downloading it (cheap): a wrong name or path,
+        or an incomplete bundle folder, fails now rather than in the first request."""
+        if self._model is not None:
+            return
+        from clipworks.models.registry import parse_model_name
+
+        try:
+            self._resolve(download=False)
+        except ModelNotFound as missing:
+            try:
+                parse_model_name(self.settings.model)
+            except ModelNotFound:
+                raise missing from None
+            if env.offline():
+                raise
+            log.info("model %s is not downloaded yet: the first request pulls it", self.settings.model)
+
+    def _resolve(self, download: bool = True) -> Any:
+        from clipworks.runtime.encoder import load
+
+        s = self.settings
+        return load(s.model, s.device, s.precision, threads=s.threads, preprocess=s.preprocess, download=download)  # type: ignore[arg-type]
+
+    def get(self, reason: str = "first request", *, log_failure: bool = True) -> Any:
+        """The model, loaded now if need be; ``log_failure``: also log a failed load (a request's 503 reaches
+        only its client; a preload's caller reports the error itself)."""
         if self._model is not None:
             return self._model
         with self._lock:
             if self._model is None:
-                from clipworks.runtime.encoder import load
-
-                s = self.settings
-                log.info("loading model %s (%s)", s.model, reason)
+                log.info("loading model %s (%s)", self.settings.model, reason)
                 t0 = time.perf_counter()
-                model = load(s.model, s.device, s.precision, threads=s.threads, preprocess=s.preprocess)  # type: ignore[arg-type]
-                provider = model.providers[0]  # opens the image session now, not in the first request
+                try:
+                    model = self._resolve()
+                    provider = model.providers[0]  # opens the image session now, not in the first request
+                except Exception as e:
+                    self.error = f"model {self.settings.model} could not be loaded: {e}"
+                    if log_failure:
+                        log.error("%s", self.error)
+                    raise ModelUnavailable(self.error) from e
                 log.info(
                     "model %s loaded in %.1f s: %s on %s, %d-d",
                     model.name,
@@ -91,7 +132,7 @@ class ModelHolder:
                     provider,
                     model.embed_dim,
                 )
-                self._model = model
+                self._model, self.error = model, None
         return self._model
 
 
@@ -172,9 +213,16 @@ class ServiceState:
         log.info("%d interrogation tags %s in %.1f s", len(index.tags), how, time.perf_counter() - t0)
         return index
 
+    @property
+    def preloaded(self) -> bool:
+        return self.holder.loaded and self._tags is not None and self._tags.done() and not self._tags.exception()
+
     def preload(self) -> None:
-        """Load the model and the tag vocabulary now (``--preload``) instead of on first use."""
-        self.holder.get("--preload")
+        """Load the model and build the tag vocabulary now (``--preload``) instead of on first use.
+
+        Runs on the calling thread, before requests arrive, so a failure reaches the caller as it is."""
+        model = self.holder.get("--preload", log_failure=False)
+        tags: Future[TagIndex] = Future()
+        tags.set_result(self._build_tags(model))
         with self._tags_lock:
-            self._tags = self.batcher.submit_call(self._build_tags)
-        self._tags.result()
+            self._tags = tags

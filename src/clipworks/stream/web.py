@@ -13,6 +13,10 @@ A small FastAPI app served by uvicorn in a background thread of the stream proce
   they combine in one request;
 - ``POST /api/save`` / ``POST /api/load``: write / re-read the ``--json-path`` file (Hailo's format).
 
+Every request passes ``clipworks.webguard`` first, as ``clipworks serve``'s do: host allow-list, same-origin
+POSTs, JSON bodies of at most ``MAX_BODY_BYTES``, strict JSON, and the optional API key (a browser logs in at
+``/login``).
+
 The web layer never touches the model: edits are posted to the ``PromptState`` and the processing loop
 runs them (encoding changed texts) between frames, so an edit shows in the probabilities of the next frame.
 """
@@ -34,12 +38,14 @@ from starlette.concurrency import run_in_threadpool
 from clipworks.errors import ClipworksError
 from clipworks.prompts import HAILO_SLOTS
 from clipworks.stream.sinks import encode_jpeg
+from clipworks.webguard import GuardPolicy, WebGuard
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_FPS = 15.0
 MAX_TEXT = 200  # characters in one prompt
 EDIT_TIMEOUT_S = 10.0  # how long a request waits for the loop to apply its edit (a text encode included)
 BOUNDARY = "frame"
+MAX_BODY_BYTES = 64 * 1024  # six prompt rows of 200 characters fit many times over
 
 
 class LiveView:
@@ -94,9 +100,17 @@ class PromptUpdate(BaseModel):
         return self
 
 
-def create_web_app(stream: Any, view: LiveView) -> FastAPI:
-    """The page and its API over a ``StreamApp`` (``stream.prompts`` is its ``PromptState``)."""
+def error_body(path: str, status: int, detail: Any) -> dict[str, Any]:
+    """This page's error shape (the page shows ``error``)."""
+    return {"error": detail}
+
+
+def create_web_app(stream: Any, view: LiveView, policy: GuardPolicy | None = None) -> FastAPI:
+    """The page and its API over a ``StreamApp`` (``stream.prompts`` is its ``PromptState``).
+
+    ``policy``: the API key and allowed hosts (default: no key, loopback and IP addresses only)."""
     app = FastAPI(title="clipworks stream", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(WebGuard, policy=policy or GuardPolicy(max_body_bytes=MAX_BODY_BYTES, error_body=error_body))
     prompts = stream.prompts
 
     async def run_edit(edit: Any) -> None:
@@ -157,8 +171,8 @@ def create_web_app(stream: Any, view: LiveView) -> FastAPI:
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.exception_handler(HTTPException)
-    async def _error(_request: Any, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+    async def _error(request: Any, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(request.url.path, exc.status_code, exc.detail), status_code=exc.status_code)
 
     return app
 
@@ -224,13 +238,26 @@ def snapshot(stream: Any, track: int | None = None, stream_index: int | None = N
 
 
 class WebServer:
-    """uvicorn in a daemon thread; ``start()`` returns once the socket listens, ``stop()`` ends it."""
+    """uvicorn in a daemon thread; ``start()`` returns once the socket listens, ``stop()`` ends it.
 
-    def __init__(self, stream: Any, host: str = "127.0.0.1", port: int = 8080) -> None:
+    ``api_key``: required of every request (a browser logs in at ``/login``); ``allowed_hosts``: host names
+    answered besides the bound one, IP addresses, localhost and this machine's name."""
+
+    def __init__(
+        self,
+        stream: Any,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        api_key: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> None:
         import uvicorn
 
         self.view = LiveView()
-        self.app = create_web_app(stream, self.view)
+        policy = GuardPolicy(api_key=api_key, allowed_hosts=(host, *allowed_hosts), max_body_bytes=MAX_BODY_BYTES,
+                             error_body=error_body)  # fmt: skip
+        self.app = create_web_app(stream, self.view, policy)
         # Open MJPEG responses never finish on their own: give shutdown a short grace period.
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=1, lifespan="off")  # fmt: skip
