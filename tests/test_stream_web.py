@@ -324,6 +324,8 @@ def test_cli_web_serves_the_page_until_duration(vit_bundle, clip_video, tmp_path
     assert f"live page at http://127.0.0.1:{port}/" in capsys.readouterr().err
     assert main(["stream", "--web", "127.0.0.1:notaport", "--max-frames", "1"]) == 2
     assert "give HOST:PORT" in capsys.readouterr().err
+    assert main(["stream", "--api-key", "page-key", "--max-frames", "1"]) == 2  # a key guards nothing without --web
+    assert "give --web too" in capsys.readouterr().err
 
 
 # -- the page in headless Chromium ----------------------------------------------------------------

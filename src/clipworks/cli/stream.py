@@ -73,7 +73,9 @@ def stream(
     if classify_every <= 0 or max_crops < 1:
         raise UsageError("--classify-every must be above 0 and --max-crops at least 1")
     host_port = _parse_web(web) if web else None
-    key = access.api_key(api_key, api_key_file)
+    if host_port is None and (api_key or api_key_file or allowed_host):
+        raise UsageError("--api-key, --api-key-file and --allowed-host guard the live page: give --web too")
+    key = access.api_key(api_key, api_key_file) if host_port else None
     hosts = access.allowed_hosts(host_port[0], allowed_host) if host_port else ()
     if output is not None and output.suffix.lower() != ".mp4":
         raise UsageError(f"--output {output}: write an .mp4 file")
