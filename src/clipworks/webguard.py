@@ -52,6 +52,7 @@ LOGIN_PATH = "/login"
 MAX_LOGIN_BYTES = 4096
 # Any printable ASCII but space: what an HTTP header (and a password box) carries unchanged.
 KEY_PATTERN = re.compile(r"[\x21-\x7e]+")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def detail_body(path: str, status: int, detail: Any) -> dict[str, Any]:
@@ -162,6 +163,8 @@ def json_problem(body: bytes) -> str | None:
         return f"the request body has a number too long to read ({e})"
     except RecursionError:
         return "the request body is nested too deeply"
+    if not SURROGATE_ESCAPE.search(body):
+        return None  # strict UTF-8 has no surrogates: only a \uD8xx-style escape can make one
     stack = [value]
     while stack:  # a loop, not recursion: the depth is the client's
         item = stack.pop()
