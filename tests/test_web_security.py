@@ -451,7 +451,10 @@ def test_serve_takes_the_key_from_the_environment_and_allowed_hosts(vit_bundle, 
         (["--allowed-host", "http://x.org/"], "no URL"),
     ],
 )
-def test_bad_key_options_fail_in_one_line(tmp_path, capsys, args, message) -> None:
+def test_bad_key_options_fail_in_one_line(tmp_path, capsys, monkeypatch, args, message) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("serve started with a bad key option"))
     (tmp_path / "key").write_text("k")
     (tmp_path / "empty").write_text("\n \n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
