@@ -86,6 +86,13 @@ def features(
         list[str] | None,
         typer.Option("--pred-texts", help="Prompts for --show-pred (default: the 400 Kinetics classes)."),
     ] = None,
+    presentation_times: Annotated[
+        bool,
+        typer.Option(
+            "--presentation-times",
+            help="Every-frame timestamps_ms from each frame's PTS (video_features: frame index / fps).",
+        ),
+    ] = False,
 ) -> None:
     """Extract per-frame CLIP features exactly as video_features (feature_type=clip) saves them."""
     from clipworks.video.batch import ExtractionOptions, read_video_list, run_extraction
@@ -107,6 +114,7 @@ def features(
         output_dir=output_dir(output_path, name), on_extraction=action, extraction_fps=extraction_fps,
         extraction_total=extraction_total, batch_size=batch_size, tmp_dir=output_dir(tmp_path, name),
         keep_tmp_files=keep_tmp_files, reencode=reencode, pred_texts=pred_texts, show_pred=show_pred,
+        presentation_times=presentation_times,
     )  # fmt: skip
     opts.check()
     clip = load_model(resolve_model(model), device, precision, threads)
