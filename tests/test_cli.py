@@ -218,6 +218,9 @@ def hailo_file(shared_data: Path, tmp_path: Path) -> Path:
         ["cat", "-o", "{hailo}"],  # replacing Hailo's file: its model
         ["cat", "--append", "-o", "{hailo}"],  # adding to it: its model
         ["cat", "--for", "hailo", "-o", "{tmp}/new.json"],  # a new file for Hailo's app
+        # clipworks stream matches frames against Hailo's file: its image embeddings must be RN50x4's too.
+        ["--", "stream", "--json-path", "{hailo}", "--input", "demo", "--max-frames", "1"],
+        ["--", "stream", "--json-path", "{hailo}", "--disable-runtime-prompts", "--input", "demo", "--max-frames", "1"],
     ],
 )
 def test_a_hailo_target_is_encoded_with_rn50x4(capsys, hailo_file, tmp_path, monkeypatch, args) -> None:
@@ -227,7 +230,8 @@ def test_a_hailo_target_is_encoded_with_rn50x4(capsys, hailo_file, tmp_path, mon
     monkeypatch.setenv("CLIPWORKS_OFFLINE", "1")
     monkeypatch.delenv("CLIPWORKS_MODEL", raising=False)
     before = hailo_file.read_bytes()
-    code, _, err = run(capsys, "embed", "texts", *[a.format(hailo=hailo_file, tmp=tmp_path) for a in args])
+    command = args[1:] if args[0] == "--" else ["embed", "texts", *args]
+    code, _, err = run(capsys, *[a.format(hailo=hailo_file, tmp=tmp_path) for a in command])
     assert code == 1 and "RN50x4::openai is not downloaded" in err
     assert hailo_file.read_bytes() == before and not (tmp_path / "new.json").exists()
 
