@@ -19,6 +19,18 @@ ModelOpt = Annotated[
         help="Registry name (ViT-B-32::openai, ViT-B/32, ...) or bundle path.",
     ),
 ]
+# Commands that write or read a Hailo prompt file: None means "the model the file was made for".
+PromptFileModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="CLIPWORKS_MODEL",
+        help="Registry name or bundle path (default: the model the prompt file was made for, RN50x4 for "
+        f"Hailo's 640-d files, else {DEFAULT_MODEL}).",
+        show_default=False,
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, tensorrt, openvino or coreml.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or int8 (auto: fp16 on a GPU, else fp32).")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")]

@@ -13,6 +13,7 @@ from clipworks.cli.common import (
     DeviceOpt,
     ModelOpt,
     PrecisionOpt,
+    PromptFileModelOpt,
     ThreadsOpt,
     greedy_list_command,
     info,
@@ -20,7 +21,7 @@ from clipworks.cli.common import (
 )
 from clipworks.display import quote_path
 from clipworks.errors import ClipworksError, UsageError
-from clipworks.settings import DEFAULT_MODEL, default_model
+from clipworks.settings import default_model
 
 DEFAULT_TEXTS_FILE = "text_embeddings.json"  # Hailo's text_image_matcher writes this name
 
@@ -182,16 +183,7 @@ def texts(
         str | None, typer.Option(help="Prefix of every non-ensemble prompt (default 'A photo of a ').")
     ] = None,
     ensemble: Annotated[bool, typer.Option(help="Average each prompt over Hailo's ensemble templates.")] = False,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            envvar="CLIPWORKS_MODEL",
-            help=f"Registry name or bundle path (default: the model the -o file was made for, else {DEFAULT_MODEL}).",
-            show_default=False,
-        ),
-    ] = None,
+    model: PromptFileModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info, load_model
+from clipworks.cli.common import DeviceOpt, PrecisionOpt, PromptFileModelOpt, ThreadsOpt, info, load_model
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.settings import default_model
 
@@ -21,17 +21,7 @@ def stream(
         list[str] | None,
         typer.Option("--input", "-i", help="Video file, camera (/dev/video0 or 0), rtsp/http URL, or 'demo'."),
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            envvar="CLIPWORKS_MODEL",
-            help="Registry name or bundle path (default: the model the --json-path file was made for, e.g. "
-            "RN50x4 for Hailo's files, else ViT-B-32::openai).",
-            show_default=False,
-        ),
-    ] = None,
+    model: PromptFileModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
