@@ -1,4 +1,4 @@
-"""Shared test helpers: shared data, real photos, and tiny random-weight bundles exported once per session."""
+"""Shared test helpers: the data fixtures, real photos, and tiny random-weight bundles exported once per session."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-# /work/shared/data, beside the checkout: real files from other tools, read-only. CI clones the
-# project with shared/ beside it, so a missing folder is a broken checkout, not a reason to skip.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Real files from other tools (Hailo prompt files, label lists, sample videos), kept in the repository so that
+# a plain clone runs every test; tests/data/NOTICE names each file's source and licence.
+TEST_DATA = Path(__file__).resolve().parent / "data"
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 PACKAGE_PHOTOS = Path(__file__).resolve().parents[1] / "src" / "clipworks" / "data" / "check_images"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"shared data not found at {SHARED_DATA}: clone the project beside shared/"
-    return SHARED_DATA
+def test_data() -> Path:
+    """tests/data: hailo/ (prompt files), labels/ (Kinetics-400, ImageNet-1k), videos/ (mp4 and AVI samples)."""
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def copy_photos(photos: list[Path], folder: Path) -> Path:
+    """``folder`` (made here) holding a copy of each photo."""
+    folder.mkdir(parents=True)
+    for p in photos:
+        shutil.copy(p, folder / p.name)
+    return folder
 
 
 def make_variants(photos: list[Path], folder: Path, count: int, size: int = 320, fmt: str = "jpg") -> list[Path]:

@@ -116,10 +116,10 @@ def test_embed_texts_writes_a_hailo_file_and_matches_an_image(capsys, vit_bundle
     assert "best:" in stdout
 
 
-def test_embed_texts_from_hailo_texts_json(capsys, vit_bundle, shared_data, tmp_path) -> None:
+def test_embed_texts_from_hailo_texts_json(capsys, vit_bundle, test_data, tmp_path) -> None:
     out = tmp_path / "t.json"
     code, _, err = run(
-        capsys, "embed", "texts", "--texts-json", shared_data / "hailo" / "texts_json_example.json", "-o", out,
+        capsys, "embed", "texts", "--texts-json", test_data / "hailo" / "texts_json_example.json", "-o", out,
         "-m", vit_bundle,
     )  # fmt: skip
     assert code == 0, err
@@ -127,12 +127,12 @@ def test_embed_texts_from_hailo_texts_json(capsys, vit_bundle, shared_data, tmp_
     assert [e["text"] for e in entries if e["negative"]] == ["person"]
 
 
-def test_prompt_file_of_another_dimension_is_refused_when_matched(capsys, vit_bundle, shared_data, photos) -> None:
+def test_prompt_file_of_another_dimension_is_refused_when_matched(capsys, vit_bundle, test_data, photos) -> None:
     import clipworks
     from clipworks.errors import BadPromptFile
     from clipworks.prompts import PromptSet, match
 
-    hailo = PromptSet.load(shared_data / "hailo" / "embeddings.json")  # RN50x4, 640-d
+    hailo = PromptSet.load(test_data / "hailo" / "embeddings.json")  # RN50x4, 640-d
     with pytest.raises(BadPromptFile, match="640 but the image embeddings have dimension 32"):
         match(clipworks.load(vit_bundle).encode_images(photos[:1]), hailo)
 
@@ -205,10 +205,10 @@ def read_like_hailo(path: Path) -> list[tuple[str, bool, int]]:
 
 
 @pytest.fixture
-def hailo_file(shared_data: Path, tmp_path: Path) -> Path:
+def hailo_file(test_data: Path, tmp_path: Path) -> Path:
     """A copy of the embeddings.json Hailo's app ships (640-d RN50x4), to write to."""
     copy = tmp_path / "embeddings.json"
-    shutil.copy(shared_data / "hailo" / "embeddings.json", copy)
+    shutil.copy(test_data / "hailo" / "embeddings.json", copy)
     return copy
 
 

@@ -24,15 +24,19 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 import clipworks.imaging
-from clipworks.errors import BadBundle, BadImage
+from clipworks.errors import BadBundle, BadImage, UsageError
 from clipworks.imaging import (
+    EXACT_RESIZE_LIMIT,
     IMAGE_EXTENSIONS,
+    OPENAI_STD,
     PreprocessConfig,
     decode,
     is_image_path,
     load_image,
+    load_thumbnail,
     preprocess,
 )
+from memory_helpers import address_space_headroom, peak_growth_mb, png
 
 CHECK_IMAGES = Path(clipworks.imaging.__file__).parent / "data" / "check_images"
 # torchvision's PIL path and ours run the same Pillow resize and the same float32 arithmetic, so the arrays
@@ -422,6 +426,233 @@ def test_bad_inputs_raise_bad_image(tmp_path: Path, make: Callable[[Path], Any],
         assert f"<{len(source)} bytes>" in message
     with pytest.raises(BadImage):
         decode(source, PreprocessConfig(), "fast", **kwargs)
+
+
+# ----- very elongated images: open_clip's pixels, bounded memory -----
+
+# Past EXACT_RESIZE_LIMIT, preprocess resamples only what the crop keeps. Measured against open_clip on the
+# ELONGATED table below (and on L, LA, RGBA, CMYK, P, 1 and I strips): at most 2 grey levels apart (0.030
+# normalised units, in single pixels of the L and I strips) on at most 0.02% of the values, 0 for most rows.
+WINDOW_ATOL = 2 / (255 * min(OPENAI_STD)) + 1e-6
+WINDOW_DIFFERING = 0.001
+
+# Strips from 15:1 (resized whole, as open_clip does) to 200:1, both ways round, 1 pixel thin included.
+ELONGATED = [(3000, 200), (200, 3000), (3400, 200), (200, 3400), (777, 13), (13, 777), (1200, 8), (8, 1200),
+             (200, 1), (1, 200)]  # fmt: skip
+ELONGATED_CONFIGS = [
+    pytest.param({"size": 224}, id="shortest-224"),
+    pytest.param({"size": 336}, id="shortest-336"),
+    pytest.param({"size": 224, "interpolation": "bilinear"}, id="shortest-224-bilinear"),
+    pytest.param({"size": [224, 320]}, id="shortest-224x320"),
+    pytest.param({"size": [320, 224], "interpolation": "bilinear"}, id="shortest-320x224-bilinear"),
+    pytest.param({"size": 224, "resize_mode": "longest"}, id="longest-224"),
+    pytest.param({"size": [256, 192], "resize_mode": "longest", "fill_color": 128}, id="longest-256x192-fill"),
+    pytest.param({"size": 224, "resize_mode": "squash"}, id="squash-224"),
+    pytest.param({"size": [224, 320], "resize_mode": "squash"}, id="squash-224x320"),
+]
+
+
+@pytest.mark.parametrize("d", ELONGATED_CONFIGS)
+@pytest.mark.parametrize("size", ELONGATED, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_preprocess_matches_open_clip_on_elongated_images(open_clip: Any, size: tuple[int, int], d: dict) -> None:
+    image = natural(*size, seed=size[0] + size[1])
+    cfg = PreprocessConfig.from_dict(d)
+    ours = preprocess(image, cfg)
+    steps = open_clip_transform(open_clip, d).transforms
+    resized = steps[0](image)  # open_clip's own resize: the intermediate image this path avoids
+    ref = resized
+    for step in steps[1:]:
+        ref = step(ref)
+    diff = np.abs(ours - ref.numpy())
+    within_limit = resized.width * resized.height <= EXACT_RESIZE_LIMIT * cfg.size[0] * cfg.size[1]
+    print(f"{size} {d}: resized to {resized.size}, max abs diff {diff.max()}, differing {np.mean(diff > 0):.5f}")
+    if within_limit:
+        assert diff.max() <= PARITY_ATOL
+    else:
+        assert diff.max() <= WINDOW_ATOL
+        assert np.mean(diff > PARITY_ATOL) <= WINDOW_DIFFERING
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "I", "CMYK"])
+@pytest.mark.parametrize("size", [(1500, 20), (20, 1500)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_preprocess_matches_open_clip_on_elongated_raw_modes(open_clip: Any, mode: str, size: tuple) -> None:
+    w, h = size
+    rgba = np.dstack([np.asarray(natural(w, h, seed=7)), np.tile(np.linspace(0, 255, w), (h, 1))])
+    image = Image.fromarray(rgba.astype(np.uint8)).convert(mode)
+    for d in ({"size": 224, "fill_color": 40}, {"size": [224, 320]}):
+        diff = np.abs(
+            preprocess(image, PreprocessConfig.from_dict(d)) - open_clip_transform(open_clip, d)(image).numpy()
+        )
+        assert diff.max() <= WINDOW_ATOL
+        assert np.mean(diff > PARITY_ATOL) <= WINDOW_DIFFERING
+
+
+COLOUR = (200, 30, 90)
+
+
+def _animated_strip(folder: Path) -> Path:
+    path = folder / "strip.gif"
+    frames = [Image.new("RGB", (40000, 1), colour) for colour in (COLOUR, BLUE)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
+# (file made in a folder, the colour it decodes to, tolerance in grey levels). Each is a few hundred bytes
+# that open_clip would resize to up to 8960000x224 pixels (8 GB) in "shortest" mode.
+STRIPS = [
+    pytest.param(_save(Image.new("RGB", (40000, 1), COLOUR), "wide.png"), COLOUR, 0, id="40000x1-png"),
+    pytest.param(_save(Image.new("RGB", (1, 40000), COLOUR), "tall.png"), COLOUR, 0, id="1x40000-png"),
+    pytest.param(_save(Image.new("RGB", (1, 40000), COLOUR), "tall.gif"), COLOUR, 0, id="1x40000-gif"),
+    pytest.param(_animated_strip, COLOUR, 0, id="40000x1-animated-gif"),
+    pytest.param(_save(Image.new("RGBA", (40000, 1), (*COLOUR, 90)), "alpha.png"), COLOUR, 0, id="40000x1-rgba"),
+    pytest.param(_save(Image.new("LA", (1, 40000), (77, 90)), "la.png"), (77, 77, 77), 0, id="1x40000-la"),
+    pytest.param(_save(Image.new("P", (40000, 1), 1), "pal.png"), (0, 0, 0), 0, id="40000x1-palette"),
+    pytest.param(
+        _save(Image.fromarray(np.full((40000, 1), 200 * 257, np.uint16)), "deep.png"),
+        (200, 200, 200),
+        0,
+        id="1x40000-16bit",
+    ),
+    pytest.param(_save(Image.new("1", (40000, 1), 1), "bits.png"), (255, 255, 255), 0, id="40000x1-1bit"),
+    pytest.param(_save(Image.new("L", (40000, 1), 77), "wide.tiff"), (77, 77, 77), 0, id="40000x1-tiff"),
+    pytest.param(_save(Image.new("RGB", (1, 40000), COLOUR), "tall.bmp"), COLOUR, 0, id="1x40000-bmp"),
+    pytest.param(_save(Image.new("RGB", (40000, 8), COLOUR), "wide.jpg", quality=95), COLOUR, 3, id="40000x8-jpeg"),
+    pytest.param(_save(Image.new("RGB", (16383, 1), COLOUR), "wide.webp", lossless=True), COLOUR, 0, id="16383x1-webp"),
+    pytest.param(_save(Image.new("RGB", (1, 1), COLOUR), "dot.png"), COLOUR, 0, id="1x1-png"),
+]
+STRIP_CONFIGS = [
+    pytest.param(PreprocessConfig(), id="shortest-224"),
+    pytest.param(PreprocessConfig(size=(336, 336), interpolation="bilinear"), id="shortest-336-bilinear"),
+    pytest.param(PreprocessConfig(size=(224, 320)), id="shortest-224x320"),
+    pytest.param(PreprocessConfig(size=(320, 224)), id="shortest-320x224"),
+    # A 40000x1 strip scales to 224x0 here, where open_clip fails: it becomes one line in the fill colour.
+    pytest.param(PreprocessConfig(resize_mode="longest", fill_color=40), id="longest-224-fill"),
+    pytest.param(PreprocessConfig(size=(192, 256), resize_mode="longest"), id="longest-192x256"),
+    pytest.param(PreprocessConfig(resize_mode="squash"), id="squash-224"),
+]
+
+
+@pytest.mark.parametrize("cfg", STRIP_CONFIGS)
+@pytest.mark.parametrize(("make", "colour", "tolerance"), STRIPS)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_elongated_files_decode_in_bounded_memory(
+    tmp_path: Path, make: Callable[[Path], Path], colour: tuple, tolerance: int, cfg: PreprocessConfig, mode: str
+) -> None:
+    path = make(tmp_path)
+    with address_space_headroom(2048), peak_growth_mb() as growth:
+        pixels = decode(path, cfg, mode)  # type: ignore[arg-type]
+    assert growth() < 48, f"{path.name}: decoding took {growth():.0f} MB"
+    assert pixels.shape == (3, *cfg.size)
+    lut = clipworks.imaging._normalize_lut(cfg.mean, cfg.std)
+    image = np.stack([lut[c, colour[c]] for c in range(3)])[:, None, None]
+    fill = cfg.fill_color if cfg.resize_mode == "longest" else 0
+    level = 1 / (255 * min(cfg.std))
+    is_image = np.abs(pixels - image).max(axis=0) <= (tolerance + 1) * level
+    is_fill = np.abs(pixels - lut[:, fill][:, None, None]).max(axis=0) <= 1e-6
+    # Every output pixel is the strip's colour or the padding; "longest" pads, the other modes fill the frame.
+    assert np.all(is_image | is_fill)
+    assert is_image.any()
+    if cfg.resize_mode != "longest":
+        assert is_image.all()
+
+
+def test_elongated_image_exactly_at_the_limit(tmp_path: Path) -> None:
+    path = _save(Image.new("RGB", (40000, 1), COLOUR), "wide.png")(tmp_path)
+    with address_space_headroom(2048):
+        assert decode(path, PreprocessConfig(), max_pixels=40000).shape == (3, 224, 224)
+    with pytest.raises(BadImage) as caught:
+        decode(path, PreprocessConfig(), max_pixels=39999)
+    assert str(caught.value).startswith(f"{path}: 40000x1 is 40000 pixels, over the limit of 39999")
+
+
+def _gif_with_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A GIF whose first frame is larger than the screen it declares; Pillow grows the image to the frame."""
+    header = b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    descriptor = b"\x2c" + struct.pack("<HHHHB", 0, 0, *frame, 0)
+    return header + descriptor + b"\x02\x02\x44\x01\x00\x3b"
+
+
+# Files whose pixels would take far more memory than their bytes: refused before a pixel is decoded, in one
+# line naming the file and its size. (file made in a folder, load_image keywords, the size the message names)
+OVER_LIMIT = [
+    pytest.param(_save(Image.new("RGB", (40000, 1)), "wide.png"), {"max_pixels": 20000}, "40000x1", id="strip"),
+    pytest.param(_save(Image.new("L", (1, 40000)), "tall.gif"), {"max_pixels": 20000}, "1x40000", id="strip-gif"),
+    pytest.param(
+        _file("frame.gif", _gif_with_frame((1, 1), (9000, 9000))),
+        {"max_pixels": 10**6},
+        "9000x9000",
+        id="gif-frame-beyond-screen",
+    ),
+    # 100 megapixels in 100 kB: over Pillow's MAX_IMAGE_PIXELS, the limit indexing uses by default.
+    pytest.param(lambda f: png(f / "huge.png", 10000, 10000), {}, "10000x10000", id="100MP-png"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(("make", "kwargs", "dimensions"), OVER_LIMIT)
+def test_over_limit_images_are_refused_before_decoding(
+    tmp_path: Path, make: Callable[[Path], Path], kwargs: dict, dimensions: str
+) -> None:
+    path = make(tmp_path)
+    for load in (lambda: load_image(path, **kwargs), lambda: load_thumbnail(path, 256, **kwargs)):
+        with address_space_headroom(2048), peak_growth_mb() as growth, pytest.raises(BadImage) as caught:
+            load()
+        message = str(caught.value)
+        assert message.startswith(f"{path}: {dimensions} is ") and "over the limit" in message
+        assert "\n" not in message
+        assert growth() < 16
+
+
+# ----- thumbnails -----
+
+
+@pytest.mark.parametrize(
+    ("size", "box", "expected"),
+    [
+        ((40000, 1), 256, (256, 1)),
+        ((1, 40000), 128, (1, 128)),
+        ((640, 480), 256, (256, 192)),
+        ((480, 640), 512, (384, 512)),
+        ((100, 75), 256, (100, 75)),  # never enlarged
+        ((1, 1), 128, (1, 1)),
+    ],
+)
+def test_load_thumbnail_fits_the_box_and_keeps_the_aspect(
+    tmp_path: Path, size: tuple, box: int, expected: tuple
+) -> None:
+    path = tmp_path / "photo.png"
+    (natural(*size) if min(size) > 1 else Image.new("RGB", size, COLOUR)).save(path)
+    with address_space_headroom(2048):
+        thumb = load_thumbnail(path, box)
+    assert thumb.mode == "RGB" and thumb.size == expected
+
+
+def test_load_thumbnail_drafts_jpegs_and_applies_orientation(tmp_path: Path) -> None:
+    stored = Image.new("RGB", (4000, 3000), RED)
+    stored.paste(BLUE, (2000, 0, 4000, 3000))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: red on top
+    path = tmp_path / "camera.jpg"
+    stored.save(path, exif=exif, quality=90)
+    with peak_growth_mb() as growth:
+        thumb = load_thumbnail(path, 256)
+    assert thumb.size == (192, 256)
+    a = np.asarray(thumb, np.float32)
+    assert np.abs(a[:100].mean(axis=(0, 1)) - RED).max() < 8 and np.abs(a[-100:].mean(axis=(0, 1)) - BLUE).max() < 8
+    # libjpeg decodes at 1/8 scale (500x375, under 1 MB) instead of 36 MB of full-size pixels.
+    assert growth() < 16
+
+
+def test_load_thumbnail_leaves_callers_image_alone() -> None:
+    image = Image.new("RGB", (500, 300), COLOUR)
+    assert load_thumbnail(image, 100).size == (100, 60)
+    assert image.size == (500, 300)
+
+
+@pytest.mark.parametrize("size", [0, -5, 2.5])
+def test_load_thumbnail_refuses_a_bad_size(size: Any) -> None:
+    with pytest.raises(UsageError, match="thumbnail size"):
+        load_thumbnail(Image.new("RGB", (5, 5)), size)
 
 
 # ----- fast vs exact -----

@@ -212,6 +212,55 @@ def test_side_file_is_used_and_replaced(tmp_path: Path, folder: Path, vit_bundle
     assert len(list((tmp_path / "lib.db-vectors").glob("*.npy"))) == 2  # the stale generation is gone
 
 
+def test_recreated_library_never_reads_the_old_side_file(tmp_path: Path, vit_bundle: Path, photos):
+    db = tmp_path / "lib.db"
+    old_photos = make_variants(photos, tmp_path / "old", 6)
+    new_photos = make_variants(photos[::-1], tmp_path / "new", 6, size=200, fmt="png")
+    old = Library(db, str(vit_bundle), create=True)
+    old.index([tmp_path / "old"], batch_size=4)
+    old.search("x")  # writes the side file
+    old.close()
+    side = tmp_path / "lib.db-vectors"
+    assert list(side.glob("*.npy"))
+    for f in tmp_path.glob("lib.db*"):  # the library deleted, its side folder left behind
+        if f != side:
+            f.unlink()
+
+    new = Library(db, str(vit_bundle), create=True)
+    new.index([tmp_path / "new"], batch_size=4)  # as many files and commits: the same generation
+    fresh = Library(db)
+    vectors = stored_vectors(db)
+    assert set(vectors) == {str(p) for p in new_photos}
+    query = fresh.query_vector(parse_query(["a", "photo"]))
+    hits = fresh.search_vector(query, top_k=10)
+    paths = list(vectors)
+    scores = np.stack([vectors[p] for p in paths]) @ query
+    want = [paths[i] for i in np.argsort(-scores)]
+    assert [h.path for h in hits] == want  # the new photos ranked by their own vectors
+    np.testing.assert_allclose([h.score for h in hits], np.sort(scores)[::-1], atol=1e-5)
+    assert not {str(p) for p in old_photos} & {h.path for h in hits}
+    assert len(list(side.glob("*.npy"))) == 2  # the old library's files are gone
+
+
+def test_excluded_files_are_reported_as_excluded_and_come_back_without_embedding(
+    tmp_path: Path, folder: Path, vit_bundle: Path, photos, decoded
+):
+    lib = Library(tmp_path / "lib.db", str(vit_bundle), create=True)
+    lib.index([folder])
+    report = lib.index([folder], excludes=["more"])
+    # Excluded: out of search, the rows and vectors kept (not "deleted": the files are still there).
+    assert (report.excluded, report.deleted) == (6, 0)
+    assert "6 excluded" in report.summary() and "deleted" not in report.summary()
+    assert not [h for h in lib.search("x", top_k=100) if "/more/" in h.path]
+    (folder / photos[0].name).unlink()
+    report = lib.index([folder])
+    assert (report.excluded, report.deleted) == (0, 1)  # a file really gone is still "deleted"
+    decoded.clear()
+    report = lib.index([folder], excludes=[])
+    assert (report.restored, report.embedded, decoded) == (6, 0, [])
+    assert len([h for h in lib.search("x", top_k=100) if "/more/" in h.path]) == 6
+
+
 def test_scan_rules(tmp_path: Path, photos: list[Path]):
     root = tmp_path / "r"
     (root / "a" / "deep").mkdir(parents=True)
@@ -294,7 +343,7 @@ def test_cli_index_search_results_similar_duplicates(tmp_path: Path, folder: Pat
     assert f"{n} new" in capsys.readouterr().err
     assert main(["index", "status", *base, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["files"] == n and status["models"][0]["vectors"] == n and status["schema_version"] == 1
+    assert status["files"] == n and status["models"][0]["vectors"] == n and status["schema_version"] == SCHEMA_VERSION
 
     assert main(["search", "a", "dog", "-people", "--not", "cars", *base, "--top-k", "5", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)

@@ -1,8 +1,11 @@
-"""A killed or interrupted `clipworks index add` leaves a valid library that the next run completes."""
+"""A killed or interrupted `clipworks index add` leaves a valid library that the next run completes; a second
+run started while one is going waits for it instead of doing the same work."""
 
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import sqlite3
 import subprocess
@@ -87,4 +90,53 @@ def test_interrupted_index_resumes(tmp_path: Path, many_photos: Path, vit_bundle
     _, err = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, err
     assert f"{IMAGES - kept} embedded" in err  # the committed ones were not embedded again
+    _check_complete(db, many_photos)
+
+
+def _embedded(stderr: str) -> int:
+    found = re.search(r"(\d+) embedded", stderr)
+    return int(found.group(1)) if found else 0
+
+
+def _read_until(proc: subprocess.Popen, text: str, seconds: float) -> str:
+    """Lines of ``proc``'s stderr up to the first holding ``text`` (all of them if it ends or time runs out)."""
+    seen = ""
+    deadline = time.monotonic() + seconds
+    while text not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.1)
+        if ready:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+    return seen
+
+
+def test_a_second_index_run_waits_for_the_first(tmp_path: Path, many_photos: Path, vit_bundle: Path):
+    db = tmp_path / "lib.db"
+    first = _index(many_photos, db, vit_bundle)
+    second = None
+    try:
+        deadline = time.monotonic() + 60
+        while _count(db) == 0:
+            assert first.poll() is None, f"index add ended before its first commit: {first.communicate()}"
+            assert time.monotonic() < deadline, "no commit within 60 s"
+            time.sleep(0.005)
+        os.kill(first.pid, signal.SIGSTOP)  # mid-run, holding the library, for as long as the second one starts
+        second = _index(many_photos, db, vit_bundle)
+        waiting = _read_until(second, "waiting for another index run", 120)
+        os.kill(first.pid, signal.SIGCONT)
+        _, first_err = first.communicate(timeout=300)
+        _, rest = second.communicate(timeout=300)
+    finally:  # a failed assertion above must not leave a stopped process behind
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    second_err = waiting + rest
+    assert first.returncode == 0 and second.returncode == 0, (first_err, second_err)
+    assert f"waiting for another index run on {db} (pid {first.pid})" in waiting
+    # Every photo embedded once, by the first run; the second found the work done.
+    assert (_embedded(first_err), _embedded(second_err)) == (IMAGES, 0)
+    assert f"{IMAGES} unchanged" in second_err
     _check_complete(db, many_photos)

@@ -27,8 +27,8 @@ from clipworks.prompts import (
 HAILO_FILES = ["embeddings.json", "example_embeddings.json"]
 
 
-def hailo_file(shared_data: Path, name: str) -> Path:
-    return shared_data / "hailo" / name
+def hailo_file(test_data: Path, name: str) -> Path:
+    return test_data / "hailo" / name
 
 
 def unit(*values: float) -> np.ndarray:
@@ -68,8 +68,8 @@ def float_bits(data: object) -> list[bytes]:
         ),
     ],
 )
-def test_hailo_file_loads(shared_data: Path, name: str, texts: list[str], negatives: list[int]) -> None:
-    ps = PromptSet.load(hailo_file(shared_data, name))
+def test_hailo_file_loads(test_data: Path, name: str, texts: list[str], negatives: list[int]) -> None:
+    ps = PromptSet.load(hailo_file(test_data, name))
     assert len(ps.entries) == 6
     assert [e.text for e in ps.entries] == texts
     assert [i for i, e in enumerate(ps.entries) if e.negative] == negatives
@@ -79,12 +79,12 @@ def test_hailo_file_loads(shared_data: Path, name: str, texts: list[str], negati
     assert ps.text_prefix == "A photo of a "
     assert ps.ensemble_template == list(DEFAULT_ENSEMBLE_TEMPLATE)
     assert ps.extra == {}
-    assert ps.source == hailo_file(shared_data, name)
+    assert ps.source == hailo_file(test_data, name)
 
 
 @pytest.mark.parametrize("name", HAILO_FILES)
-def test_hailo_file_round_trips_without_loss(shared_data: Path, tmp_path: Path, name: str) -> None:
-    src = hailo_file(shared_data, name)
+def test_hailo_file_round_trips_without_loss(test_data: Path, tmp_path: Path, name: str) -> None:
+    src = hailo_file(test_data, name)
     out = PromptSet.load(src).save(tmp_path / name)
     original, saved = json.loads(src.read_text()), json.loads(out.read_text())
     assert saved == original
@@ -229,8 +229,8 @@ def test_load_unreadable(tmp_path: Path, make, error: str) -> None:
 # -- texts json (Hailo's --texts-json) ---------------------------------------------------------
 
 
-def test_texts_json_example(shared_data: Path) -> None:
-    ps = PromptSet.from_texts_json(hailo_file(shared_data, "texts_json_example.json"))
+def test_texts_json_example(test_data: Path) -> None:
+    ps = PromptSet.from_texts_json(hailo_file(test_data, "texts_json_example.json"))
     assert [(e.text, e.negative) for e in ps.entries] == [
         ("keyboard", False),
         ("mouse", False),
@@ -337,8 +337,8 @@ def test_negatives_take_part_in_the_softmax() -> None:
     assert p_neg.probabilities[2] == pytest.approx(1 - p_neg.probabilities[0] - p_neg.probabilities[1])
 
 
-def test_match_reproduces_hand_computed_probabilities(shared_data: Path) -> None:
-    path = hailo_file(shared_data, "embeddings.json")
+def test_match_reproduces_hand_computed_probabilities(test_data: Path) -> None:
+    path = hailo_file(test_data, "embeddings.json")
     ps = PromptSet.load(path)
     raw = json.loads(path.read_text())
     rng = np.random.default_rng(0)
@@ -504,8 +504,8 @@ def test_module_imports_only_numpy() -> None:
 
 
 @pytest.mark.parametrize("name", ["embeddings.json", "example_embeddings.json"])
-def test_hailos_shipped_files_are_known_as_rn50x4(shared_data: Path, name: str) -> None:
-    ps = PromptSet.load(shared_data / "hailo" / name)
+def test_hailos_shipped_files_are_known_as_rn50x4(test_data: Path, name: str) -> None:
+    ps = PromptSet.load(test_data / "hailo" / name)
     assert ps.dim == 640 and ps.made_for() == "RN50x4::openai"
 
 
@@ -517,8 +517,8 @@ def test_a_recorded_model_wins_and_other_dimensions_are_unknown(tmp_path: Path) 
     assert PromptSet.load(ps.save(tmp_path / "p.json")).made_for() == "/bundles/tiny"
 
 
-def test_add_entries_fills_empty_slots_first_then_appends(shared_data: Path) -> None:
-    ps = PromptSet.load(shared_data / "hailo" / "embeddings.json")  # 4 texts, then 2 empty slots
+def test_add_entries_fills_empty_slots_first_then_appends(test_data: Path) -> None:
+    ps = PromptSet.load(test_data / "hailo" / "embeddings.json")  # 4 texts, then 2 empty slots
     new = [PromptEntry(t, np.full(640, 0.01), negative=t == "dog") for t in ("cat", "dog", "bird")]
     ps.add_entries(new)
     assert [(e.text, e.negative) for e in ps.entries] == [
@@ -527,8 +527,8 @@ def test_add_entries_fills_empty_slots_first_then_appends(shared_data: Path) -> 
     ]  # fmt: skip
 
 
-def test_add_entries_of_another_dimension_is_refused_and_changes_nothing(shared_data: Path) -> None:
-    path = shared_data / "hailo" / "embeddings.json"
+def test_add_entries_of_another_dimension_is_refused_and_changes_nothing(test_data: Path) -> None:
+    path = test_data / "hailo" / "embeddings.json"
     ps = PromptSet.load(path)
     before = [e.text for e in ps.entries]
     with pytest.raises(BadPromptFile, match=r"640-d but the new ones are 512-d.*--model RN50x4::openai"):

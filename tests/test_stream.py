@@ -23,8 +23,8 @@ def _events(path: Path, kind: str = "classification") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def vtest(shared_data: Path) -> Path:
-    return shared_data / "videos" / "vtest.avi"
+def vtest(test_data: Path) -> Path:
+    return test_data / "videos" / "vtest.avi"
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 from clipworks.stream.sources import Frame, Source, SourceError
 
 
-def test_a_slow_consumer_never_falls_behind_a_synced_source(shared_data: Path) -> None:
-    source = Source(str(shared_data / "videos" / "vtest.avi"), sync=True).start()  # plays at its 10 fps
+def test_a_slow_consumer_never_falls_behind_a_synced_source(test_data: Path) -> None:
+    source = Source(str(test_data / "videos" / "vtest.avi"), sync=True).start()  # plays at its 10 fps
     try:
         start = time.perf_counter()
         read: list[Frame] = []

@@ -48,12 +48,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def clip_video(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
+def clip_video(test_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
     """The first 20 frames of vtest.avi as an mp4, and those frames as the stream will decode them."""
     import av
 
     path = tmp_path_factory.mktemp("web") / "clip.mp4"
-    with av.open(str(shared_data / "videos" / "vtest.avi")) as inp, av.open(str(path), "w") as out:
+    with av.open(str(test_data / "videos" / "vtest.avi")) as inp, av.open(str(path), "w") as out:
         s = out.add_stream("mpeg4", rate=10)
         for i, frame in enumerate(inp.decode(video=0)):
             if i == CLIP_FRAMES:

@@ -96,11 +96,11 @@ def test_bad_detector_arguments(tmp_path: Path, monkeypatch, spec: str, message:
         make_detector(spec)
 
 
-def test_stream_with_a_yolo_file_tracks_the_detected_person(vit_bundle, shared_data, tmp_path, capsys) -> None:
+def test_stream_with_a_yolo_file_tracks_the_detected_person(vit_bundle, test_data, tmp_path, capsys) -> None:
     graph = _yolo_graph(tmp_path / "yolo.onnx", "v8")
     events = tmp_path / "events.jsonl"
     code = main(
-        ["stream", "--input", str(shared_data / "videos" / "vtest.avi"), "--model", str(vit_bundle),
+        ["stream", "--input", str(test_data / "videos" / "vtest.avi"), "--model", str(vit_bundle),
          "--detector", str(graph), "--json-path", str(tmp_path / "prompts.json"), "--events", str(events),
          "--max-frames", "15"]
     )  # fmt: skip

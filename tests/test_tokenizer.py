@@ -136,10 +136,10 @@ def test_context_length_is_written(tmp_path: Path) -> None:
     assert config["model_max_length"] == 64
 
 
-def test_label_prompts_match_open_clip(shared_data: Path, tokenizer: ClipTokenizer) -> None:
+def test_label_prompts_match_open_clip(test_data: Path, tokenizer: ClipTokenizer) -> None:
     labels = []
     for name in ("imagenet1k.txt", "kinetics400.txt"):
-        labels += (shared_data / "labels" / name).read_text(encoding="utf-8").splitlines()
+        labels += (test_data / "labels" / name).read_text(encoding="utf-8").splitlines()
     texts = [template(label) for label in labels for template in open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES]
     assert len(texts) >= 10_000
 

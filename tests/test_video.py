@@ -31,8 +31,8 @@ def run(capsys, *args: object) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def videos(shared_data: Path) -> Path:
-    return shared_data / "videos"
+def videos(test_data: Path) -> Path:
+    return test_data / "videos"
 
 
 def saved(out: Path, model_dir: str, stem: str, ext: str = ".npy") -> dict[str, np.ndarray]:
@@ -162,8 +162,8 @@ def test_show_pred_defaults_to_kinetics_top5(capsys, vit_bundle, videos) -> None
             assert m and m.group(3) in prompts and len(m.group(1)) >= 8
 
 
-def test_kinetics_list_is_the_shared_one(shared_data) -> None:
-    shared = [line.strip() for line in (shared_data / "labels" / "kinetics400.txt").read_text().splitlines()]
+def test_kinetics_list_is_the_shared_one(test_data) -> None:
+    shared = [line.strip() for line in (test_data / "labels" / "kinetics400.txt").read_text().splitlines()]
     assert kinetics_prompts() == [f"a photo of {x}" for x in shared if x]
 
 

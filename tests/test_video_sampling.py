@@ -45,8 +45,8 @@ def test_ffmpeg_is_installed() -> None:
         ("vtest.avi", "2"),  # MPEG-4 part 2 in AVI, 10 fps
     ],
 )
-def test_frames_match_ffmpeg_fps_filter(shared_data: Path, name: str, fps: str | None) -> None:
-    video = shared_data / "videos" / name
+def test_frames_match_ffmpeg_fps_filter(test_data: Path, name: str, fps: str | None) -> None:
+    video = test_data / "videos" / name
     info = probe(video)
     sampling = plan_sampling(info, float(fps) if fps else None)
     ours = iter_frames(video, sampling)
@@ -62,8 +62,8 @@ def test_frames_match_ffmpeg_fps_filter(shared_data: Path, name: str, fps: str |
     assert count > 0
 
 
-def test_timestamps_every_frame_on_a_constant_rate_file(shared_data: Path) -> None:
-    video = shared_data / "videos" / "v_GGSY1Qvo990.mp4"  # time base 1/981, a frame every 50 ticks
+def test_timestamps_every_frame_on_a_constant_rate_file(test_data: Path) -> None:
+    video = test_data / "videos" / "v_GGSY1Qvo990.mp4"  # time base 1/981, a frame every 50 ticks
     info = probe(video)
     stamps = [f.timestamp_ms for f in iter_frames(video, plan_sampling(info))]
     assert stamps == [i / info.fps * 1000 for i in range(355)]
@@ -133,19 +133,19 @@ def test_variable_frame_rate_fps_and_timestamps_are_video_features_own(vfr_clip:
     np.testing.assert_allclose(ours, VFR_PTS_MS, rtol=0, atol=1e-9)
 
 
-def test_timestamps_at_a_rate_are_index_over_fps(shared_data: Path) -> None:
-    video = shared_data / "videos" / "v_ZNVhz7ctTq0.mp4"
+def test_timestamps_at_a_rate_are_index_over_fps(test_data: Path) -> None:
+    video = test_data / "videos" / "v_ZNVhz7ctTq0.mp4"
     stamps = [f.timestamp_ms for f in iter_frames(video, plan_sampling(probe(video), 2))]
     assert stamps == [i / 2 * 1000 for i in range(28)]
 
 
-def test_probe_reports_what_opencv_reports(shared_data: Path) -> None:
-    info = probe(shared_data / "videos" / "v_GGSY1Qvo990.mp4")
+def test_probe_reports_what_opencv_reports(test_data: Path) -> None:
+    info = probe(test_data / "videos" / "v_GGSY1Qvo990.mp4")
     assert (info.fps, info.num_frames, info.width, info.height) == (19.62, 355, 320, 240)
 
 
-def test_extraction_total_spreads_frames_like_video_features(shared_data: Path) -> None:
-    video = shared_data / "videos" / "vtest.avi"
+def test_extraction_total_spreads_frames_like_video_features(test_data: Path) -> None:
+    video = test_data / "videos" / "vtest.avi"
     info = probe(video)
     sampling = plan_sampling(info, extraction_total=10)
     assert sampling.fps == pytest.approx(10 * 10 / 795)  # total * fps / frames
@@ -163,9 +163,9 @@ def test_extraction_total_spreads_frames_like_video_features(shared_data: Path) 
         (None, 0, "--extraction-total must be at least 1"),
     ],
 )
-def test_bad_sampling_options(shared_data: Path, fps, total, message: str) -> None:
+def test_bad_sampling_options(test_data: Path, fps, total, message: str) -> None:
     with pytest.raises(UsageError, match=message):
-        plan_sampling(probe(shared_data / "videos" / "vtest.avi"), fps, total)
+        plan_sampling(probe(test_data / "videos" / "vtest.avi"), fps, total)
 
 
 def test_rate_is_parsed_as_ffmpeg_does() -> None:

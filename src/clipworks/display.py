@@ -2,41 +2,44 @@
 
 A POSIX file name is bytes: it may hold a newline, a tab or bytes that are not UTF-8 (Python carries
 those as lone surrogates, ``os.fsdecode``). Printed raw, a newline splits one name over two lines and a
-surrogate crashes a UTF-8 stdout. :func:`quote_path` leaves ordinary names alone and writes the others
-in bash's ``$'...'`` quoting, as ``ls`` does, so every byte survives and the result pastes into a shell.
+surrogate crashes a UTF-8 stdout. ``quote_path`` leaves printable names alone and writes any other (a
+control character, bytes that are not UTF-8, an invisible format character such as U+202E RIGHT-TO-LEFT
+OVERRIDE, or a name that itself starts with ``$'``) as one bash ``$'...'`` string, in the spirit of
+``ls --quoting-style=shell-escape``: each such character as its UTF-8 bytes ``\\xHH`` (``\\n``, ``\\t``,
+``\\r`` by name), so that pasted into bash, in any locale, it is the file's exact name. JSON output needs
+none of this: ``json.dumps`` escapes control characters and writes undecodable bytes as ``\\udcXX``,
+which ``os.fsencode(json.loads(...))`` turns back into the bytes.
 """
 
 from __future__ import annotations
 
 import os
 
-_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\", "'": "\\'"}
-_SURROGATES = range(0xDC80, 0xDD00)  # os.fsdecode's stand-ins for the bytes 0x80..0xFF that are not UTF-8
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\", "'": "\\'"}
 
 
-def _escape(char: str, quoted: bool) -> str:
-    code = ord(char)
-    if code in _SURROGATES:
-        return f"\\x{code - 0xDC00:02x}"
-    if quoted and char in _ESCAPES:
-        return _ESCAPES[char]
-    if char.isprintable():
-        return char
-    if char in _ESCAPES:
-        return _ESCAPES[char]
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _escaped(text: str, named: dict[str, str]) -> str:
+    out = []
+    for char in text:
+        if char in named:
+            out.append(named[char])
+        elif char.isprintable():
+            out.append(char)
+        else:  # a lone surrogate is the one byte it stands for; any other character, its UTF-8 bytes
+            out.append("".join(f"\\x{b:02x}" for b in os.fsencode(char)))
+    return "".join(out)
 
 
 def quote_path(path: str | os.PathLike[str]) -> str:
-    """``path`` unchanged when it is printable text, else ``$'...'`` with escapes (``$'a\\nb.jpg'``)."""
+    """``path`` unchanged when it is printable, else a bash ``$'...'`` string of its exact bytes."""
     text = os.fsdecode(path)
-    if text.isprintable():
+    if text.isprintable() and not text.startswith("$'"):
         return text
-    return "$'" + "".join(_escape(c, quoted=True) for c in text) + "'"
+    return "$'" + _escaped(text, _NAMED) + "'"
 
 
 def one_line(message: str) -> str:
     """``message`` with newlines, other control characters and undecodable bytes written as escapes."""
     if message.isprintable():
         return message
-    return "".join(_escape(c, quoted=False) for c in message)
+    return _escaped(message, {c: e for c, e in _NAMED.items() if c in "\n\t\r"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "decode",
     "is_image_path",
     "load_image",
+    "load_thumbnail",
     "preprocess",
 ]
 
@@ -162,6 +164,23 @@ def load_image(source: ImageSource, *, draft_size: int | None = None, max_pixels
     if isinstance(source, str | os.PathLike):
         return _open(name, name, draft_size, limit, path=name)
     raise BadImage(f"{name}: unsupported image source; pass a path, bytes, a PIL image or a numpy array")
+
+
+def load_thumbnail(source: ImageSource, size: int, *, max_pixels: int | None = None) -> Image.Image:
+    """`source` decoded as `load_image` does (same refusals, same `max_pixels` limit checked before decoding)
+    and shrunk to fit in `size` x `size` pixels, aspect ratio kept, never enlarged: a new RGB image.
+
+    JPEGs decode at reduced scale (libjpeg's DCT scaling) and other formats are reduced by a whole factor
+    before the final LANCZOS filter, so the cost is one decode at most and the output is for people, not
+    for models (use `decode` for those).
+    """
+    if not (isinstance(size, int) and size >= 1):
+        raise UsageError(f"thumbnail size {size!r} must be a positive integer")
+    image = load_image(source, draft_size=size, max_pixels=max_pixels)
+    if image is source:
+        image = image.copy()  # Image.thumbnail works in place; the caller's image stays as it was
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return image
 
 
 def _describe(source: object) -> str:
@@ -302,14 +321,19 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     need padding pad with 0 in "shortest" mode but with `fill_color` in "longest" mode. As in open_clip,
     a non-RGB image is resized and padded in its own mode and converted afterwards (so a palette image
     resizes nearest-neighbour and an RGBA one premultiplied); `load_image` converts to RGB first instead.
+
+    Memory stays bounded whatever the aspect ratio. open_clip resizes the whole image before it crops, so a
+    40000x1 strip in "shortest" mode becomes a 8960000x224 image (8 GB in Pillow) of which 224x224 is kept;
+    here an image whose resized size would be over `EXACT_RESIZE_LIMIT` times the output's is resampled only
+    where the crop keeps it, which moves single pixels by up to 2 grey levels from open_clip's (measured in
+    tests/test_imaging.py). A side that would round to 0 pixels ("longest" mode on such a strip, where
+    open_clip fails) is kept 1 pixel wide.
     """
     th, tw = cfg.size
-    resized = _resize(image, cfg)
-    rw, rh = resized.size
+    new_w, new_h, resample = _resize_plan(image.size, cfg)
     # Where the output window falls on the resized image, and where the image lands in the output.
-    (sx, dx, cw), (sy, dy, ch) = _center(rw, tw), _center(rh, th)
-    if (sx, sy, cw, ch) != (0, 0, rw, rh):
-        resized = resized.crop((sx, sy, sx + cw, sy + ch))
+    (sx, dx, cw), (sy, dy, ch) = _center(new_w, tw), _center(new_h, th)
+    resized = _resized_window(image, (new_w, new_h), (sx, sy, cw, ch), resample, tw * th)
     # torchvision's CenterCrop pads with 0; open_clip's CenterCropOrPad ("longest") with fill_color.
     fill = cfg.fill_color if cfg.resize_mode == "longest" else 0
     if resized.mode != "RGB":
@@ -341,29 +365,78 @@ def _pad(image: Image.Image, border: tuple[int, int, int, int], fill: int) -> Im
     return padded
 
 
-def _resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """The resize step of open_clip's eval transform, with torchvision's size arithmetic."""
+def _resize_plan(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int, Image.Resampling]:
+    """(width, height, filter) of the resize step of open_clip's eval transform, in torchvision's arithmetic."""
     th, tw = cfg.size
-    w, h = image.size
+    w, h = size
     resample = _PIL_FILTERS[cfg.interpolation]
     if cfg.resize_mode == "squash":  # torchvision Resize((h, w))
-        new_h, new_w = th, tw
-    elif cfg.resize_mode == "shortest" and th == tw:  # torchvision Resize(size): shorter edge to size
+        return tw, th, resample
+    if cfg.resize_mode == "shortest" and th == tw:  # torchvision Resize(size): shorter edge to size
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = th, int(th * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    else:
-        # open_clip's ResizeKeepRatio (longest=1 for "longest", 0 for a non-square "shortest" target);
-        # the expressions are copied so that the float rounding is the same.
-        longest = 1.0 if cfg.resize_mode == "longest" else 0.0
-        ratio_h, ratio_w = h / th, w / tw
-        ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-        new_h, new_w = round(h * 1.0 / ratio), round(w * 1.0 / ratio)
-        if cfg.resize_mode == "shortest":
-            resample = Image.Resampling.BICUBIC  # open_clip builds ResizeKeepRatio(image_size) here
-    if (new_w, new_h) == (w, h):
-        return image
-    return image.resize((new_w, new_h), resample)
+        return new_w, new_h, resample
+    # open_clip's ResizeKeepRatio (longest=1 for "longest", 0 for a non-square "shortest" target);
+    # the expressions are copied so that the float rounding is the same.
+    longest = 1.0 if cfg.resize_mode == "longest" else 0.0
+    ratio_h, ratio_w = h / th, w / tw
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    new_h, new_w = round(h * 1.0 / ratio), round(w * 1.0 / ratio)
+    if cfg.resize_mode == "shortest":
+        resample = Image.Resampling.BICUBIC  # open_clip builds ResizeKeepRatio(image_size) here
+    # "longest" rounds the short side to 0 beyond an aspect ratio of twice the target's side (448:1 at 224),
+    # where torchvision fails; a 1-pixel line padded with the fill colour is as near as the image scales.
+    return max(new_w, 1), max(new_h, 1), resample
+
+
+# preprocess resizes the whole image, then crops, as open_clip does, while the resized image has at most this
+# many times the output's pixels: then its pixels are open_clip's bit for bit. A larger one (an image more
+# elongated than 16:1 in "shortest" mode) is resampled only inside the crop, so memory stays bounded.
+EXACT_RESIZE_LIMIT = 16
+
+# How far each filter reaches, in source pixels at scale 1 (Pillow's filter supports; nearest reads one pixel).
+_FILTER_REACH = {Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0, Image.Resampling.NEAREST: 0.5}
+# Pillow resizes RGBA and LA premultiplied (converting on the way in and out of each resize call).
+_PREMULTIPLIED = {"RGBA": "RGBa", "LA": "La"}
+
+
+def _resized_window(
+    image: Image.Image,
+    size: tuple[int, int],
+    window: tuple[int, int, int, int],
+    resample: Image.Resampling,
+    out_pixels: int,
+) -> Image.Image:
+    """The part `window` (x, y, width, height) of `image` resized to `size`."""
+    new_w, new_h = size
+    x, y, cw, ch = window
+    if new_w * new_h <= EXACT_RESIZE_LIMIT * out_pixels:
+        resized = image if size == image.size else image.resize(size, resample)
+        return resized if window == (0, 0, new_w, new_h) else resized.crop((x, y, x + cw, y + ch))
+    if image.mode in ("1", "P"):
+        resample = Image.Resampling.NEAREST  # what Pillow's resize does for these modes
+    premultiplied = _PREMULTIPLIED.get(image.mode) if resample != Image.Resampling.NEAREST else None
+    source = image.convert(premultiplied) if premultiplied else image
+    w, h = image.size
+    (x0, x1), (y0, y1) = _source_span(x, cw, new_w, w), _source_span(y, ch, new_h, h)
+    # Pillow resizes horizontally, rounds to 8 bits, then resizes vertically; one resize call with a box may
+    # take the other order (rounding differently), so each axis gets its own call, in Pillow's order. The
+    # horizontal pass needs only the rows the vertical filter reads: a margin wider than its reach.
+    reach = _FILTER_REACH[resample] * max(h / new_h, 1.0) + 2
+    r0, r1 = max(0, math.floor(y0 - reach)), min(h, math.ceil(y1 + reach))
+    rows = source if (r0, r1) == (0, h) else source.crop((0, r0, w, r1))
+    wide = rows.resize((cw, r1 - r0), resample, box=(x0, 0, x1, r1 - r0))
+    out = wide.resize((cw, ch), resample, box=(0, y0 - r0, cw, y1 - r0))
+    return out.convert(image.mode) if premultiplied else out
+
+
+def _source_span(start: int, length: int, resized: int, source: int) -> tuple[float, float]:
+    """The interval of a source axis that resizing `source` to `resized` pixels maps onto [start, start+length)."""
+    if (start, length) == (0, resized):
+        return 0.0, float(source)  # exactly the full resize's scale along an axis the crop keeps whole
+    scale = source / resized
+    return start * scale, (start + length) * scale
 
 
 def _center(size: int, target: int) -> tuple[int, int, int]:

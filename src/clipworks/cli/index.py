@@ -45,6 +45,14 @@ def add(
         list[str] | None,
         typer.Option("--exclude", help="Glob of paths or names to skip (repeatable; remembered per folder)."),
     ] = None,
+    follow_links: Annotated[
+        bool | None,
+        typer.Option(
+            "--follow-links/--no-follow-links",
+            help="Follow symlinked folders that lead outside the folder (remembered per folder; default: no). "
+            "Links to image files are always followed.",
+        ),
+    ] = None,
     model: LibraryModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -58,12 +66,18 @@ def add(
     progress = {"embedded": 0}
     try:
         report = library.index(
-            folders, excludes=exclude, batch_size=batch_size, workers=workers,
+            folders, excludes=exclude, follow_links=follow_links, batch_size=batch_size, workers=workers,
             on_batch=lambda n: progress.update(embedded=n),
         )  # fmt: skip
     except KeyboardInterrupt:
         info(f"interrupted: {progress['embedded']} images embedded and committed; run the same command to continue")
         raise
+    for folder in report.skipped_folders:
+        if folder.kind == "unreadable":
+            info(f"warning: cannot read folder {folder.path} ({folder.detail}); its photos are kept as they were")
+        else:
+            info(f"warning: not following {folder.path} -> {folder.detail}: it leads outside the folder "
+                 "(--follow-links indexes it)")  # fmt: skip
     info(f"{library.path}: {report.summary()}")
     if report.failures:
         info(f"{len(report.failures)} files could not be read; they are retried when they change (`index status`)")
@@ -75,6 +89,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Folders, files, vectors per model, files waiting to be embedded, and files that could not be read."""
+    from clipworks.display import quote_path
     from clipworks.library import Library
 
     state = Library(db).status()
@@ -87,16 +102,16 @@ def status(
             "errors": [{"path": p, "error": e} for p, e in state.errors],
         }, indent=2))  # fmt: skip
         return
-    print(f"library {state.path} (schema {state.schema_version})")
+    print(f"library {quote_path(str(state.path))} (schema {state.schema_version})")
     for path, excludes, count in state.roots:
-        skip = f" (excluding {', '.join(excludes)})" if excludes else ""
-        print(f"  folder {path}: {count} files{skip}")
+        skip = f" (excluding {', '.join(map(quote_path, excludes))})" if excludes else ""
+        print(f"  folder {quote_path(path)}: {count} files{skip}")
     print(f"  {state.files} files, {state.deleted} deleted, {len(state.errors)} unreadable")
     for row, vectors, waiting in state.models:
         more = f", {waiting} waiting" if waiting else ""
         print(f"  model {row.name} ({row.dim}-d): {vectors} vectors{more}")
     for path, error in state.errors:
-        print(f"  unreadable {path}: {error}")
+        print(f"  unreadable {quote_path(path)}: {quote_path(error)}")
 
 
 @app.command()

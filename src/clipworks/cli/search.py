@@ -1,4 +1,8 @@
-"""``clipworks search``, ``clipworks similar`` and ``clipworks duplicates`` over the photo library."""
+"""``clipworks search``, ``clipworks similar`` and ``clipworks duplicates`` over the photo library.
+
+Text output is one photo a line, its name through ``clipworks.display.quote_path`` (a name with a newline,
+a control character or bytes that are not UTF-8 prints as one bash ``$'...'`` string); ``--json`` is JSON.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import typer
 
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, info
 from clipworks.cli.index import DbOpt, LibraryModelOpt, open_library
+from clipworks.display import quote_path
 from clipworks.library.search import Hit
 
 # `-people` and `-2:cat` are query terms, not options: no short options here, unknown ones pass through.
@@ -35,7 +40,7 @@ def render(hits: Sequence[Hit], as_json: bool, results: Path | None) -> None:
         print(json.dumps([{"path": h.path, "score": round(h.score, 6)} for h in hits], indent=2))
         return
     for hit in hits:
-        print(f"{hit.score:.4f}  {hit.path}")
+        print(f"{hit.score:.4f}  {quote_path(hit.path)}")
 
 
 def search(
@@ -95,5 +100,5 @@ def duplicates(
     for number, group in enumerate(groups, 1):
         print(f"group {number} ({len(group)} photos)")
         for hit in group:
-            print(f"  {hit.score:.4f}  {hit.path}")
+            print(f"  {hit.score:.4f}  {quote_path(hit.path)}")
     info(f"{len(groups)} groups of near-duplicates at cosine >= {threshold}")

@@ -107,9 +107,23 @@ class Library:
             if self._clip is None:
                 from clipworks.runtime.encoder import load
 
-                source = self._model_arg if self._model_arg is not None else self.model_row.source
-                self._clip = load(source, **self._load_opts)
+                if self._model_arg is not None:
+                    self._clip = load(self._model_arg, **self._load_opts)
+                else:
+                    self._clip = self._load_stored_model(load)
             return self._clip
+
+    def _load_stored_model(self, load: Any) -> Any:
+        """The model from where the stored vectors' model was loaded, if that is still the same model: a
+        bundle re-exported there with other weights makes vectors that cannot be compared with these."""
+        row = self.model_row
+        clip = load(row.source, **self._load_opts)
+        if model_identity(clip) != (row.name, row.fingerprint) or clip.embed_dim != row.dim:
+            raise UsageError(
+                f"{row.source} now holds {clip.name} ({clip.embed_dim}-d), not the {row.name} ({row.dim}-d) whose "
+                f"vectors {self.path} holds: pass --model with that model, or index again with --model {row.source}"
+            )
+        return clip
 
     @property
     def model_row(self) -> ModelRow:
@@ -131,10 +145,11 @@ class Library:
         name, fingerprint = model_identity(self.clip)
         found = self.store.find_model(name, fingerprint)
         if found is None:
-            have = ", ".join(m.name for m in models) or "none"
+            # The same name can come from other weights (a bundle exported again): say so with the dimension.
+            have = ", ".join(f"{m.name} ({m.dim}-d{', other weights' if m.name == name else ''})" for m in models)
             raise UsageError(
-                f"{self.path} has no vectors for {name} (it has: {have}); run `clipworks index add DIR --model "
-                f"{self._model_arg or name}` first"
+                f"{self.path} has no vectors for {name} (it has: {have or 'none'}); run `clipworks index add DIR "
+                f"--model {self._model_arg or name}` first"
             )
         return found
 
@@ -237,7 +252,7 @@ class Library:
     # -- bookkeeping -------------------------------------------------------------------------------
     def status(self) -> LibraryStatus:
         from clipworks.library.indexer import pending
-        from clipworks.library.store import prefix_range
+        from clipworks.library.store import TEXT_ARG, prefix_range, to_bytes
 
         store = self.store
         with store.snapshot() as db:
@@ -245,7 +260,8 @@ class Library:
             for root, excludes in store.roots():
                 low, high = prefix_range(root)
                 count = db.execute(
-                    "SELECT COUNT(*) FROM files WHERE path >= ? AND path < ? AND deleted_at IS NULL", (low, high)
+                    f"SELECT COUNT(*) FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG} AND deleted_at IS NULL",
+                    (to_bytes(low), to_bytes(high)),
                 ).fetchone()[0]
                 roots.append((root, excludes, count))
             files = db.execute("SELECT COUNT(*) FROM files WHERE deleted_at IS NULL").fetchone()[0]

@@ -3,25 +3,33 @@
 Reconciling is one transaction (new, changed, moved, copied, restored and vanished files); embedding then
 commits each batch from ``clipworks.pipeline.iter_embeddings`` in its own transaction. What still needs a
 vector is read back from the database, not remembered, so a run killed at any point leaves a valid file
-and the next run carries on where it stopped.
+and the next run carries on where it stopped. One run at a time per library (``<db>-index.lock``): a
+second one waits, then finds the first one's work done instead of doing it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from clipworks.library.scan import FileStat, file_hash, resolve_root, walk
-from clipworks.library.store import FileRow, ModelRow, Store, now, prefix_range, to_blob
+from clipworks.errors import status
+from clipworks.library.scan import FileStat, SkippedFolder, excluded_path, file_hash, resolve_root, walk
+from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob, to_bytes
 from clipworks.runtime.encoder import ClipModel
+
+
+def _stored(text: str | None) -> bytes | None:
+    """An optional path as the store binds it (see `store.to_bytes`)."""
+    return None if text is None else to_bytes(text)
 
 
 @dataclass
@@ -34,14 +42,16 @@ class IndexReport:
     copied: int = 0
     restored: int = 0
     deleted: int = 0
+    excluded: int = 0  # present on disk but now matched by an exclude: out of search, vectors kept
     embedded: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped_folders: list[SkippedFolder] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
         parts = [f"{self.scanned} files: {self.unchanged} unchanged"]
-        for name in ("new", "changed", "moved", "copied", "restored", "deleted", "embedded", "failed"):
+        for name in ("new", "changed", "moved", "copied", "restored", "deleted", "excluded", "embedded", "failed"):
             value = getattr(self, name)
             if value:
                 parts.append(f"{value} {name}")
@@ -76,53 +86,93 @@ class _HashingModel:
         return self.model.embed_image_batch(pixels, normalize)
 
 
+class Root(NamedTuple):
+    """A library folder and how it is walked (both remembered per folder)."""
+
+    path: str
+    excludes: list[str]
+    follow_links: bool
+
+
 def add_roots(
-    store: Store, folders: Sequence[str | Path], excludes: Sequence[str] | None
-) -> list[tuple[str, list[str]]]:
-    """Register folders (their excludes replace the stored ones when given); returns (root, excludes)."""
+    store: Store, folders: Sequence[str | Path], excludes: Sequence[str] | None, follow_links: bool | None = None
+) -> list[Root]:
+    """Register folders; ``excludes`` and ``follow_links``, when given, replace what is stored for them."""
     known = dict(store.roots())
     out = []
     for folder in folders:
         root = resolve_root(folder)
         patterns = list(excludes) if excludes is not None else known.get(root, [])
-        if root not in known or (excludes is not None and known[root] != patterns):
+        stored_follow = store.follow_links(root)
+        follow = stored_follow if follow_links is None else follow_links
+        if root not in known or known[root] != patterns or stored_follow != follow:
             with store.write() as db:
                 db.execute(
-                    "INSERT INTO roots (path, excludes, added_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT(path) DO UPDATE SET excludes = excluded.excludes",
-                    (root, json.dumps(patterns), now()),
+                    f"INSERT INTO roots (path, excludes, follow_links, added_at) VALUES ({TEXT_ARG}, ?, ?, ?) "
+                    "ON CONFLICT(path) DO UPDATE SET excludes = excluded.excludes, "
+                    "follow_links = excluded.follow_links",
+                    (to_bytes(root), json.dumps(patterns), int(follow), now()),
                 )
-        out.append((root, patterns))
+        out.append(Root(root, patterns, follow))
     return out
 
 
-def reconcile(store: Store, roots: Sequence[tuple[str, Sequence[str]]], report: IndexReport) -> None:
+def _same_file(row: FileRow, stat: FileStat) -> bool:
+    """Whether an unchanged-looking file (same size and mtime) is still the one the row recorded.
+
+    Another inode at the path (a copy, a hard link, a restored backup) is the same photo only when its
+    bytes hash the same, which keeps a library moved to another disk from being embedded again.
+    """
+    if row.dev is None or (row.dev, row.ino) == (stat.dev, stat.ino):
+        return True  # a row from before identities were recorded: size and mtime decide, as they did then
+    if row.hash is None:
+        return False
+    try:
+        return file_hash(stat.path) == row.hash
+    except OSError:
+        return False
+
+
+def reconcile(store: Store, roots: Sequence[Root], report: IndexReport) -> None:
     """Bring the files table in line with what is on disk under ``roots``, in one transaction."""
     scanned: dict[str, FileStat] = {}
-    for root, excludes in roots:
-        for stat in walk(root, excludes):
-            scanned[stat.path] = stat
+    for root in roots:
+        found = walk(root.path, root.excludes, follow_links=root.follow_links, on_skip=report.skipped_folders.append)
+        scanned.update((stat.path, stat) for stat in found)
     report.scanned = len(scanned)
     known: dict[str, FileRow] = {}
-    for root, _ in roots:
-        known.update((row.path, row) for row in store.files_under(root))
+    root_of: dict[int, Root] = {}
+    for root in roots:
+        for row in store.files_under(root.path):
+            known[row.path] = row
+            root_of.setdefault(row.id, root)
 
     changed: list[FileStat] = []
-    restored: list[int] = []
+    restored: list[FileStat] = []
+    refreshed: list[FileStat] = []  # unchanged content, but its identity (inode, link target) is new
     new: list[FileStat] = []
     for path, stat in scanned.items():
         row = known.get(path)
         if row is None:
             new.append(stat)
-        elif row.size == stat.size and row.mtime_ns == stat.mtime_ns:
-            if row.deleted_at is None:
-                report.unchanged += 1
-            else:
-                restored.append(row.id)
-        else:
+            continue
+        if row.size != stat.size or row.mtime_ns != stat.mtime_ns or not _same_file(row, stat):
             changed.append(stat)
-    vanished = {row.id: row for path, row in known.items() if path not in scanned and row.deleted_at is None}
-    if not (changed or restored or new or vanished):
+        elif row.deleted_at is not None:
+            restored.append(stat)
+        elif (row.dev, row.ino, row.target) != (stat.dev, stat.ino, stat.target):
+            refreshed.append(stat)
+            report.unchanged += 1
+        else:
+            report.unchanged += 1
+    # A folder that could not be listed says nothing about its files: they are neither gone nor changed.
+    unlisted = [prefix_range(f.path)[0] for f in report.skipped_folders if f.kind == "unreadable"]
+    absent = {
+        row.id: row
+        for path, row in known.items()
+        if path not in scanned and row.deleted_at is None and not path.startswith(tuple(unlisted))
+    }
+    if not (changed or restored or refreshed or new or absent):
         return
 
     t = now()
@@ -130,18 +180,26 @@ def reconcile(store: Store, roots: Sequence[tuple[str, Sequence[str]]], report: 
         for stat in changed:
             row = known[stat.path]
             db.execute(
-                "UPDATE files SET size = ?, mtime_ns = ?, hash = NULL, error = NULL, deleted_at = NULL, "
-                "updated_at = ? WHERE id = ?",
-                (stat.size, stat.mtime_ns, t, row.id),
+                f"UPDATE files SET size = ?, mtime_ns = ?, dev = ?, ino = ?, target = {TEXT_ARG}, hash = NULL, "
+                "error = NULL, "
+                "deleted_at = NULL, updated_at = ? WHERE id = ?",
+                (stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), t, row.id),
             )
             db.execute("DELETE FROM embeddings WHERE file_id = ?", (row.id,))
         report.changed += len(changed)
-        db.executemany("UPDATE files SET deleted_at = NULL, updated_at = ? WHERE id = ?", [(t, i) for i in restored])
+        db.executemany(
+            f"UPDATE files SET dev = ?, ino = ?, target = {TEXT_ARG}, deleted_at = NULL, updated_at = ? WHERE id = ?",
+            [(s.dev, s.ino, _stored(s.target), t, known[s.path].id) for s in restored + refreshed],
+        )
         report.restored += len(restored)
         for stat in new:
-            _add_new(db, stat, vanished, report, t)
-        db.executemany("UPDATE files SET deleted_at = ? WHERE id = ?", [(t, i) for i in vanished])
-        report.deleted += len(vanished)
+            _add_new(db, stat, absent, report, t)
+        # Gone from disk, or still there but excluded now: out of search either way, the row and its
+        # vectors kept, so a file that comes back (or is included again) is not embedded again.
+        db.executemany("UPDATE files SET deleted_at = ? WHERE id = ?", [(t, i) for i in absent])
+        excluded = sum(excluded_path(root_of[i].path, row.path, root_of[i].excludes) for i, row in absent.items())
+        report.excluded += excluded
+        report.deleted += len(absent) - excluded
 
 
 def _add_new(db: Any, stat: FileStat, vanished: dict[int, FileRow], report: IndexReport, t: float) -> None:
@@ -161,15 +219,17 @@ def _add_new(db: Any, stat: FileStat, vanished: dict[int, FileRow], report: Inde
     if gone:
         file_id = gone[0][0]
         db.execute(
-            "UPDATE files SET path = ?, size = ?, mtime_ns = ?, deleted_at = NULL, updated_at = ? WHERE id = ?",
-            (stat.path, stat.size, stat.mtime_ns, t, file_id),
+            f"UPDATE files SET path = {TEXT_ARG}, size = ?, mtime_ns = ?, dev = ?, ino = ?, target = {TEXT_ARG}, "
+            "deleted_at = NULL, updated_at = ? WHERE id = ?",
+            (to_bytes(stat.path), stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), t, file_id),
         )
         vanished.pop(file_id, None)
         report.moved += 1
         return
     cursor = db.execute(
-        "INSERT INTO files (path, size, mtime_ns, hash, updated_at) VALUES (?, ?, ?, ?, ?)",
-        (stat.path, stat.size, stat.mtime_ns, digest, t),
+        f"INSERT INTO files (path, size, mtime_ns, dev, ino, target, hash, updated_at) "
+        f"VALUES ({TEXT_ARG}, ?, ?, ?, ?, {TEXT_ARG}, ?, ?)",
+        (to_bytes(stat.path), stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), digest, t),
     )
     if same:
         source = same[0][0]
@@ -193,11 +253,41 @@ def pending(store: Store, model: ModelRow, roots: Sequence[str]) -> list[tuple[i
         low, high = prefix_range(root)
         out += store.conn.execute(
             "SELECT f.id, f.path FROM files f LEFT JOIN embeddings e ON e.file_id = f.id AND e.model_id = ? "
-            "WHERE f.path >= ? AND f.path < ? AND f.deleted_at IS NULL AND f.error IS NULL "
+            f"WHERE f.path >= {TEXT_ARG} AND f.path < {TEXT_ARG} AND f.deleted_at IS NULL AND f.error IS NULL "
             "AND e.file_id IS NULL ORDER BY f.path",
-            (model.id, low, high),
+            (model.id, to_bytes(low), to_bytes(high)),
         ).fetchall()
     return list(dict(out).items())
+
+
+@contextlib.contextmanager
+def index_lock(db: Path) -> Iterator[None]:
+    """Hold the library's index lock (``<db>-index.lock``); says once that it waits when another run has it.
+
+    ``flock`` is released by the kernel when its holder exits, killed or not, so no stale lock survives
+    a crash. Where the lock file cannot be made (a read-only folder) the run goes on without it: its
+    first write to the database fails then with the database's own message.
+    """
+    import fcntl
+
+    lock_file = db.with_name(db.name + "-index.lock")
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
+            status(f"waiting for another index run on {db}{f' (pid {holder})' if holder else ''} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def index_folders(
@@ -206,55 +296,79 @@ def index_folders(
     folders: Sequence[str | Path],
     *,
     excludes: Sequence[str] | None = None,
+    follow_links: bool | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> IndexReport:
-    """Scan ``folders`` into the library and embed every file that lacks a vector for ``clip``."""
+    """Scan ``folders`` into the library and embed every file that lacks a vector for ``clip``.
+
+    ``excludes`` and ``follow_links`` (follow symlinked folders out of a folder) are remembered per folder
+    when given. One run at a time per library: a second one waits for the first, then finds its work done.
+    """
+    start = time.perf_counter()
+    report = IndexReport()
+    with index_lock(store.path):
+        model = register_model(store, clip)
+        roots = add_roots(store, folders, excludes, follow_links)
+        reconcile(store, roots, report)
+        todo = pending(store, model, [r.path for r in roots])
+        _embed(store, clip, model, todo, report, batch_size=batch_size, workers=workers, progress=progress,
+               on_batch=on_batch)  # fmt: skip
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _embed(
+    store: Store,
+    clip: ClipModel,
+    model: ModelRow,
+    todo: list[tuple[int, str]],
+    report: IndexReport,
+    *,
+    batch_size: int,
+    workers: int | None,
+    progress: bool | None,
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """Embed ``todo`` (file id, path) in batches, each committed with its hashes and decode errors."""
     from tqdm import tqdm
 
     from clipworks.pipeline import iter_embeddings
 
-    start = time.perf_counter()
-    report = IndexReport()
-    model = register_model(store, clip)
-    roots = add_roots(store, folders, excludes)
-    reconcile(store, roots, report)
-    todo = pending(store, model, [r for r, _ in roots])
-    if todo:
-        ids = {path: file_id for file_id, path in todo}
-        hashing = _HashingModel(clip)
-        disable = (not sys.stderr.isatty()) if progress is None else not progress
-        with tqdm(total=len(todo), unit="img", disable=disable, dynamic_ncols=True) as bar:
-            batches = iter_embeddings(
-                cast(ClipModel, hashing), [p for _, p in todo], batch_size=batch_size, workers=workers,
-                on_skip=lambda f: None, on_progress=bar.update,
-            )  # fmt: skip
-            for batch in batches:
-                t = now()
-                with store.write() as db:
-                    db.executemany(
-                        "INSERT OR REPLACE INTO embeddings (model_id, file_id, vector) VALUES (?, ?, ?)",
-                        [(model.id, ids[p], to_blob(v)) for p, v in zip(batch.paths, batch.embeddings, strict=True)],
-                    )
-                    db.executemany(
-                        "UPDATE files SET hash = ?, error = NULL, updated_at = ? WHERE id = ?",
-                        [(hashing.hashes.pop(p, None), t, ids[p]) for p in batch.paths],
-                    )
-                    db.executemany(
-                        "UPDATE files SET hash = ?, error = ?, updated_at = ? WHERE id = ?",
-                        [(hashing.hashes.pop(f.path, None), f.error, t, ids[f.path]) for f in batch.failures],
-                    )
-                report.embedded += len(batch.paths)
-                report.failed += len(batch.failures)
-                report.failures += [(f.path, f.error) for f in batch.failures]
-                for f in batch.failures:
-                    bar.write(f"warning: skipped {f.path}: {f.error}", file=sys.stderr)
-                if on_batch:
-                    on_batch(report.embedded)
-    report.seconds = time.perf_counter() - start
-    return report
+    if not todo:
+        return
+    ids = {path: file_id for file_id, path in todo}
+    hashing = _HashingModel(clip)
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    with tqdm(total=len(todo), unit="img", disable=disable, dynamic_ncols=True) as bar:
+        batches = iter_embeddings(
+            cast(ClipModel, hashing), [p for _, p in todo], batch_size=batch_size, workers=workers,
+            on_skip=lambda f: None, on_progress=bar.update,
+        )  # fmt: skip
+        for batch in batches:
+            t = now()
+            with store.write() as db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO embeddings (model_id, file_id, vector) VALUES (?, ?, ?)",
+                    [(model.id, ids[p], to_blob(v)) for p, v in zip(batch.paths, batch.embeddings, strict=True)],
+                )
+                db.executemany(
+                    "UPDATE files SET hash = ?, error = NULL, updated_at = ? WHERE id = ?",
+                    [(hashing.hashes.pop(p, None), t, ids[p]) for p in batch.paths],
+                )
+                db.executemany(
+                    f"UPDATE files SET hash = ?, error = {TEXT_ARG}, updated_at = ? WHERE id = ?",
+                    [(hashing.hashes.pop(f.path, None), to_bytes(f.error), t, ids[f.path]) for f in batch.failures],
+                )
+            report.embedded += len(batch.paths)
+            report.failed += len(batch.failures)
+            report.failures += [(f.path, f.error) for f in batch.failures]
+            for f in batch.failures:
+                bar.write(f"warning: skipped {f.path}: {f.error}", file=sys.stderr)
+            if on_batch:
+                on_batch(report.embedded)
 
 
 def remove_root(store: Store, folder: str | Path) -> int:
@@ -269,12 +383,15 @@ def remove_root(store: Store, folder: str | Path) -> int:
     others = [r for r in roots if r != root]
     covered = [r for r in others if root.startswith(prefix_range(r)[0])]
     removed = 0
-    with store.write() as db:
-        db.execute("DELETE FROM roots WHERE path = ?", (root,))
+    with index_lock(store.path), store.write() as db:  # not under an index run still embedding its files
+        db.execute(f"DELETE FROM roots WHERE path = {TEXT_ARG}", (to_bytes(root),))
         if not covered:
             inner = [r for r in others if r.startswith(prefix_range(root)[0])]
             low, high = prefix_range(root)
-            rows = db.execute("SELECT id, path FROM files WHERE path >= ? AND path < ?", (low, high)).fetchall()
+            rows = db.execute(
+                f"SELECT id, path FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG}",
+                (to_bytes(low), to_bytes(high)),
+            ).fetchall()
             gone = [(i,) for i, p in rows if not any(p.startswith(prefix_range(r)[0]) for r in inner)]
             db.executemany("DELETE FROM files WHERE id = ?", gone)
             removed = len(gone)

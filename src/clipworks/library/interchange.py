@@ -14,7 +14,7 @@ import numpy as np
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError, UsageError
-from clipworks.library.store import ModelRow, Store, now, to_blob
+from clipworks.library.store import TEXT_ARG, ModelRow, Store, from_bytes, now, read_only_uri, to_blob, to_bytes
 
 FORMATS = ("pkl", "npy", "parquet", "clipitems")
 CLIPITEMS_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -72,10 +72,11 @@ def write_clipitems(out: Path, paths: list[str], matrix: np.ndarray) -> Path:
             conn.execute(CLIPITEMS_SCHEMA)
             stamp = int(time.time() * 1000)
             native = np.ascontiguousarray(matrix, dtype=np.float32)  # native byte order, as the C++ node reads it
+            # Names as their bytes, as the C++ node opens them (a name that is not UTF-8 stays exact).
             conn.executemany(
                 "INSERT INTO ClipItems (timestamp, type, name, text, url, feature, extra) "
-                "VALUES (?, 1, ?, '', ?, ?, '')",
-                [(stamp, os.path.basename(p), p, native[i].tobytes()) for i, p in enumerate(paths)],
+                f"VALUES (?, 1, {TEXT_ARG}, '', {TEXT_ARG}, ?, '')",
+                [(stamp, to_bytes(os.path.basename(p)), to_bytes(p), native[i].tobytes()) for i, p in enumerate(paths)],
             )
             conn.commit()
         finally:
@@ -85,7 +86,8 @@ def write_clipitems(out: Path, paths: list[str], matrix: np.ndarray) -> Path:
 
 def read_clipitems(path: Path) -> tuple[list[str], np.ndarray]:
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(read_only_uri(path), uri=True)
+        conn.text_factory = from_bytes
         try:
             rows = conn.execute(
                 "SELECT COALESCE(NULLIF(url, ''), name), feature FROM ClipItems WHERE type = 1 AND feature IS NOT NULL "
@@ -141,10 +143,10 @@ def import_vectors(store: Store, model: ModelRow, file: str | Path, fmt: str | N
                 size, mtime = -1, -1
                 missing += 1
             file_id = db.execute(
-                "INSERT INTO files (path, size, mtime_ns, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT(path) DO "
-                "UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, hash = NULL, error = NULL, "
+                f"INSERT INTO files (path, size, mtime_ns, updated_at) VALUES ({TEXT_ARG}, ?, ?, ?) ON CONFLICT(path) "
+                "DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, hash = NULL, error = NULL, "
                 "deleted_at = NULL, updated_at = excluded.updated_at RETURNING id",
-                (path, size, mtime, t),
+                (to_bytes(path), size, mtime, t),
             ).fetchone()[0]
             db.execute(
                 "INSERT OR REPLACE INTO embeddings (model_id, file_id, vector) VALUES (?, ?, ?)",

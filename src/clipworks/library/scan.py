@@ -1,4 +1,4 @@
-"""Walk photo folders: recursive, hidden names skipped, ``--exclude`` globs, symlink loops visited once.
+"""Walk photo folders: recursive, hidden names skipped, exclude globs, symlinks by policy, loops visited once.
 
 Only ``stat`` is read here (size and mtime tell a changed file); content hashes are computed lazily, for
 the few new files that might be a moved or copied one (a stored file of the same size exists).
@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Literal
 
 from clipworks.errors import UsageError
 from clipworks.imaging import IMAGE_EXTENSIONS
@@ -22,9 +24,25 @@ HASH_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class FileStat:
+    """One image file as the walk found it. ``dev`` and ``ino`` name the very file (a server later opens
+    that one or nothing); ``target`` is its real path when a symlink on the way leads elsewhere."""
+
     path: str
     size: int
     mtime_ns: int
+    dev: int
+    ino: int
+    target: str | None
+
+
+@dataclass(frozen=True)
+class SkippedFolder:
+    """A folder the walk did not enter: ``unreadable`` (listing it failed, ``detail`` says why) or
+    ``outside`` (a symlink whose real folder, ``detail``, lies outside the root and links are not followed)."""
+
+    path: str
+    kind: Literal["unreadable", "outside"]
+    detail: str
 
 
 @functools.cache
@@ -60,28 +78,51 @@ def excluded(rel: str, name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch(rel, p) or fnmatch(name, p) for p in patterns)
 
 
-def walk(root: str, excludes: Sequence[str] = ()) -> Iterator[FileStat]:
-    """Yield every image file under ``root`` with its size and mtime; unreadable entries are skipped."""
+def excluded_path(root: str, path: str, patterns: Sequence[str]) -> bool:
+    """Whether the walk of ``root`` skips ``path`` for one of ``patterns`` (at the file or a folder above it)."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    return any(excluded("/".join(parts[: i + 1]), part, patterns) for i, part in enumerate(parts))
+
+
+def is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def walk(
+    root: str,
+    excludes: Sequence[str] = (),
+    *,
+    follow_links: bool = False,
+    on_skip: Callable[[SkippedFolder], None] | None = None,
+) -> Iterator[FileStat]:
+    """Yield every image file under ``root`` (a resolved path) with its size, mtime and identity.
+
+    Only regular files count: a symlink to a file is followed when its target is one (whether it decodes
+    as an image is the embedder's check). A symlinked folder is followed when its real folder lies inside
+    ``root``, anywhere with ``follow_links``; either way each real folder is walked once, so links cannot
+    loop, and linked folders come after the real tree. Folders that cannot be listed, and links not
+    followed, go to ``on_skip``.
+    """
     extensions = library_extensions()
+    skip = on_skip or (lambda folder: None)
     seen_dirs: set[tuple[int, int]] = set()
-    stack: list[tuple[str, str]] = [(root, "")]
-    while stack:
-        folder, rel_folder = stack.pop()
+    stack: list[tuple[str, str, str]] = [(root, "", root)]  # (path as reached, relative path, real path)
+    # Linked folders wait until the real tree is walked, so a folder is recorded under its own name
+    # rather than under a link that happens to sort first.
+    linked: deque[tuple[str, str, str]] = deque()
+    while stack or linked:
+        folder, rel_folder, real_folder = stack.pop() if stack else linked.popleft()
         try:
             info = os.stat(folder)
-        except OSError:
+            key = (info.st_dev, info.st_ino)
+            if key in seen_dirs:
+                continue
+            seen_dirs.add(key)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            skip(SkippedFolder(folder, "unreadable", e.strerror or str(e)))
             continue
-        # Following symlinked folders can loop (a/link -> a); each real folder is walked once.
-        key = (info.st_dev, info.st_ino)
-        if key in seen_dirs:
-            continue
-        seen_dirs.add(key)
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        entries.sort(key=lambda e: e.name)
-        subfolders: list[tuple[str, str]] = []
+        subfolders: list[tuple[str, str, str]] = []
         for entry in entries:
             name = entry.name
             if name.startswith("."):
@@ -90,15 +131,24 @@ def walk(root: str, excludes: Sequence[str] = ()) -> Iterator[FileStat]:
             if excludes and excluded(rel, name, excludes):
                 continue
             try:
+                link = entry.is_symlink()
                 if entry.is_dir():
-                    subfolders.append((entry.path, rel))
+                    real = os.path.realpath(entry.path) if link else os.path.join(real_folder, name)
+                    if not link:
+                        subfolders.append((entry.path, rel, real))
+                    elif follow_links or is_within(real, root):
+                        linked.append((entry.path, rel, real))
+                    else:
+                        skip(SkippedFolder(entry.path, "outside", real))
                     continue
                 if os.path.splitext(name)[1].lower() not in extensions or not entry.is_file():
-                    continue
+                    continue  # is_file() follows a link and is true for regular files only: no FIFOs, devices
                 st = entry.stat()
+                real = os.path.realpath(entry.path) if link else os.path.join(real_folder, name)
             except OSError:  # a broken link, a file removed while walking
                 continue
-            yield FileStat(entry.path, st.st_size, st.st_mtime_ns)
+            target = real if real != entry.path else None
+            yield FileStat(entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, target)
         stack.extend(reversed(subfolders))  # popped in name order
 
 

@@ -3,8 +3,8 @@
 A query is a weighted sum of unit vectors: texts (``beach``, ``+beach``, ``-people``, ``2:cat``,
 ``--not people``), images and stored photos; the sum is normalised and every photo is scored by cosine
 similarity. The matrix of a model's vectors is cached in memory and in a memory-mapped side file beside
-the database, both keyed by the database's generation counter, so a query costs one matrix-vector product
-instead of reading every BLOB out of SQLite.
+the database, both keyed by the database's random id and generation counter, so a query costs one
+matrix-vector product instead of reading every BLOB out of SQLite.
 """
 
 from __future__ import annotations
@@ -139,55 +139,60 @@ def cache_dir_for(db: Path) -> Path:
 class MatrixCache:
     """The current matrix of one model: in memory, else the side file, else rebuilt from SQLite.
 
-    The side file (``<db>-vectors/m<model>-g<generation>.npy`` and ``.ids.npy``) lets a fresh process
-    start with a memory map instead of decoding every BLOB; a stale generation is rebuilt and replaced.
+    The side file (``<db>-vectors/<library id>-m<model>-g<generation>.npy`` and ``.ids.npy``) lets a fresh
+    process start with a memory map instead of decoding every BLOB. Its name is its key: the random id
+    the database got when it was created, so that a library deleted and made again at the same path
+    (whose generation counts up from 0 again) never reads the old one's vectors, and the generation,
+    so that any change rebuilds it. Only a file of exactly this key is opened; others are removed.
     """
 
     def __init__(self, db: Path, model: ModelRow, *, side_file: bool = True) -> None:
         self.db = db
         self.model = model
         self.side_file = side_file
-        self.generation = -1
+        self.key: tuple[int, int] | None = None
         self.index: ExactIndex = ExactIndex(np.zeros(0, np.int64), np.zeros((0, model.dim), np.float32))
 
     def get(self, store: Store) -> ExactIndex:
-        generation = store.generation()
-        if generation != self.generation:
-            self.index, self.generation = self._load(store)
+        if store.side_file_key() != self.key:
+            self.index, self.key = self._load(store)
         return self.index
 
-    def _names(self, generation: int) -> tuple[Path, Path]:
-        base = cache_dir_for(self.db) / f"m{self.model.id}-g{generation}"
+    def _names(self, key: tuple[int, int]) -> tuple[Path, Path]:
+        library_id, generation = key
+        base = cache_dir_for(self.db) / f"{library_id:016x}-m{self.model.id}-g{generation}"
         return base.with_suffix(".ids.npy"), base.with_suffix(".npy")
 
-    def _load(self, store: Store) -> tuple[ExactIndex, int]:
-        generation = store.generation()
+    def _load(self, store: Store) -> tuple[ExactIndex, tuple[int, int]]:
         if self.side_file:
-            ids_file, matrix_file = self._names(generation)
+            key = store.side_file_key()
+            ids_file, matrix_file = self._names(key)
             if matrix_file.is_file() and ids_file.is_file():
                 with contextlib.suppress(OSError, ValueError):
                     ids = np.load(ids_file)
                     matrix = np.load(matrix_file, mmap_mode="r")
-                    if matrix.shape == (len(ids), self.model.dim):
-                        return ExactIndex(ids, matrix), generation
+                    if ids.ndim == 1 and matrix.shape == (len(ids), self.model.dim):
+                        return ExactIndex(ids, matrix), key
         with store.snapshot():
-            generation = store.generation()
+            key = store.side_file_key()
             ids, matrix = store.live_vectors(self.model)
         if self.side_file:
             with contextlib.suppress(OSError):
-                self._write(generation, ids, matrix)
-        return ExactIndex(ids, matrix), generation
+                self._write(key, ids, matrix)
+        return ExactIndex(ids, matrix), key
 
-    def _write(self, generation: int, ids: np.ndarray, matrix: np.ndarray) -> None:
+    def _write(self, key: tuple[int, int], ids: np.ndarray, matrix: np.ndarray) -> None:
         folder = cache_dir_for(self.db)
         folder.mkdir(exist_ok=True)
-        ids_file, matrix_file = self._names(generation)
+        ids_file, matrix_file = self._names(key)
         for target, array in ((ids_file, ids), (matrix_file, matrix)):  # the matrix last: it marks completion
             with atomic_path(target) as tmp, tmp.open("wb") as fh:
                 np.save(fh, array)
-        prefix = f"m{self.model.id}-g"
-        for old in folder.glob(f"{prefix}*.npy"):
-            if old not in (ids_file, matrix_file):
+        ours = f"{key[0]:016x}-"
+        stale = f"{ours}m{self.model.id}-g"
+        for old in folder.glob("*.npy"):
+            # Older generations of this model, and whatever an earlier database at this path left.
+            if old not in (ids_file, matrix_file) and (old.name.startswith(stale) or not old.name.startswith(ours)):
                 old.unlink(missing_ok=True)
 
 

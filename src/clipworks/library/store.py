@@ -9,13 +9,16 @@ processes know when their cached matrix is stale.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -64,8 +67,19 @@ MIGRATIONS: list[str] = [
     CREATE TABLE state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO state (key, value) VALUES ('generation', 0);
     """,
+    # 2: what each path was when indexed (device, inode, the real path when a link leads there) so that
+    # a server opens that very file and nothing swapped in; whether a folder follows links out of itself;
+    # a random id telling this database from an earlier one at the same path (it keys the side file).
+    """
+    ALTER TABLE files ADD COLUMN dev INTEGER;
+    ALTER TABLE files ADD COLUMN ino INTEGER;
+    ALTER TABLE files ADD COLUMN target TEXT;
+    ALTER TABLE roots ADD COLUMN follow_links INTEGER NOT NULL DEFAULT 0;
+    INSERT INTO state (key, value) VALUES ('library_id', random() & 9223372036854775807);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+CHECKED_TABLES = ("roots", "files", "models", "state")  # what a writer checks first (see `Store._check`)
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,10 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class FileRow:
+    """A file as stat saw it when it was indexed. ``dev`` and ``ino`` are None for rows written before
+    schema 2 or imported, until an index run covers them; ``target`` is the real path when the indexed
+    path went through a symlink."""
+
     id: int
     path: str
     size: int
@@ -86,9 +104,21 @@ class FileRow:
     hash: str | None
     error: str | None
     deleted_at: float | None
+    dev: int | None
+    ino: int | None
+    target: str | None
+
+    @property
+    def real_path(self) -> str:
+        return self.target or self.path
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is this very file, unchanged: device and inode (a freed inode number is soon
+        reused, so size and mtime too)."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (self.dev, self.ino, self.size, self.mtime_ns)
 
 
-FILE_COLUMNS = "id, path, size, mtime_ns, hash, error, deleted_at"
+FILE_COLUMNS = "id, path, size, mtime_ns, hash, error, deleted_at, dev, ino, target"
 
 
 def to_blob(vector: np.ndarray) -> bytes:
@@ -107,33 +137,178 @@ def prefix_range(root: str) -> tuple[str, str]:
     return low, low[:-1] + chr(ord(os.sep) + 1)
 
 
+# Names are bound as their bytes (`to_bytes`) through this placeholder and stored as TEXT: SQLite keeps any
+# bytes in a TEXT value and compares them bytewise, so valid UTF-8 reads as it always did and the prefix
+# ranges still hold, while a name that is not UTF-8 (or an error message quoting one) round-trips exactly.
+TEXT_ARG = "CAST(? AS TEXT)"
+
+
+def to_bytes(text: str) -> bytes:
+    """Text as stored: UTF-8, with the lone surrogates that stand for undecodable bytes (`os.fsdecode`)
+    written back as those bytes. Fixed to UTF-8, so a library reads the same under any locale."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def from_bytes(data: bytes) -> str:
+    """The inverse of `to_bytes`: the ``str`` Python's file functions take for those bytes."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+ELSEWHERE = "make it writable or use --db elsewhere"
+LOW_SPACE = 1 << 20
+
+
+def read_only_uri(path: Path, *, immutable: bool = False) -> str:
+    """A SQLite URI opening ``path`` (any bytes, percent-encoded) read-only."""
+    return f"file:{quote(to_bytes(str(path.absolute())))}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+def disk_fault(library: Path, error: sqlite3.Error) -> ClipworksError | None:
+    """A one-line error for a fault of the library file or its disk, or None for any other SQLite error."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+    if code == sqlite3.SQLITE_READONLY:
+        return ClipworksError(f"{library} is read-only ({error}): {ELSEWHERE}")
+    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and _out_of_space(library.parent)):
+        return ClipworksError(
+            f"the disk holding {library} is full ({error}): free some space and run again; "
+            "what was stored before is intact"
+        )
+    if code == sqlite3.SQLITE_CORRUPT:
+        return damaged(library, str(error))
+    if code == sqlite3.SQLITE_IOERR:
+        return ClipworksError(f"cannot read or write {library} ({error}): check its disk and run again")
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return ClipworksError(
+            f"{library} stayed locked by another process for {BUSY_TIMEOUT_MS // 1000} s: run again when it is done"
+        )
+    return None
+
+
+def damaged(library: Path, detail: str) -> ClipworksError:
+    return ClipworksError(
+        f"{library} is damaged ({detail}): restore it from a backup, or move it aside and index again "
+        f"(`sqlite3 {library} .recover` saves what is still readable)"
+    )
+
+
+def _out_of_space(folder: Path) -> bool:
+    """Whether the disk is (all but) full: SQLite reports a full disk as an I/O error when it meets it while
+    sizing the -shm file rather than writing a page."""
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < LOW_SPACE
+
+
+def _explained(method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: _Cursor, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except sqlite3.DatabaseError as e:
+            fault = disk_fault(self.connection.library, e)
+            if fault is None:
+                raise
+            raise fault from e
+
+    return functools.wraps(method)(call)
+
+
+class _Cursor(sqlite3.Cursor):
+    """Turns disk faults met by any statement (a write, a commit, a row read late) into `disk_fault` errors."""
+
+    connection: _Connection
+    execute = _explained(sqlite3.Cursor.execute)
+    executemany = _explained(sqlite3.Cursor.executemany)
+    fetchone = _explained(sqlite3.Cursor.fetchone)
+    fetchmany = _explained(sqlite3.Cursor.fetchmany)
+    fetchall = _explained(sqlite3.Cursor.fetchall)
+    __next__ = _explained(sqlite3.Cursor.__next__)
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose every cursor is a `_Cursor` naming ``library`` in its errors."""
+
+    library: Path
+
+    def cursor(self, factory: Any = None) -> _Cursor:  # type: ignore[override]
+        return super().cursor(factory or _Cursor)  # type: ignore[no-any-return]
+
+    # The C implementations of these make a plain cursor; route them through ours.
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:  # type: ignore[override]
+        return self.cursor().execute(sql, parameters)  # type: ignore[no-any-return]
+
+    def executemany(self, sql: str, parameters: Any, /) -> _Cursor:  # type: ignore[override]
+        return self.cursor().executemany(sql, parameters)  # type: ignore[no-any-return]
+
+
 class Store:
-    """One connection to the library file. Not shared between threads: open one per thread."""
+    """One connection to the library file. Not shared between threads: open one per thread.
+
+    ``create`` opens for writing (creating the file when missing). A reader (``create=False``) of a file
+    it may not write, or in a folder it may not write (a read-only mount), opens it read-only instead.
+    """
 
     def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = Path(path).expanduser()
         if not self.path.exists():
             if not create:
                 raise UsageError(f"no library at {self.path}: run `clipworks index add DIR` first (or pass --db)")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ClipworksError(f"cannot create the folder {self.path.parent} ({e.strerror}): {ELSEWHERE}") from e
+        # WAL writes -wal and -shm files beside the database, so its folder must be writable too.
+        writable = os.access(self.path.parent, os.W_OK) and (not self.path.exists() or os.access(self.path, os.W_OK))
+        if create and not writable:
+            raise ClipworksError(f"{self.path} is read-only: {ELSEWHERE}")
+        self.read_only = not writable
         try:
-            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in `write()`.
-            self.conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
-            )
+            self.conn = self._connect()
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            if not self.read_only:
+                self.conn.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL survives any crash of the process; only a power cut may drop the last commits.
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self.conn.execute("PRAGMA foreign_keys = ON")
+            if create:
+                self._check()
             self._migrate()
         except sqlite3.DatabaseError as e:
             raise ClipworksError(f"{self.path} is not a usable clipworks library ({e}); pass another --db") from e
+
+    def _connect(self) -> sqlite3.Connection:
+        target: str | Path = self.path
+        if self.read_only:
+            # A WAL database needs its -shm beside it; where none can be created and no -wal holds commits
+            # the main file lacks, `immutable` reads the file alone (nobody can write it there anyway).
+            wal = self.path.with_name(self.path.name + "-wal")
+            unchanging = not os.access(self.path.parent, os.W_OK) and not wal.exists()
+            target = read_only_uri(self.path, immutable=unchanging)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in `write()`.
+        conn = sqlite3.connect(
+            target, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+            uri=self.read_only, factory=_Connection,
+        )  # fmt: skip
+        conn.library = self.path
+        conn.text_factory = from_bytes  # names that are not UTF-8 are stored as their bytes (see `TEXT_ARG`)
+        return conn
 
     # -- schema ------------------------------------------------------------------------------------
     @property
     def version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check(self) -> None:
+        """Refuse to write into a damaged file: SQLite only notices damage in the pages a statement reads,
+        and an index run rewrites file rows it never reads back. The tables of folders and files are checked
+        whole (a quarter second for 100k files); the vectors, most of the file, only where they are read."""
+        marks = ",".join("?" * len(CHECKED_TABLES))
+        present = self.conn.execute(f"SELECT name FROM sqlite_schema WHERE name IN ({marks})", CHECKED_TABLES)
+        for (table,) in present.fetchall():  # none yet in a new file
+            found = self.conn.execute(f"PRAGMA quick_check({table})").fetchone()[0]
+            if found != "ok":
+                raise damaged(self.path, found.splitlines()[-1])  # the first problem, without "*** in main"
 
     def _migrate(self) -> None:
         while True:
@@ -145,6 +320,11 @@ class Store:
                 )
             if version == SCHEMA_VERSION:
                 return
+            if self.read_only:
+                raise ClipworksError(
+                    f"{self.path} has schema version {version}, older than this clipworks ({SCHEMA_VERSION}), and is "
+                    "read-only: open it once where it is writable to upgrade it"
+                )
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 if self.version == version:  # another process may have migrated while we waited for the lock
@@ -212,8 +392,8 @@ class Store:
             return found
         with self.write() as db:
             db.execute(
-                "INSERT OR IGNORE INTO models (name, fingerprint, dim, source) VALUES (?, ?, ?, ?)",
-                (name, fingerprint, dim, source),
+                f"INSERT OR IGNORE INTO models (name, fingerprint, dim, source) VALUES (?, ?, ?, {TEXT_ARG})",
+                (name, fingerprint, dim, None if source is None else to_bytes(source)),
             )
         found = self.find_model(name, fingerprint)
         assert found is not None
@@ -230,19 +410,21 @@ class Store:
     def files_under(self, root: str) -> list[FileRow]:
         low, high = prefix_range(root)
         rows = self.conn.execute(
-            f"SELECT {FILE_COLUMNS} FROM files WHERE path >= ? AND path < ?", (low, high)
+            f"SELECT {FILE_COLUMNS} FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG}",
+            (to_bytes(low), to_bytes(high)),
         ).fetchall()
         return [FileRow(*r) for r in rows]
 
     def file_by_path(self, path: str) -> FileRow | None:
-        row = self.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (path,)).fetchone()
+        sql = f"SELECT {FILE_COLUMNS} FROM files WHERE path = {TEXT_ARG}"
+        row = self.conn.execute(sql, (to_bytes(path),)).fetchone()
         return FileRow(*row) if row else None
 
     def vector(self, model: ModelRow, file_id: int) -> np.ndarray | None:
         row = self.conn.execute(
             "SELECT vector FROM embeddings WHERE model_id = ? AND file_id = ?", (model.id, file_id)
         ).fetchone()
-        return from_blobs([row[0]], model.dim)[0] if row else None
+        return self._matrix(model, [row[0]])[0] if row else None
 
     def paths_of(self, ids: Iterable[int]) -> dict[int, str]:
         ids = [int(i) for i in ids]
@@ -261,7 +443,33 @@ class Store:
             (model.id,),
         ).fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        return ids, from_blobs((r[1] for r in rows), model.dim)
+        return ids, self._matrix(model, [r[1] for r in rows])
+
+    def _matrix(self, model: ModelRow, blobs: list[bytes]) -> np.ndarray:
+        """The vectors as rows, refusing any whose length is not the model's dimension (read as is, one
+        such BLOB would shift every row after it)."""
+        width = model.dim * VECTOR_DTYPE.itemsize
+        wrong = sum(len(b) != width for b in blobs)
+        if wrong:
+            raise damaged(self.path, f"{wrong} of its vectors for {model.name} are not {model.dim}-d")
+        return from_blobs(blobs, model.dim)
+
+    # -- which database this is; a file by id; how a folder is walked --------------------------------
+    def side_file_key(self) -> tuple[int, int]:
+        """(library id, generation), read in one statement: what a cached matrix of this database is valid for."""
+        row = self.conn.execute(
+            "SELECT (SELECT value FROM state WHERE key = 'library_id'), "
+            "(SELECT value FROM state WHERE key = 'generation')"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def file_by_id(self, file_id: int) -> FileRow | None:
+        row = self.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
+        return FileRow(*row) if row else None
+
+    def follow_links(self, root: str) -> bool:
+        row = self.conn.execute(f"SELECT follow_links FROM roots WHERE path = {TEXT_ARG}", (to_bytes(root),)).fetchone()
+        return bool(row and row[0])
 
 
 def now() -> float:

@@ -11,29 +11,37 @@ Routes (the library is ``request.app.state.clip.library``; without one every rou
 - ``GET /thumb/{id}`` and ``GET /original/{id}``: a cached JPEG thumbnail and the file itself.
 
 Files are named by their database id only: a client never hands the server a path to read (``path`` in
-a search body is looked up in the index and refused when it is not there). Texts and uploads are encoded
-by the service's single batching worker; the library only supplies stored vectors and file rows.
+a search body is looked up in the index and refused when it is not there). A file is served only when it
+is the one the index recorded: opened once, without following a final symlink, checked by ``fstat`` (a
+regular file of the recorded device, inode, size and mtime) and served from that open file, typed by the
+format Pillow decodes, never by the name. A photo changed since the last index run is not served until
+the next one records it. Texts and uploads are encoded by the service's single batching worker; the
+library only supplies stored vectors and file rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO, NamedTuple
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
 from clipworks.library.search import combine, parse_query
-from clipworks.library.store import FILE_COLUMNS, FileRow
+from clipworks.library.store import FileRow
 
 router = APIRouter(tags=["gallery"])
 
@@ -45,6 +53,9 @@ MAX_K = 500
 # A photo given as an example is one term of the query; its name here only has to be no valid text term.
 EXAMPLE = "<example>"
 SQLITE_MAX = 2**63 - 1
+CHUNK = 1 << 16
+# Pillow's names for formats browsers know under another type (MPO: a JPEG with a second picture).
+MEDIA_TYPES = {"MPO": "image/jpeg"}
 
 FileId = Annotated[int, PathParam(ge=1, le=SQLITE_MAX, description="The photo's id in the library.")]
 TopK = Annotated[int, Query(ge=1, le=MAX_K, description="How many photos to return.")]
@@ -72,20 +83,80 @@ def library_of(request: Request) -> Any:
 
 def live_file(library: Any, file_id: int) -> FileRow:
     """The row of a present (indexed, not deleted) file, else 404."""
-    row = library.store.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
-    if row is None or row[6] is not None:
+    row = library.store.file_by_id(file_id)
+    if row is None or row.deleted_at is not None:
         raise HTTPException(status_code=404, detail=f"no photo {file_id} in the library")
-    return FileRow(*row)
+    return row
 
 
-def file_on_disk(row: FileRow) -> os.stat_result:
+class OpenPhoto(NamedTuple):
+    row: FileRow
+    file: BinaryIO
+    stat: os.stat_result
+
+
+def open_recorded(library: Any, file_id: int) -> OpenPhoto:
+    """The indexed file ``file_id``, open, with its ``fstat``; 404 with the reason for anything else.
+
+    One ``open`` (no final symlink followed: the real path was recorded; non-blocking, so a FIFO swapped
+    in cannot hang the server) then checks on the open file, so nothing can be swapped in between.
+    """
+    rec = live_file(library, file_id)
+    if rec.error is not None:
+        raise HTTPException(status_code=404, detail=f"photo {file_id} could not be read as an image when indexed")
+    if rec.dev is None:
+        raise HTTPException(
+            status_code=404, detail=f"photo {file_id} was indexed by an older clipworks: run `clipworks index add`"
+        )
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        st = os.stat(row.path)
+        fd = os.open(rec.real_path, flags)
     except OSError:
-        st = None
-    if st is None or not os.path.isfile(row.path):
-        raise HTTPException(status_code=404, detail=f"photo {row.id} is in the index but gone from disk")
-    return st
+        raise HTTPException(status_code=404, detail=f"photo {file_id} is gone from disk or is a link now") from None
+    fh = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not rec.matches(st):
+        fh.close()
+        raise HTTPException(
+            status_code=404,
+            detail=f"photo {file_id} was replaced or changed on disk since it was indexed: index it again",
+        )
+    return OpenPhoto(rec, fh, st)
+
+
+def media_type(fh: BinaryIO, file_id: int) -> str:
+    """The MIME type of the format Pillow finds in the file's header (the file is left at its start)."""
+    from PIL import Image
+
+    try:
+        with Image.open(fh) as im:
+            fmt = im.format or ""
+    except Exception:  # Pillow raises many kinds for bytes that are no image; any of them means "do not serve"
+        fmt = ""
+    fh.seek(0)
+    found = MEDIA_TYPES.get(fmt) or Image.MIME.get(fmt)
+    if not found:
+        fh.close()
+        raise HTTPException(status_code=404, detail=f"photo {file_id} is not an image the gallery can serve")
+    return found
+
+
+def open_file_path(fh: BinaryIO) -> str:
+    """A path that opens the very file ``fh`` has open (``/proc/self/fd/N`` resolves to its inode, not to a
+    name someone could swap), for code that takes a path, such as ``render_thumbnail``."""
+    fd = fh.fileno()
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else f"/dev/fd/{fd}"
+
+
+def chunks(fh: BinaryIO, size: int) -> Iterator[bytes]:
+    """At most ``size`` bytes of ``fh`` (its fstat size, sent as Content-Length), then close it."""
+    try:
+        while size > 0 and (chunk := fh.read(min(CHUNK, size))):
+            size -= len(chunk)
+            yield chunk
+    finally:
+        fh.close()
 
 
 def ranked(library: Any, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
@@ -184,29 +255,32 @@ def thumbs_dir(library: Any) -> Path:
 
 
 def render_thumbnail(source: str, target: Path, size: int) -> None:
-    """Decode ``source`` (reduced while decoding where JPEG allows), fit it in ``size`` px, write a JPEG."""
-    from PIL import Image, ImageOps
+    """Fit ``source`` in ``size`` px and write it as a JPEG. A file indexing refuses (over the pixel limit,
+    unreadable) is refused here too, before it is decoded: 415 with the reason."""
+    from clipworks.errors import BadImage
+    from clipworks.imaging import load_thumbnail
 
-    with Image.open(source) as im:
-        im.draft("RGB", (size, size))
-        image = ImageOps.exif_transpose(im).convert("RGB")
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    try:
+        image = load_thumbnail(source, size)
+    except BadImage as e:
+        raise HTTPException(status_code=415, detail=f"no thumbnail: {e}") from e
     with atomic_path(target) as tmp:  # whole or not at all: a reader never sees half a thumbnail
         image.save(tmp, "JPEG", quality=85, optimize=True)
 
 
-def thumbnail(library: Any, row: FileRow, st: os.stat_result, size: int) -> Path:
-    """The cached thumbnail, made on the first request; a changed file (size or mtime) gets a new one."""
+def thumbnail(library: Any, file_id: int, fh: BinaryIO, st: os.stat_result, size: int) -> Path:
+    """The cached thumbnail, made on the first request from the open file; a changed file (size or mtime)
+    gets a new one."""
     folder = thumbs_dir(library)
-    target = folder / f"{row.id}-{size}-{st.st_mtime_ns}-{st.st_size}.jpg"
+    target = folder / f"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}.jpg"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        render_thumbnail(row.path, target, size)
+        render_thumbnail(open_file_path(fh), target, size)
     except OSError as e:
-        raise HTTPException(status_code=415, detail=f"photo {row.id} cannot be decoded for a thumbnail ({e})") from e
-    for stale in folder.glob(f"{row.id}-{size}-*.jpg"):
+        raise HTTPException(status_code=415, detail=f"photo {file_id} cannot be decoded for a thumbnail ({e})") from e
+    for stale in folder.glob(f"{file_id}-{size}-*.jpg"):
         if stale != target:
             stale.unlink(missing_ok=True)
     return target
@@ -312,23 +386,28 @@ def thumb(
     if size not in THUMB_SIZES:
         raise HTTPException(status_code=422, detail=f"size must be one of {', '.join(map(str, THUMB_SIZES))}")
     library = library_of(request)
-    row = live_file(library, file_id)
-    st = file_on_disk(row)
-    etag = f'"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}"'
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=300"}
-    if etag in request.headers.get("if-none-match", ""):
-        return Response(status_code=304, headers=headers)
-    return FileResponse(thumbnail(library, row, st, size), media_type="image/jpeg", headers=headers)
+    _, fh, st = open_recorded(library, file_id)
+    with fh:
+        etag = f'"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}"'
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=300"}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return FileResponse(thumbnail(library, file_id, fh, st, size), media_type="image/jpeg", headers=headers)
 
 
 @router.get("/original/{file_id}")
 def original(request: Request, file_id: FileId) -> Response:
-    """The indexed photo itself."""
-    row = live_file(library_of(request), file_id)
-    file_on_disk(row)
-    return FileResponse(
-        row.path,
-        filename=os.path.basename(row.path),
-        content_disposition_type="inline",
-        headers={"Cache-Control": "private, max-age=300"},
-    )
+    """The indexed photo itself, as the file the index recorded (see the module notes)."""
+    library = library_of(request)
+    rec, fh, st = open_recorded(library, file_id)
+    kind = media_type(fh, file_id)
+    name = os.path.basename(rec.path)
+    headers = {
+        "Content-Length": str(st.st_size),
+        "Content-Disposition": f"inline; filename*=utf-8''{quote(name, errors='replace')}",  # a non-UTF-8 name too
+        "Cache-Control": "private, max-age=300",
+        "X-Content-Type-Options": "nosniff",  # the type is the decoded format's; no browser guessing
+    }
+    # The generator closes the file when the body is sent; the task when the client left before that.
+    body = chunks(fh, st.st_size)
+    return StreamingResponse(body, media_type=kind, headers=headers, background=BackgroundTask(fh.close))
