@@ -70,6 +70,10 @@ def test_embed_images_npy_and_parquet(capsys, vit_bundle, folder, tmp_path) -> N
         ),
         (["embed", "images", "{only_bad}", "-o", "{tmp}/e.pkl"], 1, "none of the 1 files could be read"),
         (["embed", "texts", "-o", "{tmp}/t.json"], 2, "exactly one of them"),
+        (["embed", "texts", "a", "--texts-list", "b", "-o", "{tmp}/t.json"], 2, "exactly one of them"),
+        (["embed", "texts", "a", "--for", "sophgo", "-o", "{tmp}/t.json"], 2, "--for must be hailo"),
+        (["embed", "texts", "a", "--append"], 2, "--append needs -o FILE"),
+        (["embed", "texts", "a", "--append", "-o", "{tmp}/none.json"], 2, "no such file; drop --append"),
         (["embed", "texts", "a", "--threshold", "2", "-o", "{tmp}/t.json"], 2, "between 0 and 1"),
         (["embed", "texts", "--texts-json", "{tmp}/nope.json"], 1, "nope.json"),
         (["export", "ViT-Q-1", "--out", "{tmp}/x", "--pretrained", "random"], 1, "no architecture 'ViT-Q-1'"),
@@ -103,7 +107,9 @@ def test_embed_texts_writes_a_hailo_file_and_matches_an_image(capsys, vit_bundle
     )  # fmt: skip
     assert code == 0, err
     data = json.loads(out.read_text())
-    assert set(data) == {"threshold", "text_prefix", "ensemble_template", "entries"}
+    # Hailo's four keys, and the model beside them (Hailo's loader reads only its own).
+    assert set(data) == {"threshold", "text_prefix", "ensemble_template", "entries", "model"}
+    assert data["model"] == str(vit_bundle.resolve())
     texts = [(e["text"], e["negative"]) for e in data["entries"]]
     assert texts[:3] == [("fruit", False), ("a baboon", False), ("a person", True)]
     assert len(data["entries"]) == 6 and len(data["entries"][0]["embedding"]) == 32
@@ -157,19 +163,113 @@ def test_console_script_runs() -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("clipworks ")
 
 
-def test_embed_texts_interactive_reads_lines_until_empty(capsys, vit_bundle, tmp_path, monkeypatch) -> None:
+def entry_rows(path: Path) -> list[tuple[str, bool]]:
+    return [(e["text"], e["negative"]) for e in json.loads(path.read_text())["entries"]]
+
+
+# Hailo's text_image_matcher main(): without --texts-json, texts_positive = [texts[0]], texts_negative =
+# texts[1:], for --texts-list and --interactive alike; empty slots pad the file to six entries.
+HAILO_ROWS = [("a dog", False), ("an empty room", True), ("a cat", True), ("", False), ("", False), ("", False)]
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "rows"),
+    [
+        (["--texts-list", "a dog", "an empty room", "a cat"], "", HAILO_ROWS),
+        (["--interactive"], "a dog\nan empty room\na cat\n\nnot read\n", HAILO_ROWS),
+        # clipworks' own syntax beside them: all arguments positive, '-' marks a negative on stdin.
+        (["a dog", "a cat", "-n", "an empty room"], "", [("a dog", False), ("a cat", False), ("an empty room", True)]),
+        (["--stdin"], "a dog\n-an empty room\na cat\n\nnot read\n",
+         [("a dog", False), ("a cat", False), ("an empty room", True)]),
+    ],
+)  # fmt: skip
+def test_embed_texts_hailo_options_mean_what_hailos_do(capsys, vit_bundle, tmp_path, monkeypatch, args, stdin, rows):
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("a dog\n-an empty room\na cat\n\nnot read\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     out = tmp_path / "t.json"
-    code, _, err = run(capsys, "embed", "texts", "--interactive", "-o", out, "-m", vit_bundle)
+    code, _, err = run(capsys, "embed", "texts", *args, "-o", out, "-m", vit_bundle)
     assert code == 0, err
-    entries = json.loads(out.read_text())["entries"]
-    assert [(e["text"], e["negative"]) for e in entries[:3]] == [
-        ("a dog", False),
-        ("a cat", False),
-        ("an empty room", True),
-    ]
+    assert entry_rows(out)[: len(rows)] == rows
+
+
+def read_like_hailo(path: Path) -> list[tuple[str, bool, int]]:
+    """Hailo's TextImageMatcher.load_embeddings reads exactly these keys (clip_app/text_image_matcher.py)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    _ = data["threshold"], data["text_prefix"], data["ensemble_template"]
+    rows = []
+    for e in data["entries"]:
+        _ = e["ensemble"]
+        rows.append((e["text"], e["negative"], len(np.array(e["embedding"]))))
+    return rows
+
+
+@pytest.fixture
+def hailo_file(test_data: Path, tmp_path: Path) -> Path:
+    """A copy of the embeddings.json Hailo's app ships (640-d RN50x4), to write to."""
+    copy = tmp_path / "embeddings.json"
+    shutil.copy(test_data / "hailo" / "embeddings.json", copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["cat", "-o", "{hailo}"],  # replacing Hailo's file: its model
+        ["cat", "--append", "-o", "{hailo}"],  # adding to it: its model
+        ["cat", "--for", "hailo", "-o", "{tmp}/new.json"],  # a new file for Hailo's app
+        # clipworks stream matches frames against Hailo's file: its image embeddings must be RN50x4's too.
+        ["--", "stream", "--json-path", "{hailo}", "--input", "demo", "--max-frames", "1"],
+        ["--", "stream", "--json-path", "{hailo}", "--disable-runtime-prompts", "--input", "demo", "--max-frames", "1"],
+    ],
+)
+def test_a_hailo_target_is_encoded_with_rn50x4(capsys, hailo_file, tmp_path, monkeypatch, args) -> None:
+    # No RN50x4 weights here (offline, empty cache): the error shows which model was chosen, and no file changes.
+    monkeypatch.setenv("CLIPWORKS_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("CLIPWORKS_OFFLINE", "1")
+    monkeypatch.delenv("CLIPWORKS_MODEL", raising=False)
+    before = hailo_file.read_bytes()
+    command = args[1:] if args[0] == "--" else ["embed", "texts", *args]
+    code, _, err = run(capsys, *[a.format(hailo=hailo_file, tmp=tmp_path) for a in command])
+    assert code == 1 and "RN50x4::openai is not downloaded" in err
+    assert hailo_file.read_bytes() == before and not (tmp_path / "new.json").exists()
+
+
+def test_appending_another_dimension_to_a_hailo_file_is_refused(capsys, vit_bundle, hailo_file) -> None:
+    before = hailo_file.read_bytes()
+    code, _, err = run(capsys, "embed", "texts", "cat", "--append", "-o", hailo_file, "-m", vit_bundle)
+    assert code == 2
+    assert "its prompts are 640-d (RN50x4::openai)" in err and "gives 32-d ones" in err
+    assert "Use --model RN50x4::openai" in err
+    assert hailo_file.read_bytes() == before
+
+
+def test_for_hailo_refuses_a_model_of_another_dimension(capsys, vit_bundle, tmp_path) -> None:
+    code, _, err = run(capsys, "embed", "texts", "cat", "--for", "hailo", "-m", vit_bundle, "-o", tmp_path / "n.json")
+    assert code == 2 and "--for hailo needs 640-d embeddings" in err and not (tmp_path / "n.json").exists()
+
+
+def test_the_file_records_its_model_and_later_runs_use_it(capsys, vit_bundle, rn_bundle, tmp_path, monkeypatch):
+    import clipworks
+
+    monkeypatch.delenv("CLIPWORKS_MODEL", raising=False)
+    out = tmp_path / "prompts.json"
+    code, _, err = run(capsys, "embed", "texts", "--texts-list", "a dog", "a cat", "-o", out, "-m", rn_bundle)
+    assert code == 0, err
+    assert json.loads(out.read_text())["model"] == str(rn_bundle.resolve())
+    # No --model: the file's own model, not the default ViT-B/32; the new text fills the first empty slot.
+    code, _, err = run(capsys, "embed", "texts", "a bird", "--append", "-o", out)
+    assert code == 0, err
+    assert f"the model {out} was made for" in err
+    rows = read_like_hailo(out)
+    assert rows[:4] == [("a dog", False, 32), ("a cat", True, 32), ("a bird", False, 32), ("", False, 0)]
+    data = json.loads(out.read_text())
+    want = clipworks.load(rn_bundle).encode_texts(["A photo of a a bird"])[0]
+    np.testing.assert_array_equal(np.array(data["entries"][2]["embedding"], np.float32), want)
+    # --model of the same dimension but another model still appends: the dimension is what Hailo matches on.
+    code, _, err = run(capsys, "embed", "texts", "a fish", "--append", "-o", out, "-m", vit_bundle)
+    assert code == 0, err
 
 
 # File names a POSIX folder may hold: bytes that are not UTF-8, a newline, a tab, a quote.

@@ -187,6 +187,9 @@ GOOD_ENTRY = {"text": "cat", "embedding": [0.6, 0.8], "negative": False, "ensemb
         ('{"ensemble_template": "a {}", "entries": []}', "'ensemble_template' must be a list"),
         ('{"ensemble_template": ["a photo"], "entries": []}', r"ensemble_template\[0\]"),
         ('{"ensemble_template": ["a {name}"], "entries": []}', r"ensemble_template\[0\]"),
+        ('{"model": 3, "entries": []}', "'model' must name the model the file was made for"),
+        ('{"model": " ", "entries": []}', "'model' must name the model the file was made for"),
+        ('{"model": "RN50x4::openai", "entries": []}', None),
     ],
 )
 def test_load_validates(tmp_path: Path, content: str, error: str | None) -> None:
@@ -495,3 +498,39 @@ def test_module_imports_only_numpy() -> None:
     code = "import sys, clipworks.prompts; print([m for m in ('torch', 'onnxruntime') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- the model a file was made for, and adding entries (Hailo's update_text_entries) ----------------
+
+
+@pytest.mark.parametrize("name", ["embeddings.json", "example_embeddings.json"])
+def test_hailos_shipped_files_are_known_as_rn50x4(test_data: Path, name: str) -> None:
+    ps = PromptSet.load(test_data / "hailo" / name)
+    assert ps.dim == 640 and ps.made_for() == "RN50x4::openai"
+
+
+def test_a_recorded_model_wins_and_other_dimensions_are_unknown(tmp_path: Path) -> None:
+    ps = PromptSet.from_texts(["cat"])
+    ps.entries[0].embedding = np.ones(32)
+    assert ps.made_for() is None  # 32-d and nothing recorded: no guess
+    ps.extra["model"] = "/bundles/tiny"
+    assert PromptSet.load(ps.save(tmp_path / "p.json")).made_for() == "/bundles/tiny"
+
+
+def test_add_entries_fills_empty_slots_first_then_appends(test_data: Path) -> None:
+    ps = PromptSet.load(test_data / "hailo" / "embeddings.json")  # 4 texts, then 2 empty slots
+    new = [PromptEntry(t, np.full(640, 0.01), negative=t == "dog") for t in ("cat", "dog", "bird")]
+    ps.add_entries(new)
+    assert [(e.text, e.negative) for e in ps.entries] == [
+        ("empty room", True), ("person", False), ("keyboard", False), ("cup", False),
+        ("cat", False), ("dog", True), ("bird", False),
+    ]  # fmt: skip
+
+
+def test_add_entries_of_another_dimension_is_refused_and_changes_nothing(test_data: Path) -> None:
+    path = test_data / "hailo" / "embeddings.json"
+    ps = PromptSet.load(path)
+    before = [e.text for e in ps.entries]
+    with pytest.raises(BadPromptFile, match=r"640-d but the new ones are 512-d.*--model RN50x4::openai"):
+        ps.add_entries([PromptEntry("cat", np.full(640, 0.1)), PromptEntry("dog", np.full(512, 0.1))])
+    assert [e.text for e in ps.entries] == before

@@ -134,6 +134,18 @@ def test_show_pred_with_pred_texts(capsys, vit_bundle, videos) -> None:
     assert out.index("  Logits") < out.index("clip\n")  # predictions come while extracting, then the print
 
 
+def test_over_long_pred_texts_are_named_in_a_warning(capsys, vit_bundle, videos) -> None:
+    """video_features' clip.tokenize raises on prompts over 77 tokens; we encode them cut, and say which."""
+    long_text = "a person " + "dancing and " * 40 + "singing"
+    code, out, err = run(capsys, "video", "features", videos / GGSY, "--model", vit_bundle, "--extraction-total", 1,
+                         "--show-pred", "--pred-texts", "a dog smiles", long_text)  # fmt: skip
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --pred-texts {long_text!r} is longer than the model's 77 tokens; "
+                        "it is cut to fit (video_features refuses it)"]  # fmt: skip
+    assert "  Logits" in out  # and the predictions still come
+
+
 def test_show_pred_defaults_to_kinetics_top5(capsys, vit_bundle, videos) -> None:
     code, out, err = run(capsys, "video", "features", videos / ZNV, "--model", vit_bundle, "--extraction-total", 2,
                          "--show-pred", "--on-extraction", "print")  # fmt: skip

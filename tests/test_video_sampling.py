@@ -62,11 +62,75 @@ def test_frames_match_ffmpeg_fps_filter(test_data: Path, name: str, fps: str | N
     assert count > 0
 
 
-def test_timestamps_every_frame_are_presentation_times(test_data: Path) -> None:
+def test_timestamps_every_frame_on_a_constant_rate_file(test_data: Path) -> None:
     video = test_data / "videos" / "v_GGSY1Qvo990.mp4"  # time base 1/981, a frame every 50 ticks
-    stamps = [f.timestamp_ms for f in iter_frames(video)]
-    assert len(stamps) == 355
-    np.testing.assert_allclose(stamps, np.arange(355) * 50 / 981 * 1000)
+    info = probe(video)
+    stamps = [f.timestamp_ms for f in iter_frames(video, plan_sampling(info))]
+    assert stamps == [i / info.fps * 1000 for i in range(355)]
+    presented = [f.timestamp_ms for f in iter_frames(video, Sampling(None, info.fps, presentation_times=True))]
+    np.testing.assert_allclose(presented, np.arange(355) * 50 / 981 * 1000)  # the same instants on such a file
+
+
+# Frame times in ms: bursts at 30 fps with gaps, as a phone or screen recording writes them.
+VFR_PTS_MS = (0, 33, 66, 200, 233, 500, 533, 566, 900, 1000, 1033, 1400)
+
+
+@pytest.fixture(scope="module", params=["mp4", "mkv"])
+def vfr_clip(request, tmp_path_factory) -> Path:
+    """A variable-frame-rate H.264 clip, each frame written with its own pts (time base 1/1000)."""
+    import av
+
+    path = tmp_path_factory.mktemp("vfr") / f"vfr.{request.param}"
+    tb = Fraction(1, 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = tb
+        for i, pts in enumerate(VFR_PTS_MS):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, tb
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def video_features_native_rate(video: Path) -> tuple[float, list[float], list[float]]:
+    """What video_features computes without --extraction-fps, run on OpenCV itself.
+
+    v-iashin/video_features, utils/io.py ``VideoLoader``: ``fps = cap.get(cv2.CAP_PROP_FPS)`` in
+    ``_get_video_prop``, and each frame ``cap.read()`` returns gets ``(current_idx - 1) / self.fps * 1000``
+    in ``__next__``; models/_base/base_framewise_extractor.py saves ``np.array(video.fps)`` and those times.
+    Also returns OpenCV's CAP_PROP_POS_MSEC per frame: the presentation times.
+    """
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    stamps, presented = [], []
+    current_idx = 0
+    while True:
+        frame_exists, _ = cap.read()
+        current_idx += 1
+        if not frame_exists:
+            break
+        stamps.append((current_idx - 1) / fps * 1000)
+        presented.append(cap.get(cv2.CAP_PROP_POS_MSEC))
+    cap.release()
+    return fps, stamps, presented
+
+
+def test_variable_frame_rate_fps_and_timestamps_are_video_features_own(vfr_clip: Path) -> None:
+    fps, stamps, presented = video_features_native_rate(vfr_clip)
+    assert len(stamps) == len(VFR_PTS_MS)
+    info = probe(vfr_clip)
+    sampling = plan_sampling(info)
+    assert sampling.fps == info.fps == fps  # exactly, as a float
+    assert [f.timestamp_ms for f in iter_frames(vfr_clip, sampling)] == stamps
+    # The file is really variable-rate: index / fps is not when the frames are shown.
+    assert not np.allclose(stamps, VFR_PTS_MS, atol=1)
+    ours = [f.timestamp_ms for f in iter_frames(vfr_clip, Sampling(None, info.fps, presentation_times=True))]
+    np.testing.assert_allclose(ours, presented, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ours, VFR_PTS_MS, rtol=0, atol=1e-9)
 
 
 def test_timestamps_at_a_rate_are_index_over_fps(test_data: Path) -> None:
@@ -139,3 +203,30 @@ def _audio_only(path: Path) -> Path:
     cmd = [FFMPEG, "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.2", str(path)]
     subprocess.run(cmd, check=True)
     return path
+
+
+@pytest.mark.parametrize("presentation_times", [False, True])
+def test_saved_fps_and_timestamps_of_a_variable_frame_rate_file(vit_bundle, vfr_clip, tmp_path, presentation_times):
+    from clipworks.cli.main import main
+
+    fps, stamps, presented = video_features_native_rate(vfr_clip)
+    extra = ["--presentation-times"] if presentation_times else []
+    code = main(["video", "features", str(vfr_clip), "--model", str(vit_bundle), "--on-extraction", "save_numpy",
+                 "--output-path", str(tmp_path), "--batch-size", "4", *extra])  # fmt: skip
+    assert code == 0
+    folder = tmp_path / "clip" / vit_bundle.name
+    assert float(np.load(folder / "vfr_fps.npy")) == fps
+    saved = np.load(folder / "vfr_timestamps_ms.npy").tolist()
+    if presentation_times:
+        np.testing.assert_allclose(saved, presented, rtol=0, atol=1e-9)
+    else:
+        assert saved == stamps
+
+
+def test_presentation_times_with_a_rate_is_refused(vit_bundle, vfr_clip, tmp_path, capsys) -> None:
+    from clipworks.cli.main import main
+
+    code = main(["video", "features", str(vfr_clip), "--model", str(vit_bundle), "--extraction-fps", "2",
+                 "--presentation-times", "--output-path", str(tmp_path)])  # fmt: skip
+    assert code != 0
+    assert "--presentation-times is for every-frame extraction" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -25,6 +25,28 @@ from clipworks.extras import require
 
 OUTPUT_SUFFIXES = (".pkl", ".npy", ".parquet")
 PATHS_FORMAT = "clipworks-paths/1"
+# Protocol 4 (Python 3.4+): what Sophgo's writer and Python 3.8's default use, so Sophgo boards on 3.8 read it.
+PICKLE_PROTOCOL = 4
+
+
+class _PortablePickler(pickle.Pickler):
+    """Pickles numpy arrays so that numpy 1.x reads them as well as numpy 2.
+
+    numpy 2 pickles an array through ``numpy._core.multiarray._reconstruct``, a module numpy 1.x does not
+    have (``ModuleNotFoundError: No module named 'numpy._core'``), and video_features' environment pins
+    numpy 1.26. An array is written instead as ``numpy.ndarray(shape, dtype, buffer)``: names both
+    versions resolve, the same dtype and values, and a writable array (the buffer is a bytearray).
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and not obj.dtype.hasobject:
+            return np.ndarray, (obj.shape, obj.dtype.str, bytearray(np.ascontiguousarray(obj).tobytes()))
+        return NotImplemented
+
+
+def dump_pickle(value: Any, fh: IO[bytes]) -> None:
+    """``pickle.dump`` that numpy 1.26 on Python 3.8 can load (see ``_PortablePickler``)."""
+    _PortablePickler(fh, protocol=PICKLE_PROTOCOL).dump(value)
 
 
 def paths_file_for(npy: Path) -> Path:
@@ -89,7 +111,7 @@ def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarr
             # surrogates (names that are not UTF-8) as they are.
             data = {"img_path": paths, "embedding": list(embeddings)}
             with tmp.open("wb") as fh:
-                pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
+                dump_pickle(data, fh)
         else:
             pa, pq = _pyarrow(out)
             dim = embeddings.shape[1] if embeddings.ndim == 2 else 0

@@ -41,6 +41,13 @@ DEFAULT_ENSEMBLE_TEMPLATE: tuple[str, ...] = (
 HAILO_SLOTS = 6
 # Hailo multiplies the dot products by 100 before the softmax (CLIP's trained logit scale).
 LOGIT_SCALE = 100.0
+# Hailo's TextImageMatcher loads RN50x4 (model_name="RN50x4") and every JSON file its app ships holds
+# 640-d RN50x4 embeddings; its device pipeline runs RN50x4's image tower, so a file for it must match.
+HAILO_MODEL = "RN50x4::openai"
+HAILO_DIM = 640
+# The model a file was made for, written beside Hailo's keys: Hailo's load_embeddings reads only its four
+# keys and ignores this one (its own save drops it; such a file is then known by its dimension again).
+MODEL_KEY = "model"
 
 _KNOWN_KEYS = ("threshold", "text_prefix", "ensemble_template", "entries")
 _ENTRY_KEYS = ("text", "embedding", "negative", "ensemble")
@@ -204,6 +211,8 @@ class PromptSet:
 
         entries = [_entry_from_dict(e, i, bad) for i, e in enumerate(raw_entries)]
         extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
+        if MODEL_KEY in extra and not (isinstance(extra[MODEL_KEY], str) and extra[MODEL_KEY].strip()):
+            raise bad(f"'{MODEL_KEY}' must name the model the file was made for, found {extra[MODEL_KEY]!r}")
         return cls(
             entries=entries,
             threshold=threshold,
@@ -267,6 +276,34 @@ class PromptSet:
                 f"({', '.join(map(str, sorted(dims)))}); {_REENCODE_HINT}"
             )
         return dims.pop() if dims else None
+
+    def made_for(self) -> str | None:
+        """The model the embeddings were made with: the recorded ``model``, else Hailo's RN50x4 for a
+        640-d file (all of Hailo's are), else None (unknown)."""
+        recorded = self.extra.get(MODEL_KEY)
+        if isinstance(recorded, str):
+            return recorded
+        return HAILO_MODEL if self.dim == HAILO_DIM else None
+
+    def add_entries(self, entries: Iterable[PromptEntry]) -> None:
+        """Add encoded entries as Hailo's ``update_text_entries`` does: each fills the first empty slot,
+        else goes at the end. Entries of another dimension than the set's are refused, nothing added."""
+        entries = list(entries)
+        dims = {e.embedding.shape[0] for e in entries if e.embedding is not None}
+        have = self.dim
+        if have is not None and dims - {have}:
+            made_for = self.made_for()
+            hint = f"encode them with {made_for} (--model {made_for})" if made_for else _REENCODE_HINT
+            raise BadPromptFile(
+                f"{self._where()}: its prompts are {have}-d but the new ones are "
+                f"{', '.join(map(str, sorted(dims - {have})))}-d, so they cannot be matched together; {hint}"
+            )
+        for entry in entries:
+            free = next((i for i, e in enumerate(self.entries) if e.text == ""), None)
+            if free is None:
+                self.entries.append(entry)
+            else:
+                self.entries[free] = entry
 
     def _where(self) -> str:
         return str(self.source) if self.source is not None else "prompt set"

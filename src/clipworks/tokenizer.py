@@ -114,13 +114,7 @@ class ClipTokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
-        cleaned = [_drop_unmatched(clean_text(t)) for t in texts]
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: 20% faster.
-        encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
-        bodies = [e.ids for e in encode_batch(cleaned, add_special_tokens=False)]
-        for i, text in enumerate(cleaned):
-            if "_of_text>" in text and _SPECIAL.search(text):  # substring test first: it is cheaper
-                bodies[i] = self._encode_with_specials(text)
+        bodies = self._bodies(texts)
         # open_clip keeps the first context_length - 1 tokens and overwrites the last with the end token.
         keep = self.context_length - 2
         bodies = [b[:keep] if len(b) > keep else b for b in bodies]
@@ -137,6 +131,26 @@ class ClipTokenizer:
         out[:, 1:][in_body] = np.fromiter(chain.from_iterable(bodies), dtype=np.int64, count=int(sizes.sum()))
         out[np.arange(len(bodies)), sizes + 1] = self.eot_id
         return out
+
+    def too_long(self, texts: Sequence[str]) -> list[str]:
+        """The texts ``encode`` cuts: more than ``context_length`` tokens with the start and end tokens.
+
+        open_clip cuts them silently, OpenAI's ``clip.tokenize`` (video_features, Hailo) raises instead;
+        callers warn with these names so a cut prompt is never a surprise.
+        """
+        bodies = self._bodies(texts)
+        return [t for t, b in zip(texts, bodies, strict=True) if len(b) + 2 > self.context_length]
+
+    def _bodies(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids without the start and end tokens, uncut."""
+        cleaned = [_drop_unmatched(clean_text(t)) for t in texts]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: 20% faster.
+        encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        bodies = [e.ids for e in encode_batch(cleaned, add_special_tokens=False)]
+        for i, text in enumerate(cleaned):
+            if "_of_text>" in text and _SPECIAL.search(text):  # substring test first: it is cheaper
+                bodies[i] = self._encode_with_specials(text)
+        return bodies
 
     def _encode_with_specials(self, text: str) -> list[int]:
         """Ids for cleaned text in which open_clip's pattern may find "<start_of_text>" or "<end_of_text>"."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from clipworks.errors import status
 from clipworks.settings import DEFAULT_MODEL
@@ -16,6 +17,18 @@ ModelOpt = Annotated[
         "-m",
         envvar="CLIPWORKS_MODEL",
         help="Registry name (ViT-B-32::openai, ViT-B/32, ...) or bundle path.",
+    ),
+]
+# Commands that write or read a Hailo prompt file: None means "the model the file was made for".
+PromptFileModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="CLIPWORKS_MODEL",
+        help="Registry name or bundle path (default: the model the prompt file was made for, RN50x4 for "
+        f"Hailo's 640-d files, else {DEFAULT_MODEL}).",
+        show_default=False,
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, tensorrt, openvino or coreml.")]
@@ -31,3 +44,24 @@ def load_model(model: str, device: str, precision: str, threads: int | None = No
 
 
 info = status
+
+
+def greedy_list_command(*flags: str) -> type[TyperCommand]:
+    """A command class whose ``flags`` take every value up to the next option, as argparse's ``nargs='+'``
+    (video_features' and Hailo's lists: ``--texts-list cat dog``). Click options take one value each, so
+    such a flag is repeated before each of its values before click parses them."""
+
+    class GreedyListCommand(TyperCommand):
+        def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+            spread: list[str] = []
+            flag: str | None = None
+            for arg in args:
+                if arg.startswith("-") and len(arg) > 1:
+                    flag = arg if arg in flags else None
+                    if flag is None:
+                        spread.append(arg)
+                    continue
+                spread += [flag, arg] if flag else [arg]
+            return super().parse_args(ctx, spread)
+
+    return GreedyListCommand

@@ -13,12 +13,15 @@ from clipworks.cli.common import (
     DeviceOpt,
     ModelOpt,
     PrecisionOpt,
+    PromptFileModelOpt,
     ThreadsOpt,
+    greedy_list_command,
     info,
     load_model,
 )
 from clipworks.display import quote_path
 from clipworks.errors import ClipworksError, UsageError
+from clipworks.settings import default_model
 
 DEFAULT_TEXTS_FILE = "text_embeddings.json"  # Hailo's text_image_matcher writes this name
 
@@ -58,25 +61,78 @@ def images(
     info("wrote " + ", ".join(quote_path(p) for p in written))
 
 
-def _read_interactive() -> tuple[list[str], list[str]]:
-    """Hailo's --interactive: one prompt a line until an empty line; a leading '-' marks a negative."""
-    positive: list[str] = []
-    negative: list[str] = []
-    prompt = sys.stdin.isatty()
+def _read_lines(hailo: bool, prefix: str) -> tuple[list[str], list[str]]:
+    """Prompts from standard input, one a line, until an empty line.
+
+    ``hailo``: Hailo's ``--interactive``, the first text is the positive and the others are negatives.
+    Otherwise (``--stdin``) every text is a positive unless it starts with '-'.
+    """
+    lines: list[str] = []
+    ask = sys.stdin.isatty()
+    hint = (
+        f"Enter text (leave empty to finish) {prefix}: "
+        if hailo
+        else "text (empty line to finish, '-text' for a negative): "
+    )
     while True:
-        if prompt:
-            print("text (empty line to finish, '-text' for a negative): ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        text = line.strip()
+        if ask:
+            print(hint, end="", file=sys.stderr, flush=True)
+        text = sys.stdin.readline().strip()
         if not text:
             break
-        (negative if text.startswith("-") else positive).append(text.lstrip("-").strip())
-    return positive, negative
+        lines.append(text)
+    if hailo:
+        return lines[:1], lines[1:]
+    positive = [t for t in lines if not t.startswith("-")]
+    return positive, [t.lstrip("-").strip() for t in lines if t.startswith("-")]
 
 
-@app.command()
+def _existing_prompt_file(target: Path, append: bool):  # type: ignore[no-untyped-def]
+    """The prompt file already at ``target``, or None. It must be one when appending to it; otherwise a
+    file that is not one is simply replaced, as before."""
+    from clipworks.errors import BadPromptFile
+    from clipworks.prompts import PromptSet
+
+    if not target.exists():
+        if append:
+            raise UsageError(f"--append {target}: no such file; drop --append to create it")
+        return None
+    try:
+        return PromptSet.load(target)
+    except BadPromptFile:
+        if append:
+            raise
+        return None
+
+
+def _model_reference(model: str) -> str:
+    """What to record as the file's model: a bundle folder's full path, else the registry's canonical name."""
+    from clipworks.models.registry import parse_model_name
+
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else parse_model_name(model).name
+
+
+def _choose_model(model: str | None, target_kind: str | None, existing) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """The model to encode with and why: --model, else --for hailo's, else the target file's, else the default."""
+    from clipworks.prompts import HAILO_MODEL
+
+    if model:
+        return model, "--model"
+    if target_kind == "hailo":
+        return HAILO_MODEL, "--for hailo"
+    made_for = existing.made_for() if existing is not None else None
+    if made_for:
+        return made_for, f"the model {existing.source} was made for"
+    return default_model(), "the default model"
+
+
+TARGETS = ("hailo",)
+
+
+@app.command(cls=greedy_list_command("--texts-list"))
 def texts(
-    text: Annotated[list[str] | None, typer.Argument(help="Prompts to encode.")] = None,
+    text: Annotated[list[str] | None, typer.Argument(help="Prompts to encode, all positive (see --negative).")] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -86,49 +142,123 @@ def texts(
             show_default=False,
         ),
     ] = None,
+    texts_list: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--texts-list",
+            help="Hailo's --texts-list A B C: the first text is the positive, the others negatives.",
+        ),
+    ] = None,
     negative: Annotated[
         list[str] | None, typer.Option("--negative", "-n", help="Negative prompt (repeatable).")
     ] = None,
     texts_json: Annotated[
         Path | None, typer.Option(help='A {"positive": [...], "negative": [...]} file (Hailo --texts-json).')
     ] = None,
-    interactive: Annotated[bool, typer.Option(help="Read prompts from standard input, one a line.")] = False,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "--interactive",
+            help="Hailo's --interactive: texts from standard input, the first positive, the rest negative.",
+        ),
+    ] = False,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Texts from standard input, one a line; '-text' marks a negative.")
+    ] = False,
+    append: Annotated[
+        bool,
+        typer.Option(
+            "--append", help="Add the prompts to the existing -o file (its empty slots first) instead of replacing it."
+        ),
+    ] = False,
+    target_kind: Annotated[
+        str | None,
+        typer.Option("--for", help="hailo: encode with Hailo's model (RN50x4, 640-d), what its app matches."),
+    ] = None,
     image_path: Annotated[Path | None, typer.Option(help="Also print how this image matches the prompts.")] = None,
-    threshold: Annotated[float, typer.Option(help="Probability a match must exceed.")] = 0.8,
-    prefix: Annotated[str, typer.Option(help="Prefix of every non-ensemble prompt.")] = "A photo of a ",
+    threshold: Annotated[
+        float | None, typer.Option(help="Probability a match must exceed (default 0.8, or the --append file's).")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="Prefix of every non-ensemble prompt (default 'A photo of a ').")
+    ] = None,
     ensemble: Annotated[bool, typer.Option(help="Average each prompt over Hailo's ensemble templates.")] = False,
-    model: ModelOpt = MODEL_DEFAULT,
+    model: PromptFileModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Encode prompts into the text-embedding JSON of Hailo's CLIP app (the text_image_matcher tool)."""
-    from clipworks.prompts import PromptSet, encode_entries, match
+    from clipworks.prompts import (
+        DEFAULT_TEXT_PREFIX,
+        DEFAULT_THRESHOLD,
+        HAILO_DIM,
+        HAILO_SLOTS,
+        MODEL_KEY,
+        PromptSet,
+        encode_entries,
+        match,
+    )
 
-    sources = sum(bool(x) for x in (text, texts_json, interactive))
+    sources = sum(bool(x) for x in (text, texts_list, texts_json, interactive, stdin))
     if sources != 1:
-        raise UsageError("give prompts as arguments, or --texts-json FILE, or --interactive (exactly one of them)")
-    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(
+            "give prompts as arguments, or --texts-list, --texts-json FILE, --interactive or --stdin "
+            "(exactly one of them)"
+        )
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be between 0 and 1, not {threshold}")
-    options = {"threshold": threshold, "text_prefix": prefix, "ensemble": ensemble}
+    if target_kind is not None and target_kind not in TARGETS:
+        raise UsageError(f"--for must be {', '.join(TARGETS)}, not {target_kind!r}")
+    if append and output is None:
+        raise UsageError("--append needs -o FILE: the prompt file to add to")
+    save = output is not None or image_path is None  # a look at one image must not replace a file made earlier
+    target = output or Path(DEFAULT_TEXTS_FILE)
+    existing = _existing_prompt_file(target, append) if save else None
+    base = existing if append and existing is not None else None
+    options = {
+        "threshold": threshold if threshold is not None else (base.threshold if base else DEFAULT_THRESHOLD),
+        "text_prefix": prefix if prefix is not None else (base.text_prefix if base else DEFAULT_TEXT_PREFIX),
+        "ensemble": ensemble,
+        "slots": 0 if base is not None else HAILO_SLOTS,  # an --append file keeps its own slots
+    }
+    if base is not None:
+        options["ensemble_template"] = base.ensemble_template
     if texts_json:
         prompt_set = PromptSet.from_texts_json(texts_json, **options)
     else:
-        positive, negatives = _read_interactive() if interactive else (list(text or []), [])
+        if interactive or stdin:
+            positive, negatives = _read_lines(hailo=interactive, prefix=options["text_prefix"])
+        elif texts_list:
+            positive, negatives = texts_list[:1], texts_list[1:]  # Hailo: the first is the searched text
+        else:
+            positive, negatives = list(text or []), []
         negatives += list(negative or [])
         if not positive and not negatives:
             raise UsageError("no prompts given")
         prompt_set = PromptSet.from_texts(positive, negatives, **options)
-    clip = load_model(model, device, precision)
+    model_name, why = _choose_model(model, target_kind, existing)
+    clip = load_model(model_name, device, precision)
+    if target_kind == "hailo" and clip.embed_dim != HAILO_DIM:
+        raise UsageError(f"--for hailo needs {HAILO_DIM}-d embeddings (RN50x4); --model {model} gives {clip.embed_dim}")
+    if base is not None and base.dim not in (None, clip.embed_dim):
+        made_for = base.made_for()
+        raise UsageError(
+            f"--append {target}: its prompts are {base.dim}-d{f' ({made_for})' if made_for else ''} but {clip.name} "
+            f"({why}) gives {clip.embed_dim}-d ones; they cannot be matched together. "
+            f"{f'Use --model {made_for}, or ' if made_for else ''}drop --append to replace the file"
+        )
     encode_entries(prompt_set, clip.encode_texts)
-    if output is None and image_path is not None:
-        # A look at how one image matches must not replace a prompt file made earlier.
-        info(f"prompts not saved (pass -o FILE to save them, e.g. -o {DEFAULT_TEXTS_FILE})")
-    else:
-        target = output or Path(DEFAULT_TEXTS_FILE)
-        replaced = " (replaced the previous file)" if target.exists() else ""
+    if save:
+        if base is not None:
+            base.add_entries(prompt_set.entries)
+            prompt_set = base
+        prompt_set.extra[MODEL_KEY] = _model_reference(model_name)
+        replaced = "" if append else (" (replaced the previous file)" if target.exists() else "")
         saved = prompt_set.save(target)
         prompts = len(prompt_set.active_indices())
-        info(f"wrote {quote_path(saved)}{replaced} ({prompts} prompts, {clip.embed_dim}-d, {clip.name})")
+        info(f"wrote {quote_path(saved)}{replaced} ({prompts} prompts, {clip.embed_dim}-d, {clip.name}, {why})")
+    else:
+        info(f"prompts not saved (pass -o FILE to save them, e.g. -o {DEFAULT_TEXTS_FILE})")
     if image_path is not None:
         result = match(clip.encode_images([image_path]), prompt_set)[0]
         for index, probability in sorted(result.probabilities.items(), key=lambda kv: -kv[1]):

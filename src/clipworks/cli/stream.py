@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from clipworks.cli import access
-from clipworks.cli.common import MODEL_DEFAULT, DeviceOpt, ModelOpt, PrecisionOpt, ThreadsOpt, info, load_model
+from clipworks.cli.common import DeviceOpt, PrecisionOpt, PromptFileModelOpt, ThreadsOpt, info, load_model
 from clipworks.errors import ClipworksError, UsageError
+from clipworks.settings import default_model
 
 MULTI_DEFAULT_INPUTS = 4
 DEFAULT_PROMPT_FILE = "embeddings.json"
@@ -21,7 +22,7 @@ def stream(
         list[str] | None,
         typer.Option("--input", "-i", help="Video file, camera (/dev/video0 or 0), rtsp/http URL, or 'demo'."),
     ] = None,
-    model: ModelOpt = MODEL_DEFAULT,
+    model: PromptFileModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
@@ -56,6 +57,7 @@ def stream(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
 ) -> None:
     """Run CLIP on live video, Hailo CLIP app style: headless events, an mp4, or a browser page."""
+    from clipworks.prompts import PromptSet
     from clipworks.stream.app import StreamApp, StreamOptions
     from clipworks.stream.prompts import PromptState
     from clipworks.stream.sinks import EventsSink, VideoSink, check_output_file
@@ -88,6 +90,10 @@ def stream(
     sources = open_sources(uris, sync=sync, loop=loop, strict=not multi_stream)
     if all(s.error for s in sources):
         raise ClipworksError("; ".join(s.error or "" for s in sources))
+    if model is None:
+        # Image embeddings must match the prompt file's: Hailo's files are RN50x4 (640-d), not the default.
+        made_for = PromptSet.load(json_path).made_for() if json_path is not None and json_path.is_file() else None
+        model = made_for or default_model()
     clip = load_model(model, device, precision, threads)
     encode = None
     if not disable_runtime_prompts:

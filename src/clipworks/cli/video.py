@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperCommand
 
-from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info, load_model
+from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, greedy_list_command, info, load_model
 from clipworks.display import one_line, quote_path
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.extras import require
@@ -17,23 +16,8 @@ from clipworks.extras import require
 app = typer.Typer(help="Per-frame CLIP features (video_features-compatible) and search inside videos.",
                   no_args_is_help=True)  # fmt: skip
 
-# video_features takes lists after one flag (`--pred-texts "a dog smiles" "a woman is lifting"`); click
-# options take one value each, so those flags are spread over their values before click parses them.
-GREEDY = ("--pred-texts", "--video-paths")
-
-
-class GreedyListCommand(TyperCommand):
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        spread: list[str] = []
-        flag: str | None = None
-        for arg in args:
-            if arg.startswith("-") and len(arg) > 1:
-                flag = arg if arg in GREEDY else None
-                if flag is None:
-                    spread.append(arg)
-                continue
-            spread += [flag, arg] if flag else [arg]
-        return super().parse_args(ctx, spread)
+# video_features takes lists after one flag (`--pred-texts "a dog smiles" "a woman is lifting"`).
+GreedyListCommand = greedy_list_command("--pred-texts", "--video-paths")
 
 
 VIDEO_MODEL_DEFAULT = "ViT-B/32"
@@ -86,6 +70,13 @@ def features(
         list[str] | None,
         typer.Option("--pred-texts", help="Prompts for --show-pred (default: the 400 Kinetics classes)."),
     ] = None,
+    presentation_times: Annotated[
+        bool,
+        typer.Option(
+            "--presentation-times",
+            help="Every-frame timestamps_ms from each frame's PTS (video_features: frame index / fps).",
+        ),
+    ] = False,
 ) -> None:
     """Extract per-frame CLIP features exactly as video_features (feature_type=clip) saves them."""
     from clipworks.video.batch import ExtractionOptions, read_video_list, run_extraction
@@ -107,6 +98,7 @@ def features(
         output_dir=output_dir(output_path, name), on_extraction=action, extraction_fps=extraction_fps,
         extraction_total=extraction_total, batch_size=batch_size, tmp_dir=output_dir(tmp_path, name),
         keep_tmp_files=keep_tmp_files, reencode=reencode, pred_texts=pred_texts, show_pred=show_pred,
+        presentation_times=presentation_times,
     )  # fmt: skip
     opts.check()
     clip = load_model(resolve_model(model), device, precision, threads)

@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,12 +39,18 @@ class ExtractionOptions:
     reencode: bool = False
     pred_texts: list[str] | None = None
     show_pred: bool = False
+    presentation_times: bool = False  # every-frame timestamps from PTS instead of video_features' i / fps
 
     def check(self) -> None:
         if self.on_extraction not in ACTIONS:
             raise UsageError(f"--on-extraction must be one of {', '.join(ACTIONS)}, not {self.on_extraction!r}")
         if self.extraction_fps is not None and self.extraction_total is not None:
             raise UsageError("--extraction-fps and --extraction-total are mutually exclusive: give one of them")
+        if self.presentation_times and (self.extraction_fps is not None or self.extraction_total is not None):
+            raise UsageError(
+                "--presentation-times is for every-frame extraction; frames taken at a rate are at i / rate "
+                "seconds by construction (drop --extraction-fps/--extraction-total)"
+            )
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.output_dir.resolve() == self.tmp_dir.resolve():
@@ -124,6 +130,8 @@ def extract_one(
 
     info = probe(video)
     sampling = plan_sampling(info, opts.extraction_fps, opts.extraction_total)
+    if opts.presentation_times:
+        sampling = replace(sampling, presentation_times=True)
     source = video
     if opts.reencode and sampling.rate is not None:
         source = _reencode(video, sampling.fps, opts.tmp_dir)
@@ -167,6 +175,9 @@ def run_extraction(
         from clipworks.video.predict import FramePredictor
 
         predictor = FramePredictor(model, opts.pred_texts)
+        for text in predictor.too_long:
+            print(f"warning: --pred-texts {text!r} is longer than the model's {model.bundle.context_length} tokens; "
+                  "it is cut to fit (video_features refuses it)", file=log)  # fmt: skip
     summary = RunSummary()
     start = time.perf_counter()
     for n, video in enumerate(videos, 1):

@@ -32,7 +32,7 @@ class BadVideo(ClipworksError):
 @dataclass(frozen=True)
 class VideoInfo:
     path: Path
-    fps: float  # av_guess_frame_rate: what OpenCV's CAP_PROP_FPS reports
+    fps: float  # what OpenCV's CAP_PROP_FPS reports: see opencv_fps
     num_frames: int  # the container's frame count, else estimated from the duration
     duration: float  # seconds
     width: int
@@ -41,11 +41,17 @@ class VideoInfo:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Which frames to take: ``rate`` None means every frame; ``fps`` is the value saved as ``fps``."""
+    """Which frames to take: ``rate`` None means every frame; ``fps`` is the value saved as ``fps``.
+
+    Frame ``i``'s timestamp is ``i / fps * 1000`` ms, video_features' arithmetic; ``presentation_times``
+    gives every-frame sampling each frame's own presentation time instead (they differ on
+    variable-frame-rate files).
+    """
 
     rate: Fraction | None
     fps: float
     limit: int | None = None
+    presentation_times: bool = False
 
     def expected_frames(self, info: VideoInfo) -> int:
         count = info.num_frames if self.rate is None else round(info.duration * float(self.rate))
@@ -85,12 +91,25 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def opencv_fps(stream: Any) -> Fraction:
+    """The frame rate OpenCV's ``CAP_PROP_FPS`` reports, which video_features saves and divides by.
+
+    OpenCV's FFmpeg backend (``CvCapture_FFMPEG::get_fps`` in ``cap_ffmpeg_impl.hpp``; its
+    ``av_guess_frame_rate`` branch is compiled out) takes the stream's ``avg_frame_rate``, else one over
+    the time base. On a variable-frame-rate file that is the mean rate, not ``av_guess_frame_rate``'s
+    ``r_frame_rate``.
+    """
+    if stream.average_rate:
+        return Fraction(stream.average_rate)
+    return 1 / Fraction(stream.time_base)
+
+
 def probe(path: str | Path) -> VideoInfo:
     """Frame rate, frame count and duration from the container, without decoding."""
     path = Path(path)
     with _open(path) as container:
         stream = container.streams.video[0]
-        rate = stream.guessed_rate or stream.average_rate or Fraction(25)
+        rate = opencv_fps(stream)
         if stream.duration is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
@@ -143,7 +162,12 @@ def iter_frames(path: str | Path, sampling: Sampling | None = None, *, threads: 
         stream = container.streams.video[0]
         if threads:
             stream.thread_type = "AUTO"  # frame threads: decoding keeps up with the encoder on more cores
-        source = _every_frame(container, stream) if sampling.rate is None else _at_rate(container, stream, sampling)
+        if sampling.rate is not None:
+            source = _at_rate(container, stream, sampling)
+        elif sampling.presentation_times:
+            source = _every_frame_presented(container, stream)
+        else:
+            source = _every_frame(container, stream, sampling.fps)
         for frame in source:
             if sampling.limit is not None and frame.index >= sampling.limit:
                 break
@@ -159,7 +183,14 @@ def _start(container: Any) -> Fraction:
     return Fraction(container.start_time or 0, 1_000_000)
 
 
-def _every_frame(container: Any, stream: Any) -> Iterator[SampledFrame]:
+def _every_frame(container: Any, stream: Any, fps: float) -> Iterator[SampledFrame]:
+    # video_features' VideoLoader (utils/io.py): the i-th frame OpenCV reads is at (i / CAP_PROP_FPS) * 1000.
+    fps = fps or float(opencv_fps(stream))
+    for i, frame in enumerate(container.decode(stream)):
+        yield SampledFrame(i, i / fps * 1000, frame)
+
+
+def _every_frame_presented(container: Any, stream: Any) -> Iterator[SampledFrame]:
     tb, start = stream.time_base, _start(container)
     step = 1 / Fraction(stream.guessed_rate or 25)
     last: Fraction | None = None

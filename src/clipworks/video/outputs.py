@@ -16,6 +16,7 @@ import numpy as np
 
 from clipworks.atomic import atomic_path
 from clipworks.extras import require
+from clipworks.outputs import dump_pickle
 from clipworks.video.features import FEATURE_KEY, VideoFeatures
 
 OUTPUT_KEYS = (FEATURE_KEY, "fps", "timestamps_ms")
@@ -83,7 +84,7 @@ def save_features(features: VideoFeatures, out_dir: Path, action: str, *, warn: 
             if action == "save_numpy":
                 np.save(fh, value)
             else:
-                pickle.dump(value, fh)
+                dump_pickle(value, fh)
         written.append(dest)
     return written
 

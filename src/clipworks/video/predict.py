@@ -23,6 +23,8 @@ class FramePredictor:
 
     def __init__(self, model: ClipModel, texts: list[str] | None = None) -> None:
         self.texts = list(texts) if texts else kinetics_prompts()
+        # video_features' clip.tokenize raises on these; we encode them cut to the context, and say so.
+        self.too_long = model.tokenizer.too_long(self.texts)
         self.logit_scale = model.logit_scale
         self.text_features = l2_normalize(model.encode_texts(self.texts, normalize=False).astype(np.float64))
 
