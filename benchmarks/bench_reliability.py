@@ -229,7 +229,7 @@ def kill_trials(model: Path, env: dict[str, str], trials: int, photos: int) -> l
                 stderr=subprocess.DEVNULL,
                 env=env,
             )
-            time.sleep(rng.uniform(0.5, 6.0))
+            time.sleep(rng.uniform(1.0, 8.0))
             if proc.poll() is None:
                 killed_mid_run += 1
                 proc.send_signal(signal.SIGKILL)
@@ -311,7 +311,7 @@ def http_inputs_and_load(model: Path, clients: int, seconds: float) -> list[str]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=27, help="kill -9 trials")
-    ap.add_argument("--photos", type=int, default=200, help="photos in the kill -9 folder")
+    ap.add_argument("--photos", type=int, default=300, help="photos in the kill -9 folder")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--load-model", default="ViT-B-32", help="architecture for the load run (random weights)")
@@ -325,7 +325,8 @@ def main() -> None:
     if "inputs" not in skip:
         print("\n".join(hostile_inputs(model, env)), "\n", flush=True)
     if "kill" not in skip:
-        print("\n".join(kill_trials(model, env, args.trials, args.photos)), "\n", flush=True)
+        # A full-size model, so that an index run lasts long enough for most kills to land in the middle of it.
+        print("\n".join(kill_trials(bundle(args.load_model, "fp32"), env, args.trials, args.photos)), "\n", flush=True)
     if "load" not in skip:
         print("\n".join(http_inputs_and_load(bundle(args.load_model, "fp32"), args.clients, args.seconds)))
 
