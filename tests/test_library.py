@@ -252,9 +252,11 @@ def test_excluded_files_are_reported_as_excluded_and_come_back_without_embedding
     assert (report.excluded, report.deleted) == (6, 0)
     assert "6 excluded" in report.summary() and "deleted" not in report.summary()
     assert not [h for h in lib.search("x", top_k=100) if "/more/" in h.path]
+    assert (lib.status().excluded, lib.status().deleted) == (6, 0)
     (folder / photos[0].name).unlink()
     report = lib.index([folder])
     assert (report.excluded, report.deleted) == (0, 1)  # a file really gone is still "deleted"
+    assert (lib.status().excluded, lib.status().deleted) == (6, 1)  # the remembered exclude still holds
     decoded.clear()
     report = lib.index([folder], excludes=[])
     assert (report.restored, report.embedded, decoded) == (6, 0, [])

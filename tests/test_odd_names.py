@@ -221,3 +221,24 @@ def test_remove_a_folder_with_an_odd_name(odd: Odd, tmp_path: Path) -> None:
 def test_quote_path_table(name: str, printed: str) -> None:
     assert quote_path(name) == printed
     assert as_bash_reads_it(printed) == to_bytes(name)
+
+
+def test_the_gallery_serves_every_name(odd: Odd, vit_bundle: Path, tmp_path: Path) -> None:
+    import requests
+
+    import clipworks
+    from clipworks.service import ServiceSettings, create_app, gallery
+    from conftest import serve_app
+
+    settings = ServiceSettings(tags=["dog"], tags_cache_dir=tmp_path / "tags")
+    model = clipworks.load(vit_bundle)
+    with Library(odd.db, model) as library:
+        app = create_app(settings, model=model, library=library, routers=[gallery.router])
+        with serve_app(app) as url:
+            r = requests.get(f"{url}/api/search", params={"q": "a photo", "k": 100}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.content.isascii()  # undecodable bytes travel as \udcXX escapes, as in the CLI's --json
+            hits = r.json()["results"]
+            assert {os.fsencode(hit["path"]) for hit in hits} == odd.embedded
+            for hit in hits:
+                assert requests.get(url + hit["original"], timeout=60).status_code == 200, hit["path"]

@@ -97,7 +97,7 @@ def status(
         print(json.dumps({
             "db": str(state.path), "schema_version": state.schema_version,
             "folders": [{"path": p, "excludes": e, "files": n} for p, e, n in state.roots],
-            "files": state.files, "deleted": state.deleted,
+            "files": state.files, "deleted": state.deleted, "excluded": state.excluded,
             "models": [{"name": m.name, "dim": m.dim, "vectors": v, "pending": w} for m, v, w in state.models],
             "errors": [{"path": p, "error": e} for p, e in state.errors],
         }, indent=2))  # fmt: skip
@@ -106,7 +106,7 @@ def status(
     for path, excludes, count in state.roots:
         skip = f" (excluding {', '.join(map(quote_path, excludes))})" if excludes else ""
         print(f"  folder {quote_path(path)}: {count} files{skip}")
-    print(f"  {state.files} files, {state.deleted} deleted, {len(state.errors)} unreadable")
+    print(f"  {state.files} files, {state.deleted} deleted, {state.excluded} excluded, {len(state.errors)} unreadable")
     for row, vectors, waiting in state.models:
         more = f", {waiting} waiting" if waiting else ""
         print(f"  model {row.name} ({row.dim}-d): {vectors} vectors{more}")

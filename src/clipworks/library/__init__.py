@@ -35,7 +35,8 @@ class LibraryStatus:
     schema_version: int
     roots: list[tuple[str, list[str], int]]  # (folder, excludes, present files)
     files: int
-    deleted: int
+    deleted: int  # gone from disk
+    excluded: int  # still on disk but matched by an exclude now: out of search, row and vectors kept
     errors: list[tuple[str, str]]
     models: list[tuple[ModelRow, int, int]]  # (model, vectors of present files, files waiting for one)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -252,6 +253,7 @@ class Library:
     # -- bookkeeping -------------------------------------------------------------------------------
     def status(self) -> LibraryStatus:
         from clipworks.library.indexer import pending
+        from clipworks.library.scan import excluded_path
         from clipworks.library.store import TEXT_ARG, prefix_range, to_bytes
 
         store = self.store
@@ -265,7 +267,18 @@ class Library:
                 ).fetchone()[0]
                 roots.append((root, excludes, count))
             files = db.execute("SELECT COUNT(*) FROM files WHERE deleted_at IS NULL").fetchone()[0]
-            deleted = db.execute("SELECT COUNT(*) FROM files WHERE deleted_at IS NOT NULL").fetchone()[0]
+            out_of_search = db.execute("SELECT COUNT(*) FROM files WHERE deleted_at IS NOT NULL").fetchone()[0]
+            # Both kinds of row are out of search; which is which follows from the excludes, as in the index run.
+            excluded = 0
+            for root, excludes, _ in roots:
+                if excludes:
+                    low, high = prefix_range(root)
+                    gone = db.execute(
+                        f"SELECT path FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG} "
+                        "AND deleted_at IS NOT NULL",
+                        (to_bytes(low), to_bytes(high)),
+                    )
+                    excluded += sum(excluded_path(root, path, excludes) for (path,) in gone)
             errors = db.execute(
                 "SELECT path, error FROM files WHERE error IS NOT NULL AND deleted_at IS NULL ORDER BY path"
             ).fetchall()
@@ -277,7 +290,9 @@ class Library:
                     (row.id,),
                 ).fetchone()[0]
                 models.append((row, vectors, len(pending(store, row, [r for r, _, _ in roots]))))
-        return LibraryStatus(self.path, store.version, roots, files, deleted, errors, models)
+        return LibraryStatus(
+            self.path, store.version, roots, files, out_of_search - excluded, excluded, errors, models
+        )
 
     def export(self, out: str | Path, fmt: str | None = None) -> tuple[int, list[Path]]:
         from clipworks.library.interchange import export_vectors

@@ -22,6 +22,7 @@ library only supplies stored vectors and file rows.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import time
@@ -33,7 +34,7 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -43,7 +44,17 @@ from clipworks.errors import UsageError
 from clipworks.library.search import combine, parse_query
 from clipworks.library.store import FileRow
 
-router = APIRouter(tags=["gallery"])
+
+class PathsJSONResponse(JSONResponse):
+    """JSON in ASCII. A file name that is not UTF-8 reaches here with lone surrogates for its bytes
+    (``os.fsdecode``), which a UTF-8 body cannot carry; ASCII JSON writes them as ``\\udcXX``, as the CLI's
+    ``--json`` does, so ``os.fsencode(name)`` on the client gives the bytes back."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+router = APIRouter(tags=["gallery"], default_response_class=PathsJSONResponse)
 
 PAGE = Path(__file__).with_name("static") / "gallery.html"
 NO_LIBRARY = "no photo library is served: start the server with `clipworks serve --db PATH`"
