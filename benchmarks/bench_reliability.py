@@ -292,13 +292,17 @@ def http_inputs_and_load(model: Path, clients: int, seconds: float) -> list[str]
         drive(url, clients, 3.0)
         result = drive(url, clients, seconds)
         rss_end = _rss_mib(proc.pid)
+        # The same load again: memory that keeps growing run after run would be a leak, not a warm arena.
+        again = drive(url, clients, seconds)
+        rss_again = _rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
     rows += [
         "",
         f"server RSS: {rss_start:.0f} MiB at start, {rss_after_bad:.0f} MiB after the bad requests, "
-        f"{rss_end:.0f} MiB after the load run",
+        f"{rss_end:.0f} MiB after the load run, {rss_again:.0f} MiB after the same load again "
+        f"({again['requests']} requests, {again['errors']} errors)",
         "",
         "| clients | seconds | requests | req/s | errors | p50 ms | p99 ms |",
         "| --- | --- | --- | --- | --- | --- | --- |",
