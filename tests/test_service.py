@@ -4,6 +4,7 @@ auth, metrics, the batcher, and a real uvicorn server on loopback for an unmodif
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import struct
@@ -96,29 +97,36 @@ def test_a1111_model_defaults_to_clip(client, images) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "detail"),
     [
-        ({"image": None, "model": "clip"}, 404, "Image not found"),
         ({"image": "", "model": "clip"}, 500, "Invalid encoded image"),
         ({"image": "this is not an image!", "model": "clip"}, 500, "Invalid encoded image"),
         ({"image": b64(b"GIF89a but not really"), "model": "clip"}, 500, "Invalid encoded image"),
         ({"image": "data:image/png;base64,", "model": "clip"}, 500, "Invalid encoded image"),
-        ({"image": "{good}", "model": "deepdanbooru"}, 404, "Model not found"),
+        ({"image": "{truncated}", "model": "blip"}, 500, "Invalid encoded image"),  # decoded before the model
         ({"image": "{good}", "model": "blip"}, 404, "Model not found"),
+        # URL images are off unless their host is allowed: Automatic1111's answer with api_enable_requests off.
+        ({"image": "http://127.0.0.1:9/photo.jpg", "model": "clip"}, 500, "Requests not allowed"),
+        ({"image": "https://example.com/photo.jpg", "model": "clip"}, 500, "Requests not allowed"),
     ],
 )
 def test_a1111_errors_match_automatic1111(client, images, body, status, detail) -> None:
     if body["image"] == "{good}":
         body = {**body, "image": b64(images[0])}
+    if body["image"] == "{truncated}":  # a real JPEG cut short: its header reads, its pixels do not
+        body = {**body, "image": b64(images[0][: len(images[0]) // 3])}
     r = client.post("/sdapi/v1/interrogate", json=body)
     assert r.status_code == status, r.text
-    # stable-diffusion-webui's api_middleware answers HTTPExceptions with this body.
-    assert r.json() == {"error": "HTTPException", "detail": detail, "body": "", "errors": f"{status}: {detail}"}
+    # stable-diffusion-webui's api_middleware answers HTTPExceptions with this body; `errors` is str(e), which
+    # is empty for the HTTPException of starlette 0.26 (fastapi 0.94, which Automatic1111 pins).
+    assert r.json() == {"error": "HTTPException", "detail": detail, "body": "", "errors": ""}
 
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"[]", b'{"image": 5}', b'{"image": "x", "model": ["clip"]}'],
-)
+    [b"{not json", b"[]", b'{"image": 5}', b'{"image": "x", "model": ["clip"]}', b'{"image": null}',
+     b'{"image": null, "model": "clip"}'],
+)  # fmt: skip
 def test_a1111_malformed_body_is_422(client, content) -> None:
+    # Automatic1111's InterrogateRequest.image is a plain str: null does not validate (its 404 is unreachable).
     r = client.post("/sdapi/v1/interrogate", content=content, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert isinstance(r.json()["detail"], list)
@@ -127,6 +135,59 @@ def test_a1111_malformed_body_is_422(client, content) -> None:
 def test_a1111_undecodable_image_is_checked_before_the_model(client) -> None:
     r = client.post("/sdapi/v1/interrogate", json={"image": b64(b"junk"), "model": "nope"})
     assert r.status_code == 500  # as Automatic1111: decode_base64_to_image runs first
+
+
+@contextlib.contextmanager
+def file_server(files: dict[str, bytes], redirect_to: str | None = None):
+    """A real HTTP server on 127.0.0.1 serving ``files`` (and ``/moved``, a redirect to ``redirect_to``)."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/moved" and redirect_to:
+                self.send_response(302)
+                self.send_header("Location", redirect_to)
+                self.end_headers()
+                return
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a1111_url_images_only_from_allowed_hosts(model, images, tmp_path) -> None:
+    with file_server({"/photo.jpg": images[0], "/notes.jpg": b"not an image"}) as url, \
+         file_server({}, redirect_to=f"{url}/photo.jpg") as other:  # fmt: skip
+        app = create_app(settings(tmp_path, image_url_hosts=("127.0.0.1",)), model=model)
+        with TestClient(app) as client:
+            r = client.post("/sdapi/v1/interrogate", json={"image": f"{url}/photo.jpg"})
+            assert r.status_code == 200, r.text
+            assert r.json()["caption"] == expected_interrogation(model, images[0]).caption
+            for bad in (f"{url}/notes.jpg", f"{url}/missing.jpg", f"{other}/moved"):  # no redirect is followed
+                r = client.post("/sdapi/v1/interrogate", json={"image": bad})
+                assert (r.status_code, r.json()["detail"]) == (500, "Invalid image url"), bad
+            r = client.post("/sdapi/v1/interrogate", json={"image": f"http://localhost:{url.rsplit(':', 1)[1]}/x"})
+            assert (r.status_code, r.json()["detail"]) == (500, "Requests not allowed")  # not on the list
+
+
+def test_a1111_deepdanbooru_is_answered_with_the_same_tags(client, images) -> None:
+    clip = client.post("/sdapi/v1/interrogate", json={"image": b64(images[0]), "model": "clip"})
+    danbooru = client.post("/sdapi/v1/interrogate", json={"image": b64(images[0]), "model": "deepdanbooru"})
+    assert clip.status_code == danbooru.status_code == 200, danbooru.text
+    assert danbooru.json()["caption"] == clip.json()["caption"]
 
 
 def test_structured_output_sums_to_one_per_category(client, model, images) -> None:

@@ -36,6 +36,13 @@ def serve(
     api_key: access.ApiKeyOpt = None,
     api_key_file: access.ApiKeyFileOpt = None,
     allowed_host: access.AllowedHostOpt = None,
+    image_url_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Host an Automatic1111 request may name as its image (an http(s) URL; repeatable, '*' for any). "
+            "Default: none, as fetching what a request names lets it reach the hosts around the server."
+        ),
+    ] = None,
     preload: Annotated[
         bool,
         typer.Option(
@@ -90,6 +97,7 @@ def serve(
         db=db,
         api_key=key,
         allowed_hosts=access.allowed_hosts(bind, allowed_host),
+        image_url_hosts=tuple(image_url_host or ()),
         preload=preload,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,

@@ -1,10 +1,14 @@
 """Automatic1111's interrogate API (``/sdapi/v1/interrogate``) and a structured variant.
 
 The contract follows stable-diffusion-webui's ``modules/api/api.py`` (``interrogateapi`` and
-``decode_base64_to_image``): ``image`` null answers 404 "Image not found"; an image that does not
-decode answers 500 "Invalid encoded image" (checked before the model, as there); a model other than
-``clip`` answers 404 "Model not found"; a body that does not validate answers FastAPI's 422. Errors
-on these routes carry Automatic1111's body ``{"error", "detail", "body", "errors"}`` (see ``app.py``).
+``decode_base64_to_image``) and ``modules/api/models.py``: ``image`` is a plain string there, so ``null``
+answers FastAPI's 422 like any body that does not validate; an image that does not decode answers 500
+"Invalid encoded image", decoded in full before the model is looked at, as there; ``model`` ``clip`` and
+``deepdanbooru`` are served (both by clipworks' tag interrogation: many clients send ``deepdanbooru``),
+any other answers 404 "Model not found". An ``http(s)://`` image is fetched only from the hosts
+``image_url_hosts`` lists, else 500 "Requests not allowed" (Automatic1111's answer with its
+``api_enable_requests`` option off; it fetches any URL when the option is on, its default). Errors on these
+routes carry Automatic1111's body ``{"error", "detail", "body", "errors"}`` (see ``app.py``).
 """
 
 from __future__ import annotations
@@ -17,15 +21,28 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from clipworks.errors import UsageError
-from clipworks.service.limits import ImageTooLarge, InvalidImage, check_pixels, decode_base64
+from clipworks.service.limits import (
+    ImageTooLarge,
+    ImageURLRefused,
+    InvalidImage,
+    check_pixels,
+    decode_base64,
+    fetch_image_url,
+)
 from clipworks.zeroshot import CategorySet, apply_template, parse_categories
 
 router = APIRouter(tags=["automatic1111"])
 
+# Automatic1111 answers "clip" with its CLIP interrogator and "deepdanbooru" with its anime tagger; clipworks
+# answers both with its zero-shot tags, since clients send either.
+INTERROGATE_MODELS = frozenset({"clip", "deepdanbooru"})
+
 
 class InterrogateRequest(BaseModel):
-    image: str | None = Field(default="", description="The image as base64, or a data URL (data:image/png;base64,...).")
-    model: str = Field(default="clip", description="Only 'clip' is served.")
+    image: str = Field(
+        default="", description="The image as base64, a data URL (data:image/png;base64,...) or an allowed http(s) URL."
+    )
+    model: str = Field(default="clip", description="'clip' or 'deepdanbooru' (both answered with zero-shot tags).")
 
 
 class TagScoreOut(BaseModel):
@@ -39,7 +56,7 @@ class InterrogateResponse(BaseModel):
 
 
 class StructuredRequest(BaseModel):
-    image: str | None = Field(default="", description="The image as base64 or a data URL.")
+    image: str = Field(default="", description="The image as base64, a data URL or an allowed http(s) URL.")
     categories: Any = Field(
         default=None,
         description='{"category": ["label", ...], ...}; each category is answered by softmax(100 * cos).',
@@ -62,29 +79,34 @@ class StructuredResponse(BaseModel):
 
 
 async def read_image(request: Request, encoding: str, model: str = "clip") -> Any:
-    """Decode as Automatic1111 does, then check the model, then preprocess: pixels for the worker."""
+    """Decode as Automatic1111 does (in full, so a truncated file fails here), then check the model."""
     state = request.app.state.clip
+    settings = state.settings
+    is_url = encoding.startswith(("http://", "https://"))
 
-    def header() -> bytes:
-        data = decode_base64(encoding)
-        check_pixels(data, state.settings.max_pixels)
-        return data
+    def load() -> Any:
+        if is_url:
+            data = fetch_image_url(encoding, settings.image_url_hosts, settings.max_body_bytes)
+        else:
+            data = decode_base64(encoding)
+        check_pixels(data, settings.max_pixels)
+        return state.decode(data)
 
     try:
-        data = await run_in_threadpool(header)
-        if model != "clip":
-            raise HTTPException(status_code=404, detail="Model not found")
-        return await run_in_threadpool(state.decode, data)
+        pixels = await run_in_threadpool(load)
     except ImageTooLarge as e:
         raise HTTPException(status_code=413, detail=f"Image too large: {e}") from e
+    except ImageURLRefused as e:
+        raise HTTPException(status_code=500, detail="Requests not allowed") from e
     except InvalidImage as e:
-        raise HTTPException(status_code=500, detail="Invalid encoded image") from e
+        raise HTTPException(status_code=500, detail="Invalid image url" if is_url else "Invalid encoded image") from e
+    if model not in INTERROGATE_MODELS:
+        raise HTTPException(status_code=404, detail="Model not found")
+    return pixels
 
 
 @router.post("/sdapi/v1/interrogate", response_model=InterrogateResponse, summary="Caption an image (Automatic1111)")
 async def interrogate(body: InterrogateRequest, request: Request) -> dict[str, Any]:
-    if body.image is None:
-        raise HTTPException(status_code=404, detail="Image not found")
     state = request.app.state.clip
     pixels = await read_image(request, body.image, body.model)
     emb = await state.embed_images([pixels])
@@ -99,8 +121,6 @@ async def interrogate(body: InterrogateRequest, request: Request) -> dict[str, A
     summary="Constrained output: one winner per category",
 )
 async def interrogate_structured(body: StructuredRequest, request: Request) -> dict[str, Any]:
-    if body.image is None:
-        raise HTTPException(status_code=404, detail="Image not found")
     state = request.app.state.clip
     template = body.template or state.settings.label_template
     try:

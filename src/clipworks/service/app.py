@@ -95,9 +95,12 @@ def create_app(
 
 
 def _error_body(path: str, status: int, detail: Any) -> dict[str, Any]:
-    """Automatic1111's error body on its routes (``api_middleware.handle_exception``), FastAPI's elsewhere."""
+    """Automatic1111's error body on its routes (``api_middleware.handle_exception``), FastAPI's elsewhere.
+
+    Its ``errors`` is ``str(e)``: empty for the HTTPException of the starlette its pinned fastapi 0.94 brings
+    (that class sets no exception args and defines no ``__str__``)."""
     if path.startswith("/sdapi/"):
-        return {"error": "HTTPException", "detail": detail, "body": "", "errors": f"{status}: {detail}"}
+        return {"error": "HTTPException", "detail": detail, "body": "", "errors": ""}
     return {"detail": detail}
 
 

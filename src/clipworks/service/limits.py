@@ -26,6 +26,41 @@ class ImageTooLarge(BadImage):
     """An image whose pixel count is over the service's limit (a decompression bomb): 413."""
 
 
+class ImageURLRefused(Exception):
+    """An ``http(s)://`` image that may not be fetched (no allow-list, or a host not on it): Automatic1111's
+    500 "Requests not allowed", which it answers when its ``api_enable_requests`` option is off."""
+
+
+def fetch_image_url(url: str, allowed_hosts: tuple[str, ...], max_bytes: int, timeout: float = 30.0) -> bytes:
+    """The bytes at ``url``, an image Automatic1111 clients may send instead of base64.
+
+    Automatic1111 fetches any such URL by default; a server that fetches what a request names can be made to
+    reach the hosts around it, so clipworks fetches only from ``allowed_hosts`` (``*``: any host), follows
+    no redirect (it could lead off the list), and reads at most ``max_bytes``.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if not allowed_hosts or not ("*" in allowed_hosts or host in {h.lower() for h in allowed_hosts}):
+        raise ImageURLRefused(f"fetching images from {host or url!r} is not allowed (see --image-url-host)")
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise InvalidImage(f"cannot fetch {url!r} ({e})") from e
+    if len(data) > max_bytes:
+        raise InvalidImage(f"{url!r} is larger than {max_bytes} bytes")
+    return data
+
+
 def decode_base64(encoding: str) -> bytes:
     """Decode what Automatic1111's ``decode_base64_to_image`` accepts: raw base64 or a ``data:image/...`` URL.
 

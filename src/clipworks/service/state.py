@@ -39,6 +39,8 @@ class ServiceSettings:
     api_key: str | None = None
     # Host names the server answers to besides IP literals, localhost and this machine's name (webguard.py).
     allowed_hosts: tuple[str, ...] = ()
+    # Hosts an Automatic1111 request may name as its image (``"image": "https://..."``); none by default.
+    image_url_hosts: tuple[str, ...] = ()
     preload: bool = False
     # Dynamic batching: a batch closes at max_batch items or max_wait_ms after its first job.
     max_batch: int = 32
