@@ -96,6 +96,21 @@ def test_every_frame_saves_the_videos_own_fps_and_presentation_times(capsys, vit
     np.testing.assert_allclose(data["timestamps_ms"], np.arange(355) * 50 / 981 * 1000)
 
 
+@pytest.mark.parametrize("layout", ["clipworks", "immich"])
+def test_features_of_a_normalising_bundle_say_they_are_unit_vectors(
+    capsys, vit_bundle, videos, tmp_path, layout
+) -> None:
+    bundle = vit_bundle
+    if layout == "immich":  # Immich's layout: no clipworks.json, and graphs that normalise inside
+        bundle = tmp_path / "immich"
+        shutil.copytree(vit_bundle, bundle, ignore=shutil.ignore_patterns("clipworks.json", "int8", "fp16"))
+    code, _, err = run(capsys, "video", "features", "--video-paths", videos / GGSY, "--model", bundle,
+                       "--extraction-fps", 1, "--on-extraction", "save_numpy", "--output-path", tmp_path)  # fmt: skip
+    assert code == 0, err
+    warned = "features are unit vectors where video_features saves raw encode_image output" in err
+    assert warned == (layout == "immich")
+
+
 def test_print_format_matches_video_features(capsys, vit_bundle, videos, tmp_path) -> None:
     args = ("video", "features", videos / GGSY, "--model", vit_bundle, "--extraction-fps", 1, "--batch-size", 4)
     code, out, err = run(capsys, *args)

@@ -103,6 +103,14 @@ def features(
     opts.check()
     clip = load_model(resolve_model(model), device, precision, threads)
     info(f"{clip.name}: {len(paths)} videos, {clip.precision} on {clip.providers[0]}, batch {batch_size}")
+    if clip.bundle.meta.normalized:
+        # video_features saves open_clip's raw encode_image (norm ~10 for ViT-B/32); Immich's graphs normalise
+        # inside, so the raw output is gone: say so rather than save files that silently differ.
+        info(
+            f"warning: {clip.name}'s graph L2-normalises its output (an Immich-layout bundle), so the saved "
+            "features are unit vectors where video_features saves raw encode_image output; for raw features, "
+            "use a bundle made by `clipworks export`"
+        )
     summary = run_extraction(clip, paths, opts)
     info(summary.line())
     if summary.failed:
