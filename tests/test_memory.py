@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from PIL import Image
 
 import clipworks
 from clipworks.library import Library
+from conftest import free_port
 from memory_helpers import ADDRESS_SPACE_LIMIT, Run, peak_rss_mb, png, reset_peak_rss, rss_mb, run_measured
 
 CLI = [sys.executable, "-m", "clipworks.cli.main"]
@@ -105,12 +105,6 @@ def test_index_add_indexes_the_neighbours_of_elongated_files(indexed) -> None:
     [(path, error)] = status.errors
     assert Path(path).name == "huge.png" and "10000x10000" in error and "over the limit" in error
     assert run.peak_mb <= baseline.peak_mb + MARGIN_MB
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(url: str, body: dict | None = None) -> tuple[int, bytes]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 
 from clipworks.prompts import PromptSet, encode_entries, match_probabilities
+from conftest import free_port
 
 CLIP_FRAMES = 20
 BASE_ROWS = [("a street", False, False), ("a car", False, False), ("a person walking", False, True)]
@@ -39,12 +39,6 @@ def _wait(check: Callable[[], Any], timeout: float, what: str, step: float = 0.0
             return value
         assert time.monotonic() < deadline, f"{what} not within {timeout} s"
         time.sleep(step)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +289,7 @@ def test_track_query_focuses_on_one_tracked_person():
 def test_cli_web_serves_the_page_until_duration(vit_bundle, clip_video, tmp_path, capsys):
     from clipworks.cli.main import main
 
-    port = _free_port()
+    port = free_port()
     result: list[int] = []
     key_file = tmp_path / "key"
     key_file.write_text("page-key\n")  # the key from a file: kept out of `ps`

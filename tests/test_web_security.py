@@ -25,8 +25,9 @@ import pytest
 from clipworks.cli.main import main
 from clipworks.library import Library
 from clipworks.service import ServiceSettings, create_app, gallery
-from conftest import serve_app
+from conftest import free_port, serve_app
 from library_helpers import file_ids
+from memory_helpers import peak_growth_mb
 
 KEY = "s3cret-Key_42"
 SERVE_LIMIT = 1 << 20  # the serve app's body limit in these tests (the stream page's is MAX_BODY_BYTES)
@@ -209,11 +210,6 @@ def test_bodies_must_be_declared_json_or_an_upload(apps, stream, image_b64, phot
 # -- oversized bodies -----------------------------------------------------------------------------
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _post_stream(url: str, path: str, content_type: str, total: int, prefix: bytes = b"", chunked: bool = True):
     """POST up to ``total`` bytes as a client streaming a huge body would; stop when the server answers.
 
@@ -255,26 +251,13 @@ def test_oversized_bodies_are_refused_early_with_bounded_memory(apps, app, path,
     from clipworks.stream.web import MAX_BODY_BYTES
 
     limit = SERVE_LIMIT if app == "serve" else MAX_BODY_BYTES
-    peak = [_rss()]
-    start = peak[0]
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    # The servers run in this process: its peak RSS (the kernel's high-water mark) bounds theirs.
+    with peak_growth_mb() as growth:
         status, sent = _post_stream(apps[app], path, content_type, 300 << 20, prefix, chunked)
-    finally:
-        done.set()
-        watcher.join()
     assert status.startswith("HTTP/1.1 413"), status
     # Refused once the limit passed (what sits in socket buffers aside), not after reading 300 MB.
     assert sent < limit + (16 << 20), f"the server read {sent} bytes before refusing"
-    assert peak[0] - start < 64 << 20, f"RSS grew by {(peak[0] - start) >> 20} MB"
+    assert growth() < 64, f"RSS grew by {growth():.0f} MB"
 
 
 # -- strict JSON ----------------------------------------------------------------------------------
@@ -387,12 +370,6 @@ def _cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subproces
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(proc: subprocess.Popen, url: str) -> httpx.Response:
     """The first answer of ``/healthz`` from a CLI server starting in ``proc``."""
     deadline = time.monotonic() + 90
@@ -405,7 +382,7 @@ def _listening(proc: subprocess.Popen, url: str) -> httpx.Response:
 
 
 def test_serve_takes_the_key_from_a_file_out_of_ps(vit_bundle, tmp_path) -> None:
-    port = _free_port()
+    port = free_port()
     key_file = tmp_path / "key"
     key_file.write_text(f"  {KEY}\n")
     args = ["serve", "--model", str(vit_bundle), "--host", "127.0.0.1", "--port", str(port)]
@@ -474,7 +451,7 @@ def _broken_bundle(vit_bundle: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", ["broken graph, --preload", "missing model"])
 def test_serve_with_a_model_that_cannot_load_stops_in_one_line(vit_bundle, tmp_path, case) -> None:
     model = _broken_bundle(vit_bundle, tmp_path) if "broken" in case else tmp_path / "no-such-model"
-    args = ["serve", "--model", str(model), "--port", str(_free_port())]
+    args = ["serve", "--model", str(model), "--port", str(free_port())]
     proc = _cli(*args, *(["--preload"] if "--preload" in case else []), home=tmp_path)
     try:
         out, err = proc.communicate(timeout=60)
@@ -508,7 +485,7 @@ def test_a_model_that_fails_to_load_on_first_use_answers_503_with_the_reason(vit
 
 
 def test_a_good_model_with_preload_is_ready_before_serving(vit_bundle, tmp_path) -> None:
-    port = _free_port()
+    port = free_port()
     (tmp_path / "tags.txt").write_text("dog\ncat\nbuilding\n")
     args = [
         "serve",
