@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 
 import numpy as np
@@ -26,6 +29,13 @@ class ImageTooLarge(BadImage):
     """An image whose pixel count is over the service's limit (a decompression bomb): 413."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: it could lead off the allow-list (urllib then raises the 3xx as an HTTPError)."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 class ImageURLRefused(Exception):
     """An ``http(s)://`` image that may not be fetched (no allow-list, or a host not on it): Automatic1111's
     500 "Requests not allowed", which it answers when its ``api_enable_requests`` option is off."""
@@ -38,19 +48,11 @@ def fetch_image_url(url: str, allowed_hosts: tuple[str, ...], max_bytes: int, ti
     reach the hosts around it, so clipworks fetches only from ``allowed_hosts`` (``*``: any host), follows
     no redirect (it could lead off the list), and reads at most ``max_bytes``.
     """
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
     host = (urllib.parse.urlsplit(url).hostname or "").lower()
     if not allowed_hosts or not ("*" in allowed_hosts or host in {h.lower() for h in allowed_hosts}):
         raise ImageURLRefused(f"fetching images from {host or url!r} is not allowed (see --image-url-host)")
 
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: object, **kwargs: object) -> None:
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
+    opener = urllib.request.build_opener(_NoRedirect)
     try:
         with opener.open(url, timeout=timeout) as response:
             data = response.read(max_bytes + 1)
