@@ -1,0 +1,57 @@
+"""The few numeric operations every feature shares: normalise, score, pick the best.
+
+One place for each, so "cosine", "probability" and "top k" mean the same thing in classify, interrogate,
+prompt matching, video predictions, search and the service. How a model family turns cosine similarities
+into probabilities (CLIP: softmax over the labels at ``logit_scale``; SigLIP: an independent sigmoid with a
+learned bias) is the family's choice (``clipworks.models.family``); the arithmetic lives here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Below this a vector is treated as zero rather than divided into noise (as torch's F.normalize does).
+NORM_EPSILON = 1e-12
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Unit rows (or vectors along ``axis``); all-zero rows stay zero instead of becoming NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norms, NORM_EPSILON)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of ``a`` with every row of ``b``: ``(len(a), len(b))``."""
+    return l2_normalize(np.atleast_2d(a)) @ l2_normalize(np.atleast_2d(b)).T
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)  # shifted so exp never overflows
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # The two-branch form never overflows exp for large |x| (the naive 1/(1+exp(-x)) does below -88).
+    x = np.asarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` highest scores of a 1-D array, best first (ties keep input order).
+
+    ``argpartition`` first, so a query over a million rows sorts only the ``k`` it keeps.
+    """
+    scores = np.asarray(scores).ravel()
+    k = max(0, min(int(k), len(scores)))
+    if k == 0:
+        return np.zeros(0, np.intp), scores[:0]
+    candidates = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    order = candidates[np.lexsort((candidates, -scores[candidates]))]
+    return order, scores[order]
