@@ -125,7 +125,7 @@ def test_the_shipped_open_clip_facts_are_the_installed_open_clips() -> None:
 @pytest.mark.parametrize(
     ("name", "family", "source", "licence"),
     [
-        ("ViT-B-32::openai", "clip", "https://openaipublic.azureedge.net/clip/models/", "mit"),
+        ("ViT-B-32::openai", "clip", "hf-hub:timm/vit_base_patch32_clip_224.openai", "mit"),
         ("ViT-B-16-SigLIP2::webli", "siglip", "hf-hub:timm/ViT-B-16-SigLIP2", "apache-2.0"),
         ("ViT-B-16-SigLIP::webli", "siglip", "hf-hub:timm/ViT-B-16-SigLIP", "apache-2.0"),
         ("MobileCLIP-S2::datacompdr", "clip", "hf-hub:apple/MobileCLIP-S2-OpenCLIP", "apple-amlr"),
