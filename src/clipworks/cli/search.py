@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, info
-from clipworks.cli.index import DbOpt, LibraryModelOpt, open_library
+from clipworks.cli.index import AnnDtypeOpt, AnnOpt, DbOpt, LibraryModelOpt, open_library
 from clipworks.display import quote_path
 from clipworks.library.search import Hit
 
@@ -60,13 +60,15 @@ def search(
     model: LibraryModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    ann: AnnOpt = "auto",
+    ann_dtype: AnnDtypeOpt = "f16",
 ) -> None:
     """Find photos by text, by example image, or both; scores are cosine similarities, highest first."""
     from clipworks.errors import UsageError
 
     if not query and not image:
         raise UsageError("give a text query, --image PATH, or both")
-    library = open_library(db, model, device=device, precision=precision)
+    library = open_library(db, model, device=device, precision=precision, ann=ann, ann_dtype=ann_dtype)
     hits = library.search(query or [], images=[str(i) for i in image or []], negatives=negative or [],
                           top_k=top_k, threshold=threshold)  # fmt: skip
     render(hits, as_json, results)
@@ -80,9 +82,11 @@ def similar(
     results: ResultsOpt = None,
     db: DbOpt = None,
     model: LibraryModelOpt = None,
+    ann: AnnOpt = "auto",
+    ann_dtype: AnnDtypeOpt = "f16",
 ) -> None:
     """List the photos most like one photo: near-duplicates first, then visually similar ones."""
-    hits = open_library(db, model).similar(path, top_k=top_k, threshold=threshold)
+    hits = open_library(db, model, ann=ann, ann_dtype=ann_dtype).similar(path, top_k=top_k, threshold=threshold)
     render(hits, as_json, results)
 
 
