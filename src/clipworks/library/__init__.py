@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from clipworks.errors import UsageError
 from clipworks.library.indexer import IndexReport, model_identity
 from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine, parse_query
 from clipworks.library.store import SCHEMA_VERSION, ModelRow, Store
+
+if TYPE_CHECKING:
+    from clipworks.library.interchange import ExportReport
 
 __all__ = ["SCHEMA_VERSION", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "parse_query"]
 
@@ -294,7 +297,8 @@ class Library:
             self.path, store.version, roots, files, out_of_search - excluded, excluded, errors, models
         )
 
-    def export(self, out: str | Path, fmt: str | None = None) -> tuple[int, list[Path]]:
+    def export(self, out: str | Path, fmt: str | None = None) -> ExportReport:
+        """Write this model's vectors to an interchange file: an ``ExportReport``."""
         from clipworks.library.interchange import export_vectors
 
         return export_vectors(self.store, self.model_row, out, fmt)
