@@ -26,6 +26,7 @@ CLIPITEMS_SCHEMA = (
 ROBOT_COLUMNS = frozenset({"id", "timestamp", "type", "name", "text", "url", "feature", "extra"})
 # clip_manage's cosine_similarity reads 512 floats of every image row, whatever the row holds.
 ROBOT_DIM = 512
+KEEP_ROBOT_DB = "it is left as it was; export to a new .db file or to the robot's own clip.db"
 
 
 @dataclass
@@ -107,9 +108,6 @@ def write_clipitems(out: Path, paths: list[str], matrix: np.ndarray) -> ExportRe
     except sqlite3.Error as e:
         raise ClipworksError(f"cannot write {out} ({e}); nothing was written") from e
     return ExportReport(added, [out])
-
-
-KEEP_ROBOT_DB = "it is left as it was; export to a new .db file or to the robot's own clip.db"
 
 
 def check_robot_table(path: Path) -> None:
