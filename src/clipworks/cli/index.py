@@ -155,9 +155,13 @@ def export_(
     db: DbOpt = None,
     model: LibraryModelOpt = None,
 ) -> None:
-    """Write the vectors of every present photo to an interchange file."""
-    count, written = open_library(db, model).export(output, fmt)
-    info(f"exported {count} vectors to " + ", ".join(str(p) for p in written))
+    """Write the vectors of every present photo to an interchange file. An existing ClipItems database (the
+    robot's clip.db) keeps its rows and gets those of the photos it lacks, as the robot's storage mode adds them."""
+    report = open_library(db, model).export(output, fmt)
+    if report.merged:
+        info(f"{output}: added {report.count}, skipped {report.skipped} already present")
+    else:
+        info(f"exported {report.count} vectors to " + ", ".join(str(p) for p in report.written))
 
 
 @app.command("import")

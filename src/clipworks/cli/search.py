@@ -26,7 +26,11 @@ ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Leave o
 JsonOpt = Annotated[bool, typer.Option("--json", help='Print [{"path": ..., "score": ...}, ...].')]
 ResultsOpt = Annotated[
     Path | None,
-    typer.Option("--results", help="Empty this folder and fill it with links 0.jpg, 1.png, ... to the hits in order."),
+    typer.Option(
+        "--results",
+        help="Empty this folder and write the hits into it as 0.jpg, 1.jpg, ... in order, as robot CLIP's clip_manage "
+        "does: links to JPEG photos, JPEG copies of the others.",
+    ),
 ]
 
 
@@ -34,8 +38,11 @@ def render(hits: Sequence[Hit], as_json: bool, results: Path | None) -> None:
     from clipworks.library.results import write_results
 
     if results is not None:
-        write_results(results, [h.path for h in hits])
-        info(f"linked {len(hits)} photos into {results}")
+        report = write_results(results, [h.path for h in hits])
+        copies = f" ({report.converted} as JPEG copies)" if report.converted else ""
+        info(f"wrote {len(hits)} photos into {results}{copies}")
+        for path in report.undecodable:
+            info(f"warning: {quote_path(path)} cannot be decoded; its result is a link to it, as the robot makes")
     if as_json:
         print(json.dumps([{"path": h.path, "score": round(h.score, 6)} for h in hits], indent=2))
         return

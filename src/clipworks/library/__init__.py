@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from clipworks.library.ann import ANN_MIN_ROWS, AnnDtype, AnnIndex, AnnMode, che
 from clipworks.library.indexer import IndexReport, model_identity
 from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine, parse_query
 from clipworks.library.store import SCHEMA_VERSION, ModelRow, Store
+
+if TYPE_CHECKING:
+    from clipworks.library.interchange import ExportReport
 
 __all__ = ["SCHEMA_VERSION", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "parse_query"]
 
@@ -338,7 +341,8 @@ class Library:
         key = self.store.side_file_key()
         return describe_ann(cache_dir_for(self.path), key, models[0][0].id, self.ann_dtype)
 
-    def export(self, out: str | Path, fmt: str | None = None) -> tuple[int, list[Path]]:
+    def export(self, out: str | Path, fmt: str | None = None) -> ExportReport:
+        """Write this model's vectors to an interchange file: an ``ExportReport``."""
         from clipworks.library.interchange import export_vectors
 
         return export_vectors(self.store, self.model_row, out, fmt)
