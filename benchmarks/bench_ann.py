@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from clipworks.library import ann
 from common import WORK, machine
 
 DIM = 512
@@ -73,8 +74,6 @@ def rss_mb() -> float:
 def build_faiss(matrix: np.memmap, dtype: str):  # type: ignore[no-untyped-def]
     import faiss
 
-    from clipworks.library import ann
-
     graph = ann._new_graph(DIM, dtype, np.asarray(matrix[:: max(1, len(matrix) // 100_000)], np.float32))
     ann._add(graph, matrix)
     return graph, lambda q, k: graph.search(q.reshape(1, -1), k)[1][0], faiss.serialize_index(graph).nbytes
@@ -82,8 +81,6 @@ def build_faiss(matrix: np.memmap, dtype: str):  # type: ignore[no-untyped-def]
 
 def build_usearch(matrix: np.memmap, dtype: str):  # type: ignore[no-untyped-def]
     from usearch.index import Index
-
-    from clipworks.library import ann
 
     graph = Index(ndim=DIM, metric="ip", dtype=dtype, connectivity=ann.CONNECTIVITY,
                   expansion_add=ann.EXPANSION_ADD, expansion_search=ann.EXPANSION_SEARCH)  # fmt: skip
@@ -102,7 +99,7 @@ def run(engine: str, matrix: np.memmap, qs: np.ndarray, truth: np.ndarray, dtype
     latencies, found = [], 0
     for q, want in zip(qs, truth, strict=True):
         t = time.perf_counter()
-        candidates = search(q, 10 * oversample)
+        candidates = search(q, max(10 * oversample, ann.MIN_CANDIDATES))
         # Exact re-ranking of the candidates from the full-precision matrix, as the library does.
         candidates = np.sort(candidates[candidates >= 0])
         scores = np.asarray(matrix[candidates], np.float32) @ q
