@@ -58,6 +58,8 @@ class ServiceSettings:
     label_template: str = DEFAULT_TEMPLATE
     tags_cache_dir: Path | None = None
     label_cache_size: int = 256
+    # Immich's machine-learning API (``clipworks.service.immich``): None leaves its routes out.
+    immich: Any = None  # ImmichSettings
 
 
 class ModelUnavailable(ClipworksError):
@@ -157,6 +159,13 @@ class ServiceState:
         self._tags: Future[TagIndex] | None = None
         self._tags_lock = threading.Lock()
         self._labels: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self.immich: Any = None  # ImmichModels, set by create_app when settings.immich is given
+
+    def new_batcher(self, model: Any) -> Batcher:
+        """A batcher for another model, with this service's batching limits and metrics (Immich's models)."""
+        s = self.settings
+        return Batcher(lambda: model, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+                       retry_after=s.retry_after, on_batch=self._on_batch)  # fmt: skip
 
     def _on_batch(self, kind: str, size: int, seconds: float) -> None:
         if self.metrics is not None:
