@@ -287,10 +287,10 @@ def _upright(im: Image.Image, *, in_place: bool) -> Image.Image:
         return im
 
 
-def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+def _to_rgb(im: Image.Image, name: str, *, scale_wide_grey: bool = True) -> Image.Image:
     if im.mode == "RGB":
         return im
-    if im.mode in _WIDE_GREY_MODES:
+    if scale_wide_grey and im.mode in _WIDE_GREY_MODES:
         return Image.fromarray(_to_uint8(np.asarray(im), name)).convert("RGB")
     try:
         return im.convert("RGB")
@@ -532,14 +532,8 @@ def load_image_immich(source: ImageSource, *, max_pixels: int | None = None) -> 
 
 
 def _plain_rgb(im: Image.Image, name: str) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    try:
-        return im.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise BadImage(
-            f"{name}: cannot convert colour mode {im.mode} to RGB ({_one_line(e)}); save it as RGB first"
-        ) from e
+    """Pillow's own ``convert('RGB')``, as Immich: 16-bit and float greyscale clipped at 255, not scaled."""
+    return _to_rgb(im, name, scale_wide_grey=False)
 
 
 def immich_resize_plan(width: int, height: int, side: int) -> tuple[int, int, int, int]:
