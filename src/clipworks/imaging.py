@@ -499,6 +499,7 @@ def decode(
     """Load and preprocess one image: float32 (3, height, width). Safe to call from many threads.
 
     "exact" matches open_clip; "fast" lets JPEGs decode at reduced scale first (see `load_image`).
+    With `cfg.profile` "immich" both modes decode at full size, as Immich does (`load_image_immich`).
     """
     if mode not in ("exact", "fast"):
         raise UsageError(f"decode mode {mode!r} is not 'exact' or 'fast'")

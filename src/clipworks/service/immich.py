@@ -191,12 +191,13 @@ class ImmichModels:
                 held.in_use += 1
                 held.pinned = held.pinned or pinned
                 return held
+        source = model_source(name, self.settings.cache_folder)  # unknown names stop here, holding nothing
+        with self._lock:
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:  # one load per model however many requests wait for it
             with self._lock:
                 held = self._held.get(key)
             if held is None:
-                source = model_source(name, self.settings.cache_folder)
                 t0 = time.perf_counter()
                 model = self._load(source)
                 log.info("Immich model %s loaded from %s in %.1f s", key, source, time.perf_counter() - t0)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +21,9 @@ from clipworks.errors import ClipworksError, ModelNotFound
 from clipworks.service.batcher import Batcher
 from clipworks.service.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, decode_base64, decode_pixels
 from clipworks.zeroshot import DEFAULT_TEMPLATE, TAG_TEMPLATE, TagIndex, vocabulary
+
+if TYPE_CHECKING:
+    from clipworks.service.immich import ImmichModels, ImmichSettings
 
 log = logging.getLogger("clipworks.service")
 
@@ -59,7 +62,7 @@ class ServiceSettings:
     tags_cache_dir: Path | None = None
     label_cache_size: int = 256
     # Immich's machine-learning API (``clipworks.service.immich``): None leaves its routes out.
-    immich: Any = None  # ImmichSettings
+    immich: ImmichSettings | None = None
 
 
 class ModelUnavailable(ClipworksError):
@@ -159,7 +162,7 @@ class ServiceState:
         self._tags: Future[TagIndex] | None = None
         self._tags_lock = threading.Lock()
         self._labels: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
-        self.immich: Any = None  # ImmichModels, set by create_app when settings.immich is given
+        self.immich: ImmichModels | None = None  # set by create_app when settings.immich is given
 
     def new_batcher(self, model: Any) -> Batcher:
         """A batcher for another model, with this service's batching limits and metrics (Immich's models)."""
