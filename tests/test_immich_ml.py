@@ -8,10 +8,14 @@ int32 token ids, as Immich's exporter writes them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -416,3 +420,36 @@ def _encoded_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_serve_immich_command_preloads_from_immichs_environment(cache_folder: Path, tmp_path: Path) -> None:
+    """`clipworks serve --immich` as an Immich user starts it: no --model, Immich's variables, offline."""
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(clipworks.__file__).parents[1]), "CLIPWORKS_HOME": str(tmp_path),
+           "HF_HOME": str(tmp_path / "hf"), "CLIPWORKS_OFFLINE": "1",
+           "MACHINE_LEARNING_CACHE_FOLDER": str(cache_folder), "MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": MODEL,
+           "MACHINE_LEARNING_MODEL_TTL": "0"}  # fmt: skip
+    command = [sys.executable, "-m", "clipworks.cli.main", "serve", "--immich", "--port", str(port)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).text == "pong":
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        form = immich_form(visual(), image=IMMICH_CASES["tiny 3x1"]())
+        response = httpx.post(f"http://127.0.0.1:{port}/predict", **form, timeout=60)
+        assert response.status_code == 200, response.text
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert f"Immich model {MODEL} loaded" in output or "Immich's machine-learning API" in output, output
+
+    env["MACHINE_LEARNING_PRELOAD__CLIP__VISUAL"] = "ViT-Q-99__nobody"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Unknown CLIP model 'ViT-Q-99__nobody'" in done.stderr and "Traceback" not in done.stderr, done.stderr
