@@ -554,7 +554,9 @@ def preprocess_immich(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """Immich's `OpenClipVisualEncoder.transform` for an RGB image: float32 (3, side, side).
 
     Immich crops a square of the config's first size (its `size[0]`) and always resizes bicubic, whatever the
-    config's interpolation. Its pixels are reproduced exactly; memory stays bounded on extreme aspect ratios
+    config's interpolation and resize_mode (immich_ml/models/clip/visual.py at 8ed3884; a later revision in
+    Immich's history honours resize_mode "squash" and the interpolation, which differs for SigLIP configs).
+    Its pixels are reproduced exactly; memory stays bounded on extreme aspect ratios
     as in `preprocess` (beyond `EXACT_RESIZE_LIMIT`, where Immich itself would allocate gigabytes).
     """
     side = cfg.size[0]
