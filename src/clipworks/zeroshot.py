@@ -41,6 +41,7 @@ __all__ = [
     "TagIndex",
     "TagScore",
     "apply_template",
+    "category_labels",
     "classify",
     "classify_embeddings",
     "load_categories",
@@ -235,6 +236,11 @@ def load_categories(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     return parse_categories(data, str(p))
 
 
+def category_labels(categories: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every category's labels in order, each once (the same label may sit in two categories)."""
+    return list(dict.fromkeys(label for labels in categories.values() for label in labels))
+
+
 @dataclass
 class CategorySet:
     """Categories of mutually exclusive labels over one bank holding every category's labels in order."""
@@ -252,9 +258,7 @@ class CategorySet:
         encode: Encode | None = None,
     ) -> CategorySet:
         cats = parse_categories(dict(categories))
-        # The same label may sit in two categories; the bank holds each label once.
-        flat = list(dict.fromkeys(label for labels in cats.values() for label in labels))
-        return cls(cats, LabelBank.build(model, flat, [template], encode=encode))
+        return cls(cats, LabelBank.build(model, category_labels(cats), [template], encode=encode))
 
     def evaluate(self, image_emb: np.ndarray) -> list[dict[str, CategoryResult]]:
         """Per image, per category: the family's probabilities over its labels at the family's shared scale
