@@ -144,8 +144,7 @@ class BiasedSigmoid(ClipFamily):
         return ops.sigmoid(logit_scale * np.asarray(cosines, np.float64) + logit_bias)
 
 
-def _bundle_with(tmp_path, vit_bundle, **meta):
-    root = tmp_path / "bundle"
+def _bundle_with(root, vit_bundle, **meta):
     shutil.copytree(vit_bundle, root)
     data = json.loads((root / "clipworks.json").read_text())
     data.update(meta)
@@ -153,12 +152,13 @@ def _bundle_with(tmp_path, vit_bundle, **meta):
     return root
 
 
-@pytest.fixture(params=["clip at scale 10", "biased sigmoid"])
-def scored_model(request, tmp_path, vit_bundle):
+@pytest.fixture(scope="module", params=["clip at scale 10", "biased sigmoid"])
+def scored_model(request, tmp_path_factory, vit_bundle):
     """A model whose bundle scale (10) is not CLIP's 100, with CLIP's family or a sigmoid one."""
+    root = tmp_path_factory.mktemp("scored") / "bundle"
     if request.param == "clip at scale 10":
-        return clipworks.load(_bundle_with(tmp_path, vit_bundle, logit_scale=10.0))
-    model = clipworks.load(_bundle_with(tmp_path, vit_bundle, logit_scale=10.0, logit_bias=-2.0))
+        return clipworks.load(_bundle_with(root, vit_bundle, logit_scale=10.0))
+    model = clipworks.load(_bundle_with(root, vit_bundle, logit_scale=10.0, logit_bias=-2.0))
     model.family = BiasedSigmoid()
     return model
 
