@@ -23,9 +23,10 @@ import numpy as np
 
 from clipworks.errors import UsageError, status
 from clipworks.library.ann import ANN_MIN_ROWS, AnnDtype, AnnIndex, AnnMode, check_ann_options, sync_ann, wants_ann
-from clipworks.library.indexer import IndexReport, model_identity
-from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine, parse_query
+from clipworks.library.indexer import IndexReport
+from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine_terms, parse_query, query_texts
 from clipworks.library.store import SCHEMA_VERSION, ModelRow, Store
+from clipworks.models.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from clipworks.library.interchange import ExportReport
@@ -130,7 +131,7 @@ class Library:
         bundle re-exported there with other weights makes vectors that cannot be compared with these."""
         row = self.model_row
         clip = load(row.source, **self._load_opts)
-        if model_identity(clip) != (row.name, row.fingerprint) or clip.embed_dim != row.dim:
+        if model_fingerprint(clip).vectors != (row.name, row.fingerprint) or clip.embed_dim != row.dim:
             raise UsageError(
                 f"{row.source} now holds {clip.name} ({clip.embed_dim}-d), not the {row.name} ({row.dim}-d) whose "
                 f"vectors {self.path} holds: pass --model with that model, or index again with --model {row.source}"
@@ -154,8 +155,8 @@ class Library:
                 raise UsageError(f"the library {self.path} is empty: run `clipworks index add DIR` first")
             names = ", ".join(m.name for m in models)
             raise UsageError(f"{self.path} holds vectors of several models ({names}); pick one with --model")
-        name, fingerprint = model_identity(self.clip)
-        found = self.store.find_model(name, fingerprint)
+        name, weights = model_fingerprint(self.clip).vectors
+        found = self.store.find_model(name, weights)
         if found is None:
             # The same name can come from other weights (a bundle exported again): say so with the dimension.
             have = ", ".join(f"{m.name} ({m.dim}-d{', other weights' if m.name == name else ''})" for m in models)
@@ -214,20 +215,14 @@ class Library:
 
     def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
         """Encode and combine query terms (stored vectors are reused for photos already in the library)."""
-        texts = [t for t in terms if t.kind == "text"]
-        vectors: list[np.ndarray] = []
-        weights: list[float] = []
+        texts = query_texts(terms)
+        text_vectors = None
         if texts:
             clip = self.clip
             with self._lock:
                 clip.textual, clip.tokenizer  # noqa: B018 -- build the lazy sessions once, not in two threads
-            vectors += list(clip.encode_texts([t.value for t in texts]))
-            weights += [t.weight for t in texts]
-        for term in terms:
-            if term.kind == "image":
-                vectors.append(self.image_vector(term.value))
-                weights.append(term.weight)
-        return combine(np.stack(vectors), weights)
+            text_vectors = clip.encode_texts(texts)
+        return combine_terms(terms, text_vectors, self.image_vector)
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
