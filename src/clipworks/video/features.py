@@ -27,11 +27,12 @@ class VideoFeatures:
     """What video_features returns for one video: raw embeddings, the fps and each frame's time."""
 
     path: Path
-    embeddings: np.ndarray  # (T, D) float32, not normalised
+    embeddings: np.ndarray  # (T, D) float32: raw encode_image output, unless unit_vectors
     timestamps_ms: np.ndarray  # (T,) float64
     fps: float
     seconds: float = 0.0
     expected_frames: int | None = None  # what the container's header promises for this sampling
+    unit_vectors: bool = False  # the model's graph normalises (Immich's layout): raw output is not to be had
 
     @property
     def frames_per_s(self) -> float:
@@ -109,5 +110,6 @@ def extract_features(
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.embed_dim), np.float32)
     stamps = np.concatenate(times).astype(np.float64) if times else np.zeros((0,), np.float64)
     return VideoFeatures(
-        Path(path), embeddings, stamps, sampling.fps, time.perf_counter() - start, sampling.expected_frames(info)
-    )
+        Path(path), embeddings, stamps, sampling.fps, time.perf_counter() - start, sampling.expected_frames(info),
+        unit_vectors=model.bundle.meta.normalized,
+    )  # fmt: skip
