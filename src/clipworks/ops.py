@@ -15,8 +15,10 @@ NORM_EPSILON = 1e-12
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Unit rows (or vectors along ``axis``); all-zero rows stay zero instead of becoming NaN."""
-    x = np.asarray(x, dtype=np.float32)
+    """Unit rows (or vectors along ``axis``) in the input's float precision; all-zero rows stay zero, not NaN."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
     norms = np.linalg.norm(x, axis=axis, keepdims=True)
     return x / np.maximum(norms, NORM_EPSILON)
 

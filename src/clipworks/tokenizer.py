@@ -86,6 +86,7 @@ class ClipTokenizer:
         self._split = pre_tokenizers.Split(Regex(_WORDS), behavior="removed", invert=True)
         self._bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         self.context_length = context_length
+        self.pad_id = 0  # open_clip pads with 0; rows are cut to the longest prompt, so it is rarely sent
         self.sot_id: int = sot
         self.eot_id: int = eot
 

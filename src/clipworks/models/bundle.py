@@ -35,6 +35,10 @@ class BundleMeta:
     model: str = "unknown"
     pretrained: str = "unknown"
     logit_scale: float = 100.0
+    # SigLIP's learned sigmoid bias; None for softmax families (CLIP).
+    logit_bias: float | None = None
+    # The runtime family (``clipworks.models.family``); None: recognised from config.json (Immich's bundles).
+    family: str | None = None
     # Immich graphs L2-normalise inside the graph; ours return raw encode_image/encode_text output.
     normalized: bool = True
     opset: int | None = None

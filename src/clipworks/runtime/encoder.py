@@ -17,14 +17,11 @@ import numpy as np
 
 from clipworks.errors import BadBundle
 from clipworks.models.bundle import Bundle
+from clipworks.models.family import Family, TextTokenizer, family_for
+from clipworks.ops import l2_normalize
 from clipworks.runtime.sessions import GPU_PROVIDERS, OrtSession, available_providers
 
 PreprocessMode = Literal["exact", "fast"]
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def resolve_precision(bundle: Bundle, precision: str, device: str) -> str:
@@ -48,12 +45,18 @@ class ClipModel:
         precision: str = "auto",
         threads: int | None = None,
         preprocess: PreprocessMode = "exact",
+        profile: str = "open_clip",
     ) -> None:
+        """``profile``: whose pixels and token ids to reproduce, "open_clip" or "immich" (``clipworks.profiles``)."""
+        from clipworks.profiles import get_profile
+
         self.bundle = bundle
         self.device = device
         self.precision = resolve_precision(bundle, precision, device)
         self.threads = threads
         self.preprocess_mode: PreprocessMode = preprocess
+        self.family: Family = family_for(bundle)
+        self.profile = get_profile(profile)
         bundle.graph("visual", self.precision)  # fail now, with the bundle's precisions, not at first use
 
     # -- facts -------------------------------------------------------------------------------------
@@ -69,11 +72,17 @@ class ClipModel:
     def logit_scale(self) -> float:
         return float(self.bundle.meta.logit_scale)
 
+    @property
+    def logit_bias(self) -> float | None:
+        return self.bundle.meta.logit_bias
+
     @cached_property
     def preprocess_cfg(self) -> Any:
+        from dataclasses import replace
+
         from clipworks.imaging import PreprocessConfig
 
-        return PreprocessConfig.from_dict(self.bundle.preprocess_cfg)
+        return replace(PreprocessConfig.from_dict(self.bundle.preprocess_cfg), profile=self.profile.name)
 
     # -- sessions (lazy) ---------------------------------------------------------------------------
     @cached_property
@@ -88,10 +97,8 @@ class ClipModel:
         return OrtSession(self.bundle.graph("textual", precision), self.device, self.threads)
 
     @cached_property
-    def tokenizer(self) -> Any:
-        from clipworks.tokenizer import ClipTokenizer
-
-        return ClipTokenizer.from_dir(self.bundle.textual_dir, self.bundle.context_length)
+    def tokenizer(self) -> TextTokenizer:
+        return self.profile.tokenizer(self.bundle, self.family)
 
     @property
     def providers(self) -> list[str]:
@@ -112,6 +119,11 @@ class ClipModel:
         if normalize and not self.bundle.meta.normalized:
             return l2_normalize(out)
         return out
+
+    def probabilities(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+        """Probabilities ``(images, texts)`` from unit embeddings, as this model's family defines them."""
+        cosines = np.atleast_2d(image_emb) @ np.atleast_2d(text_emb).T
+        return self.family.probabilities(cosines, self.logit_scale, self.logit_bias)
 
     # -- public encoders ---------------------------------------------------------------------------
     def preprocess(self, image: Any, mode: PreprocessMode | None = None) -> np.ndarray:
@@ -160,14 +172,17 @@ class ClipModel:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
-        static_length = self._static_text_length()
+        # Families whose towers see the whole row (SigLIP) get full rows; CLIP's are cut to the longest.
+        trims = self.family.trims_text_padding and self.profile.trims_text_padding
+        full_rows = None if trims else self.bundle.context_length
+        fixed_length = self._static_text_length() or full_rows
         tokens = self.tokenizer.encode(texts, pad_to=self.bundle.context_length)
-        lengths = (tokens != 0).sum(axis=1)
+        lengths = (tokens != self.tokenizer.pad_id).sum(axis=1)
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), self.embed_dim), np.float32)
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            width = static_length or int(lengths[idx].max())
+            width = fixed_length or int(lengths[idx].max())
             out[idx] = self.embed_token_batch(tokens[idx, :width], normalize)
         return out
 
@@ -209,9 +224,15 @@ def load(
     threads: int | None = None,
     preprocess: PreprocessMode = "exact",
     download: bool = True,
+    profile: str = "open_clip",
 ) -> ClipModel:
-    """Load a model by registry name (pulled on first use unless ``download=False``) or bundle path."""
+    """Load a model by registry name (pulled on first use unless ``download=False``) or bundle path.
+
+    ``profile="immich"``: vectors as Immich's machine-learning service computes them (``clipworks.profiles``).
+    """
     from clipworks.models.store import ensure_bundle
 
     bundle = ensure_bundle(name_or_path, download=download)
-    return ClipModel(bundle, device=device, precision=precision, threads=threads, preprocess=preprocess)
+    return ClipModel(
+        bundle, device=device, precision=precision, threads=threads, preprocess=preprocess, profile=profile
+    )

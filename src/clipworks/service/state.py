@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +21,9 @@ from clipworks.errors import ClipworksError, ModelNotFound
 from clipworks.service.batcher import Batcher
 from clipworks.service.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, decode_base64, decode_pixels
 from clipworks.zeroshot import DEFAULT_TEMPLATE, TAG_TEMPLATE, TagIndex, vocabulary
+
+if TYPE_CHECKING:
+    from clipworks.service.immich import ImmichModels, ImmichSettings
 
 log = logging.getLogger("clipworks.service")
 
@@ -58,6 +61,8 @@ class ServiceSettings:
     label_template: str = DEFAULT_TEMPLATE
     tags_cache_dir: Path | None = None
     label_cache_size: int = 256
+    # Immich's machine-learning API (``clipworks.service.immich``): None leaves its routes out.
+    immich: ImmichSettings | None = None
 
 
 class ModelUnavailable(ClipworksError):
@@ -157,6 +162,13 @@ class ServiceState:
         self._tags: Future[TagIndex] | None = None
         self._tags_lock = threading.Lock()
         self._labels: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self.immich: ImmichModels | None = None  # set by create_app when settings.immich is given
+
+    def new_batcher(self, model: Any) -> Batcher:
+        """A batcher for another model, with this service's batching limits and metrics (Immich's models)."""
+        s = self.settings
+        return Batcher(lambda: model, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+                       retry_after=s.retry_after, on_batch=self._on_batch)  # fmt: skip
 
     def _on_batch(self, kind: str, size: int, seconds: float) -> None:
         if self.metrics is not None:

@@ -6,7 +6,8 @@ from importlib import resources
 
 import numpy as np
 
-from clipworks.runtime.encoder import ClipModel, l2_normalize
+from clipworks.ops import l2_normalize
+from clipworks.runtime.encoder import ClipModel
 from clipworks.zeroshot import format_prediction_table, softmax
 
 TOP_K = 5

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipworks.runtime.encoder import l2_normalize
+from clipworks.ops import l2_normalize
 from clipworks.video.features import VideoFeatures
 
 
