@@ -83,7 +83,7 @@ def _build(
     check_images: Sequence[Path] | None,
     log: Callable[[str], None],
 ) -> ExportReport:
-    from clipworks.tokenizer import write_tokenizer_files
+    from clipworks.export.tokenizer_files import write_tokenizer_files
 
     size = tuple(src.preprocess_cfg["size"])
     context_length = int(src.model_config["text_cfg"]["context_length"])
@@ -172,10 +172,10 @@ def _torch_outputs(src: SourceModel, inputs: _CheckInputs) -> dict[str, np.ndarr
 
 
 def _onnx_outputs(work: Path, precision: str, inputs: _CheckInputs) -> dict[str, np.ndarray]:
-    from clipworks.runtime.sessions import OrtSession
+    from clipworks.runtime.sessions import CpuBackend, OrtSession
 
-    visual = OrtSession(work / graph_relpath("visual", precision), device="cpu")
-    textual = OrtSession(work / graph_relpath("textual", precision), device="cpu")
+    visual = OrtSession(work / graph_relpath("visual", precision), CpuBackend())
+    textual = OrtSession(work / graph_relpath("textual", precision), CpuBackend())
     return {"visual": visual.run(inputs.images), "textual": textual.run(inputs.onnx_tokens)}
 
 

@@ -190,10 +190,7 @@ class Library:
         vectors: list[np.ndarray] = []
         weights: list[float] = []
         if texts:
-            clip = self.clip
-            with self._lock:
-                clip.textual, clip.tokenizer  # noqa: B018 -- build the lazy sessions once, not in two threads
-            vectors += list(clip.encode_texts([t.value for t in texts]))
+            vectors += list(self.clip.encode_texts([t.value for t in texts]))
             weights += [t.weight for t in texts]
         for term in terms:
             if term.kind == "image":
