@@ -587,7 +587,12 @@ def test_prefixed_names_take_their_bundle_from_that_source(
     assert clipworks.load(f"local-dir:{vit_bundle}", device="cpu").encode_texts(["a cat"]).shape == (1, 32)
 
 
-def test_a_prefixed_hub_name_is_downloaded_when_allowed(hub: FakeHub, home: Path) -> None:
+def test_a_prefixed_hub_name_is_pulled_and_then_found_offline(
+    hub: FakeHub, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "pull", f"hf-hub:{REPO}"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == _snapshot(hub.main)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert ensure_bundle(f"hf-hub:{REPO}").root == _snapshot(hub.main)
 
 

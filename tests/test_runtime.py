@@ -301,24 +301,24 @@ def test_a_new_backend_is_one_class(vit_bundle: Path) -> None:
     """What docs/ENGINE.md shows: a subclass, registered, is a device choice with its own options."""
 
     @register_backend
-    class SingleThreadCpu(CpuBackend):
-        name = "cpu-single"
+    class QuietCpu(CpuBackend):
+        name = "cpu-quiet"
         rank = 99
 
         def session_config(self) -> dict[str, str]:
             return {**super().session_config(), "session.intra_op.allow_spinning": "0"}
 
     try:
-        assert "cpu-single" in device_names() and device_names()[-2:] == ["cpu-single", "cpu"]
-        assert isinstance(open_backend("cpu-single"), SingleThreadCpu)
-        model = ClipModel(load_bundle(vit_bundle), device="cpu-single")
+        assert "cpu-quiet" in device_names() and device_names()[-2:] == ["cpu-quiet", "cpu"]
+        assert isinstance(open_backend("cpu-quiet"), QuietCpu)
+        model = ClipModel(load_bundle(vit_bundle), device="cpu-quiet")
         applied = model.visual.applied_options()
-        assert applied["backend"] == "cpu-single" and applied["providers"] == ["CPUExecutionProvider"]
+        assert applied["backend"] == "cpu-quiet" and applied["providers"] == ["CPUExecutionProvider"]
         assert applied["session_config"] == {"session.intra_op.allow_spinning": "0"}
         session = OrtSession(model.bundle.graph("visual", "fp32"), CpuBackend())
         np.testing.assert_allclose(model.visual.run(np.zeros((1, 3, 64, 64))), session.run(np.zeros((1, 3, 64, 64))))
     finally:
-        del BACKENDS["cpu-single"]
+        del BACKENDS["cpu-quiet"]
 
 
 def test_a_bad_image_names_itself(vit_bundle: Path, tmp_path: Path) -> None:

@@ -12,15 +12,11 @@ from pathlib import Path
 from clipworks.errors import status
 from clipworks.models.bundle import is_bundle_dir
 from clipworks.models.registry import parse_model_name
-from clipworks.models.sources import export_available
 
 
 class ExportSource:
     name = "export"
     prefix = None  # registry names only: an export needs an architecture and a tag
-
-    def available(self) -> bool:
-        return export_available()
 
     def find(self, target: str) -> Path | None:
         cached = parse_model_name(target).cache_path()

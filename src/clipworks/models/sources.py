@@ -28,10 +28,6 @@ class BundleSource(Protocol):
     name: ClassVar[str]
     prefix: ClassVar[str | None]  # "hf-hub" accepts "hf-hub:TARGET" wherever a model name goes; None: no prefix
 
-    def available(self) -> bool:
-        """Whether this install can use the source at all (the export source needs torch and open_clip)."""
-        ...
-
     def find(self, target: str) -> Path | None:
         """The bundle folder of ``target`` already on this machine, else None."""
         ...
@@ -100,9 +96,6 @@ class HubSource:
     name = "hub"
     prefix = "hf-hub"
 
-    def available(self) -> bool:
-        return True
-
     def find(self, target: str) -> Path | None:
         return cached_snapshot(target)
 
@@ -119,9 +112,6 @@ class LocalDirSource:
 
     name = "local-dir"
     prefix = "local-dir"
-
-    def available(self) -> bool:
-        return True
 
     def find(self, target: str) -> Path | None:
         """The folder; ``ModelNotFound`` when there is none, since nothing can fetch it."""

@@ -45,23 +45,32 @@ def _not_downloaded(ref: ModelRef) -> ModelNotFound:
     )
 
 
-def _from_source(source: BundleSource, target: str, *, offline: bool) -> Path:
-    """``target`` of one named source: on disk already, else fetched unless downloads are off."""
-    try:
-        local = source.find(target)
-    except BadBundle:
-        if offline:
-            raise
-        local = None  # a partial hub snapshot: fetching completes it
-    if local is not None:
-        return local
+def _from_source(
+    source: BundleSource,
+    target: str,
+    *,
+    offline: bool,
+    force: bool = False,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+    log: Callable[[str], None] = status,
+) -> Path:
+    """``target`` of one named source: on disk already (unless ``force``), else fetched unless downloads are off."""
+    if not force:
+        try:
+            local = source.find(target)
+        except BadBundle:
+            if offline:
+                raise
+            local = None  # a partial hub snapshot: fetching completes it
+        if local is not None:
+            return local
     if offline:
         raise ModelNotFound(
             f"{source.prefix}:{target} is not on this machine and downloads are off; fetch it with network access "
             "or give the path of a bundle folder as the model",
             setting="model",
         )
-    return source.fetch(target)
+    return source.fetch(target, force=force, precisions=precisions, log=log)
 
 
 def ensure_bundle(name_or_path: str | Path | None = None, *, download: bool = True) -> Bundle:
@@ -105,11 +114,15 @@ def pull(
     log: Callable[[str], None] = status,
 ) -> Path:
     """Fetch ``ref``: export open_clip's weights when torch is here (into the clipworks cache), else download
-    Immich's bundle (into the Hugging Face cache). Returns the bundle folder."""
-    if isinstance(ref, str):
-        ref = parse_model_name(ref)
+    Immich's bundle (into the Hugging Face cache). ``hf-hub:ORG/REPO`` downloads that repository. Returns the
+    bundle folder."""
     if source not in {"auto", "hub", "export"}:
         raise UsageError(f"unknown pull source {source!r}: use auto, hub or export", setting="source")
+    if isinstance(ref, str):
+        named, target = split_prefix(ref)
+        if named is not None:
+            return _from_source(named, target, offline=settings.offline(), force=force, precisions=precisions, log=log)
+        ref = parse_model_name(ref)
     if not force:
         try:
             local = find_local(ref, source)

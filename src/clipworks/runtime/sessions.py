@@ -150,7 +150,7 @@ _BY_PROVIDER: dict[str, type[Backend]] = {}
 def register_backend(cls: type[Backend]) -> type[Backend]:
     """Make ``cls`` a ``device`` choice (and an ``auto`` candidate by its rank)."""
     BACKENDS[cls.name] = cls
-    _BY_PROVIDER[cls.provider] = cls
+    _BY_PROVIDER.setdefault(cls.provider, cls)  # a variant of a provider never changes how others fall back to it
     return cls
 
 
