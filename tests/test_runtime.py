@@ -265,6 +265,11 @@ def test_each_backend_falls_back_to_the_installed_providers_after_it(backend, in
     assert [provider for provider, _ in backend.providers(installed)] == chain
 
 
+def test_a_fallback_stays_on_the_same_gpu() -> None:
+    cuda = dict(TensorRTBackend(target="1").providers(ALL))["CUDAExecutionProvider"]
+    assert cuda["device_id"] == "1"
+
+
 @pytest.mark.parametrize(
     ("settings", "fp16", "io_binding"),
     [(RuntimeSettings(), True, True), (RuntimeSettings(fp16=False, io_binding=False), False, False)],

@@ -46,8 +46,8 @@ def default_threads() -> int:
 class RuntimeSettings:
     """How sessions run, for every backend at once; each backend reads the fields that apply to it.
 
-    ``None`` means "the backend's own default" (spelled out on each field), so the defaults stay what
-    ONNX Runtime measured fastest for the common case and a caller only names what it changes.
+    ``None`` means "the backend's own default" (spelled out on each field); the defaults are the options
+    sessions had before backends were classes, so a caller names only what it changes.
     """
 
     threads: int | None = None  # intra-op threads (CPU work of any backend); None: every core we may use
@@ -134,7 +134,9 @@ class Backend:
         chain = [(self.provider, self.provider_options())]
         for fallback in self.fallbacks:
             if fallback != self.provider and fallback in installed:
-                backend = _BY_PROVIDER[fallback](self.settings)
+                cls = _BY_PROVIDER[fallback]
+                # tensorrt:1 falls back to CUDA on the same GPU, not on GPU 0.
+                backend = cls(self.settings, self.target if cls.target_help else "")
                 chain.append((fallback, backend.provider_options()))
         return chain
 
