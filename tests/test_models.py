@@ -21,7 +21,7 @@ from clipworks.cli.main import main
 from clipworks.errors import BadBundle, DownloadError, ModelNotFound
 from clipworks.models.immich_names import OPENCLIP_BUNDLES
 from clipworks.models.registry import list_models, parse_model_name
-from clipworks.models.store import ensure_bundle, pull
+from clipworks.models.store import can_fetch, ensure_bundle, pull
 from conftest import serve_app
 
 REPO = "immich-app/ViT-B-32__openai"
@@ -585,6 +585,9 @@ def test_prefixed_names_take_their_bundle_from_that_source(
     assert ensure_bundle("hf-hub:someone/my-clip").root == snapshot
     assert ensure_bundle(f"local-dir:{vit_bundle}").root == vit_bundle
     assert clipworks.load(f"local-dir:{vit_bundle}", device="cpu").encode_texts(["a cat"]).shape == (1, 32)
+    # The CLI takes them as --model too, and a prompt file records the name as given.
+    assert main(["embed", "texts", "a cat", "-o", str(tmp_path / "t.json"), "-m", "hf-hub:someone/my-clip"]) == 0
+    assert '"hf-hub:someone/my-clip"' in (tmp_path / "t.json").read_text()
 
 
 def test_a_prefixed_hub_name_is_pulled_and_then_found_offline(
@@ -635,3 +638,31 @@ def test_models_info_shows_the_provider_and_options_the_session_uses(
     assert main(["models", "info", str(vit_bundle)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.split() == ["runtime.providers", '["CPUExecutionProvider"]'] for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("name", "fetchable"),
+    [
+        ("ViT-B/32", True),
+        ("hf-hub:someone/my-clip", True),  # a server may start with it and pull on the first request
+        ("local-dir:/models/mine", False),  # nothing can bring a missing folder
+        ("./nowhere", False),
+        ("no-such-model", False),
+    ],
+)
+def test_what_a_pull_could_bring(name: str, fetchable: bool) -> None:
+    assert can_fetch(name) is fetchable
+
+
+@pytest.mark.parametrize(
+    ("name", "starts"), [("hf-hub:someone/not-yet-pulled", True), ("local-dir:/models/none", False)]
+)
+def test_a_server_starts_with_a_hub_name_it_has_not_pulled_yet(home: Path, name: str, starts: bool) -> None:
+    from clipworks.service.state import ModelHolder, ServiceSettings
+
+    holder = ModelHolder(ServiceSettings(model=name))
+    if starts:
+        holder.check()  # the first request pulls it
+    else:
+        with pytest.raises(ModelNotFound, match="does not exist"):
+            holder.check()

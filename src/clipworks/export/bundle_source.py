@@ -17,6 +17,7 @@ from clipworks.models.registry import parse_model_name
 class ExportSource:
     name = "export"
     prefix = None  # registry names only: an export needs an architecture and a tag
+    fetches = True
 
     def find(self, target: str) -> Path | None:
         cached = parse_model_name(target).cache_path()

@@ -27,6 +27,7 @@ class BundleSource(Protocol):
 
     name: ClassVar[str]
     prefix: ClassVar[str | None]  # "hf-hub" accepts "hf-hub:TARGET" wherever a model name goes; None: no prefix
+    fetches: ClassVar[bool]  # whether fetch can bring a target that is not here (a download, an export)
 
     def find(self, target: str) -> Path | None:
         """The bundle folder of ``target`` already on this machine, else None."""
@@ -95,6 +96,7 @@ class HubSource:
 
     name = "hub"
     prefix = "hf-hub"
+    fetches = True
 
     def find(self, target: str) -> Path | None:
         return cached_snapshot(target)
@@ -112,6 +114,7 @@ class LocalDirSource:
 
     name = "local-dir"
     prefix = "local-dir"
+    fetches = False
 
     def find(self, target: str) -> Path | None:
         """The folder; ``ModelNotFound`` when there is none, since nothing can fetch it."""

@@ -45,6 +45,19 @@ def _not_downloaded(ref: ModelRef) -> ModelNotFound:
     )
 
 
+def can_fetch(name: str) -> bool:
+    """Whether a pull could bring ``name`` (a registry name, ``hf-hub:...``), as opposed to a path or a name
+    that does not exist: what a server checks before it starts without the model."""
+    source, _ = split_prefix(name)
+    if source is not None:
+        return source.fetches
+    try:
+        parse_model_name(name)
+    except ModelNotFound:
+        return False
+    return True
+
+
 def _from_source(
     source: BundleSource,
     target: str,
