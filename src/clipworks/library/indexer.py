@@ -24,6 +24,7 @@ import numpy as np
 from clipworks.errors import status
 from clipworks.library.scan import FileStat, SkippedFolder, excluded_path, file_hash, resolve_root, walk
 from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob, to_bytes
+from clipworks.models.fingerprint import model_fingerprint
 from clipworks.runtime.encoder import ClipModel
 
 
@@ -58,15 +59,9 @@ class IndexReport:
         return ", ".join(parts) + f" in {self.seconds:.1f} s"
 
 
-def model_identity(clip: ClipModel) -> tuple[str, str]:
-    """(name, fingerprint): vectors are only comparable between identical weights."""
-    meta = clip.bundle.meta
-    return clip.name, meta.source_sha256 or f"{meta.model}::{meta.pretrained}"
-
-
 def register_model(store: Store, clip: ClipModel) -> ModelRow:
-    name, fingerprint = model_identity(clip)
-    return store.ensure_model(name, fingerprint, clip.embed_dim, str(clip.bundle.root))
+    name, weights = model_fingerprint(clip).vectors
+    return store.ensure_model(name, weights, clip.embed_dim, str(clip.bundle.root))
 
 
 class _HashingModel:

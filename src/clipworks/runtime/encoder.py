@@ -49,8 +49,12 @@ class ClipModel:
         precision: str = "auto",
         threads: int | None = None,
         preprocess: PreprocessMode = "exact",
+        profile: str = "open_clip",
         runtime: RuntimeSettings | None = None,
     ) -> None:
+        """``profile``: whose pixels and token ids to reproduce, "open_clip" or "immich" (``clipworks.profiles``)."""
+        from clipworks.profiles import get_profile
+
         self.bundle = bundle
         self.device = device
         runtime = runtime or RuntimeSettings()
@@ -61,6 +65,7 @@ class ClipModel:
         self.threads = runtime.threads
         self.preprocess_mode: PreprocessMode = preprocess
         self.family: Family = family_for(bundle)
+        self.profile = get_profile(profile)
         bundle.graph("visual", self.precision)  # fail now, with the bundle's precisions, not at first use
         # Towers load on first use, once: the lock keeps two threads from building the same session twice.
         self._lock = threading.Lock()
@@ -88,7 +93,7 @@ class ClipModel:
     def preprocess_cfg(self) -> Any:
         from clipworks.imaging import PreprocessConfig
 
-        return PreprocessConfig.from_dict(self.bundle.preprocess_cfg)
+        return replace(PreprocessConfig.from_dict(self.bundle.preprocess_cfg), profile=self.profile.name)
 
     # -- towers (loaded once, on first use or by load_towers) ----------------------------------------
     def load_towers(self, *towers: Tower) -> None:
@@ -121,7 +126,7 @@ class ClipModel:
             raise BadBundle(f"{self.bundle.root} has no text encoder (textual/model.onnx); use a full bundle")
         precision = self.precision if self.precision in self.bundle.available_precisions("textual") else "fp32"
         session = OrtSession(self.bundle.graph("textual", precision), self.backend)
-        return session, self.family.tokenizer(self.bundle)
+        return session, self.profile.tokenizer(self.bundle, self.family)
 
     @property
     def visual(self) -> OrtSession:
@@ -214,7 +219,8 @@ class ClipModel:
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
         # Families whose towers see the whole row (SigLIP) get full rows; CLIP's are cut to the longest.
-        full_rows = None if self.family.trims_text_padding else self.bundle.context_length
+        trims = self.family.trims_text_padding and self.profile.trims_text_padding
+        full_rows = None if trims else self.bundle.context_length
         fixed_length = self._static_text_length() or full_rows
         tokens = self.tokenizer.encode(texts, pad_to=self.bundle.context_length)
         lengths = (tokens != self.tokenizer.pad_id).sum(axis=1)
@@ -264,13 +270,24 @@ def load(
     threads: int | None = None,
     preprocess: PreprocessMode = "exact",
     download: bool = True,
+    profile: str = "open_clip",
     runtime: RuntimeSettings | None = None,
 ) -> ClipModel:
     """Load a model by registry name (pulled on first use unless ``download=False``), ``hf-hub:ORG/REPO``,
-    ``local-dir:PATH`` or bundle path. ``runtime`` tunes the backend (threads, spinning, caches)."""
+    ``local-dir:PATH`` or bundle path.
+
+    ``profile="immich"``: vectors as Immich's machine-learning service computes them (``clipworks.profiles``).
+    ``runtime`` tunes the backend (threads, spinning, engine caches: ``RuntimeSettings``).
+    """
     from clipworks.models.store import ensure_bundle
 
     bundle = ensure_bundle(name_or_path, download=download)
     return ClipModel(
-        bundle, device=device, precision=precision, threads=threads, preprocess=preprocess, runtime=runtime
+        bundle,
+        device=device,
+        precision=precision,
+        threads=threads,
+        preprocess=preprocess,
+        profile=profile,
+        runtime=runtime,
     )
