@@ -21,7 +21,7 @@ from clipworks.cli.main import main
 from clipworks.errors import BadBundle, DownloadError, ModelNotFound
 from clipworks.models.immich_names import OPENCLIP_BUNDLES
 from clipworks.models.registry import list_models, parse_model_name
-from clipworks.models.store import ensure_bundle, pull
+from clipworks.models.store import can_fetch, ensure_bundle, pull
 from conftest import serve_app
 
 REPO = "immich-app/ViT-B-32__openai"
@@ -397,10 +397,16 @@ def test_unreachable_hub_gives_one_clear_message(home: Path, monkeypatch: pytest
     assert "\n" not in str(caught.value)
 
 
-def test_offline_missing_model_says_what_to_pull(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_missing_model_says_what_to_pull(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("CLIPWORKS_OFFLINE", "1")
-    with pytest.raises(ModelNotFound, match=r"clipworks models pull ViT-B-16::openai.*--model PATH"):
+    with pytest.raises(ModelNotFound, match=r"clipworks models pull ViT-B-16::openai.*path of a bundle folder") as e:
         ensure_bundle("ViT-B/16")
+    assert " --" not in str(e.value) and e.value.setting == "model"  # the library names no flag; the CLI does
+    (tmp_path / "a.jpg").write_bytes(b"")
+    assert main(["embed", "images", str(tmp_path / "a.jpg"), "-o", str(tmp_path / "o.npy"), "-m", "ViT-B/16"]) == 1
+    assert capsys.readouterr().err.startswith("error: --model: ViT-B-16::openai is not downloaded")
 
 
 def test_missing_path_is_not_mistaken_for_a_name(home: Path) -> None:
@@ -636,3 +642,99 @@ def test_immich_static_normalised_bundle_matches_ours(vit_bundle: Path, tmp_path
     np.testing.assert_allclose(immich.encode_texts(texts), ours.encode_texts(texts), atol=1e-5)
     images = [np.full((70, 90, 3), v, np.uint8) for v in (10, 128, 250)]
     np.testing.assert_allclose(immich.encode_images(images), ours.encode_images(images), atol=1e-5)
+
+
+# -- bundle sources: hf-hub: and local-dir: prefixes wherever a model name goes ---------------------------
+
+
+def test_prefixed_names_take_their_bundle_from_that_source(
+    home: Path, tmp_path: Path, vit_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = {f: d for f, d in _repo_files(vit_bundle, tmp_path).items() if f in RUNTIME_FILES}
+    # Any repository with an Immich-layout bundle, not only the registry's names.
+    snapshot = _prefill_hf_cache(tmp_path / "hf", "someone/my-clip", files)
+    assert ensure_bundle("hf-hub:someone/my-clip").root == snapshot
+    assert ensure_bundle(f"local-dir:{vit_bundle}").root == vit_bundle
+    assert clipworks.load(f"local-dir:{vit_bundle}", device="cpu").encode_texts(["a cat"]).shape == (1, 32)
+    # The CLI takes them as --model too, and a prompt file records the name as given.
+    assert main(["embed", "texts", "a cat", "-o", str(tmp_path / "t.json"), "-m", "hf-hub:someone/my-clip"]) == 0
+    assert '"hf-hub:someone/my-clip"' in (tmp_path / "t.json").read_text()
+
+
+def test_a_prefixed_hub_name_is_pulled_and_then_found_offline(
+    hub: FakeHub, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "pull", f"hf-hub:{REPO}"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == _snapshot(hub.main)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ensure_bundle(f"hf-hub:{REPO}").root == _snapshot(hub.main)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("local-dir:{tmp}/nowhere", r"model folder .*nowhere does not exist"),
+        ("local-dir:{tmp}/file.onnx", r"model folder .*file\.onnx is a file, not a folder"),
+        ("local-dir:", r"names no local-dir target: write local-dir:TARGET"),
+        ("hf-hub:", r"names no hf-hub target"),
+        ("hf-hub:someone/absent", r"hf-hub:someone/absent is not on this machine and downloads are off"),
+    ],
+)
+def test_bad_prefixed_names_are_refused_naming_them(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, message: str
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "file.onnx").write_bytes(b"onnx")
+    with pytest.raises(ModelNotFound, match=message) as caught:
+        ensure_bundle(name.format(tmp=tmp_path))
+    assert caught.value.setting == "model"
+
+
+def test_an_unknown_pull_source_names_the_flag(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "pull", "ViT-B/32", "--source", "ftp"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --source: unknown pull source 'ftp': use auto, hub or export"
+
+
+def test_models_info_shows_the_provider_and_options_the_session_uses(
+    vit_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "info", str(vit_bundle), "--json", "--threads", "1", "--device", "cpu"]) == 0
+    runtime = json.loads(capsys.readouterr().out)["runtime"]
+    assert runtime["backend"] == "cpu" and runtime["providers"] == ["CPUExecutionProvider"]
+    assert runtime["provider_options"] == {"CPUExecutionProvider": {}}
+    # Read back from ONNX Runtime's session, so what is shown is what runs.
+    assert runtime["intra_op_threads"] == 1 and runtime["inter_op_threads"] == 1 and runtime["cpu_arena"] is True
+    assert runtime["session_config"] == {"session.intra_op.allow_spinning": "1"}
+    assert runtime["io_binding"] is False
+    assert main(["models", "info", str(vit_bundle)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split() == ["runtime.providers", '["CPUExecutionProvider"]'] for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("name", "fetchable"),
+    [
+        ("ViT-B/32", True),
+        ("hf-hub:someone/my-clip", True),  # a server may start with it and pull on the first request
+        ("local-dir:/models/mine", False),  # nothing can bring a missing folder
+        ("./nowhere", False),
+        ("no-such-model", False),
+    ],
+)
+def test_what_a_pull_could_bring(name: str, fetchable: bool) -> None:
+    assert can_fetch(name) is fetchable
+
+
+@pytest.mark.parametrize(
+    ("name", "starts"), [("hf-hub:someone/not-yet-pulled", True), ("local-dir:/models/none", False)]
+)
+def test_a_server_starts_with_a_hub_name_it_has_not_pulled_yet(home: Path, name: str, starts: bool) -> None:
+    from clipworks.service.state import ModelHolder, ServiceSettings
+
+    holder = ModelHolder(ServiceSettings(model=name))
+    if starts:
+        holder.check()  # the first request pulls it
+    else:
+        with pytest.raises(ModelNotFound, match="does not exist"):
+            holder.check()

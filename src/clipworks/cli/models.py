@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt
 from clipworks.errors import UsageError, status
 
 app = typer.Typer(help="List, pull and inspect model bundles.", no_args_is_help=True)
@@ -133,13 +134,19 @@ def pull(
 
 @app.command()
 def info(
-    name: Annotated[str, typer.Argument(help="Model name or bundle path.")],
+    name: Annotated[str, typer.Argument(help="Model name, hf-hub:ORG/REPO, local-dir:PATH or bundle path.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Where a model lives, its dimension, precisions and export checks."""
+    """Where a model lives, its dimension, precisions and export checks, and the backend it runs on here:
+    the provider and the options ONNX Runtime reports for the image session."""
     from clipworks.models.store import ensure_bundle
+    from clipworks.runtime.encoder import ClipModel
 
     bundle = ensure_bundle(name, download=False)
+    model = ClipModel(bundle, device=device, precision=precision, threads=threads)
     data = {
         "name": bundle.name,
         "path": str(bundle.root),
@@ -153,9 +160,13 @@ def info(
         "batch": bundle.meta.batch,
         "source_sha256": bundle.meta.source_sha256,
         "checks": bundle.meta.checks,
+        "precision": model.precision,
+        "runtime": model.visual.applied_options(),
     }
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    for key, value in data.items():
-        print(f"{key:20} {json.dumps(value) if isinstance(value, dict | list) else value}")
+    runtime = data.pop("runtime")
+    rows = [*data.items(), *((f"runtime.{key}", value) for key, value in runtime.items())]
+    for key, value in rows:
+        print(f"{key:24} {json.dumps(value) if isinstance(value, dict | list) else value}")

@@ -138,7 +138,7 @@ def _write_tokenizer_files(source_tokenizer: Any, textual_dir: Path, context_len
     if is_hf_tokenizer(source_tokenizer):
         write_hf_tokenizer_files(source_tokenizer, textual_dir, context_length)
     else:
-        from clipworks.tokenizer import write_tokenizer_files
+        from clipworks.export.tokenizer_files import write_tokenizer_files
 
         write_tokenizer_files(textual_dir, context_length)
 
@@ -204,10 +204,10 @@ def _torch_outputs(src: SourceModel, inputs: _CheckInputs) -> dict[str, np.ndarr
 
 
 def _onnx_outputs(work: Path, precision: str, inputs: _CheckInputs) -> dict[str, np.ndarray]:
-    from clipworks.runtime.sessions import OrtSession
+    from clipworks.runtime.sessions import CpuBackend, OrtSession
 
-    visual = OrtSession(work / graph_relpath("visual", precision), device="cpu")
-    textual = OrtSession(work / graph_relpath("textual", precision), device="cpu")
+    visual = OrtSession(work / graph_relpath("visual", precision), CpuBackend())
+    textual = OrtSession(work / graph_relpath("textual", precision), CpuBackend())
     return {"visual": visual.run(inputs.images), "textual": textual.run(inputs.onnx_tokens)}
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from clipworks import settings
 from clipworks.errors import ModelNotFound
 from clipworks.models.immich_names import published_repo
+from clipworks.models.sources import open_clip_knows
 
 SEPARATOR = "::"
 RANDOM_TAG = "random"
@@ -245,8 +246,4 @@ def _arch_exists(arch: str) -> bool:
     """An architecture is real if our table or open_clip's configs name it (open_clip only when installed)."""
     if any(m.arch.lower() == arch.lower() for m in MODELS):
         return True
-    try:
-        import open_clip  # the export extra; absent on runtime-only installs
-    except ImportError:
-        return False
-    return arch in open_clip.list_models()
+    return open_clip_knows(arch)
