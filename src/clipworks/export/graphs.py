@@ -46,10 +46,10 @@ def supports_dynamic_text_length(model: Any) -> bool:
 def inference_model(model: Any) -> Any:
     """The model as its image tower is deployed: re-parameterised if that has train-time branches, else itself.
 
-    MobileCLIP's image towers (timm FastViT-MCi, and the MobileOne stem of its MCi ViT) train with parallel
-    conv/BN branches that fold into single convolutions for inference (timm's ``reparameterize_model``). The
-    folded graph is smaller and faster and gives the same embeddings, which the export check confirms against
-    the unfolded source model: a copy is folded, the source is left as it was.
+    The image towers of MobileCLIP-S and MobileCLIP2-S (timm's FastViT-MCi) train with parallel conv/BN branches
+    that fold into single convolutions for inference (timm's ``reparameterize_model``); MobileCLIP-B's ViT has
+    none and is exported as it is. The folded graph is smaller and faster and gives the same embeddings, which
+    the export check confirms against the unfolded source model: a copy is folded, the source is left as it was.
     """
     if not any(callable(getattr(m, "reparameterize", None)) for m in model.visual.modules()):
         return model
