@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +58,23 @@ def start_server(model: Path, precision: str, max_batch: int, port: int) -> subp
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(env_home))
     import requests
 
-    deadline = time.monotonic() + 300
+    return wait_ready(proc, lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()["loaded"])
+
+
+def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> subprocess.Popen:
+    """``proc`` once ``ready()`` is true (errors count as not yet); its stderr if it exits first."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
         try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()["loaded"]:
+            if ready():
                 return proc
         except Exception:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not start in 300 s")
+    raise RuntimeError(f"server did not start in {timeout:.0f} s")
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -94,7 +100,15 @@ def make_requests(seed: int) -> list[tuple[str, str, dict]]:
     return out
 
 
-def drive(url: str, clients: int, seconds: float) -> dict:
+def drive(
+    url: str,
+    clients: int,
+    seconds: float,
+    work: Callable[[int], list[tuple[str, str, dict]]] = make_requests,
+    body: str = "json",
+) -> dict:
+    """``clients`` threads send ``work(i)``'s (kind, path, body) requests back to back for ``seconds``;
+    ``body`` is the ``requests`` argument each body goes in ("json", or "files" for multipart)."""
     import requests
 
     stop = time.monotonic() + seconds
@@ -106,15 +120,15 @@ def drive(url: str, clients: int, seconds: float) -> dict:
 
     def client(i: int) -> None:
         session = requests.Session()
-        work = make_requests(i)
+        requests_of_client = work(i)
         barrier.wait()
         n = 0
         while time.monotonic() < stop:
-            kind, path, body = work[n % len(work)]
+            kind, path, payload = requests_of_client[n % len(requests_of_client)]
             n += 1
             t0 = time.perf_counter()
             try:
-                r = session.post(url + path, json=body, timeout=60)
+                r = session.post(url + path, timeout=60, **{body: payload})
                 ok = r.status_code == 200
             except Exception:
                 ok = False

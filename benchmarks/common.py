@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import subprocess
 from pathlib import Path
+
+from clipworks.machine import this_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".bench"
@@ -13,29 +13,8 @@ OPENCV_PHOTOS = Path("/tmp/opencv-doc/usr/share/doc/opencv-doc/examples/data")
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    # The features that decide int8/bf16 speed: print them with every figure, since ratios depend on them.
-    features = {"AVX2": "avx2", "AVX-512": "avx512f", "VNNI": "avx512_vnni", "AVX-VNNI": "avx_vnni",
-                "AMX-INT8": "amx_int8", "AMX-BF16": "amx_bf16"}  # fmt: skip
-    present = [name for name, flag in features.items() if flag in flags] or ["none of AVX2/AVX-512/VNNI/AMX"]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu} ({', '.join(present)}), {cores} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+    """The CPU (with AVX2/AVX-512/VNNI/AMX), cores and memory: printed with every figure."""
+    return this_machine().describe()
 
 
 def opencv_photos() -> list[Path]:

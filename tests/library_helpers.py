@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +56,21 @@ def file_ids(db: Path) -> dict[str, int]:
         return dict(conn.execute("SELECT path, id FROM files").fetchall())
     finally:
         conn.close()
+
+
+def library_of_dim(db: Path, paths: Sequence[str], dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A library holding ``dim``-d unit vectors for ``paths``, imported as the vectors of a ``dim``-d model
+    (``dim=512`` stands for ViT-B-32, whose vectors the robot's ClipItems holds; the tiny test bundles make
+    32-d ones). Returns path -> vector as stored (unit rows are stored bit for bit)."""
+    from clipworks.library.interchange import import_vectors
+    from clipworks.library.store import Store
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((len(paths), dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    pkl = db.with_name(db.name + ".pkl")
+    pkl.write_bytes(pickle.dumps({"img_path": list(paths), "embedding": list(vectors)}))
+    with Store(db) as store:
+        import_vectors(store, store.ensure_model(f"random-{dim}", f"random-{dim}-{seed}", dim, None), pkl)
+    pkl.unlink()
+    return dict(zip(paths, vectors, strict=True))

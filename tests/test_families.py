@@ -459,3 +459,22 @@ def test_an_unknown_recorded_family_is_a_clear_error(vit_bundle, tmp_path) -> No
 
     with pytest.raises(BadBundle, match=r"unknown model family 'siglip9'.*upgrade clipworks"):
         clipworks.load(_with_meta(vit_bundle, tmp_path / "b", family="siglip9"))
+
+
+def test_the_example_family_in_the_docs_runs(monkeypatch, siglip2_bundle, tmp_path, photos) -> None:
+    """docs/ENGINE.md's smallest family, executed as written, tokenizes and scores a bundle."""
+    import re
+
+    import clipworks
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ENGINE.md").read_text()
+    section = doc[doc.index("## Families") :]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    monkeypatch.setattr("clipworks.models.family.FAMILIES", dict(FAMILIES))
+    exec(compile(code, "docs/ENGINE.md", "exec"), {})
+    model = clipworks.load(_with_meta(siglip2_bundle, tmp_path / "b", family="temperature"), precision="fp32")
+    assert type(model.family).__name__ == "TemperatureFamily"
+    text, image = model.encode_texts(["a dog", "a cat", "fruit"]), model.encode_images(photos[:2])
+    z = 50.0 * image.astype(np.float64) @ text.T.astype(np.float64)
+    want = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(model.probabilities(image, text), want / want.sum(axis=1, keepdims=True), atol=1e-6)

@@ -785,3 +785,138 @@ def test_imaging_does_not_import_torch() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- the "immich" profile: Immich's machine-learning service's pixels ----------------------------------------
+
+
+def immich_reference_pixels(data: bytes, cfg: dict[str, Any]) -> np.ndarray:
+    """Immich's steps, written out independently with plain Pillow and numpy (immich_ml: decode_pil,
+    resize_pil, crop_pil, to_numpy, normalize, OpenClipVisualEncoder.transform): (1, 3, S, S) float32."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    size = cfg["size"][0] if isinstance(cfg["size"], list) else cfg["size"]
+    if image.width < image.height:
+        image = image.resize((size, int((image.height / image.width) * size)), resample=Image.Resampling.BICUBIC)
+    else:
+        image = image.resize((int((image.width / image.height) * size), size), resample=Image.Resampling.BICUBIC)
+    left, upper = int(image.width / 2 - size / 2), int(image.height / 2 - size / 2)
+    image = image.crop((left, upper, left + size, upper + size))
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    mean, std = np.array(cfg["mean"], dtype=np.float32), np.array(cfg["std"], dtype=np.float32)
+    array *= 1.0 / std
+    array -= mean / std
+    return np.expand_dims(array.transpose(2, 0, 1), 0)
+
+
+def _photo_like(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Smooth gradients plus noise: resampling differences show up in every pixel."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + yy) % 256], axis=-1)
+    noisy = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(noisy, "RGB")
+    if mode == "RGBA":
+        alpha = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), "L")
+        image.putalpha(alpha)
+    elif mode in ("L", "P", "CMYK"):
+        image = image.convert(mode)
+    return image
+
+
+def _encoded(image: Image.Image, fmt: str, **save: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def _exif_rotated_jpeg(width: int, height: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    return _encoded(_photo_like(width, height), "JPEG", quality=90, exif=exif.tobytes())
+
+
+IMMICH_CASES = {
+    "jpeg 1024x683": lambda: _encoded(_photo_like(1024, 683), "JPEG", quality=90),
+    "png 1000x667": lambda: _encoded(_photo_like(1000, 667), "PNG"),
+    "portrait 683x1024": lambda: _encoded(_photo_like(683, 1024, seed=1), "PNG"),
+    "exif-rotated jpeg": lambda: _exif_rotated_jpeg(301, 200),
+    "rgba png": lambda: _encoded(_photo_like(300, 211, "RGBA"), "PNG"),
+    "palette png": lambda: _encoded(_photo_like(250, 333, "P"), "PNG"),
+    "greyscale png": lambda: _encoded(_photo_like(333, 250, "L"), "PNG"),
+    "cmyk jpeg": lambda: _encoded(_photo_like(257, 190, "CMYK"), "JPEG"),
+    "square webp": lambda: _encoded(_photo_like(200, 200), "WEBP", lossless=True),
+    "tiny 3x1": lambda: _encoded(_photo_like(3, 1), "PNG"),
+}
+IMMICH_CFGS = {
+    "224 openai": {"size": [224, 224], "mean": list(clipworks.imaging.OPENAI_MEAN), "std": list(OPENAI_STD),
+                   "interpolation": "bicubic", "resize_mode": "shortest"},
+    "64 siglip-style": {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear",
+                        "resize_mode": "squash"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg_name", IMMICH_CFGS)
+@pytest.mark.parametrize("case", IMMICH_CASES)
+def test_immich_profile_gives_immichs_pixels_exactly(case: str, cfg_name: str) -> None:
+    data, raw = IMMICH_CASES[case](), IMMICH_CFGS[cfg_name]
+    cfg = dataclasses.replace(PreprocessConfig.from_dict(raw), profile="immich")
+    ours = decode(data, cfg)
+    assert ours.dtype == np.float32 and ours.shape == (3, cfg.size[0], cfg.size[0])
+    np.testing.assert_array_equal(ours, immich_reference_pixels(data, raw)[0])
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("jpeg 1024x683", "open_clip crops at round(15.5) = 16 where Immich's int() gives 15 (at 64 px)"),
+        ("png 1000x667", "the same half-pixel offset"),
+        ("exif-rotated jpeg", "open_clip turns the photo upright first"),
+        ("rgba png", "the crop offset again; alpha is dropped by both"),
+    ],
+)
+def test_immich_pixels_differ_from_open_clips_where_immich_differs(case: str, why: str) -> None:
+    data = IMMICH_CASES[case]()
+    cfg = PreprocessConfig(size=(64, 64))
+    assert not np.array_equal(decode(data, cfg), decode(data, dataclasses.replace(cfg, profile="immich"))), why
+
+
+@pytest.mark.parametrize(
+    ("size", "width", "height", "plan"),
+    [
+        (224, 1024, 683, (335, 224, 55, 0)),  # open_clip: 335 wide, crop at round(55.5) = 56
+        (224, 1000, 667, (335, 224, 55, 0)),
+        (224, 683, 1024, (224, 335, 0, 55)),
+        (224, 224, 224, (224, 224, 0, 0)),
+        (64, 3, 1, (192, 64, 64, 0)),
+    ],
+)
+def test_immich_resize_plan_truncates(size: int, width: int, height: int, plan: tuple[int, int, int, int]) -> None:
+    assert clipworks.imaging.immich_resize_plan(width, height, size) == plan
+
+
+def test_immich_profile_is_bounded_on_extreme_strips() -> None:
+    # Immich would resize 20000x2 to 2240000x224 (1.5 GB) before cropping; the profile resamples the crop only.
+    data = _encoded(_photo_like(20000, 2), "PNG")
+    cfg = PreprocessConfig(size=(224, 224), profile="immich")
+    with peak_growth_mb() as peak:
+        out = decode(data, cfg)
+    assert out.shape == (3, 224, 224) and peak() < 300
+
+
+def test_default_profile_is_open_clip_and_unknown_profiles_are_refused() -> None:
+    assert PreprocessConfig().profile == "open_clip"
+    assert "profile" not in PreprocessConfig().to_dict()  # a runtime choice, not part of preprocess_cfg.json
+    with pytest.raises(UsageError, match="profile 'immich2' is not one of open_clip, immich"):
+        PreprocessConfig(profile="immich2")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [(b"", "no data"), (b"not an image", "not an image format"), ("/nonexistent/x.jpg", "no such file")],
+)
+def test_immich_profile_refuses_bad_input_like_the_default(source: Any, message: str) -> None:
+    with pytest.raises(BadImage, match=message):
+        decode(source, PreprocessConfig(profile="immich"))

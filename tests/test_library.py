@@ -16,8 +16,8 @@ import pytest
 from clipworks.cli.main import main
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library import SCHEMA_VERSION, Library
-from clipworks.library.scan import library_extensions, walk
-from clipworks.library.search import Term, parse_query
+from clipworks.library.scan import image_extensions, walk
+from clipworks.library.search import Term, combine_terms, parse_query, query_texts
 from clipworks.library.store import Store
 from clipworks.runtime.encoder import ClipModel
 from library_helpers import file_ids, make_variants, stored_vectors
@@ -275,13 +275,13 @@ def test_scan_rules(tmp_path: Path, photos: list[Path]):
     os.symlink(root / "missing.jpg", root / "broken.jpg")
     found = sorted(os.path.relpath(s.path, root) for s in walk(str(root), ["raw/*", "skip.gif"]))
     assert found == ["UPPER.JPEG", "a/b.bmp", "a/deep/z.webp", "a/g.gif", "a/t.tiff", "a/y.Png", "x.jpg"]
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".gif"} <= library_extensions()
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".gif"} <= image_extensions()
     try:
         import pillow_heif  # noqa: F401
 
-        assert ".heic" in library_extensions()
+        assert ".heic" in image_extensions()
     except ImportError:
-        assert ".heic" not in library_extensions()
+        assert ".heic" not in image_extensions()
 
 
 def test_excludes_are_remembered_per_folder(tmp_path: Path, folder: Path, vit_bundle: Path, photos):
@@ -335,6 +335,20 @@ def test_parse_query(words, negatives, images, expected):
 def test_parse_query_refuses(words, message):
     with pytest.raises(UsageError, match=message):
         parse_query(words)
+
+
+def test_combine_terms_weights_unit_vectors_in_term_order():
+    """Library.query_vector and the gallery both combine through combine_terms: text rows in term order,
+    image vectors from the callback, each normalised, weighted, summed and normalised."""
+    terms = [Term("text", "sea"), Term("image", "p.jpg", 0.5), Term("text", "people", -1.0)]
+    assert query_texts(terms) == ["sea", "people"]
+    sea, people, photo = np.array([3.0, 0, 0, 0]), np.array([0, 0, 2.0, 0]), np.array([0, 4.0, 0, 0])
+    got = combine_terms(terms, np.stack([sea, people]), {"p.jpg": photo}.__getitem__)
+    want = np.array([1.0, 0.5, -1.0, 0])
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-6)
+    assert got.dtype == np.float32
+    with pytest.raises(UsageError, match="cancel out"):
+        combine_terms([Term("text", "a"), Term("text", "b", -1.0)], np.stack([sea, 2 * sea]), {}.__getitem__)
 
 
 def test_cli_index_search_results_similar_duplicates(tmp_path: Path, folder: Path, vit_bundle: Path, photos, capsys):

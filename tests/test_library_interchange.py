@@ -33,7 +33,8 @@ def indexed(tmp_path_factory: pytest.TempPathFactory, photos: list[Path], vit_bu
     return root / "lib.db"
 
 
-@pytest.mark.parametrize("suffix", [".pkl", ".npy", ".parquet", ".db"])
+# ClipItems (.db) holds 512-d vectors only, which the tiny bundle does not make: tests/test_robot_compat.py.
+@pytest.mark.parametrize("suffix", [".pkl", ".npy", ".parquet"])
 def test_export_import_round_trip(tmp_path: Path, indexed: Path, vit_bundle: Path, suffix: str, capsys):
     out = tmp_path / f"exported{suffix}"
     assert main(["index", "export", str(out), "--db", str(indexed)]) == 0
@@ -84,15 +85,6 @@ def test_import_robot_clipitems_database(tmp_path: Path, photos: list[Path], vit
     hits = lib.similar(photos[0], top_k=1)
     expected = max(range(1, 3), key=lambda i: float(features[0] @ features[i] / np.linalg.norm(features[i])))
     assert hits[0].path == str(photos[expected])
-
-    out = tmp_path / "back.db"
-    lib.export(out)
-    conn = sqlite3.connect(out)
-    rows = conn.execute("SELECT type, name, url, feature FROM ClipItems ORDER BY id").fetchall()
-    conn.close()
-    assert [(t, n) for t, n, _, _ in rows] == [(1, Path(u).name) for _, _, u, _ in rows]
-    for _, _, url, blob in rows:
-        np.testing.assert_array_equal(np.frombuffer(blob, np.float32), vectors[url])
 
 
 @pytest.mark.parametrize("suffix", [".pkl", ".db"])

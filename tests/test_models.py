@@ -89,9 +89,9 @@ def test_every_registry_repository_is_on_immichs_list() -> None:
         assert org == "immich-app" and name in OPENCLIP_BUNDLES, repo
 
 
-def test_records_are_open_clip_weight_sets_and_cover_immichs_clip_bundles() -> None:
+def test_records_are_open_clip_weight_sets_and_cover_immichs_bundles() -> None:
     """Each record is one of open_clip's pretrained weight sets, with its config's dimension and image size;
-    every Immich bundle whose text tower uses CLIP's BPE tokenizer (the one the runtime reads) has a record."""
+    every open_clip weight set Immich publishes a bundle of has a record, whatever its text tower."""
     import open_clip
 
     pretrained = {(a.lower(), t.lower()): (a, t) for a, t in open_clip.list_pretrained()}
@@ -101,15 +101,43 @@ def test_records_are_open_clip_weight_sets_and_cover_immichs_clip_bundles() -> N
         assert (record.embed_dim, record.image_size) == (config["embed_dim"], config["vision_cfg"]["image_size"]), (
             record.name
         )
+        assert record.context_length == config["text_cfg"].get("context_length", 77), record.name
     named = {(m.arch, m.tag) for m in list_models()}
     for immich_name in sorted(OPENCLIP_BUNDLES):
         arch, _, tag = immich_name.partition("__")
         weights = pretrained.get((arch.lower(), tag.replace("-", "_").lower()))
         if weights is None:
             continue  # not an open_clip weight set (fg-clip2-base)
-        if "hf_tokenizer_name" in open_clip.get_model_config(weights[0]).get("text_cfg", {}):
-            continue  # SentencePiece or XLM-R text towers
         assert weights in named, f"Immich publishes {immich_name} but the registry has no {weights[0]}::{weights[1]}"
+
+
+def test_the_shipped_open_clip_facts_are_the_installed_open_clips() -> None:
+    """data/open_clip_models.json is derived from open_clip, never typed: regenerate it, do not edit it."""
+    from clipworks.models.registry import OPEN_CLIP_FACTS
+    from open_clip_facts import facts
+
+    shipped = json.loads(OPEN_CLIP_FACTS.read_text())
+    expected = facts(list_models())
+    assert shipped["architectures"] == expected["architectures"], "run: PYTHONPATH=src python tests/open_clip_facts.py"
+    assert shipped["weights"] == expected["weights"], "run: PYTHONPATH=src python tests/open_clip_facts.py"
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "source", "licence"),
+    [
+        ("ViT-B-32::openai", "clip", "hf-hub:timm/vit_base_patch32_clip_224.openai", "mit"),
+        ("ViT-B-16-SigLIP2::webli", "siglip", "hf-hub:timm/ViT-B-16-SigLIP2", "apache-2.0"),
+        ("ViT-B-16-SigLIP::webli", "siglip", "hf-hub:timm/ViT-B-16-SigLIP", "apache-2.0"),
+        ("MobileCLIP-S2::datacompdr", "clip", "hf-hub:apple/MobileCLIP-S2-OpenCLIP", "apple-amlr"),
+        ("ViT-H-14-quickgelu::dfn5b", "clip", "hf-hub:apple/DFN5B-CLIP-ViT-H-14", "apple-ascl"),
+        ("nllb-clip-base-siglip::v1", "siglip", "hf-hub:visheratin/nllb-clip-base-siglip", "cc-by-nc-4.0"),
+    ],
+)
+def test_records_know_their_family_source_and_licence(name: str, family: str, source: str, licence: str) -> None:
+    record = parse_model_name(name).record
+    assert record is not None
+    assert (record.family, record.licence) == (family, licence)
+    assert record.source.startswith(source)
 
 
 def _git_blob_sha(data: bytes) -> str:
@@ -452,6 +480,50 @@ def test_models_list_shows_where_each_bundle_comes_from_and_what_is_cached(
     assert lines["ViT-B-32::openai"].endswith(str(snapshot))
     assert "immich-app/ViT-B-32__laion2b-s34b-b79k" in lines["ViT-B-32::laion2b_s34b_b79k"]
     assert lines["ViT-B-32::laion2b_s34b_b79k"].endswith("incomplete: pull again")
+
+
+def test_models_list_filters_by_family_and_by_ready_bundle(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list", "--family", "siglip", "--json"]) == 0
+    siglip = json.loads(capsys.readouterr().out)
+    names = {r["name"] for r in siglip}
+    assert {"ViT-B-16-SigLIP2::webli", "ViT-SO400M-16-SigLIP2-384::webli", "ViT-B-16-SigLIP::webli"} <= names
+    assert all(r["family"] == "siglip" for r in siglip) and "ViT-B-32::openai" not in names
+    assert main(["models", "list", "--downloadable", "--json"]) == 0
+    ready = json.loads(capsys.readouterr().out)
+    assert ready and all(r["hub_repo"] for r in ready)
+    assert {r["name"] for r in ready} == {m.name for m in list_models() if m.hf_repo}
+    assert main(["models", "list", "--family", "siglip", "--downloadable"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["name", "alias", "family"]
+    assert len(lines) - 1 == sum(1 for r in siglip if r["hub_repo"])
+    assert all(" siglip " in line and "export-only" not in line for line in lines[1:])
+
+
+def test_models_list_refuses_an_unknown_family(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list", "--family", "sigclip"]) == 2
+    err = capsys.readouterr().err
+    assert "--family 'sigclip' is not a model family; choose from clip, siglip" in err and err.count("\n") == 1
+
+
+def test_models_list_shows_cached_random_exports(
+    home: Path, vit_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`::random` bundles (and other exported tags) are in no record, but they are cached models too."""
+    models = settings.models_dir()
+    shutil.copytree(vit_bundle, models / "tiny-vit__random")
+    (models / "ViT-B-32__random" / "visual").mkdir(parents=True)  # an interrupted copy: no config.json
+    (models / ".ViT-L-14__random.partial-12").mkdir()  # an export still being written
+    assert main(["models", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    tiny = rows["tiny-vit::random"]
+    assert (tiny["family"], tiny["dim"], tiny["image_size"], tiny["hub_repo"]) == ("clip", 32, 64, None)
+    assert tiny["cached"] == str(models / "tiny-vit__random")
+    assert rows["ViT-B-32::random"]["cached"] is None and "config.json" in rows["ViT-B-32::random"]["incomplete"]
+    assert not any("partial" in name for name in rows)
+    assert main(["models", "list", "--family", "clip"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["tiny-vit::random"].endswith(str(models / "tiny-vit__random"))
+    assert "ViT-B-32::random" not in lines  # its family cannot be read, so it is no "clip"
 
 
 def _runtime_only(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

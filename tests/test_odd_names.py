@@ -24,7 +24,7 @@ from clipworks.cli.main import main
 from clipworks.display import quote_path
 from clipworks.library import Library
 from clipworks.library.store import from_bytes, to_bytes
-from library_helpers import make_variants
+from library_helpers import library_of_dim, make_variants
 
 NAMES: dict[str, bytes] = {
     "latin-1 bytes": b"caf\xe9.jpg",
@@ -177,7 +177,7 @@ def test_status_quotes_folders_and_unreadable_files(capsys: pytest.CaptureFixtur
     assert [os.fsencode(e["path"]) for e in state["errors"]] == [odd.broken]
 
 
-@pytest.mark.parametrize("suffix", [".pkl", ".npy", ".parquet", ".db"])
+@pytest.mark.parametrize("suffix", [".pkl", ".npy", ".parquet"])
 def test_export_and_import_keep_names_exact(odd: Odd, tmp_path: Path, vit_bundle: Path, suffix: str) -> None:
     out = tmp_path / f"exported{suffix}"
     assert main(["index", "export", str(out), "--db", str(odd.db)]) == 0
@@ -192,8 +192,16 @@ def test_export_and_import_keep_names_exact(odd: Odd, tmp_path: Path, vit_bundle
     assert set(imported) == odd.embedded
     for path, vector in original.items():
         np.testing.assert_array_equal(np.frombuffer(imported[path], "<f4"), np.frombuffer(vector, "<f4"))
-    if suffix == ".db":  # Horizon's node opens the url column's bytes as the file name
-        assert stored_paths(out, "SELECT url FROM ClipItems") == odd.embedded
+
+
+def test_clipitems_export_keeps_names_exact(odd: Odd, tmp_path: Path) -> None:
+    # ClipItems holds the 512-d vectors of the robot's model: a library of 512-d vectors for the same files.
+    library_of_dim(tmp_path / "lib512.db", [from_bytes(p) for p in sorted(odd.embedded)], 512)
+    out = tmp_path / "clip.db"
+    assert main(["index", "export", str(out), "--db", str(tmp_path / "lib512.db")]) == 0
+    # The robot's node opens the url column's bytes as the file name, and skips a url it holds byte for byte.
+    assert stored_paths(out, "SELECT url FROM ClipItems") == odd.embedded
+    assert stored_paths(out, "SELECT name FROM ClipItems") == {p.rsplit(b"/", 1)[1] for p in odd.embedded}
 
 
 def test_remove_a_folder_with_an_odd_name(odd: Odd, tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from clipworks import zeroshot
+from clipworks import labelbank, zeroshot
 from clipworks.cli.main import main
 from clipworks.errors import UsageError
+from clipworks.labelbank import LabelBank
 from clipworks.zeroshot import CategorySet, TagIndex
 
 
@@ -116,7 +117,7 @@ def test_cli_classify_usage_errors(capsys, vit_bundle, photos, extra, message) -
 
 def test_interrogate_caption_is_tags_over_threshold_best_first_capped() -> None:
     tags = ["red", "green", "blue", "black"]
-    index = TagIndex(tags, unit([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]))
+    index = TagIndex(LabelBank(tags, unit([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1])))
     image = unit([0.5, 0.9, 0.1, 0.0], [0.0, 0.05, 0.1, 1.0])
     first, second = index.interrogate(image, threshold=0.22, top=10)
     assert first.caption == "green, red"
@@ -128,7 +129,7 @@ def test_interrogate_caption_is_tags_over_threshold_best_first_capped() -> None:
 
 
 def test_interrogate_falls_back_to_the_single_best_tag() -> None:
-    index = TagIndex(["a", "b"], unit([1, 0], [0, 1]))
+    index = TagIndex(LabelBank(["a", "b"], unit([1, 0], [0, 1])))
     (result,) = index.interrogate(unit([0.1, 0.2]), threshold=0.99)
     assert result.caption == "b" and len(result.tags) == 1
 
@@ -143,25 +144,25 @@ def test_tag_embeddings_are_cached_on_disk_by_model_template_and_tags(model, tmp
     tags = ["dog", "cat", "oil painting"]
     first = TagIndex.build(model, tags, cache_dir=tmp_path, encode=encode)
     again = TagIndex.build(model, tags, cache_dir=tmp_path, encode=encode)
-    assert calls == [3] and not first.from_cache and again.from_cache
-    np.testing.assert_array_equal(first.embeddings, again.embeddings)
-    np.testing.assert_allclose(first.embeddings, model.encode_texts(tags), atol=1e-6)
+    assert calls == [3] and not first.bank.from_cache and again.bank.from_cache
+    np.testing.assert_array_equal(first.bank.matrix, again.bank.matrix)
+    np.testing.assert_allclose(first.bank.matrix, model.encode_texts(tags), atol=1e-6)
     # Another template or another tag list is another key; the same inputs are the same key.
     TagIndex.build(model, tags, template="a photo of {}", cache_dir=tmp_path, encode=encode)
     TagIndex.build(model, [*tags, "bird"], cache_dir=tmp_path, encode=encode)
     assert calls == [3, 3, 4]
     assert len(list(tmp_path.glob("*.npy"))) == 3
-    assert zeroshot.tag_cache_key(model, "{}", tags) == first.cache_path.stem
+    assert labelbank.cache_key(model, ["{}"], tags) == first.bank.cache_path.stem
 
 
 def test_tag_cache_rejects_a_damaged_file(model, tmp_path) -> None:
     index = TagIndex.build(model, ["dog", "cat"], cache_dir=tmp_path)
-    index.cache_path.write_bytes(b"not numpy")
+    index.bank.cache_path.write_bytes(b"not numpy")
     rebuilt = TagIndex.build(model, ["dog", "cat"], cache_dir=tmp_path)
-    assert not rebuilt.from_cache
-    np.testing.assert_allclose(rebuilt.embeddings, index.embeddings, atol=1e-6)
-    np.save(rebuilt.cache_path, np.zeros((5, 32), np.float32))  # wrong row count
-    assert not TagIndex.build(model, ["dog", "cat"], cache_dir=tmp_path).from_cache
+    assert not rebuilt.bank.from_cache
+    np.testing.assert_allclose(rebuilt.bank.matrix, index.bank.matrix, atol=1e-6)
+    np.save(rebuilt.bank.cache_path, np.zeros((5, 32), np.float32))  # wrong row count
+    assert not TagIndex.build(model, ["dog", "cat"], cache_dir=tmp_path).bank.from_cache
 
 
 def test_cache_key_follows_the_model_graph(model, vit_bundle, tmp_path) -> None:
@@ -172,7 +173,7 @@ def test_cache_key_follows_the_model_graph(model, vit_bundle, tmp_path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(vit_bundle, copy)
     other = clipworks.load(copy)
-    assert zeroshot.tag_cache_key(model, "{}", ["a"]) != zeroshot.tag_cache_key(other, "{}", ["a"])
+    assert labelbank.cache_key(model, ["{}"], ["a"]) != labelbank.cache_key(other, ["{}"], ["a"])
 
 
 def test_imagenet_vocabulary_ships() -> None:

@@ -7,6 +7,13 @@ operations as `ToTensor` + `Normalize`, so its output matches open_clip's bit fo
 
 `load_image` is the tolerant front door: paths, bytes, PIL images and numpy arrays in, an RGB image out, with
 EXIF orientation applied and every unreadable input turned into one `BadImage` naming it.
+
+A config's `profile` says whose pixels to reproduce. "open_clip" (the default) is the above. "immich" is what
+Immich's machine-learning service feeds the same graph (`immich_ml.models.transforms` and
+`OpenClipVisualEncoder.transform`): no EXIF rotation, Pillow's plain `convert('RGB')`, a bicubic resize of the
+shorter side with the longer side truncated (`int`), a crop whose offset is truncated too (open_clip rounds half
+to even: 1 pixel apart on 1024x683 or 1000x667), and float32 `x / 255 * (1 / std) - mean / std`. Vectors that go
+into an Immich database must come from Immich's pixels, or they drift from the ones Immich computed itself.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import functools
 import io
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -32,13 +39,16 @@ __all__ = [
     "decode",
     "is_image_path",
     "load_image",
+    "load_image_immich",
     "load_thumbnail",
     "preprocess",
+    "preprocess_immich",
 ]
 
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
 Interpolation = Literal["bicubic", "bilinear"]
 ResizeMode = Literal["shortest", "longest", "squash"]
+PixelProfile = Literal["open_clip", "immich"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".gif"})
 
@@ -47,6 +57,8 @@ OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 _RESIZE_MODES = ("shortest", "longest", "squash")
+# Whose preprocessing to reproduce (module docstring); clipworks.profiles names the same profiles.
+PIXEL_PROFILES: tuple[PixelProfile, ...] = ("open_clip", "immich")
 _INTERPOLATIONS = ("bicubic", "bilinear", "random")
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 # Greyscale modes with more than 8 bits; Pillow's own convert() clips them at 255 instead of scaling.
@@ -68,6 +80,8 @@ class PreprocessConfig:
     interpolation: Interpolation = "bicubic"
     resize_mode: ResizeMode = "shortest"
     fill_color: int = 0
+    # Not part of preprocess_cfg.json: chosen where the model is loaded (`ClipModel(..., profile=...)`).
+    profile: PixelProfile = "open_clip"
 
     def __post_init__(self) -> None:
         h, w = self.size
@@ -83,6 +97,8 @@ class PreprocessConfig:
             _bad_cfg(f"resize_mode {self.resize_mode!r} is not one of {', '.join(_RESIZE_MODES)}")
         if not (isinstance(self.fill_color, int) and 0 <= self.fill_color <= 255):
             _bad_cfg(f"fill_color {self.fill_color!r} must be an integer from 0 to 255")
+        if self.profile not in PIXEL_PROFILES:
+            raise UsageError(f"preprocessing profile {self.profile!r} is not one of {', '.join(PIXEL_PROFILES)}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PreprocessConfig:
@@ -195,7 +211,16 @@ def _describe(source: object) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _open(fp: str | io.BytesIO, name: str, draft_size: int | None, limit: int | None, path: str | None) -> Image.Image:
+def _open(
+    fp: str | io.BytesIO,
+    name: str,
+    draft_size: int | None,
+    limit: int | None,
+    path: str | None,
+    finish: Callable[[Image.Image, str], Image.Image] | None = None,
+) -> Image.Image:
+    """Decode one file under the pixel limit; `finish` turns the loaded image into RGB (default: upright, then
+    `_to_rgb`)."""
     try:
         with Image.open(fp) as im:
             w, h = im.size
@@ -208,8 +233,11 @@ def _open(fp: str | io.BytesIO, name: str, draft_size: int | None, limit: int | 
             if draft_size and isinstance(im, JpegImagePlugin.JpegImageFile):
                 im.draft("RGB", (draft_size, draft_size))
             im.load()
-            _upright(im, in_place=True)
-            rgb = _to_rgb(im, name)
+            if finish is None:
+                _upright(im, in_place=True)
+                rgb = _to_rgb(im, name)
+            else:
+                rgb = finish(im, name)
             # An animated file's object keeps the whole file's decoder state alive; hand back plain pixels.
             if rgb is im and getattr(im, "n_frames", 1) > 1:
                 rgb = im.copy()
@@ -259,10 +287,10 @@ def _upright(im: Image.Image, *, in_place: bool) -> Image.Image:
         return im
 
 
-def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+def _to_rgb(im: Image.Image, name: str, *, scale_wide_grey: bool = True) -> Image.Image:
     if im.mode == "RGB":
         return im
-    if im.mode in _WIDE_GREY_MODES:
+    if scale_wide_grey and im.mode in _WIDE_GREY_MODES:
         return Image.fromarray(_to_uint8(np.asarray(im), name)).convert("RGB")
     try:
         return im.convert("RGB")
@@ -471,9 +499,84 @@ def decode(
     """Load and preprocess one image: float32 (3, height, width). Safe to call from many threads.
 
     "exact" matches open_clip; "fast" lets JPEGs decode at reduced scale first (see `load_image`).
+    With `cfg.profile` "immich" both modes decode at full size, as Immich does (`load_image_immich`).
     """
     if mode not in ("exact", "fast"):
         raise UsageError(f"decode mode {mode!r} is not 'exact' or 'fast'")
+    if cfg.profile == "immich":
+        return preprocess_immich(load_image_immich(source, max_pixels=max_pixels), cfg)
     # The larger target side: a non-square target may need that many pixels along the image's shorter side.
     draft = max(cfg.size) if mode == "fast" else None
     return preprocess(load_image(source, draft_size=draft, max_pixels=max_pixels), cfg)
+
+
+# -- Immich's machine-learning service (profile "immich") ---------------------------------------------------
+
+
+def load_image_immich(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
+    """`source` decoded as Immich's `decode_pil` does: stored orientation (EXIF ignored), Pillow's own
+    `convert('RGB')` for any other mode (alpha dropped, 16-bit grey clipped). Same limits and `BadImage`
+    messages as `load_image`."""
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        return _plain_rgb(source, name)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name)  # Immich's server sends files; arrays are a library convenience
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise BadImage(f"{name}: no data (0 bytes); pass the encoded file's contents")
+        return _open(io.BytesIO(source), name, None, limit, path=None, finish=_plain_rgb)
+    if isinstance(source, str | os.PathLike):
+        return _open(name, name, None, limit, path=name, finish=_plain_rgb)
+    raise BadImage(f"{name}: unsupported image source; pass a path, bytes, a PIL image or a numpy array")
+
+
+def _plain_rgb(im: Image.Image, name: str) -> Image.Image:
+    """Pillow's own ``convert('RGB')``, as Immich: 16-bit and float greyscale clipped at 255, not scaled."""
+    return _to_rgb(im, name, scale_wide_grey=False)
+
+
+def immich_resize_plan(width: int, height: int, side: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of Immich's `resize_pil` + `crop_pil`.
+
+    The shorter side becomes `side`, the longer `int(ratio * side)`; the crop starts at
+    `int(length / 2 - side / 2)`. Both truncate where open_clip (torchvision) rounds.
+    """
+    if width < height:
+        new_w, new_h = side, int((height / width) * side)
+    else:
+        new_w, new_h = int((width / height) * side), side
+    return new_w, new_h, int(new_w / 2 - side / 2), int(new_h / 2 - side / 2)
+
+
+def preprocess_immich(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Immich's `OpenClipVisualEncoder.transform` for an RGB image: float32 (3, side, side).
+
+    Immich crops a square of the config's first size (its `size[0]`) and always resizes bicubic, whatever the
+    config's interpolation and resize_mode (immich_ml/models/clip/visual.py at 8ed3884; a later revision in
+    Immich's history honours resize_mode "squash" and the interpolation, which differs for SigLIP configs).
+    Its pixels are reproduced exactly; memory stays bounded on extreme aspect ratios
+    as in `preprocess` (beyond `EXACT_RESIZE_LIMIT`, where Immich itself would allocate gigabytes).
+    """
+    side = cfg.size[0]
+    new_w, new_h, left, top = immich_resize_plan(image.width, image.height, side)
+    cropped = _resized_window(image, (new_w, new_h), (left, top, side, side), Image.Resampling.BICUBIC, side * side)
+    pixels = np.asarray(cropped if cropped.mode == "RGB" else cropped.convert("RGB"))
+    lut = _immich_lut(cfg.mean, cfg.std)
+    out = np.empty((3, side, side), np.float32)
+    for c in range(3):
+        np.take(lut[c], pixels[:, :, c], out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _immich_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32 table of Immich's `normalize(to_numpy(img))`, in its float32 operations and order:
+    `v / 255.0`, then `*= 1.0 / std`, then `-= mean / std` (not open_clip's `(v - mean) / std`)."""
+    mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    v = np.arange(256, dtype=np.float32) / 255.0
+    lut = v[None, :] * (1.0 / std32)[:, None]
+    lut -= (mean32 / std32)[:, None]
+    lut.setflags(write=False)
+    return lut

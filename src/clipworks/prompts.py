@@ -9,7 +9,9 @@ The file format is the one ``TextImageMatcher.save_embeddings`` writes in hailo-
 
 Matching follows the same app: entries with text and an embedding take part, probabilities are
 ``softmax(100 * image . text)`` over all of them (negatives included), the best entry is the argmax,
-and it passes when it is not negative and its probability is strictly above the threshold.
+and it passes when it is not negative and its probability is strictly above the threshold. The entries
+form a :class:`~clipworks.labelbank.LabelBank` scored at the model family's shared scale, so a CLIP model
+scores as Hailo's app does and another family (SigLIP's sigmoid) with its own probabilities.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from clipworks.atomic import atomic_write_text
 from clipworks.errors import BadPromptFile
+from clipworks.labelbank import LabelBank, Scoring, average_templates
 
 DEFAULT_THRESHOLD = 0.8
 DEFAULT_TEXT_PREFIX = "A photo of a "
@@ -39,8 +42,6 @@ DEFAULT_ENSEMBLE_TEMPLATE: tuple[str, ...] = (
 # Hailo's GUI has six text boxes and edits entry i in place; a file with fewer entries leaves the
 # remaining boxes dead ("Index out of bounds"), so new sets are padded with empty slots up to six.
 HAILO_SLOTS = 6
-# Hailo multiplies the dot products by 100 before the softmax (CLIP's trained logit scale).
-LOGIT_SCALE = 100.0
 # Hailo's TextImageMatcher loads RN50x4 (model_name="RN50x4") and every JSON file its app ships holds
 # 640-d RN50x4 embeddings; its device pipeline runs RN50x4's image tower, so a file for it must match.
 HAILO_MODEL = "RN50x4::openai"
@@ -350,8 +351,7 @@ def combine_embeddings(entry: PromptEntry, embeddings: np.ndarray) -> np.ndarray
         raise ValueError(f"expected a (n, dim) array of embeddings, got shape {np.shape(embeddings)}")
     if not entry.ensemble and rows.shape[0] != 1:
         raise ValueError(f"entry {entry.text!r} is not an ensemble but got {rows.shape[0]} embeddings")
-    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows.mean(axis=0, dtype=np.float32)
+    return average_templates(rows, rows.shape[0], renormalise=False)[0]
 
 
 def encode_entries(
@@ -386,47 +386,53 @@ def encode_entries(
 # -- matching ---------------------------------------------------------------------------------
 
 
-def match_probabilities(image_embeddings: np.ndarray, prompt_set: PromptSet) -> tuple[np.ndarray, list[int]]:
-    """Hailo's probabilities for every image and active entry.
+def prompt_bank(prompt_set: PromptSet, model: Any = None) -> tuple[LabelBank, list[int]]:
+    """The active entries as a label bank, and each bank row's index in ``prompt_set.entries``.
 
-    Returns ``(probs, indices)``: ``probs`` is (N, K) float64, row-wise softmax of
-    ``100 * normalised_image . entry_embedding``; ``indices[k]`` is entry k's index in the set.
-    A 1-D image embedding counts as one row.
+    The rows are the entries' embeddings as stored (Hailo's ensemble means are not renormalised), in
+    float64 as the file holds them; they score at ``model``'s family's shared scale (None: CLIP's 100,
+    as Hailo's app multiplies the dot products by 100 before its softmax).
     """
-    images = np.asarray(image_embeddings, dtype=np.float64)
-    if images.ndim == 1:
-        images = images[None, :]
-    if images.ndim != 2:
-        raise ValueError(f"expected image embeddings of shape (n, dim) or (dim,), got {images.shape}")
     indices = prompt_set.active_indices()
     if not indices:
         raise BadPromptFile(
             f"{prompt_set._where()}: no entry has both a text and an embedding; "
             "add texts and encode them (clipworks embed texts ... --model ...)"
         )
-    dim = prompt_set.dim
-    if dim != images.shape[1]:
+    prompt_set.dim  # noqa: B018 -- refuses entries of mixed dimensions, naming the file
+    active = [e for e in prompt_set.entries if e.active and e.embedding is not None]  # None test for mypy
+    matrix = np.stack([e.embedding for e in active])
+    return LabelBank([e.text for e in active], matrix, Scoring.of(model).shared()), indices
+
+
+def match_probabilities(
+    image_embeddings: np.ndarray, prompt_set: PromptSet, model: Any = None
+) -> tuple[np.ndarray, list[int]]:
+    """Hailo's probabilities for every image and active entry.
+
+    Returns ``(probs, indices)``: ``probs`` is (N, K) float64, for a CLIP model (or None) the row-wise
+    softmax of ``100 * normalised_image . entry_embedding``; ``indices[k]`` is entry k's index in the set.
+    An all-zero image row gets equal probabilities, not NaNs. A 1-D image embedding counts as one row.
+    """
+    images = np.asarray(image_embeddings, dtype=np.float64)
+    if images.ndim == 1:
+        images = images[None, :]
+    if images.ndim != 2:
+        raise ValueError(f"expected image embeddings of shape (n, dim) or (dim,), got {images.shape}")
+    bank, indices = prompt_bank(prompt_set, model)
+    if bank.matrix.shape[1] != images.shape[1]:
         raise BadPromptFile(
-            f"{prompt_set._where()}: prompt embeddings have dimension {dim} but the image embeddings "
+            f"{prompt_set._where()}: prompt embeddings have dimension {prompt_set.dim} but the image embeddings "
             f"have dimension {images.shape[1]}; {_REENCODE_HINT}"
         )
-    # Same order as active_indices(); the None test is there for the type checker.
-    text = np.stack([e.embedding for e in prompt_set.entries if e.active and e.embedding is not None])
-    norms = np.linalg.norm(images, axis=1, keepdims=True)
-    # An all-zero row would divide by zero; it gets equal probabilities instead of NaNs.
-    images = images / np.where(norms > 0, norms, 1.0)
-    logits = LOGIT_SCALE * (images @ text.T)
-    # Hailo computes exp(100 * dot) directly; subtracting the row maximum gives the same values
-    # without overflowing (float32 exp overflows above 88, i.e. a dot product of 0.89).
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    return probs, indices
+    return bank.probabilities(images), indices
 
 
-def match(image_embeddings: np.ndarray, prompt_set: PromptSet) -> list[MatchResult]:
-    """Match each image embedding against the prompt set with Hailo's rules; one result per row."""
-    probs, indices = match_probabilities(image_embeddings, prompt_set)
+def match(image_embeddings: np.ndarray, prompt_set: PromptSet, model: Any = None) -> list[MatchResult]:
+    """Match each image embedding against the prompt set with Hailo's rules; one result per row.
+
+    ``model``: whose family turns cosines into probabilities (None: CLIP's, as Hailo's app)."""
+    probs, indices = match_probabilities(image_embeddings, prompt_set, model)
     best = probs.argmax(axis=1)
     results = []
     for row, (p, k) in enumerate(zip(probs, best, strict=True)):

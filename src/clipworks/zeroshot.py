@@ -1,38 +1,37 @@
 """Zero-shot classification, tag interrogation and structured (per-category) output.
 
-Three ways to read an image against words, all on L2-normalised embeddings:
+Three ways to read an image against words, all through a :class:`~clipworks.labelbank.LabelBank`:
 
-- :func:`classify`: ``softmax(logit_scale * cos)`` over a label set, best first (CLIP's zero-shot recipe).
+- :func:`classify`: the labels by probability (CLIP: ``softmax(logit_scale * cos)``), best first.
 - :class:`TagIndex.interrogate`: a caption made of the tags whose cosine to the image reaches a threshold,
-  best first; when none does, the single best tag. Tag embeddings are cached on disk, keyed by the model,
-  the template and the tag list, so a 20,000-tag vocabulary is encoded once per model.
-- :class:`CategorySet.evaluate`: for each category (``{"age": ["child", "adult"], ...}``) a
-  ``softmax(100 * cos)`` over its labels gives a ``winner`` and its ``confidence``.
+  best first; when none does, the single best tag. Tag embeddings are cached on disk by the bank, keyed by
+  the model, the template and the tag list, so a 20,000-tag vocabulary is encoded once per model.
+- :class:`CategorySet.evaluate`: for each category (``{"age": ["child", "adult"], ...}``) the family's
+  probabilities over its labels at the family's shared scale (CLIP: ``softmax(100 * cos)``, whatever the
+  bundle's scale, so confidences compare across models) give a ``winner`` and its ``confidence``.
 
-Every function takes an ``encode`` callable (texts -> (N, D) normalised float32) where the caller wants to
-route text encoding elsewhere (the HTTP service sends it through its single inference worker).
+Builders take an ``encode`` callable (texts -> (N, D) float32) where the caller wants to route text
+encoding elsewhere (the HTTP service sends it through its single inference worker).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipworks.atomic import atomic_path
+from clipworks import ops
 from clipworks.errors import UsageError
+from clipworks.labelbank import DEFAULT_TEMPLATE, Encode, LabelBank, apply_template, check_labels
 
 __all__ = [
     "DEFAULT_TEMPLATE",
-    "STRUCTURED_SCALE",
     "TAG_TEMPLATE",
     "VOCABULARIES",
     "CategoryResult",
@@ -42,33 +41,20 @@ __all__ = [
     "TagIndex",
     "TagScore",
     "apply_template",
+    "category_labels",
     "classify",
     "classify_embeddings",
     "load_categories",
     "load_labels_file",
-    "model_fingerprint",
     "parse_categories",
-    "softmax",
-    "tag_cache_key",
     "vocabulary",
 ]
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 # Tags are encoded as written ("oil painting", "golden retriever"), as clip-interrogator does.
 TAG_TEMPLATE = "{}"
 DEFAULT_THRESHOLD = 0.22
 DEFAULT_TOP = 10
-# Structured output uses CLIP's trained scale whatever the bundle says, so confidences compare across models.
-STRUCTURED_SCALE = 100.0
 VOCABULARIES = ("imagenet1k",)
-
-Encode = Callable[[Sequence[str]], np.ndarray]
-
-
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = logits - logits.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 # video_features' show_pred table, which `clipworks classify` prints too.
@@ -79,24 +65,6 @@ def format_prediction_table(rows: Iterable[tuple[float, float, str]]) -> str:
     """The header, then one ``logit | prob | label`` line per ``(logit, prob, label)`` row."""
     lines = "".join(f"{logit:8.3f} | {prob:.3f} | {label}\n" for logit, prob, label in rows)
     return f"{PREDICTION_HEADER}\n{lines}"
-
-
-# "a {}" / "an {}" in a template, and a label that brings its own article ("a dog", "the sea").
-_ARTICLE_SLOT = re.compile(r"\b(?:a|an)\s+\{\}", re.IGNORECASE)
-_OWN_ARTICLE = re.compile(r"(?:a|an|the)\s", re.IGNORECASE)
-
-
-def apply_template(template: str, labels: Sequence[str]) -> list[str]:
-    """Fill ``{}`` with each label. A label with its own article drops the template's ("a photo of a {}."
-    with "a dog" is "a photo of a dog.", not "a photo of a a dog.")."""
-    if "{}" not in template:
-        raise UsageError(f"template {template!r} has no '{{}}' for the label; e.g. 'a photo of a {{}}.'")
-    bare = _ARTICLE_SLOT.sub("{}", template)
-    return [(bare if _OWN_ARTICLE.match(label) else template).replace("{}", label) for label in labels]
-
-
-def _encoder(model: Any, encode: Encode | None) -> Encode:
-    return encode if encode is not None else model.encode_texts
 
 
 # -- classification --------------------------------------------------------------------------------
@@ -112,22 +80,15 @@ class LabelScore:
         return {"label": self.label, "logit": self.logit, "prob": self.prob}
 
 
-def classify_embeddings(
-    image_emb: np.ndarray,
-    label_emb: np.ndarray,
-    labels: Sequence[str],
-    logit_scale: float,
-    top_k: int | None = None,
-) -> list[list[LabelScore]]:
-    """For each image row, the labels by ``softmax(logit_scale * cos)``, best first (at most ``top_k``)."""
-    logits = logit_scale * (np.atleast_2d(image_emb) @ label_emb.T)
-    probs = softmax(logits)
-    k = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
-    out = []
-    for row_logits, row_probs in zip(logits, probs, strict=True):
-        order = np.argsort(-row_logits, kind="stable")[:k]
-        out.append([LabelScore(labels[i], float(row_logits[i]), float(row_probs[i])) for i in order])
-    return out
+def classify_embeddings(bank: LabelBank, image_emb: np.ndarray, top_k: int | None = None) -> list[list[LabelScore]]:
+    """For each image row, the bank's labels by probability, best first (at most ``top_k``)."""
+    cosines = bank.cosines(image_emb)
+    logits, probs = bank.scoring.logits(cosines), bank.scoring.probabilities(cosines)
+    k = len(bank.labels) if top_k is None else max(1, top_k)
+    return [
+        [LabelScore(bank.labels[i], float(logits[r, i]), float(probs[r, i])) for i in ops.top_k(row, k)[0]]
+        for r, row in enumerate(cosines)
+    ]
 
 
 def classify(
@@ -140,19 +101,8 @@ def classify(
     encode: Encode | None = None,
 ) -> list[list[LabelScore]]:
     """Zero-shot classify images (paths, bytes, PIL images, arrays) over ``labels`` filled into ``template``."""
-    labels = _check_labels(labels, "labels")
-    label_emb = _encoder(model, encode)(apply_template(template, labels))
-    return classify_embeddings(model.encode_images(images), label_emb, labels, model.logit_scale, top_k)
-
-
-def _check_labels(labels: Sequence[str], what: str) -> list[str]:
-    labels = [str(x).strip() for x in labels]
-    if not labels or any(not x for x in labels):
-        raise UsageError(f"{what}: give at least one label, and no empty ones")
-    if len(set(labels)) != len(labels):
-        dupes = sorted({x for x in labels if labels.count(x) > 1})
-        raise UsageError(f"{what}: duplicate labels {dupes}; each label once")
-    return labels
+    bank = LabelBank.build(model, labels, [template], encode=encode)
+    return classify_embeddings(bank, model.encode_images(images), top_k)
 
 
 def load_labels_file(path: str | os.PathLike[str]) -> list[str]:
@@ -200,44 +150,15 @@ class Interrogation:
         return {"caption": self.caption, "interrogations": [t.to_dict() for t in self.tags]}
 
 
-def model_fingerprint(model: Any) -> str:
-    """What identifies a text tower's output: name, precision, source weights and the graph file itself.
-
-    The graph's size and mtime stand in for its hash, so a re-export invalidates cached tag embeddings
-    without reading hundreds of MB on every start.
-    """
-    parts = [str(getattr(model, "name", type(model).__name__)), str(getattr(model, "precision", ""))]
-    bundle = getattr(model, "bundle", None)
-    if bundle is not None:
-        parts.append(str(getattr(bundle.meta, "source_sha256", None)))
-        for precision in (getattr(model, "precision", "fp32"), "fp32"):
-            graph = Path(bundle.root) / (
-                "textual/model.onnx" if precision == "fp32" else f"textual/{precision}/model.onnx"
-            )
-            if graph.is_file():
-                st = graph.stat()
-                parts += [str(graph.resolve()), str(st.st_size), str(st.st_mtime_ns)]
-                break
-    return "|".join(parts)
-
-
-def tag_cache_key(model: Any, template: str, tags: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for part in (model_fingerprint(model), template, *tags):
-        h.update(part.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 @dataclass
 class TagIndex:
-    """Tags and their normalised text embeddings ``(T, D)``."""
+    """A label bank of tags, read against images by cosine threshold rather than by probability."""
 
-    tags: list[str]
-    embeddings: np.ndarray
-    template: str = TAG_TEMPLATE
-    cache_path: Path | None = field(default=None, compare=False)
-    from_cache: bool = field(default=False, compare=False)
+    bank: LabelBank
+
+    @property
+    def tags(self) -> list[str]:
+        return self.bank.labels
 
     @classmethod
     def build(
@@ -250,30 +171,17 @@ class TagIndex:
         use_cache: bool = True,
         encode: Encode | None = None,
     ) -> TagIndex:
-        """Encode ``tags`` with ``model``, reading and writing the on-disk cache unless ``use_cache`` is off.
+        """Encode ``tags`` with ``model``, through the bank's on-disk cache unless ``use_cache`` is off.
 
-        ``cache_dir`` defaults to ``settings.tags_cache_dir()``. A cache file of the wrong shape or an
-        unreadable one is recomputed and replaced, never trusted.
+        ``cache_dir`` defaults to ``settings.tags_cache_dir()``; repeated tags count once.
         """
-        tags = _check_labels(list(dict.fromkeys(tags)), "tags")
-        prompts = apply_template(template, tags)
-        path = None
+        folder = None
         if use_cache:
             from clipworks.settings import tags_cache_dir
 
             folder = Path(cache_dir) if cache_dir is not None else tags_cache_dir()
-            path = folder / f"{tag_cache_key(model, template, tags)}.npy"
-            cached = _read_cache(path, len(tags))
-            if cached is not None:
-                return cls(tags, cached, template, path, from_cache=True)
-        emb = np.ascontiguousarray(_encoder(model, encode)(prompts), dtype=np.float32)
-        if path is not None:
-            _write_cache(path, emb)
-        return cls(tags, emb, template, path)
-
-    def scores(self, image_emb: np.ndarray) -> np.ndarray:
-        """Cosines ``(N, T)`` of normalised image embeddings to every tag."""
-        return np.atleast_2d(image_emb) @ self.embeddings.T
+        tags = list(dict.fromkeys(tags))
+        return cls(LabelBank.build(model, tags, [template], cache_dir=folder, encode=encode, what="tags"))
 
     def interrogate(
         self, image_emb: np.ndarray, threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP
@@ -282,32 +190,11 @@ class TagIndex:
         if top < 1:
             raise UsageError(f"top must be at least 1, not {top}")
         out = []
-        for row in self.scores(image_emb):
-            order = np.argsort(-row, kind="stable")
-            passed = [i for i in order[:top] if row[i] >= threshold] or [int(order[0])]
-            tags = [TagScore(self.tags[i], float(row[i])) for i in passed]
+        for order, scores in self.bank.top_k(image_emb, top):
+            passed = [(i, s) for i, s in zip(order, scores, strict=True) if s >= threshold] or [(order[0], scores[0])]
+            tags = [TagScore(self.tags[i], float(s)) for i, s in passed]
             out.append(Interrogation(", ".join(t.tag for t in tags), tags))
         return out
-
-
-def _read_cache(path: Path, rows: int) -> np.ndarray | None:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.float32:
-        return None
-    return arr
-
-
-def _write_cache(path: Path, emb: np.ndarray) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, tmp.open("wb") as f:
-            np.save(f, emb, allow_pickle=False)
-    except OSError:
-        # A read-only cache costs speed, not correctness: the embeddings are still returned.
-        pass
 
 
 # -- structured output ------------------------------------------------------------------------------
@@ -334,7 +221,7 @@ def parse_categories(data: Any, source: str = "categories") -> dict[str, list[st
     for name, labels in data.items():
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
             raise UsageError(f"{source}: category {name!r} must map to a non-empty list of label strings")
-        out[str(name)] = _check_labels(labels, f"{source}: category {name!r}")
+        out[str(name)] = check_labels(labels, f"{source}: category {name!r}")
     return out
 
 
@@ -349,12 +236,17 @@ def load_categories(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     return parse_categories(data, str(p))
 
 
+def category_labels(categories: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every category's labels in order, each once (the same label may sit in two categories)."""
+    return list(dict.fromkeys(label for labels in categories.values() for label in labels))
+
+
 @dataclass
 class CategorySet:
-    """Categories of mutually exclusive labels and the labels' embeddings, one matrix per category."""
+    """Categories of mutually exclusive labels over one bank holding every category's labels in order."""
 
     categories: dict[str, list[str]]
-    embeddings: dict[str, np.ndarray]
+    bank: LabelBank
 
     @classmethod
     def build(
@@ -366,24 +258,21 @@ class CategorySet:
         encode: Encode | None = None,
     ) -> CategorySet:
         cats = parse_categories(dict(categories))
-        flat = [label for labels in cats.values() for label in labels]
-        emb = _encoder(model, encode)(apply_template(template, flat))
-        out: dict[str, np.ndarray] = {}
-        start = 0
-        for name, labels in cats.items():
-            out[name] = emb[start : start + len(labels)]
-            start += len(labels)
-        return cls(cats, out)
+        return cls(cats, LabelBank.build(model, category_labels(cats), [template], encode=encode))
 
-    def evaluate(self, image_emb: np.ndarray, scale: float = STRUCTURED_SCALE) -> list[dict[str, CategoryResult]]:
-        """Per image, per category: ``softmax(scale * cos)`` over its labels, its argmax and probability."""
-        rows = np.atleast_2d(image_emb)
-        results: list[dict[str, CategoryResult]] = [{} for _ in rows]
+    def evaluate(self, image_emb: np.ndarray) -> list[dict[str, CategoryResult]]:
+        """Per image, per category: the family's probabilities over its labels at the family's shared scale
+        (CLIP: ``softmax(100 * cos)``), their argmax and its probability."""
+        cosines = self.bank.cosines(image_emb)
+        scoring = self.bank.scoring.shared()
+        column = {label: i for i, label in enumerate(self.bank.labels)}
+        results: list[dict[str, CategoryResult]] = [{} for _ in cosines]
         for name, labels in self.categories.items():
-            probs = softmax(scale * (rows @ self.embeddings[name].T))
+            probs = scoring.probabilities(cosines[:, [column[label] for label in labels]])
             for r, p in enumerate(probs):
                 best = int(np.argmax(p))
                 results[r][name] = CategoryResult(
                     labels[best], float(p[best]), {lab: float(v) for lab, v in zip(labels, p, strict=True)}
                 )
         return results
+

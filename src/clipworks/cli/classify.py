@@ -59,18 +59,20 @@ def classify(
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
 ) -> None:
-    """Zero-shot classify images: softmax(logit_scale * cosine) over the labels, best first."""
-    from clipworks.zeroshot import apply_template, classify_embeddings, format_prediction_table, load_labels_file
+    """Zero-shot classify images: the model's probabilities over the labels (CLIP: softmax of logit_scale *
+    cosine), best first."""
+    from clipworks.labelbank import LabelBank, check_labels
+    from clipworks.zeroshot import classify_embeddings, format_prediction_table, load_labels_file
 
     inputs, extra = _split_images(images, bool(labels))
     if bool(labels) == bool(labels_file):
         raise UsageError("give the labels with --labels or --labels-file (exactly one of them)")
     all_labels = [*labels, *extra] if labels else load_labels_file(labels_file)  # type: ignore[arg-type]
-    prompts = apply_template(template, all_labels)
+    # A bad label or template fails now, before the model loads.
+    LabelBank.prompts(check_labels(all_labels, "--labels"), [template])
     clip = load_model(model, device, precision, threads)
     paths, image_emb = _embed(clip, inputs)
-    label_emb = clip.encode_texts(prompts)
-    rows = classify_embeddings(image_emb, label_emb, all_labels, clip.logit_scale, top_k)
+    rows = classify_embeddings(LabelBank.build(clip, all_labels, [template]), image_emb, top_k)
     if as_json:
         out = [{"image": p, "results": [s.to_dict() for s in row]} for p, row in zip(paths, rows, strict=True)]
         print(json.dumps(out, indent=2))
@@ -110,9 +112,9 @@ def interrogate(
     cats = zeroshot.load_categories(categories) if categories else None
     clip = load_model(model, device, precision, threads)
     index = zeroshot.TagIndex.build(clip, tags, template=template, use_cache=cache)
-    if index.cache_path is not None:
-        how = "read from" if index.from_cache else "cached in"
-        info(f"{len(index.tags)} tags {how} {index.cache_path}")
+    if index.bank.cache_path is not None:
+        how = "read from" if index.bank.from_cache else "cached in"
+        info(f"{len(index.tags)} tags {how} {index.bank.cache_path}")
     paths, emb = _embed(clip, images)
     found = index.interrogate(emb, threshold, top)
     structured = zeroshot.CategorySet.build(clip, cats, template=category_template).evaluate(emb) if cats else None

@@ -24,6 +24,16 @@ LibraryModelOpt = Annotated[
         help="Registry name or bundle path (default: the model the library was indexed with, else ViT-B-32::openai).",
     ),
 ]
+AnnOpt = Annotated[
+    str,
+    typer.Option(
+        "--ann",
+        help="Approximate search (HNSW, exact re-ranking): auto (from 100000 photos), on or off (always exact).",
+    ),
+]
+AnnDtypeOpt = Annotated[
+    str, typer.Option("--ann-dtype", help="How the HNSW index stores vectors: f16, i8 (half the memory) or f32.")
+]
 
 
 def open_library(db: Path | None, model: str | None, *, create: bool = False, need_model: bool = False, **load):  # type: ignore[no-untyped-def]
@@ -59,10 +69,12 @@ def add(
     batch_size: Annotated[int, typer.Option(help="Images per inference call and per commit.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decoder threads (default: cores, at most 8).")] = None,
     threads: ThreadsOpt = None,
+    ann: AnnOpt = "auto",
+    ann_dtype: AnnDtypeOpt = "f16",
 ) -> None:
     """Add folders to the library, or bring them up to date: only new and changed files are embedded."""
     library = open_library(db, model, create=True, need_model=True, device=device, precision=precision,
-                           threads=threads)  # fmt: skip
+                           threads=threads, ann=ann, ann_dtype=ann_dtype)  # fmt: skip
     progress = {"embedded": 0}
     try:
         report = library.index(
@@ -87,12 +99,15 @@ def add(
 def status(
     db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    ann: AnnOpt = "auto",
+    ann_dtype: AnnDtypeOpt = "f16",
 ) -> None:
-    """Folders, files, vectors per model, files waiting to be embedded, and files that could not be read."""
+    """Folders, files, vectors per model, files waiting to be embedded, unreadable files, and which index
+    answers queries."""
     from clipworks.display import quote_path
     from clipworks.library import Library
 
-    state = Library(db).status()
+    state = Library(db, ann=ann, ann_dtype=ann_dtype).status()
     if as_json:
         print(json.dumps({
             "db": str(state.path), "schema_version": state.schema_version,
@@ -100,6 +115,7 @@ def status(
             "files": state.files, "deleted": state.deleted, "excluded": state.excluded,
             "models": [{"name": m.name, "dim": m.dim, "vectors": v, "pending": w} for m, v, w in state.models],
             "errors": [{"path": p, "error": e} for p, e in state.errors],
+            "search_index": state.search_index,
         }, indent=2))  # fmt: skip
         return
     print(f"library {quote_path(str(state.path))} (schema {state.schema_version})")
@@ -110,6 +126,7 @@ def status(
     for row, vectors, waiting in state.models:
         more = f", {waiting} waiting" if waiting else ""
         print(f"  model {row.name} ({row.dim}-d): {vectors} vectors{more}")
+    print(f"  search index: {state.search_index}")
     for path, error in state.errors:
         print(f"  unreadable {quote_path(path)}: {quote_path(error)}")
 
@@ -138,9 +155,13 @@ def export_(
     db: DbOpt = None,
     model: LibraryModelOpt = None,
 ) -> None:
-    """Write the vectors of every present photo to an interchange file."""
-    count, written = open_library(db, model).export(output, fmt)
-    info(f"exported {count} vectors to " + ", ".join(str(p) for p in written))
+    """Write the vectors of every present photo to an interchange file. An existing ClipItems database (the
+    robot's clip.db) keeps its rows and gets those of the photos it lacks, as the robot's storage mode adds them."""
+    report = open_library(db, model).export(output, fmt)
+    if report.merged:
+        info(f"{output}: added {report.count}, skipped {report.skipped} already present")
+    else:
+        info(f"exported {report.count} vectors to " + ", ".join(str(p) for p in report.written))
 
 
 @app.command("import")

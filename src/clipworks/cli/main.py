@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from clipworks import __version__
-from clipworks.cli import classify, embed, export, index, models, search, serve, stream, video
+from clipworks.cli import bench, classify, embed, export, index, models, search, serve, stream, video
 from clipworks.display import one_line
 from clipworks.errors import ClipworksError
 
@@ -41,6 +41,7 @@ app.command("interrogate")(classify.interrogate)
 app.command("serve")(serve.serve)
 app.add_typer(video.app, name="video")
 app.command("stream")(stream.stream)
+app.command("bench")(bench.bench)
 
 
 def _version(value: bool) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, info
-from clipworks.cli.index import DbOpt, LibraryModelOpt, open_library
+from clipworks.cli.index import AnnDtypeOpt, AnnOpt, DbOpt, LibraryModelOpt, open_library
 from clipworks.display import quote_path
 from clipworks.library.search import Hit
 
@@ -26,7 +26,11 @@ ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Leave o
 JsonOpt = Annotated[bool, typer.Option("--json", help='Print [{"path": ..., "score": ...}, ...].')]
 ResultsOpt = Annotated[
     Path | None,
-    typer.Option("--results", help="Empty this folder and fill it with links 0.jpg, 1.png, ... to the hits in order."),
+    typer.Option(
+        "--results",
+        help="Empty this folder and write the hits into it as 0.jpg, 1.jpg, ... in order, as robot CLIP's clip_manage "
+        "does: links to JPEG photos, JPEG copies of the others.",
+    ),
 ]
 
 
@@ -34,8 +38,11 @@ def render(hits: Sequence[Hit], as_json: bool, results: Path | None) -> None:
     from clipworks.library.results import write_results
 
     if results is not None:
-        write_results(results, [h.path for h in hits])
-        info(f"linked {len(hits)} photos into {results}")
+        report = write_results(results, [h.path for h in hits])
+        copies = f" ({report.converted} as JPEG copies)" if report.converted else ""
+        info(f"wrote {len(hits)} photos into {results}{copies}")
+        for path in report.undecodable:
+            info(f"warning: {quote_path(path)} cannot be decoded; its result is a link to it, as the robot makes")
     if as_json:
         print(json.dumps([{"path": h.path, "score": round(h.score, 6)} for h in hits], indent=2))
         return
@@ -60,13 +67,15 @@ def search(
     model: LibraryModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    ann: AnnOpt = "auto",
+    ann_dtype: AnnDtypeOpt = "f16",
 ) -> None:
     """Find photos by text, by example image, or both; scores are cosine similarities, highest first."""
     from clipworks.errors import UsageError
 
     if not query and not image:
         raise UsageError("give a text query, --image PATH, or both")
-    library = open_library(db, model, device=device, precision=precision)
+    library = open_library(db, model, device=device, precision=precision, ann=ann, ann_dtype=ann_dtype)
     hits = library.search(query or [], images=[str(i) for i in image or []], negatives=negative or [],
                           top_k=top_k, threshold=threshold)  # fmt: skip
     render(hits, as_json, results)
@@ -80,9 +89,11 @@ def similar(
     results: ResultsOpt = None,
     db: DbOpt = None,
     model: LibraryModelOpt = None,
+    ann: AnnOpt = "auto",
+    ann_dtype: AnnDtypeOpt = "f16",
 ) -> None:
     """List the photos most like one photo: near-duplicates first, then visually similar ones."""
-    hits = open_library(db, model).similar(path, top_k=top_k, threshold=threshold)
+    hits = open_library(db, model, ann=ann, ann_dtype=ann_dtype).similar(path, top_k=top_k, threshold=threshold)
     render(hits, as_json, results)
 
 

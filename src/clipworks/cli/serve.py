@@ -58,6 +58,34 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=1, help="Items waiting beyond which requests get 503.")] = 256,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 32.0,
     max_pixels: Annotated[int, typer.Option(help="Largest image (width x height); larger ones get 413.")] = 40_000_000,
+    immich: Annotated[
+        bool,
+        typer.Option(
+            "--immich",
+            help="Also answer Immich's machine-learning API (/ping, /predict; / without --db): set Immich's "
+            "Machine Learning URL to this server. CLIP only (Smart Search); see the README.",
+        ),
+    ] = False,
+    immich_model_ttl: Annotated[
+        float,
+        typer.Option(
+            envvar="MACHINE_LEARNING_MODEL_TTL", min=0, help="Seconds before an idle Immich model is unloaded; 0 never."
+        ),
+    ] = 300.0,
+    immich_preload: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Immich model to load at start and keep (repeatable; default: the comma-separated names in "
+            "MACHINE_LEARNING_PRELOAD__CLIP__VISUAL and __TEXTUAL)."
+        ),
+    ] = None,
+    immich_cache_folder: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MACHINE_LEARNING_CACHE_FOLDER",
+            help="Immich's model cache: bundles in its clip/<name> folders are served as they are.",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
@@ -107,16 +135,20 @@ def serve(
         tags=load_labels_file(tags_file) if tags_file else None,
         threshold=threshold,
         top=top,
+        immich=immich_settings(immich_model_ttl, immich_preload, immich_cache_folder) if immich else None,
     )
     from clipworks.service import gallery
 
     app = create_app(svc, model=clip, library=library, routers=[gallery.router])
     # A model that cannot serve stops the command here, in one line, before anything says "serving".
+    where = f"http://{bind}:{port}"
     if preload:
         app.state.clip.preload()
-    else:
+    elif not (immich and model is None):  # an Immich server may never use the /v1 routes' default model
         app.state.clip.holder.check()
-    where = f"http://{bind}:{port}"
+    if app.state.clip.immich is not None:
+        app.state.clip.immich.preload()
+        info(f"Immich's machine-learning API at {where}/predict (Immich: Machine Learning URL {where})")
     if library is not None:
         info(f"gallery of {library.path} at {where}/")
     info(f"clipworks serving {name} on {where} (docs at /docs){'' if key else ', no API key'}")
@@ -139,3 +171,17 @@ def open_served_library(db: Path, model: str | None, device: str, precision: str
     library = Library(db, clip)
     library.model_row  # noqa: B018 -- refuse a model the library has no vectors for now, not on the first query
     return clip, library
+
+
+def immich_settings(model_ttl: float, preload: list[str] | None, cache_folder: Path | None):  # type: ignore[no-untyped-def]
+    """The Immich routes' settings; preloads default to Immich's own environment variables."""
+    import os
+
+    from clipworks.service.immich import ImmichSettings
+
+    if preload is None:
+        names = ",".join(os.environ.get(f"MACHINE_LEARNING_PRELOAD__CLIP__{t}", "") for t in ("VISUAL", "TEXTUAL"))
+        preload = [n.strip() for n in names.split(",") if n.strip()]
+    if cache_folder is not None and not cache_folder.is_dir():
+        raise UsageError(f"--immich-cache-folder {cache_folder} is not a folder; pass Immich's model cache folder")
+    return ImmichSettings(model_ttl=model_ttl, preload=tuple(dict.fromkeys(preload)), cache_folder=cache_folder)

@@ -18,6 +18,7 @@ from clipworks.export.precision import COSINE_FLOORS, to_fp16, to_int8
 from clipworks.export.source import RANDOM, SourceModel, load_source_model, load_source_tokenizer
 from clipworks.models.bundle import PRECISIONS, Bundle, BundleMeta, graph_relpath, write_json
 from clipworks.models.family import TextTokenizer, family_for_config
+from clipworks.ops import l2_normalize
 
 # fp32 graphs must reproduce open_clip within this, on L2-normalised embeddings (what every caller uses).
 FP32_TOLERANCE = 1e-4
@@ -210,15 +211,11 @@ def _onnx_outputs(work: Path, precision: str, inputs: _CheckInputs) -> dict[str,
     return {"visual": visual.run(inputs.images), "textual": textual.run(inputs.onnx_tokens)}
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _compare_fp32(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
     result: dict[str, float] = {}
     for tower in ("visual", "textual"):
         ref, out = reference[tower], got[tower]
-        result[f"{tower}_max_abs_diff"] = float(np.abs(_normalise(ref) - _normalise(out)).max())
+        result[f"{tower}_max_abs_diff"] = float(np.abs(l2_normalize(ref) - l2_normalize(out)).max())
         result[f"{tower}_max_abs_diff_raw"] = float(np.abs(ref - out).max())
         result[f"{tower}_max_abs_raw"] = float(np.abs(ref).max())
     for tower in ("visual", "textual"):
@@ -235,7 +232,7 @@ def _compare_lowered(precision: str, fp32: dict[str, np.ndarray], got: dict[str,
     floor = COSINE_FLOORS[precision]
     result: dict[str, Any] = {"floor": floor}
     for tower in ("visual", "textual"):
-        cosine = np.sum(_normalise(fp32[tower]) * _normalise(got[tower]), axis=-1)
+        cosine = np.sum(l2_normalize(fp32[tower]) * l2_normalize(got[tower]), axis=-1)
         result[f"{tower}_min_cosine"] = float(cosine.min())
         result[f"{tower}_mean_cosine"] = float(cosine.mean())
     for tower in ("visual", "textual"):

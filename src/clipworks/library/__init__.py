@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipworks.errors import UsageError
-from clipworks.library.indexer import IndexReport, model_identity
-from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine, parse_query
+from clipworks.errors import UsageError, status
+from clipworks.library.ann import ANN_MIN_ROWS, AnnDtype, AnnIndex, AnnMode, check_ann_options, sync_ann, wants_ann
+from clipworks.library.indexer import IndexReport
+from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine_terms, parse_query, query_texts
 from clipworks.library.store import SCHEMA_VERSION, ModelRow, Store
+from clipworks.models.fingerprint import model_fingerprint
+
+if TYPE_CHECKING:
+    from clipworks.library.interchange import ExportReport
 
 __all__ = ["SCHEMA_VERSION", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "parse_query"]
 
@@ -39,7 +44,7 @@ class LibraryStatus:
     excluded: int  # still on disk but matched by an exclude now: out of search, row and vectors kept
     errors: list[tuple[str, str]]
     models: list[tuple[ModelRow, int, int]]  # (model, vectors of present files, files waiting for one)
-    extra: dict[str, Any] = field(default_factory=dict)
+    search_index: str = "exact"  # what answers queries, in words
 
 
 class Library:
@@ -59,8 +64,15 @@ class Library:
         precision: str = "auto",
         threads: int | None = None,
         side_file: bool = True,
+        ann: AnnMode = "auto",
+        ann_dtype: AnnDtype = "f16",
     ) -> None:
         from clipworks.settings import db_path
+
+        check_ann_options(ann, ann_dtype)
+        self.ann_mode: AnnMode = ann
+        self.ann_dtype: AnnDtype = ann_dtype
+        self._ann: tuple[tuple[int, int], AnnIndex] | None = None
 
         self.path = Path(db).expanduser() if db is not None else db_path()
         self._model_arg = model
@@ -119,7 +131,7 @@ class Library:
         bundle re-exported there with other weights makes vectors that cannot be compared with these."""
         row = self.model_row
         clip = load(row.source, **self._load_opts)
-        if model_identity(clip) != (row.name, row.fingerprint) or clip.embed_dim != row.dim:
+        if model_fingerprint(clip).vectors != (row.name, row.fingerprint) or clip.embed_dim != row.dim:
             raise UsageError(
                 f"{row.source} now holds {clip.name} ({clip.embed_dim}-d), not the {row.name} ({row.dim}-d) whose "
                 f"vectors {self.path} holds: pass --model with that model, or index again with --model {row.source}"
@@ -143,8 +155,8 @@ class Library:
                 raise UsageError(f"the library {self.path} is empty: run `clipworks index add DIR` first")
             names = ", ".join(m.name for m in models)
             raise UsageError(f"{self.path} holds vectors of several models ({names}); pick one with --model")
-        name, fingerprint = model_identity(self.clip)
-        found = self.store.find_model(name, fingerprint)
+        name, weights = model_fingerprint(self.clip).vectors
+        found = self.store.find_model(name, weights)
         if found is None:
             # The same name can come from other weights (a bundle exported again): say so with the dimension.
             have = ", ".join(f"{m.name} ({m.dim}-d{', other weights' if m.name == name else ''})" for m in models)
@@ -168,6 +180,8 @@ class Library:
 
         report = index_folders(self.store, self.clip, folders, **options)
         self._row = None
+        if self.store.models():
+            self.searcher(log=status)  # bring the approximate index up to date now, not at the first query
         return report
 
     def remove(self, folder: str | Path) -> int:
@@ -184,22 +198,31 @@ class Library:
                 self._cache = MatrixCache(self.path, row, side_file=self._side_file)
             return self._cache.get(self.store)
 
+    def searcher(self, log: Callable[[str], None] = lambda _m: None) -> ExactIndex | AnnIndex:
+        """What answers queries: the exact index, or HNSW with exact re-ranking when ``ann`` says so
+        (``auto``: from ``ANN_MIN_ROWS`` photos on). The HNSW index is opened, updated or built here."""
+        exact = self.vectors()
+        if not wants_ann(self.ann_mode, len(exact)):
+            return exact
+        with self._lock:
+            key = self.store.side_file_key()
+            if self._ann is None or self._ann[0] != key or self._ann[1].exact is not exact:
+                from clipworks.library.search import cache_dir_for
+
+                index = sync_ann(cache_dir_for(self.path), key, self.model_row.id, exact, self.ann_dtype, log)
+                self._ann = (key, index)
+            return self._ann[1]
+
     def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
         """Encode and combine query terms (stored vectors are reused for photos already in the library)."""
-        texts = [t for t in terms if t.kind == "text"]
-        vectors: list[np.ndarray] = []
-        weights: list[float] = []
+        texts = query_texts(terms)
+        text_vectors = None
         if texts:
             clip = self.clip
             with self._lock:
                 clip.textual, clip.tokenizer  # noqa: B018 -- build the lazy sessions once, not in two threads
-            vectors += list(clip.encode_texts([t.value for t in texts]))
-            weights += [t.weight for t in texts]
-        for term in terms:
-            if term.kind == "image":
-                vectors.append(self.image_vector(term.value))
-                weights.append(term.weight)
-        return combine(np.stack(vectors), weights)
+            text_vectors = clip.encode_texts(texts)
+        return combine_terms(terms, text_vectors, self.image_vector)
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
@@ -230,7 +253,7 @@ class Library:
     ) -> list[Hit]:
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, not {top_k}")
-        ids, scores = self.vectors().top_k(vector, top_k, threshold, exclude)
+        ids, scores = self.searcher().top_k(vector, top_k, threshold, exclude)
         names = self.store.paths_of(ids)
         return [Hit(names[int(i)], float(s)) for i, s in zip(ids, scores, strict=True) if int(i) in names]
 
@@ -291,10 +314,30 @@ class Library:
                 ).fetchone()[0]
                 models.append((row, vectors, len(pending(store, row, [r for r, _, _ in roots]))))
         return LibraryStatus(
-            self.path, store.version, roots, files, out_of_search - excluded, excluded, errors, models
+            self.path,
+            store.version,
+            roots,
+            files,
+            out_of_search - excluded,
+            excluded,
+            errors,
+            models,
+            self._search_index_summary(models),
         )
 
-    def export(self, out: str | Path, fmt: str | None = None) -> tuple[int, list[Path]]:
+    def _search_index_summary(self, models: list[tuple[ModelRow, int, int]]) -> str:
+        """Which index answers queries, in words (``index status``); reads the saved state, builds nothing."""
+        from clipworks.library.ann import describe_ann
+        from clipworks.library.search import cache_dir_for
+
+        vectors = models[0][1] if len(models) == 1 else 0
+        if not wants_ann(self.ann_mode, vectors):
+            return "exact (ann off)" if self.ann_mode == "off" else f"exact (below {ANN_MIN_ROWS} photos)"
+        key = self.store.side_file_key()
+        return describe_ann(cache_dir_for(self.path), key, models[0][0].id, self.ann_dtype)
+
+    def export(self, out: str | Path, fmt: str | None = None) -> ExportReport:
+        """Write this model's vectors to an interchange file: an ``ExportReport``."""
         from clipworks.library.interchange import export_vectors
 
         return export_vectors(self.store, self.model_row, out, fmt)

@@ -1,6 +1,6 @@
 """Vectors in and out of the library: Sophgo ``embeddings.pkl``, ``.npy`` + paths, Parquet, and the
-``ClipItems`` SQLite table of Horizon Robotics' CLIP ROS package (image rows ``type=1``, ``url`` the path,
-``feature`` raw native float32)."""
+``ClipItems`` SQLite table of D-Robotics' (Horizon Robotics') hobot_clip ROS node ``clip_manage`` (image
+rows ``type=1``, ``url`` the path, ``feature`` 512 raw native float32)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,23 @@ from clipworks.library.store import TEXT_ARG, ModelRow, Store, from_bytes, now, 
 
 FORMATS = ("pkl", "npy", "parquet", "clipitems")
 CLIPITEMS_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+# clip_manage's own table (ClipItemDatabase::createTable in src/database.cpp).
 CLIPITEMS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ClipItems (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp INTEGER, "
     "type BOOLEAN, name TEXT, text TEXT, url TEXT, feature BLOB, extra TEXT)"
 )
+ROBOT_COLUMNS = frozenset({"id", "timestamp", "type", "name", "text", "url", "feature", "extra"})
+# clip_manage's cosine_similarity reads 512 floats of every image row, whatever the row holds.
+ROBOT_DIM = 512
+KEEP_ROBOT_DB = "it is left as it was; export to a new .db file or to the robot's own clip.db"
+
+
+@dataclass
+class ExportReport:
+    count: int  # vectors written; into an existing ClipItems database, the rows added
+    written: list[Path]
+    skipped: int = 0  # photos whose url the ClipItems database already held: its row is kept as it was
+    merged: bool = False  # the rows went into an existing ClipItems database
 
 
 @dataclass
@@ -43,45 +56,131 @@ def format_of(path: Path, fmt: str | None) -> str:
     raise UsageError(f"cannot tell the format of {path}: name it .pkl, .npy, .parquet or .db, or pass --format")
 
 
-def export_vectors(store: Store, model: ModelRow, out: str | Path, fmt: str | None = None) -> tuple[int, list[Path]]:
-    """Write every present file's vector for ``model``; returns (count, files written)."""
+def export_vectors(store: Store, model: ModelRow, out: str | Path, fmt: str | None = None) -> ExportReport:
+    """Write every present file's vector for ``model``; a ClipItems database that exists gets the rows it lacks."""
     from clipworks.outputs import write_embeddings
 
     out = Path(out).expanduser()
     kind = format_of(out, fmt)
+    if kind == "clipitems":
+        if out.suffix.lower() not in CLIPITEMS_SUFFIXES:
+            raise UsageError(f"a ClipItems database must end in {', '.join(CLIPITEMS_SUFFIXES)}, not {out.name}")
+        check_robot_dim(model.name, model.dim)
+    elif out.suffix.lower() != f".{kind}":
+        raise UsageError(f"--format {kind} writes a .{kind} file; name the output {out.with_suffix('.' + kind)}")
     with store.snapshot():
         ids, matrix = store.live_vectors(model)
         names = store.paths_of(ids)
     paths = [names[int(i)] for i in ids]
     if kind == "clipitems":
-        if out.suffix.lower() not in CLIPITEMS_SUFFIXES:
-            raise UsageError(f"a ClipItems database must end in {', '.join(CLIPITEMS_SUFFIXES)}, not {out.name}")
-        return len(paths), [write_clipitems(out, paths, matrix)]
-    if out.suffix.lower() != f".{kind}":
-        raise UsageError(f"--format {kind} writes a .{kind} file; name the output {out.with_suffix('.' + kind)}")
-    return len(paths), write_embeddings(out, paths, matrix)
+        return write_clipitems(out, paths, matrix)
+    return ExportReport(len(paths), write_embeddings(out, paths, matrix))
 
 
-def write_clipitems(out: Path, paths: list[str], matrix: np.ndarray) -> Path:
-    """A fresh ClipItems database (written beside, then renamed into place)."""
+def check_robot_dim(model: str, dim: int) -> None:
+    if dim != ROBOT_DIM:
+        raise ClipworksError(
+            f"{model} makes {dim}-d vectors, but robot CLIP's clip_manage reads exactly {ROBOT_DIM} floats per "
+            f"image row: index the photos with a {ROBOT_DIM}-d model such as ViT-B-32::openai and export its vectors"
+        )
+
+
+def write_clipitems(out: Path, paths: list[str], matrix: np.ndarray) -> ExportReport:
+    """Add an image row per path to the ClipItems database ``out`` as clip_manage's storage mode does: a url
+    the database already holds is skipped and every row there is kept. An existing database changes in one
+    transaction (a failure leaves it as it was); a new one is written beside and renamed into place."""
+    if paths:
+        check_robot_dim("these vectors", matrix.shape[1])
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; name a ClipItems .db file to write")
+    if out.exists():
+        check_robot_table(out)
+        try:
+            added, skipped = _add_items(out, paths, matrix, out)
+        except sqlite3.Error as e:
+            raise ClipworksError(f"cannot add rows to {out} ({e}); it is left as it was") from e
+        return ExportReport(added, [out], skipped, merged=True)
     if not out.parent.is_dir():
         raise UsageError(f"folder {out.parent} for {out.name} does not exist; create it first")
-    with atomic_path(out) as tmp:
-        conn = sqlite3.connect(tmp)
+    try:
+        with atomic_path(out) as tmp:
+            added, _ = _add_items(tmp, paths, matrix, out)
+    except sqlite3.Error as e:
+        raise ClipworksError(f"cannot write {out} ({e}); nothing was written") from e
+    return ExportReport(added, [out])
+
+
+def check_robot_table(path: Path) -> None:
+    """Refuse a file clip_manage could not have written: not SQLite, SQLite with other tables (a clipworks
+    library, say), or a ClipItems table of other columns. An empty database (a 0-byte file) passes: it gets
+    the robot's table, as clip_manage's start-up gives it. Read as immutable: not even a -shm file appears."""
+    try:
+        conn = sqlite3.connect(read_only_uri(path, immutable=True), uri=True)
+        try:
+            tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            columns = {row[1].lower() for row in conn.execute("PRAGMA table_info(ClipItems)")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        raise UsageError(f"{path} is not a SQLite database ({e}); {KEEP_ROBOT_DB}") from e
+    if not columns:
+        if set(tables) - {"sqlite_sequence"}:
+            raise UsageError(
+                f"{path} is a SQLite database without a ClipItems table (it holds {', '.join(sorted(tables))}); "
+                f"{KEEP_ROBOT_DB}"
+            )
+        return
+    missing = sorted(ROBOT_COLUMNS - columns)
+    if missing:
+        raise UsageError(f"{path}'s ClipItems table has no {', '.join(missing)} column: it is not robot CLIP's; "
+                         f"{KEEP_ROBOT_DB}")  # fmt: skip
+
+
+def _check_robot_features(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse to add to a database whose image rows are not 512 floats: the robot did not write them, and
+    reads 512 floats of each anyway. Rows it reads as text (type 0; NULL reads as 0) are never read."""
+    bad, row_id, size = conn.execute(
+        "SELECT COUNT(*), MIN(id), length(feature) FROM ClipItems WHERE type != 0 AND length(feature) IS NOT ?",
+        (ROBOT_DIM * 4,),
+    ).fetchone()
+    if bad:
+        found = "no feature" if size is None else f"{size} bytes"
+        raise ClipworksError(
+            f"{path} holds {bad} image rows whose feature is not {ROBOT_DIM} float32 values (row {row_id}: {found}, "
+            f"not {ROBOT_DIM * 4}); clip_manage reads exactly {ROBOT_DIM} floats per row, so rows cannot be added "
+            f"to it: {KEEP_ROBOT_DB}"
+        )
+
+
+def _add_items(db: Path, paths: list[str], matrix: np.ndarray, name: Path) -> tuple[int, int]:
+    """(rows added, paths skipped because their url is there), committed whole or not at all; ``name`` is
+    the database as errors name it (``db`` may be its temporary twin)."""
+    native = np.ascontiguousarray(matrix, dtype=np.float32)  # native byte order, as the C++ node reads it
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.text_factory = bytes
+    try:
+        # The write lock before anything is read: nothing the robot stores meanwhile slips in between.
+        conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(CLIPITEMS_SCHEMA)
-            stamp = int(time.time() * 1000)
-            native = np.ascontiguousarray(matrix, dtype=np.float32)  # native byte order, as the C++ node reads it
+            _check_robot_features(conn, name)
+            known = {url for (url,) in conn.execute("SELECT url FROM ClipItems") if url is not None}
             # Names as their bytes, as the C++ node opens them (a name that is not UTF-8 stays exact).
+            new = [(i, url) for i, url in enumerate(map(to_bytes, paths)) if url not in known]
+            stamp = int(time.time() * 1000)  # milliseconds, as clip_manage stamps its rows
             conn.executemany(
                 "INSERT INTO ClipItems (timestamp, type, name, text, url, feature, extra) "
                 f"VALUES (?, 1, {TEXT_ARG}, '', {TEXT_ARG}, ?, '')",
-                [(stamp, to_bytes(os.path.basename(p)), to_bytes(p), native[i].tobytes()) for i, p in enumerate(paths)],
+                ((stamp, to_bytes(os.path.basename(paths[i])), url, native[i].tobytes()) for i, url in new),
             )
-            conn.commit()
-        finally:
-            conn.close()
-    return out
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return len(new), len(paths) - len(new)
 
 
 def read_clipitems(path: Path) -> tuple[list[str], np.ndarray]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
+from clipworks import ops
 from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
 from clipworks.library.store import ModelRow, Store
@@ -80,15 +81,26 @@ def parse_query(words: Sequence[str] = (), *, negatives: Sequence[str] = (), ima
     return terms
 
 
-def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """Normalise each vector, sum them with their weights, normalise the sum."""
-    vectors = np.asarray(vectors, np.float32)
-    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    query = (np.asarray(weights, np.float32)[:, None] * vectors).sum(axis=0)
-    norm = float(np.linalg.norm(query))
-    if norm < 1e-6:
+def query_texts(terms: Sequence[Term]) -> list[str]:
+    """The texts to encode for ``terms``, in order: the rows :func:`combine_terms` expects."""
+    return [t.value for t in terms if t.kind == "text"]
+
+
+def combine_terms(
+    terms: Sequence[Term], text_vectors: np.ndarray | None, image_vector: Callable[[str], np.ndarray]
+) -> np.ndarray:
+    """One query vector from parsed terms: each term's unit vector times its weight, summed, normalised.
+
+    ``text_vectors`` holds one row per :func:`query_texts` entry (encoded however the caller encodes:
+    directly, or on the service's worker); ``image_vector`` gives an image term's vector from its value.
+    """
+    texts = iter(() if text_vectors is None else text_vectors)
+    vectors = [next(texts) if t.kind == "text" else image_vector(t.value) for t in terms]
+    weights = np.asarray([t.weight for t in terms], np.float32)
+    query = (weights[:, None] * ops.l2_normalize(np.stack(vectors).astype(np.float32))).sum(axis=0)
+    if float(np.linalg.norm(query)) < 1e-6:
         raise UsageError("the query terms cancel out; weight the positive ones higher")
-    return (query / norm).astype(np.float32)
+    return ops.l2_normalize(query)
 
 
 class VectorIndex(Protocol):
@@ -123,8 +135,7 @@ class ExactIndex:
         scores = self.scores(query)
         if exclude:
             scores[np.isin(self.ids, np.asarray(exclude, np.int64))] = -np.inf
-        take = min(k, len(scores))
-        best = np.argpartition(-scores, take - 1)[:take] if take < len(scores) else np.arange(len(scores))
+        best, _ = ops.top_k(scores, k)
         best = best[np.lexsort((self.ids[best], -scores[best]))]  # by score, ties by id: reproducible
         best = best[np.isfinite(scores[best])]
         if threshold is not None:

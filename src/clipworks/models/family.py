@@ -44,6 +44,9 @@ class Family:
     summary: ClassVar[str]
     # Only towers whose output cannot see the padding may drop it: CLIP's causal mask, or a mask over pad ids.
     trims_text_padding: ClassVar[bool] = False
+    # The scale used where confidences must compare across models (structured categories, Hailo's matcher)
+    # instead of the bundle's own; None keeps the bundle's (a sigmoid's learned bias is fitted to its scale).
+    shared_scale: ClassVar[float | None] = None
 
     @classmethod
     def recognises(cls, config: dict[str, Any]) -> bool:
@@ -108,6 +111,8 @@ class ClipFamily(Family):
     name = "clip"
     summary = "CLIP BPE text tower, softmax over labels at logit_scale"
     trims_text_padding = True
+    # CLIP's trained value: OpenAI's logit_scale, and the cap open_clip clamps every CLIP training at.
+    shared_scale = 100.0
 
     def tokenizer(self, bundle: Bundle) -> TextTokenizer:
         from clipworks.tokenizer import ClipTokenizer

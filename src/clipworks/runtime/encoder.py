@@ -45,13 +45,18 @@ class ClipModel:
         precision: str = "auto",
         threads: int | None = None,
         preprocess: PreprocessMode = "exact",
+        profile: str = "open_clip",
     ) -> None:
+        """``profile``: whose pixels and token ids to reproduce, "open_clip" or "immich" (``clipworks.profiles``)."""
+        from clipworks.profiles import get_profile
+
         self.bundle = bundle
         self.device = device
         self.precision = resolve_precision(bundle, precision, device)
         self.threads = threads
         self.preprocess_mode: PreprocessMode = preprocess
         self.family: Family = family_for(bundle)
+        self.profile = get_profile(profile)
         bundle.graph("visual", self.precision)  # fail now, with the bundle's precisions, not at first use
 
     # -- facts -------------------------------------------------------------------------------------
@@ -73,9 +78,11 @@ class ClipModel:
 
     @cached_property
     def preprocess_cfg(self) -> Any:
+        from dataclasses import replace
+
         from clipworks.imaging import PreprocessConfig
 
-        return PreprocessConfig.from_dict(self.bundle.preprocess_cfg)
+        return replace(PreprocessConfig.from_dict(self.bundle.preprocess_cfg), profile=self.profile.name)
 
     # -- sessions (lazy) ---------------------------------------------------------------------------
     @cached_property
@@ -91,7 +98,7 @@ class ClipModel:
 
     @cached_property
     def tokenizer(self) -> TextTokenizer:
-        return self.family.tokenizer(self.bundle)
+        return self.profile.tokenizer(self.bundle, self.family)
 
     @property
     def providers(self) -> list[str]:
@@ -166,7 +173,8 @@ class ClipModel:
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
         # Families whose towers see the whole row (SigLIP) get full rows; CLIP's are cut to the longest.
-        full_rows = None if self.family.trims_text_padding else self.bundle.context_length
+        trims = self.family.trims_text_padding and self.profile.trims_text_padding
+        full_rows = None if trims else self.bundle.context_length
         fixed_length = self._static_text_length() or full_rows
         tokens = self.tokenizer.encode(texts, pad_to=self.bundle.context_length)
         lengths = (tokens != self.tokenizer.pad_id).sum(axis=1)
@@ -216,9 +224,15 @@ def load(
     threads: int | None = None,
     preprocess: PreprocessMode = "exact",
     download: bool = True,
+    profile: str = "open_clip",
 ) -> ClipModel:
-    """Load a model by registry name (pulled on first use unless ``download=False``) or bundle path."""
+    """Load a model by registry name (pulled on first use unless ``download=False``) or bundle path.
+
+    ``profile="immich"``: vectors as Immich's machine-learning service computes them (``clipworks.profiles``).
+    """
     from clipworks.models.store import ensure_bundle
 
     bundle = ensure_bundle(name_or_path, download=download)
-    return ClipModel(bundle, device=device, precision=precision, threads=threads, preprocess=preprocess)
+    return ClipModel(
+        bundle, device=device, precision=precision, threads=threads, preprocess=preprocess, profile=profile
+    )

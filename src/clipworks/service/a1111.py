@@ -29,7 +29,7 @@ from clipworks.service.limits import (
     decode_base64,
     fetch_image_url,
 )
-from clipworks.zeroshot import CategorySet, apply_template, parse_categories
+from clipworks.zeroshot import CategorySet, apply_template, category_labels, parse_categories
 
 router = APIRouter(tags=["automatic1111"])
 
@@ -125,13 +125,13 @@ async def interrogate_structured(body: StructuredRequest, request: Request) -> d
     template = body.template or state.settings.label_template
     try:
         categories = parse_categories(body.categories, "categories")
-        flat = [label for labels in categories.values() for label in labels]
-        prompts = apply_template(template, flat)
+        flat = category_labels(categories)
+        apply_template(template, flat)  # a bad template is refused (400) before the image is read
     except UsageError as e:
         raise HTTPException(status_code=400, detail=str(e)) from e
     pixels = await read_image(request, body.image)
-    text_emb, emb = await asyncio.gather(state.text_embeddings_cached(prompts), state.embed_images([pixels]))
-    cats = CategorySet.build(None, categories, template=template, encode=lambda _: text_emb)
+    bank, emb = await asyncio.gather(state.label_bank(flat, template), state.embed_images([pixels]))
+    cats = CategorySet(categories, bank)
     tags = await state.tag_index()
     s = state.settings
     interrogation = tags.interrogate(emb, s.threshold, s.top)[0]

@@ -8,6 +8,9 @@ Other features add routes through ``routers`` (the photo library's search and ga
 given ``--db``); their handlers reach the shared state as ``request.app.state.clip`` (``ServiceState``:
 ``embed_texts``, ``embed_images``, ``decode``, ``settings.db``) and the library object passed as
 ``library`` as ``request.app.state.clip.library``.
+
+With ``settings.immich`` the app also answers Immich's machine-learning API (``immich.py``: ``/ping``,
+``/predict``, and ``/`` unless a library's gallery owns it) from models Immich names per request.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipworks import __version__
 from clipworks.errors import BadBundle
-from clipworks.service import a1111, embeddings, health
+from clipworks.service import a1111, embeddings, health, immich
 from clipworks.service.batcher import QueueFull
 from clipworks.service.state import ModelUnavailable, ServiceSettings, ServiceState
 from clipworks.webguard import GuardPolicy, WebGuard
@@ -47,6 +50,11 @@ def create_app(
     """
     settings = settings or ServiceSettings()
     state = ServiceState(settings, model=model, library=library)
+    served_routers = [health.router, a1111.router, embeddings.router, *routers]
+    if settings.immich is not None:
+        state.immich = immich_models(state)
+        # First, so that Immich's "/" wins over the gallery's page when no library is served.
+        served_routers = [immich.router, *([immich.root_router] if library is None else []), *served_routers]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,10 +65,17 @@ def create_app(
             await run_in_threadpool(state.preload)
         elif not state.holder.loaded:
             log.info("model %s will load on the first request (start with --preload to load it now)", settings.model)
+        if state.immich is not None:
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(state.immich.preload)  # a no-op for names `clipworks serve` preloaded
+            state.immich.start()
         try:
             yield
         finally:
             state.batcher.stop()
+            if state.immich is not None:
+                state.immich.stop()
 
     app = FastAPI(
         title="clipworks",
@@ -73,7 +88,7 @@ def create_app(
     app.state.clip = state
     state.metrics = health.Metrics(state)
 
-    for router in (health.router, a1111.router, embeddings.router, *routers):
+    for router in served_routers:
         app.include_router(router)
 
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
@@ -92,6 +107,24 @@ def create_app(
     app.add_middleware(WebGuard, policy=policy)
     app.add_middleware(health.MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def immich_models(state: ServiceState) -> immich.ImmichModels:
+    """The model cache of the Immich routes: Immich's models loaded with the "immich" profile on the service's
+    device, precision and threads, each batched like the service's own model."""
+    from clipworks.runtime.encoder import load
+
+    s = state.settings
+
+    def open_model(source: str) -> Any:
+        try:
+            model = load(source, s.device, s.precision, threads=s.threads, profile="immich")
+            model.providers  # noqa: B018 -- open the image session now, not in the first request
+        except Exception as e:
+            raise ModelUnavailable(f"Immich model {source} could not be loaded: {e}") from e
+        return model
+
+    return immich.ImmichModels(s.immich, open_model, state.new_batcher)
 
 
 def _error_body(path: str, status: int, detail: Any) -> dict[str, Any]:

@@ -12,9 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from clipworks import ops
 from clipworks.errors import UsageError
+from clipworks.labelbank import LabelBank, Scoring, apply_template
 from clipworks.service.limits import ImageTooLarge, InvalidImage, decode_base64
-from clipworks.zeroshot import apply_template, classify_embeddings, softmax
+from clipworks.zeroshot import classify_embeddings
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
 
@@ -204,10 +206,8 @@ async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
     _check_count(request, len(blobs) + len(body.labels))
     template = _template(body.template or state.settings.label_template)
     pixels = await decode_images(request, blobs)
-    label_emb, image_emb = await asyncio.gather(
-        state.text_embeddings_cached(apply_template(template, body.labels)), state.embed_images(pixels)
-    )
-    rows = classify_embeddings(image_emb, label_emb, body.labels, state.model.logit_scale, body.top_k)
+    bank, image_emb = await asyncio.gather(state.label_bank(body.labels, template), state.embed_images(pixels))
+    rows = classify_embeddings(bank, image_emb, body.top_k)
     return {"model": state.holder.name, "results": [[s.to_dict() for s in row] for row in rows]}
 
 
@@ -220,10 +220,11 @@ async def rank(body: RankRequest, request: Request) -> dict[str, Any]:
     text_emb, image_emb = await asyncio.gather(
         state.embed_texts(apply_template(template, body.texts)), state.embed_images(pixels)
     )
-    scale = state.model.logit_scale
-    scores = (image_emb @ text_emb.T)[0]
-    probs = softmax(scale * scores)
-    order = np.argsort(-scores, kind="stable")
+    # Candidates may repeat, so they make a bank as they are rather than through label checks.
+    bank = LabelBank.from_encoded(body.texts, text_emb, Scoring.of(state.model), [template])
+    scores = bank.cosines(image_emb)[0]
+    probs = bank.scoring.probabilities(scores[None])[0]
+    order, _ = ops.top_k(scores, len(scores))
     ranking = [
         {"index": int(i), "text": body.texts[i], "score": float(scores[i]), "prob": float(probs[i])} for i in order
     ]

@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
-from clipworks.library.search import combine, parse_query
+from clipworks.library.search import combine_terms, parse_query, query_texts
 from clipworks.library.store import FileRow
 
 
@@ -207,18 +207,10 @@ async def search(
         terms = parse_query(words, images=[EXAMPLE] if example is not None else [])
     except UsageError as e:
         raise HTTPException(status_code=400, detail=str(e)) from e
-    texts = [t for t in terms if t.kind == "text"]
-    vectors: list[np.ndarray] = []
-    weights: list[float] = []
-    if texts:
-        vectors += list(await state.embed_texts([t.value for t in texts]))
-        weights += [t.weight for t in texts]
-    for term in terms:
-        if term.kind == "image":
-            vectors.append(example)  # type: ignore[arg-type]
-            weights.append(term.weight)
+    texts = query_texts(terms)
+    text_vectors = await state.embed_texts(texts) if texts else None
     try:
-        vector = combine(np.stack(vectors), weights)
+        vector = combine_terms(terms, text_vectors, lambda _: example)  # type: ignore[arg-type,return-value]
     except UsageError as e:
         raise HTTPException(status_code=400, detail=str(e)) from e
     results = await run_in_threadpool(ranked, library, vector, k)

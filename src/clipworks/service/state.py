@@ -11,16 +11,20 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from clipworks import settings as env
 from clipworks.errors import ClipworksError, ModelNotFound
+from clipworks.labelbank import LabelBank, Scoring
 from clipworks.service.batcher import Batcher
 from clipworks.service.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, decode_base64, decode_pixels
 from clipworks.zeroshot import DEFAULT_TEMPLATE, TAG_TEMPLATE, TagIndex, vocabulary
+
+if TYPE_CHECKING:
+    from clipworks.service.immich import ImmichModels, ImmichSettings
 
 log = logging.getLogger("clipworks.service")
 
@@ -58,6 +62,8 @@ class ServiceSettings:
     label_template: str = DEFAULT_TEMPLATE
     tags_cache_dir: Path | None = None
     label_cache_size: int = 256
+    # Immich's machine-learning API (``clipworks.service.immich``): None leaves its routes out.
+    immich: ImmichSettings | None = None
 
 
 class ModelUnavailable(ClipworksError):
@@ -156,7 +162,14 @@ class ServiceState:
         # test clients may run each request on a new event loop).
         self._tags: Future[TagIndex] | None = None
         self._tags_lock = threading.Lock()
-        self._labels: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self._banks: OrderedDict[tuple[str, ...], LabelBank] = OrderedDict()
+        self.immich: ImmichModels | None = None  # set by create_app when settings.immich is given
+
+    def new_batcher(self, model: Any) -> Batcher:
+        """A batcher for another model, with this service's batching limits and metrics (Immich's models)."""
+        s = self.settings
+        return Batcher(lambda: model, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+                       retry_after=s.retry_after, on_batch=self._on_batch)  # fmt: skip
 
     def _on_batch(self, kind: str, size: int, seconds: float) -> None:
         if self.metrics is not None:
@@ -184,18 +197,23 @@ class ServiceState:
     async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return await self.batcher.embed("text", texts)
 
-    async def text_embeddings_cached(self, prompts: Sequence[str]) -> np.ndarray:
-        """Embeddings of a label set, kept in a small LRU: clients send the same labels again and again."""
-        key = tuple(prompts)
-        hit = self._labels.get(key)
+    async def label_bank(self, labels: Sequence[str], template: str) -> LabelBank:
+        """The bank of a client's labels in ``template``, encoded on the worker and kept in a small LRU.
+
+        Clients send the same labels again and again; the LRU is in memory, not the bank's disk cache,
+        because every label set a client makes up would otherwise leave a file behind.
+        """
+        key = (template, *labels)
+        hit = self._banks.get(key)
         if hit is not None:
-            self._labels.move_to_end(key)
+            self._banks.move_to_end(key)
             return hit
-        emb = await self.embed_texts(prompts)
-        self._labels[key] = emb
-        while len(self._labels) > self.settings.label_cache_size:
-            self._labels.popitem(last=False)
-        return emb
+        rows = await self.embed_texts(LabelBank.prompts(labels, [template]))
+        bank = LabelBank.from_encoded(labels, rows, Scoring.of(self.model), [template])
+        self._banks[key] = bank
+        while len(self._banks) > self.settings.label_cache_size:
+            self._banks.popitem(last=False)
+        return bank
 
     # -- tags --------------------------------------------------------------------------------------
     async def tag_index(self) -> TagIndex:
@@ -211,7 +229,7 @@ class ServiceState:
         tags = s.tags if s.tags is not None else vocabulary("imagenet1k")
         t0 = time.perf_counter()
         index = TagIndex.build(model, tags, template=s.tag_template, cache_dir=s.tags_cache_dir)
-        how = "read from cache" if index.from_cache else "encoded"
+        how = "read from cache" if index.bank.from_cache else "encoded"
         log.info("%d interrogation tags %s in %.1f s", len(index.tags), how, time.perf_counter() - t0)
         return index
 

@@ -210,7 +210,7 @@ class StreamApp:
         if active and items:
             pixels = np.stack([self.model.preprocess(crop) for _, _, _, crop in items])
             emb = self.model.embed_image_batch(pixels)
-            results = match(emb, ps)
+            results = match(emb, ps, self.model)
         self.timer.add("clip", (time.perf_counter() - t0) * 1000)
         for (f, tid, box, _), r in zip(items, results, strict=False):
             self._record(f, tid, box, r, version)

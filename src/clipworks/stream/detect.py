@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from clipworks.errors import UsageError
+from clipworks.ops import sigmoid
 
 PERSON_CLASS = 0  # COCO
 
@@ -52,7 +53,7 @@ class HogPersonDetector:
         if len(rects) == 0:
             return _empty()
         rects = np.asarray(rects, np.float32).reshape(-1, 4) / self.upscale
-        scores = 1.0 / (1.0 + np.exp(-np.asarray(weights, np.float32).reshape(-1)))
+        scores = sigmoid(np.asarray(weights, np.float32).reshape(-1))
         boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
         keep = scores >= self.threshold
         boxes, scores = boxes[keep], scores[keep]

@@ -1,0 +1,235 @@
+"""Approximate nearest-neighbour search for libraries too large for an exact scan: HNSW through faiss.
+
+The graph only proposes candidates. Their scores are recomputed exactly from the full-precision matrix
+(the memory-mapped side file ``MatrixCache`` keeps), so every score shown is a true cosine and only recall
+is approximate. The graph stores vectors as f32, f16 or i8 (faiss' scalar quantiser) for a memory budget.
+
+faiss rather than usearch: both were measured (``benchmarks/bench_ann.py``), and usearch 2.26 loads its
+NumKong kernels with ``RTLD_GLOBAL``, after which torch's ONNX exporter fails in the same process ("Invalid
+function schema: conv2d"), so a program that searches and then exports would break. faiss' HNSW cannot
+delete nodes; it does not need to here, since a candidate whose photo is gone or whose vector changed is
+dropped or re-scored by the exact re-ranking anyway. Such dead nodes are counted, and once more than a
+fifth of the graph has changed since it was built it is rebuilt (recall decays as they pile up).
+
+The index lives beside the database as ``<db>-vectors/<library id>-m<model>.faiss`` with the file ids of
+its nodes (``.labels.npy``), a one-number signature of each node's vector (``.sig.npy``, to notice a
+re-embedded photo without reading vectors back), and a JSON of the generation it reflects, written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from clipworks.atomic import atomic_path, atomic_write_text
+from clipworks.errors import UsageError
+from clipworks.extras import require
+
+if TYPE_CHECKING:
+    from clipworks.library.search import ExactIndex
+
+AnnMode = Literal["auto", "on", "off"]
+AnnDtype = Literal["f32", "f16", "i8"]
+ANN_MODES = ("auto", "on", "off")
+ANN_DTYPES = ("f32", "f16", "i8")
+# Below this many photos an exact scan already answers in a few milliseconds on one core.
+ANN_MIN_ROWS = 100_000
+REBUILD_FRACTION = 0.2
+CONNECTIVITY = 32  # HNSW's M: links per node
+EXPANSION_ADD = 128  # efConstruction
+EXPANSION_SEARCH = 128  # efSearch
+# Candidates fetched per wanted hit before exact re-ranking: recall at k rises with it, cost barely.
+OVERSAMPLE = 4
+MIN_CANDIDATES = 64
+SIGNATURE_TOLERANCE = 1e-4
+_SIGNATURE_SEED = 20261202
+
+
+def check_ann_options(mode: str, dtype: str) -> None:
+    if mode not in ANN_MODES:
+        raise UsageError(f"ann mode must be one of {', '.join(ANN_MODES)}, not {mode!r}")
+    if dtype not in ANN_DTYPES:
+        raise UsageError(f"ann dtype must be one of {', '.join(ANN_DTYPES)}, not {dtype!r}")
+
+
+def wants_ann(mode: AnnMode, rows: int) -> bool:
+    return mode == "on" or (mode == "auto" and rows >= ANN_MIN_ROWS)
+
+
+@dataclass
+class AnnState:
+    """The JSON beside the graph: what it reflects. Written after the graph, so it marks a complete save."""
+
+    generation: int
+    dtype: str
+    dim: int
+    count: int  # live vectors it answers for
+    nodes: int  # nodes in the graph, dead ones included
+    changed_since_build: int
+
+
+def _faiss() -> Any:
+    require("faiss", "ann", "approximate search (--ann)")
+    import faiss
+
+    return faiss
+
+
+def signatures(matrix: np.ndarray, block: int = 65_536) -> np.ndarray:
+    """One number per row (its dot product with a fixed random direction): changes when the vector does."""
+    probe = np.random.default_rng(_SIGNATURE_SEED).standard_normal(matrix.shape[1]).astype(np.float32)
+    return np.concatenate([np.asarray(matrix[i : i + block], np.float32) @ probe for i in range(0, len(matrix), block)]
+                          or [np.zeros(0, np.float32)])  # fmt: skip
+
+
+class AnnIndex:
+    """HNSW candidates, exact re-ranking: the same ``top_k`` as ``ExactIndex`` (which it wraps)."""
+
+    def __init__(self, exact: ExactIndex, graph: Any, labels: np.ndarray) -> None:
+        self.exact = exact  # ids sorted ascending (Store.live_vectors), matrix rows in that order
+        self.graph = graph
+        self.labels = labels  # graph node -> file id
+        self.ids: np.ndarray = exact.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def top_k(
+        self, query: np.ndarray, k: int, threshold: float | None = None, exclude: Sequence[int] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.ids) == 0 or k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        query = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
+        want = min(self.graph.ntotal, max(k * OVERSAMPLE + len(exclude), MIN_CANDIDATES))
+        _, nodes = self.graph.search(query, want)
+        keys = np.unique(self.labels[nodes[0][nodes[0] >= 0]])  # a re-embedded photo may have two nodes
+        rows = np.searchsorted(self.ids, keys)
+        rows = rows[(rows < len(self.ids)) & (self.ids[np.minimum(rows, len(self.ids) - 1)] == keys)]  # live only
+        if exclude:
+            rows = rows[~np.isin(self.ids[rows], np.asarray(exclude, np.int64))]
+        scores = np.asarray(self.exact.matrix[rows] @ query[0], np.float32)  # rows ascending: mmap-friendly
+        order = np.lexsort((self.ids[rows], -scores))[:k]  # by score, ties by id: as the exact index
+        ids, scores = self.ids[rows[order]], scores[order]
+        if threshold is not None:
+            keep = scores >= threshold
+            ids, scores = ids[keep], scores[keep]
+        return ids, scores
+
+
+def _paths(folder: Path, library_id: int, model_id: int) -> tuple[Path, Path, Path, Path]:
+    base = folder / f"{library_id:016x}-m{model_id}"
+    return tuple(base.with_suffix(s) for s in (".faiss", ".labels.npy", ".sig.npy", ".faiss.json"))  # type: ignore[return-value]
+
+
+def _new_graph(dim: int, dtype: str, sample: np.ndarray) -> Any:
+    faiss = _faiss()
+    if dtype == "f32":
+        graph = faiss.IndexHNSWFlat(dim, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+    else:
+        kind = faiss.ScalarQuantizer.QT_fp16 if dtype == "f16" else faiss.ScalarQuantizer.QT_8bit
+        graph = faiss.IndexHNSWSQ(dim, kind, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = EXPANSION_ADD
+    graph.hnsw.efSearch = EXPANSION_SEARCH
+    if not graph.is_trained:  # the 8-bit quantiser learns each dimension's range
+        graph.train(np.ascontiguousarray(sample, np.float32))
+    return graph
+
+
+def _add(graph: Any, matrix: np.ndarray, rows: np.ndarray | None = None, block: int = 65_536) -> None:
+    # In blocks, so a memory-mapped matrix is paged in a slice at a time rather than all at once.
+    count = len(matrix) if rows is None else len(rows)
+    for start in range(0, count, block):
+        part = matrix[start : start + block] if rows is None else matrix[rows[start : start + block]]
+        graph.add(np.ascontiguousarray(part, np.float32))
+
+
+def _read_state(path: Path) -> AnnState | None:
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return AnnState(**json.loads(path.read_text(encoding="utf-8")))
+    return None
+
+
+def _open(files: tuple[Path, Path, Path, Path], state: AnnState) -> tuple[Any, np.ndarray, np.ndarray] | None:
+    graph_file, labels_file, sig_file, _ = files
+    try:
+        graph = _faiss().read_index(str(graph_file))
+        labels, sigs = np.load(labels_file), np.load(sig_file)
+    except Exception:  # faiss raises RuntimeError, numpy ValueError or OSError: any of them means rebuild
+        return None
+    if graph.ntotal != state.nodes or len(labels) != graph.ntotal or len(sigs) != graph.ntotal:
+        return None
+    return graph, labels.astype(np.int64), sigs.astype(np.float32)
+
+
+def sync_ann(
+    folder: Path,
+    key: tuple[int, int],
+    model_id: int,
+    exact: ExactIndex,
+    dtype: AnnDtype = "f16",
+    log: Callable[[str], None] = lambda _m: None,
+) -> AnnIndex:
+    """The library's HNSW index for ``key`` (library id, generation): opened, updated in place or rebuilt."""
+    library_id, generation = key
+    ids, matrix = exact.ids, exact.matrix
+    dim = int(matrix.shape[1])
+    files = _paths(folder, library_id, model_id)
+    state = _read_state(files[3])
+    opened = None
+    if state is not None and state.dtype == dtype and state.dim == dim:
+        opened = _open(files, state)
+    if opened is not None and state is not None and state.generation == generation:
+        return AnnIndex(exact, opened[0], opened[1])
+    current = signatures(matrix)
+    changed = 0
+    if opened is not None and state is not None:
+        graph, labels, sigs = opened
+        # The newest node of each file id is the one that counts (older ones are dead after a re-embed).
+        last = {int(label): node for node, label in enumerate(labels)}
+        nodes = np.array([last.get(int(i), -1) for i in ids], np.int64)
+        known = nodes >= 0
+        fresh = ~known
+        fresh[known] = np.abs(sigs[nodes[known]] - current[known]) > SIGNATURE_TOLERANCE
+        removed = len(last) - int(known.sum())
+        replaced = int(fresh.sum()) - int((~known).sum())
+        changed = state.changed_since_build + removed + int(fresh.sum())
+        if changed <= REBUILD_FRACTION * max(len(ids), 1):
+            rows = np.nonzero(fresh)[0]
+            _add(graph, matrix, rows)
+            labels = np.concatenate([labels, ids[rows]])
+            sigs = np.concatenate([sigs, current[rows]])
+            log(f"ann index: +{len(rows) - replaced} -{removed} vectors ({replaced} replaced)")
+        else:
+            opened = None
+    if opened is None:
+        log(f"ann index: building HNSW over {len(ids)} vectors ({dtype})")
+        sample = matrix[:: max(1, len(ids) // 100_000)]
+        graph, labels, sigs, changed = _new_graph(dim, dtype, sample), ids.copy(), current, 0
+        _add(graph, matrix)
+    folder.mkdir(parents=True, exist_ok=True)
+    graph_file, labels_file, sig_file, state_file = files
+    with atomic_path(graph_file) as tmp:
+        _faiss().write_index(graph, str(tmp))
+    for target, array in ((labels_file, labels), (sig_file, sigs)):
+        with atomic_path(target) as tmp, tmp.open("wb") as fh:
+            np.save(fh, array)
+    saved = AnnState(generation, dtype, dim, len(ids), int(graph.ntotal), changed)
+    atomic_write_text(state_file, json.dumps(asdict(saved)) + "\n")
+    return AnnIndex(exact, graph, labels)
+
+
+def describe_ann(folder: Path, key: tuple[int, int], model_id: int, dtype: AnnDtype) -> str:
+    """The saved HNSW index in words, without opening it: what ``index status`` prints."""
+    graph_file, *_, state_file = _paths(folder, key[0], model_id)
+    state = _read_state(state_file)
+    if state is None or not graph_file.is_file():
+        return f"HNSW ({dtype}), not built yet: the next query or `index add` builds it"
+    fresh = "current" if state.generation == key[1] else "updated at the next query"
+    size = graph_file.stat().st_size / 2**20
+    return f"HNSW ({state.dtype}, {state.count} vectors, {size:.0f} MiB, {fresh}) + exact re-rank"

@@ -1,0 +1,154 @@
+"""Approximate search: recall against exact, exact scores, incremental updates, rebuilds, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipworks.cli.main import main
+from clipworks.library import Library
+from clipworks.library.ann import REBUILD_FRACTION, AnnIndex, sync_ann
+from clipworks.library.search import ExactIndex
+from clipworks.ops import l2_normalize
+from library_helpers import make_variants
+
+DIM = 32
+KEY = (0x1234, 1)
+
+
+def clustered(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
+    """Unit vectors around random centres: neighbourhoods as real embeddings have them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, DIM))
+    rows = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, DIM))
+    return l2_normalize(rows.astype(np.float32))
+
+
+def exact_of(ids: np.ndarray, matrix: np.ndarray) -> ExactIndex:
+    order = np.argsort(ids)
+    return ExactIndex(ids[order].astype(np.int64), np.ascontiguousarray(matrix[order]))
+
+
+@pytest.fixture(scope="module")
+def base() -> ExactIndex:
+    return exact_of(np.arange(10, 2010, dtype=np.int64) * 3, clustered(2000))
+
+
+def recall_at_10(ann: AnnIndex, exact: ExactIndex, queries: np.ndarray) -> float:
+    found = 0
+    for q in queries:
+        want = set(exact.top_k(q, 10)[0].tolist())
+        found += len(want & set(ann.top_k(q, 10)[0].tolist()))
+    return found / (10 * len(queries))
+
+
+def test_recall_and_scores_are_exact_cosines(tmp_path: Path, base: ExactIndex) -> None:
+    ann = sync_ann(tmp_path, KEY, 1, base, "f16")
+    queries = clustered(50, seed=1)
+    assert recall_at_10(ann, base, queries) >= 0.95
+    for q in queries[:10]:
+        ids, scores = ann.top_k(q, 10)
+        rows = np.searchsorted(base.ids, ids)
+        np.testing.assert_allclose(scores, base.matrix[rows] @ q, rtol=0, atol=1e-6)
+        assert np.all(np.diff(scores) <= 0)
+
+
+def test_threshold_and_exclude(tmp_path: Path, base: ExactIndex) -> None:
+    ann = sync_ann(tmp_path, KEY, 1, base, "i8")
+    q = base.matrix[5]
+    ids, _ = ann.top_k(q, 5)
+    assert ids[0] == base.ids[5]
+    ids_excl, _ = ann.top_k(q, 5, exclude=[int(base.ids[5])])
+    assert int(base.ids[5]) not in ids_excl.tolist()
+    _, scores = ann.top_k(q, 50, threshold=0.8)
+    assert len(scores) and scores.min() >= 0.8
+
+
+def test_saved_index_is_reopened_not_rebuilt(tmp_path: Path, base: ExactIndex) -> None:
+    logs: list[str] = []
+    sync_ann(tmp_path, KEY, 1, base, "f16", logs.append)
+    assert any("building" in m for m in logs)
+    logs.clear()
+    again = sync_ann(tmp_path, KEY, 1, base, "f16", logs.append)
+    assert logs == [] and len(again) == len(base)
+    state = json.loads(next(tmp_path.glob("*.faiss.json")).read_text())
+    assert state["generation"] == KEY[1] and state["count"] == len(base)
+
+
+def test_update_in_place_adds_removes_and_replaces(tmp_path: Path, base: ExactIndex) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "f16")
+    ids, matrix = base.ids.copy(), np.array(base.matrix)
+    removed = ids[:100]
+    changed_id = int(ids[200])
+    new_vector = l2_normalize(np.random.default_rng(7).standard_normal(DIM).astype(np.float32))
+    matrix[200] = new_vector
+    added_ids = np.arange(100_000, 100_150, dtype=np.int64)
+    new = exact_of(np.concatenate([ids[100:], added_ids]), np.concatenate([matrix[100:], clustered(150, seed=3)]))
+    logs: list[str] = []
+    ann = sync_ann(tmp_path, (KEY[0], 2), 1, new, "f16", logs.append)
+    assert logs == ["ann index: +150 -100 vectors (1 replaced)"]
+    assert ann.graph.ntotal == len(base) + 151  # dead nodes stay until a rebuild; re-ranking skips them
+    for q in base.matrix[:100]:  # the removed photos' own vectors never bring them back
+        assert not set(ann.top_k(q, 20)[0].tolist()) & set(removed.tolist())
+    assert ann.top_k(new_vector, 1)[0][0] == changed_id
+    assert ann.top_k(new.matrix[-1], 1)[0][0] == added_ids[-1]
+    assert recall_at_10(ann, new, clustered(30, seed=4)) >= 0.95
+
+
+def test_drift_past_the_limit_rebuilds(tmp_path: Path, base: ExactIndex) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "f16")
+    keep = int(len(base) * (1 - REBUILD_FRACTION)) - 10
+    smaller = exact_of(base.ids[:keep], np.array(base.matrix[:keep]))
+    logs: list[str] = []
+    sync_ann(tmp_path, (KEY[0], 2), 1, smaller, "f16", logs.append)
+    assert any("building" in m for m in logs)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "state-only"])
+def test_damaged_or_missing_graph_is_rebuilt(tmp_path: Path, base: ExactIndex, damage: str) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "f16")
+    graph = next(tmp_path.glob("*.faiss"))
+    if damage == "garbage":
+        graph.write_bytes(b"not an index" * 100)
+    elif damage == "truncated":
+        graph.write_bytes(graph.read_bytes()[:1000])
+    else:
+        graph.unlink()
+    logs: list[str] = []
+    ann = sync_ann(tmp_path, KEY, 1, base, "f16", logs.append)
+    assert any("building" in m for m in logs)
+    assert recall_at_10(ann, base, clustered(20, seed=5)) >= 0.95
+
+
+def test_other_dtype_rebuilds(tmp_path: Path, base: ExactIndex) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "f16")
+    logs: list[str] = []
+    sync_ann(tmp_path, KEY, 1, base, "i8", logs.append)
+    assert any("building" in m and "i8" in m for m in logs)
+
+
+def test_library_with_ann_on_answers_as_exact_and_says_so(tmp_path: Path, vit_bundle: Path, photos, capsys) -> None:
+    folder = tmp_path / "photos"
+    make_variants(photos, folder, 12)
+    db = tmp_path / "lib.db"
+    code = main(["index", "add", str(folder), "--db", str(db), "--model", str(vit_bundle), "--ann", "on"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    with Library(db, ann="off") as exact_lib, Library(db, ann="on") as ann_lib:
+        assert isinstance(ann_lib.searcher(), AnnIndex)
+        for query in ("a dog", "a red building at night"):
+            assert ann_lib.search(query, top_k=5) == exact_lib.search(query, top_k=5)
+    assert main(["index", "status", "--db", str(db), "--ann", "on", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["search_index"].startswith("HNSW (f16, 12 vectors")
+    assert main(["index", "status", "--db", str(db)]) == 0
+    assert "search index: exact (below 100000 photos)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "bad"), [(["--ann", "maybe"], "maybe"), (["--ann-dtype", "f8"], "f8")])
+def test_bad_ann_options_are_one_line(tmp_path: Path, capsys, args: list[str], bad: str) -> None:
+    code = main(["search", "dog", "--db", str(tmp_path / "none.db"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and bad in err and len(err.strip().splitlines()) == 1
