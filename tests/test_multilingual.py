@@ -240,3 +240,24 @@ def test_serve_embeds_multilingual_texts_as_open_clip(request, kind, tmp_path, s
     with torch.no_grad():
         expected = _unit(src.model.encode_text(open_clip.get_tokenizer(src.arch)(texts)).numpy())
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_video_show_pred_labels_a_frame_with_multilingual_prompts(capsys, request, kind, test_data) -> None:
+    import re
+
+    from clipworks.video.features import iter_feature_batches
+    from clipworks.video.frames import plan_sampling, probe
+
+    bundle = request.getfixturevalue(f"{kind}_bundle")
+    video = test_data / "videos" / "v_GGSY1Qvo990.mp4"
+    texts = ["ein Hund lächelt", "一个女人在举重", "🐶"]
+    code, out, err = run(capsys, "video", "features", video, "--model", bundle, "--extraction-fps", 1,
+                         "--show-pred", "--pred-texts", *texts)  # fmt: skip
+    assert code == 0, err
+    blocks = re.findall(r"  Logits \| Prob\. \| Label \n((?:.+\n)+)\n", out)
+    assert len(blocks) == 18  # one per sampled frame
+    clip = ClipModel(load_bundle(bundle), device="cpu")
+    _, first = next(iter_feature_batches(clip, video, plan_sampling(probe(video), 1), batch_size=1))
+    cosines = _unit(first[0]) @ clip.encode_texts(texts).T
+    assert [line.split(" | ")[2] for line in blocks[0].splitlines()] == [texts[i] for i in np.argsort(-cosines)]
