@@ -126,3 +126,61 @@ def serve_app(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def xlm_roberta_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/model_configs/tiny-xlm-roberta.json (open_clip's xlm-roberta-base-ViT-B-32 shape: Hugging Face
+    XLM-RoBERTa text tower, mean pooling, MLP projection, CLIP's softmax) with a 2-layer XLM-R and its tokenizer."""
+    from tiny_towers import build_xlm_roberta, point_at
+
+    root = tmp_path_factory.mktemp("xlm-roberta")
+    return point_at(
+        MODEL_CONFIGS / "tiny-xlm-roberta.json", build_xlm_roberta(root / "hf"), root / "tiny-xlm-roberta.json"
+    )
+
+
+@pytest.fixture(scope="session")
+def nllb_siglip_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/model_configs/tiny-nllb-siglip.json (open_clip's nllb-clip-base-siglip shape: NLLB's encoder as text
+    tower, first-token pooling, linear projection, SigLIP's sigmoid with a bias) with a 2-layer NLLB and tokenizer."""
+    from tiny_towers import build_nllb, point_at
+
+    root = tmp_path_factory.mktemp("nllb-siglip")
+    return point_at(MODEL_CONFIGS / "tiny-nllb-siglip.json", build_nllb(root / "hf"), root / "tiny-nllb-siglip.json")
+
+
+@pytest.fixture(scope="session")
+def mobileclip_config() -> Path:
+    """tests/model_configs/tiny-mobileclip.json (MobileCLIP-S1/S2's shape: a timm FastViT-MCi image tower, CLIP
+    text without a causal mask), its image tower the tiny FastViT-MCi that ``tiny_towers`` registers with timm."""
+    from tiny_towers import register_tiny_fastvit
+
+    register_tiny_fastvit()
+    return MODEL_CONFIGS / "tiny-mobileclip.json"
+
+
+def _export_config(tmp_path_factory: pytest.TempPathFactory, config: Path) -> Path:
+    from clipworks.export import export_model
+
+    out = tmp_path_factory.mktemp("bundles") / config.stem
+    export_model(str(config), out, pretrained="random", log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def xlm_roberta_bundle(tmp_path_factory: pytest.TempPathFactory, xlm_roberta_config: Path) -> Path:
+    """The tiny XLM-RoBERTa CLIP exported (fp32): family "multilingual", XLM-R tokenizer files."""
+    return _export_config(tmp_path_factory, xlm_roberta_config)
+
+
+@pytest.fixture(scope="session")
+def nllb_siglip_bundle(tmp_path_factory: pytest.TempPathFactory, nllb_siglip_config: Path) -> Path:
+    """The tiny NLLB-SigLIP exported (fp32): family "multilingual-siglip", a logit_bias, NLLB tokenizer files."""
+    return _export_config(tmp_path_factory, nllb_siglip_config)
+
+
+@pytest.fixture(scope="session")
+def mobileclip_bundle(tmp_path_factory: pytest.TempPathFactory, mobileclip_config: Path) -> Path:
+    """The tiny MobileCLIP exported (fp32), its image tower re-parameterised."""
+    return _export_config(tmp_path_factory, mobileclip_config)

@@ -130,7 +130,13 @@ def test_the_shipped_open_clip_facts_are_the_installed_open_clips() -> None:
         ("ViT-B-16-SigLIP::webli", "siglip", "hf-hub:timm/ViT-B-16-SigLIP", "apache-2.0"),
         ("MobileCLIP-S2::datacompdr", "clip", "hf-hub:apple/MobileCLIP-S2-OpenCLIP", "apple-amlr"),
         ("ViT-H-14-quickgelu::dfn5b", "clip", "hf-hub:apple/DFN5B-CLIP-ViT-H-14", "apple-ascl"),
-        ("nllb-clip-base-siglip::v1", "siglip", "hf-hub:visheratin/nllb-clip-base-siglip", "cc-by-nc-4.0"),
+        ("nllb-clip-base-siglip::v1", "multilingual-siglip", "hf-hub:visheratin/nllb-clip-base-siglip", "cc-by-nc-4.0"),
+        (
+            "xlm-roberta-base-ViT-B-32::laion5b_s13b_b90k",
+            "multilingual",
+            "hf-hub:laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k",
+            "mit",
+        ),
     ],
 )
 def test_records_know_their_family_source_and_licence(name: str, family: str, source: str, licence: str) -> None:
@@ -508,7 +514,10 @@ def test_models_list_filters_by_family_and_by_ready_bundle(home: Path, capsys: p
 def test_models_list_refuses_an_unknown_family(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "list", "--family", "sigclip"]) == 2
     err = capsys.readouterr().err
-    assert "--family 'sigclip' is not a model family; choose from clip, siglip" in err and err.count("\n") == 1
+    assert (
+        "--family 'sigclip' is not a model family; choose from clip, multilingual, multilingual-siglip, siglip" in err
+        and err.count("\n") == 1
+    )
 
 
 def test_models_list_shows_cached_random_exports(

@@ -16,8 +16,8 @@ DEFAULT_OPSET = 18
 def _text_tower(model: Any) -> Any | None:
     """The module that owns the text transformer, when it is open_clip's own causal transformer.
 
-    Hugging Face text towers (``HFTextEncoder``) and towers with a CLS token or padding mask are
-    left to open_clip's own ``encode_text`` at full context length.
+    Other towers are left to open_clip's own ``encode_text``: Hugging Face ones (``HFTextEncoder``) at any
+    length (they mask padding), towers with a CLS token, a padding mask or no causal mask at full length.
     """
     owner = model.text if hasattr(model, "text") else model
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
@@ -28,8 +28,34 @@ def _text_tower(model: Any) -> Any | None:
     return owner
 
 
+def _masks_padding(model: Any) -> bool:
+    """Whether the text tower is open_clip's Hugging Face adapter (XLM-RoBERTa, NLLB, mT5, ...).
+
+    ``HFTextEncoder`` derives its attention mask from the pad id and pools only unmasked positions, so the
+    graph takes token ids alone (as Immich's do) and rows padded to any length give the same embedding.
+    """
+    from open_clip.hf_model import HFTextEncoder
+
+    return isinstance(getattr(model, "text", None), HFTextEncoder)
+
+
 def supports_dynamic_text_length(model: Any) -> bool:
-    return _text_tower(model) is not None
+    return _text_tower(model) is not None or _masks_padding(model)
+
+
+def inference_model(model: Any) -> Any:
+    """The model as its image tower is deployed: re-parameterised if that has train-time branches, else itself.
+
+    The image towers of MobileCLIP-S and MobileCLIP2-S (timm's FastViT-MCi) train with parallel conv/BN branches
+    that fold into single convolutions for inference (timm's ``reparameterize_model``); MobileCLIP-B's ViT has
+    none and is exported as it is. The folded graph is smaller and faster and gives the same embeddings, which
+    the export check confirms against the unfolded source model: a copy is folded, the source is left as it was.
+    """
+    if not any(callable(getattr(m, "reparameterize", None)) for m in model.visual.modules()):
+        return model
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(model).eval()
 
 
 def build_wrappers(model: Any) -> tuple[Any, Any]:
@@ -39,7 +65,7 @@ def build_wrappers(model: Any) -> tuple[Any, Any]:
     class ImageEncoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            self.model = inference_model(model)
 
         def forward(self, image: torch.Tensor) -> torch.Tensor:
             return self.model.encode_image(image)
@@ -96,7 +122,7 @@ def export_towers(
     import torch
 
     image_encoder, text_encoder = build_wrappers(model)
-    dynamic_text = batch is None and text_encoder.tower is not None
+    dynamic_text = batch is None and supports_dynamic_text_length(model)
     example_batch = batch or 2
     image = torch.randn(example_batch, 3, *image_size)
     text_length = 8 if dynamic_text else context_length

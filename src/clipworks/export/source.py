@@ -75,7 +75,7 @@ def load_source_model(model: str, pretrained: str = "openai", seed: int = 0) -> 
     if pretrained == RANDOM:
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns "no weights"
         torch.manual_seed(seed)
-        net = open_clip.create_model(arch, pretrained=None)
+        net = _create_untrained(open_clip, arch)
         tag = RANDOM
     elif ckpt.suffix in {".pt", ".pth", ".bin", ".safetensors", ".npz"} or ckpt.exists():
         if not ckpt.is_file():
@@ -181,13 +181,22 @@ def _create_pretrained(open_clip: Any, arch: str, tag: str) -> Any:
         root.setLevel(root_level)
 
 
+def _create_untrained(open_clip: Any, arch: str) -> Any:
+    """The architecture with random weights, Hugging Face text towers (XLM-RoBERTa, NLLB) included.
+
+    Unasked, open_clip fills an untrained Hugging Face text tower with that model's published weights: a
+    download, which a random export must not need and a checkpoint then overwrites anyway.
+    """
+    return open_clip.create_model(arch, pretrained=None, pretrained_text=False)
+
+
 def _load_checkpoint(open_clip: Any, torch: Any, arch: str, path: Path) -> Any:
     """Load an OpenAI-format file (TorchScript archive or state dict, as CLIP-custom.pth) or an open_clip one."""
     try:
         return open_clip.load_openai_model(str(path), device="cpu")
     except Exception:
         pass  # not OpenAI format: try open_clip's own checkpoint layout
-    net = open_clip.create_model(arch, pretrained=None)
+    net = _create_untrained(open_clip, arch)
     try:
         open_clip.load_checkpoint(net, str(path))
     except Exception as e:
@@ -203,7 +212,12 @@ def _config_for(net: Any, config: dict[str, Any]) -> dict[str, Any]:
     config = dict(config)
     config.setdefault("embed_dim", int(net.text_projection.shape[-1]) if hasattr(net, "text_projection") else None)
     text_cfg = dict(config.get("text_cfg", {}))
-    text_cfg.setdefault("context_length", int(getattr(net, "context_length", 77)))
+    # A Hugging Face text tower reports its position table (514 for XLM-R) as its context length, but open_clip's
+    # tokenizer pads and cuts its prompts at text_cfg's context_length, 77 unless set: so must the runtime.
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH
+
+    own_length = DEFAULT_CONTEXT_LENGTH if "hf_model_name" in text_cfg else int(getattr(net, "context_length", 77))
+    text_cfg.setdefault("context_length", own_length)
     text_cfg.setdefault("vocab_size", int(getattr(net, "vocab_size", 49408)))
     config["text_cfg"] = text_cfg
     return config

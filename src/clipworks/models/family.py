@@ -42,7 +42,7 @@ class Family:
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    # Only towers whose end-of-text output cannot see later positions (CLIP's causal mask) may drop padding.
+    # Only towers whose output cannot see the padding may drop it: CLIP's causal mask, or a mask over pad ids.
     trims_text_padding: ClassVar[bool] = False
     # The scale used where confidences must compare across models (structured categories, Hailo's matcher)
     # instead of the bundle's own; None keeps the bundle's (a sigmoid's learned bias is fitted to its scale).
@@ -154,3 +154,46 @@ class SiglipFamily(Family):
             )
         logits = logit_scale * np.asarray(cosines, dtype=np.float64) + logit_bias
         return ops.sigmoid(logits)
+
+
+def _hugging_face_text_tower(config: dict[str, Any]) -> bool:
+    """Whether an open_clip config's text tower is a Hugging Face model (``HFTextEncoder``: XLM-R, NLLB, mT5)."""
+    return bool(config.get("text_cfg", {}).get("hf_model_name"))
+
+
+@register_family
+class MultilingualFamily(Family):
+    """open_clip's Hugging Face text towers trained with CLIP's softmax loss: LAION's XLM-RoBERTa models (and
+    NLLB, mT5 and RoBERTa ones, built the same way). The tokenizer file is read as it defines itself
+    (SentencePiece pieces between ``<s>`` and ``</s>``, the ``<pad>`` id). The tower masks the pad positions
+    and pools only the others, so rows may be cut to the longest prompt.
+    """
+
+    name = "multilingual"
+    summary = "Hugging Face text tower (XLM-RoBERTa, NLLB, mT5): its tokenizer.json, padding masked, softmax"
+    trims_text_padding = True
+
+    @classmethod
+    def recognises(cls, config: dict[str, Any]) -> bool:
+        return _hugging_face_text_tower(config) and "init_logit_bias" not in config
+
+    def tokenizer(self, bundle: Bundle) -> TextTokenizer:
+        from clipworks.file_tokenizer import FileTokenizer
+
+        return FileTokenizer.for_open_clip(bundle.textual_dir, bundle.config)
+
+
+@register_family
+class MultilingualSiglipFamily(SiglipFamily):
+    """NLLB-SigLIP: NLLB's encoder as the text tower (its first output, the language-code token, pooled) trained
+    with SigLIP's sigmoid loss. Scored as SigLIP; unlike SigLIP's own text tower it masks padding, so rows may be
+    cut to the longest prompt. The tokenizer file's post-processor puts ``eng_Latn`` first, as open_clip's does.
+    """
+
+    name = "multilingual-siglip"
+    summary = "NLLB-SigLIP: NLLB tokenizer.json, padding masked, sigmoid(logit_scale * cos + logit_bias)"
+    trims_text_padding = True
+
+    @classmethod
+    def recognises(cls, config: dict[str, Any]) -> bool:
+        return _hugging_face_text_tower(config) and "init_logit_bias" in config
