@@ -191,6 +191,44 @@ def test_zeroshot_accuracy_equals_open_clips(capsys, vit_bundle, files, scenes, 
     assert {c["class"] for c in got["per_class"]} == set(names)
 
 
+@pytest.mark.parametrize("kind", ["csv", "json"])
+def test_csv_and_json_listings_score_as_open_clip(capsys, vit_bundle, files, scenes, reference, tmp_path, kind):
+    """The folder's images listed as path,label (CSV: relative to the file, JSON: absolute) score the same."""
+    _, _, labels = scenes
+    rows = [(p.relative_to(files["folder"].parent), p.parent.name) for p in sorted(files["folder"].rglob("*.png"))]
+    listing = files["folder"].parent / f"listing.{kind}"
+    if kind == "csv":
+        listing.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
+    else:
+        listing.write_text(json.dumps([{"path": str(listing.parent / p), "label": label} for p, label in rows]))
+    code, out, err = run(
+        capsys, "eval", "zeroshot", listing, "--classes", files["classes"], "--templates", files["templates"],
+        "--json", "-m", vit_bundle, "--precision", "fp32",
+    )  # fmt: skip
+    assert code == 0, err
+    got = json.loads(out)
+    assert (got["n"], got["top1"], got["top5"]) == (len(labels), reference[0] / len(labels), reference[1] / len(labels))
+
+
+def test_classes_file_names_wordnet_style_folders_in_order(capsys, vit_bundle, tmp_path, scenes, source_model):
+    """Folders named by id (n000, n001, ...) take --classes line i as class i, as ImageNet's lists are used."""
+    names, images, labels = scenes
+    folder = write_image_folder(tmp_path / "val", [f"n{i:03d}" for i in range(len(names))], images, labels)
+    (tmp_path / "names.txt").write_text("\n".join(names))
+    code, out, err = run(
+        capsys, "eval", "zeroshot", folder, "--classes", tmp_path / "names.txt", "--templates", "cifar10",
+        "--json", "-m", vit_bundle, "--precision", "fp32",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "'n000' is 'baboon'" in err
+    got = json.loads(out)
+    from clipworks.eval.datasets import shipped_set
+
+    top1, top5, per_class = open_clip_topk(source_model("tiny-vit"), images, labels, names, shipped_set("cifar10")[1])
+    assert (got["top1"], got["top5"], got["templates"]) == (top1 / len(labels), top5 / len(labels), 18)
+    assert {c["class"]: round(c["top1"] * c["n"]) for c in got["per_class"]} == per_class
+
+
 def test_shipped_cifar10_names_bring_openais_templates(capsys, vit_bundle, tmp_path, scenes, source_model) -> None:
     """A CIFAR-10 file with CIFAR-10's own names is scored with the 18 CIFAR templates of CLIP's paper."""
     from clipworks.eval.datasets import shipped_set
@@ -274,6 +312,15 @@ def test_unreadable_images_are_skipped_named_and_counted(capsys, vit_bundle, fil
 @pytest.fixture(scope="module")
 def probe_scenes(photos):
     return _scenes(photos[:6], per_class=8)
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """Dozens of tiny L-BFGS fits: on a busy machine BLAS threads contending for cores cost them 5-10x."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
 
 
 def test_probe_on_an_image_folder_equals_sklearn_on_torch_embeddings(

@@ -169,6 +169,9 @@ def probe(
     from clipworks.eval.datasets import has_train_split, load_dataset, match_classes
     from clipworks.eval.embed import embed_dataset
     from clipworks.eval.probe import DEFAULT_C_GRID, fit_probe, split_train_test
+    from clipworks.extras import require
+
+    require("sklearn", "eval", "clipworks eval probe")
 
     for flag, fraction in (("--test-fraction", test_fraction), ("--validation-fraction", validation_fraction)):
         if not 0 < fraction < 1:

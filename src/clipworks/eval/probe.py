@@ -48,10 +48,11 @@ class ProbeResult:
 
 
 def _sklearn() -> Any:
-    try:
-        from sklearn import linear_model, model_selection
-    except ImportError as e:
-        raise UsageError("the linear probe needs scikit-learn: pip install 'clipworks[eval]'") from e
+    from clipworks.extras import require
+
+    require("sklearn", "eval", "the linear probe")
+    from sklearn import linear_model, model_selection
+
     return linear_model, model_selection
 
 
