@@ -377,6 +377,10 @@ class _Exploit:
         return (os.system, ("touch pwned",))
 
 
+_NEEDS_FOLDER = {"empty-class", "classes-missing", "classes-file-missing", "empty-classes-file", "no-brace",
+                 "bad-compare", "bad-split"}  # fmt: skip
+
+
 def _break(kind: str, root: Path, scenes) -> list[str]:
     """Build one kind of bad input under ``root``; the extra arguments for ``eval zeroshot``."""
     names, images, labels = scenes
@@ -384,7 +388,7 @@ def _break(kind: str, root: Path, scenes) -> list[str]:
     if kind.startswith("cifar"):
         write_cifar10(cifar, names, images, labels)
     folder = root / "folder"
-    if kind in ("empty-class", "classes-missing", "empty-classes-file", "no-brace", "bad-compare", "bad-split"):
+    if kind in _NEEDS_FOLDER:
         write_image_folder(folder, names, images[:6], labels[:6])
     batch = cifar / "test_batch"
     match kind:
@@ -416,6 +420,8 @@ def _break(kind: str, root: Path, scenes) -> list[str]:
         case "classes-missing":
             (root / "c.txt").write_text("dog\ncat\nbird\n")
             return [str(folder), "--classes", str(root / "c.txt")]
+        case "classes-file-missing":
+            return [str(folder), "--classes", str(root / "nowhere.txt")]
         case "empty-classes-file":
             (root / "c.txt").write_text("# nothing\n\n")
             return [str(folder), "--classes", str(root / "c.txt")]
@@ -448,7 +454,8 @@ HOSTILE = [
     ("empty-class", "zebra has no images"),
     ("no-classes", "no class sub-folders"),
     ("classes-missing", "are not in --classes"),
-    ("empty-classes-file", "is empty"),
+    ("classes-file-missing", "nowhere.txt: cannot read"),
+    ("empty-classes-file", "no labels in the file"),
     ("no-brace", "has no '{}'"),
     ("bad-compare", "'fp32,fp8'"),
     ("bad-split", "--split"),

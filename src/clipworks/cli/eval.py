@@ -80,9 +80,9 @@ def zeroshot(
         raise UsageError(f"--split must be test or train, not {split!r}")
     precisions = _precisions(compare) if compare else [precision]
     data = load_dataset(dataset, split)
-    given = load_lines(classes, "--classes", lambda name: shipped_set(name)[0]) if classes else None
+    given = load_lines(classes, lambda name: shipped_set(name)[0]) if classes else None
     match = match_classes(data, given)
-    prompts = load_lines(templates, "--templates", lambda name: shipped_set(name)[1]) if templates else match.templates
+    prompts = load_lines(templates, lambda name: shipped_set(name)[1]) if templates else match.templates
     LabelBank.prompts(match.prompt_names, prompts)  # a template without {} fails before any model loads
     if match.how == "in order":
         info(f"--classes names none of the dataset's classes: taking its {len(match.prompt_names)} lines in the "

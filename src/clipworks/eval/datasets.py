@@ -98,26 +98,14 @@ def shipped_set(name: str) -> tuple[list[str], list[str]]:
     return list(entry["classes"]), list(entry["templates"])
 
 
-def load_lines(value: str, what: str, pick: Callable[[str], list[str]]) -> list[str]:
-    """Lines of the file ``value`` (blank ones and ``#`` comments skipped), or ``pick(value)`` when ``value``
-    names a shipped set and no such file exists."""
-    path = Path(value).expanduser()
-    if value in SHIPPED_SETS and not path.exists():
+def load_lines(value: str, pick: Callable[[str], list[str]]) -> list[str]:
+    """``pick(value)`` when ``value`` names a shipped set and no such file exists, else the file's lines (one
+    entry a line, as label files are read)."""
+    from clipworks.zeroshot import load_labels_file
+
+    if value in SHIPPED_SETS and not Path(value).expanduser().exists():
         return pick(value)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise UsageError(
-            f"{what} {quote_path(path)} does not exist; give a file or one of {', '.join(SHIPPED_SETS)}"
-        ) from e
-    except OSError as e:
-        raise UsageError(f"{what} {quote_path(path)}: cannot read it ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{what} {quote_path(path)}: not UTF-8 text; save it as one entry a line") from e
-    lines = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
-    if not lines:
-        raise UsageError(f"{what} {quote_path(path)} is empty; write one entry a line")
-    return lines
+    return load_labels_file(Path(value).expanduser())
 
 
 # -- matching the dataset's classes to prompt names ---------------------------------------------------------
