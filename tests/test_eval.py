@@ -489,3 +489,26 @@ def test_bad_probe_input_gets_one_line(capsys, vit_bundle, tmp_path, scenes, arg
     argv = ["eval", "probe", folder, "-m", vit_bundle, *(a.format(tmp=tmp_path) for a in args)]
     code, _, err = run(capsys, *argv)
     assert code != 0 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_probe_without_scikit_learn_names_the_extra(tmp_path) -> None:
+    """A runtime-only install (scikit-learn made unimportable) gets one line naming the extra, before any work."""
+    import os
+    import subprocess
+    import sys
+
+    import clipworks
+
+    script = (
+        "import sys; sys.modules['sklearn'] = None\n"
+        "from clipworks.cli.main import entry\n"
+        f"sys.argv = ['clipworks', 'eval', 'probe', {str(tmp_path)!r}]\n"
+        "entry()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(clipworks.__file__).parents[1])},
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "scikit-learn" in lines[0] and "pip install 'clipworks[eval]'" in lines[0]
