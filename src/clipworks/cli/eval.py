@@ -119,7 +119,7 @@ def _print_zeroshot(source: str, run: tuple[str, Any, int], worst: int, per_clas
         for c in rows:
             confused = ", ".join(f"{name} {count}" for name, count in c.confused_with)
             tail = f"  taken for {confused}" if confused else ""
-            print(f"  {c.name:<{width}}  {c.top1:.3f} of {c.n}{tail}")
+            print(f"  {c.name:<{width}}  {c.top1:.3f} ({c.n} images){tail}")
 
 
 def _print_comparison(runs: list[tuple[str, Any, int]], as_json: bool) -> None:
