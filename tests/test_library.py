@@ -16,7 +16,7 @@ import pytest
 from clipworks.cli.main import main
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library import SCHEMA_VERSION, Library
-from clipworks.library.scan import library_extensions, walk
+from clipworks.library.scan import image_extensions, walk
 from clipworks.library.search import Term, combine_terms, parse_query, query_texts
 from clipworks.library.store import Store
 from clipworks.runtime.encoder import ClipModel
@@ -275,13 +275,13 @@ def test_scan_rules(tmp_path: Path, photos: list[Path]):
     os.symlink(root / "missing.jpg", root / "broken.jpg")
     found = sorted(os.path.relpath(s.path, root) for s in walk(str(root), ["raw/*", "skip.gif"]))
     assert found == ["UPPER.JPEG", "a/b.bmp", "a/deep/z.webp", "a/g.gif", "a/t.tiff", "a/y.Png", "x.jpg"]
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".gif"} <= library_extensions()
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".gif"} <= image_extensions()
     try:
         import pillow_heif  # noqa: F401
 
-        assert ".heic" in library_extensions()
+        assert ".heic" in image_extensions()
     except ImportError:
-        assert ".heic" not in library_extensions()
+        assert ".heic" not in image_extensions()
 
 
 def test_excludes_are_remembered_per_folder(tmp_path: Path, folder: Path, vit_bundle: Path, photos):

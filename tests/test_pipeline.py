@@ -175,3 +175,214 @@ def test_encode_images_takes_one_image_or_many(vit_bundle: Path, photos) -> None
         np.testing.assert_allclose(model.encode_images(one), want, atol=1e-6)
     with pytest.raises(TypeError, match="an image or an iterable of images"):
         model.encode_images(42)
+
+
+# -- the one pipeline core ---------------------------------------------------------------------------
+
+
+def _no_worker_left(name: str) -> bool:
+    import threading
+
+    return not any(t.name.startswith(name) and t.is_alive() for t in threading.enumerate())
+
+
+def test_results_come_in_input_order_whichever_worker_finishes_first() -> None:
+    import time
+
+    from clipworks.pipeline import Pipeline
+
+    delays = [0.05, 0.0, 0.03, 0.0, 0.02, 0.0, 0.04, 0.01]  # later items finish first
+
+    def work(i: int) -> int:
+        time.sleep(delays[i])
+        return i * 10
+
+    assert list(Pipeline(work, range(len(delays)), workers=4, window=3, name="t-order")) == [i * 10 for i in range(8)]
+    assert _no_worker_left("t-order")
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_at_most_window_items_are_ahead_of_a_slow_consumer(workers: int) -> None:
+    import threading
+    import time
+
+    from clipworks.pipeline import Pipeline
+
+    lock = threading.Lock()
+    started = 0
+    consumed = 0
+    ahead = []
+
+    def work(i: int) -> int:
+        nonlocal started
+        with lock:
+            started += 1
+            ahead.append(started - consumed)
+        return i
+
+    for _ in Pipeline(work, range(40), workers=workers, window=5, name="t-window"):
+        with lock:
+            consumed += 1
+        time.sleep(0.005)  # the consumer is the slow end
+    assert max(ahead) <= 5 and consumed == 40
+
+
+def _failing_items(at: int, closed_in: list[str]):
+    import threading
+
+    try:
+        for i in range(100):
+            if i == at:
+                raise OSError(f"item {i} cannot be read")
+            yield i
+    finally:
+        closed_in.append(threading.current_thread().name)
+
+
+@pytest.mark.parametrize("where", ["items", "work"])
+def test_a_failure_comes_after_the_results_before_it(where: str) -> None:
+    from clipworks.pipeline import Pipeline
+
+    def work(i: int) -> int:
+        if where == "work" and i == 7:
+            raise OSError("item 7 cannot be read")
+        return i
+
+    closed_in: list[str] = []
+    got: list[int] = []
+    with pytest.raises(OSError, match="item 7 cannot be read"):
+        for value in Pipeline(work, _failing_items(7 if where == "items" else -1, closed_in), workers=2,
+                              window=4, name="t-fail"):  # fmt: skip
+            got.append(value)
+    assert got == list(range(7))
+    assert _no_worker_left("t-fail")
+    assert closed_in and closed_in[0].startswith("t-fail")  # the generator is closed by a worker, not the consumer
+
+
+@pytest.mark.parametrize("how", ["break", "interrupt", "cancel"])
+def test_stopping_ends_the_workers_after_their_current_item(how: str) -> None:
+    """A consumer that stops (a break, Ctrl-C, another thread's cancel) does not wait for the window to drain."""
+    import threading
+    import time
+
+    from clipworks.pipeline import Pipeline
+
+    cancel = threading.Event()
+    done: list[int] = []
+
+    def work(i: int) -> int:
+        time.sleep(0.1)
+        done.append(i)
+        return i
+
+    closed_in: list[str] = []
+    pipeline = Pipeline(work, _failing_items(-1, closed_in), workers=2, window=40, cancel=cancel, name="t-stop")
+    start = time.perf_counter()
+    got = []
+    try:
+        for value in pipeline:
+            got.append(value)
+            if how == "break":
+                break
+            if how == "interrupt":
+                raise KeyboardInterrupt
+            if how == "cancel":
+                threading.Timer(0, cancel.set).start()
+    except KeyboardInterrupt:
+        pass
+    assert _no_worker_left("t-stop")
+    assert time.perf_counter() - start < 1.5  # 40 items ahead at 0.1 s on 2 workers would take 2 s
+    assert len(done) <= 6 and got[0] == 0
+    assert closed_in and closed_in[0].startswith("t-stop")
+    assert not cancel.is_set() or how == "cancel"  # close() never sets the caller's event
+
+
+def test_latest_hand_over_keeps_the_newest_result_and_counts_the_rest() -> None:
+    import time
+
+    from clipworks.pipeline import Pipeline
+
+    def produce():
+        for i in range(30):
+            time.sleep(0.01)
+            yield i
+
+    pipeline = Pipeline(lambda i: i, produce(), latest=True, name="t-latest").start()
+    got = []
+    while not pipeline.done:
+        value = pipeline.poll(timeout=1.0)
+        if value is not None:
+            got.append(value)
+        time.sleep(0.05)  # five items arrive for every one taken
+    pipeline.close()
+    assert got[-1] == 29 and got == sorted(set(got))  # the newest, never an older one after a newer
+    assert len(got) < 30 and pipeline.dropped == 30 - len(got)  # the rest dropped, and counted
+
+
+def test_the_per_item_hook_runs_in_the_decode_thread_and_its_values_come_back(vit_bundle: Path, library) -> None:
+    import threading
+
+    _, good, bad = library
+    model = clipworks.load(vit_bundle)
+    files = [good[0], bad["truncated"], good[1], bad["zero-bytes"], good[2]]
+
+    def hook(path: object) -> tuple[str, str]:
+        return Path(str(path)).name, threading.current_thread().name
+
+    batches = list(iter_embeddings(model, files, batch_size=2, workers=2, on_item=hook, on_skip=lambda f: None))
+    extras = [e for b in batches for e in b.extras]
+    assert [name for name, _ in extras] == [good[0].name, good[1].name, good[2].name]  # one a row, in order
+    failed = [f.extra for b in batches for f in b.failures]
+    assert [name for name, _ in failed] == [bad["truncated"].name, bad["zero-bytes"].name]
+    assert all(thread.startswith("clipworks-decode") for _, thread in extras + failed)
+
+
+def test_cancel_ends_embedding_after_the_items_in_flight(vit_bundle: Path, photos) -> None:
+    import threading
+
+    model = clipworks.load(vit_bundle)
+    cancel = threading.Event()
+    seen = 0
+
+    def progress(n: int) -> None:
+        nonlocal seen
+        seen += n
+        if seen == 3:
+            cancel.set()
+
+    many = [photos[i % len(photos)] for i in range(200)]
+    batches = list(iter_embeddings(model, many, batch_size=2, workers=2, queue_size=4, cancel=cancel,
+                                   on_progress=progress))  # fmt: skip
+    embedded = sum(len(b.paths) for b in batches)
+    assert 3 <= embedded <= 4 + 2  # what was decoded when the event was set, not the 200
+    assert _no_worker_left("clipworks-decode")
+
+
+# -- one walk, one extension set -------------------------------------------------------------------
+
+
+def test_embed_images_and_the_library_walk_find_the_same_files(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Every extension the library indexes (HEIC with pillow-heif, AVIF where Pillow reads it) is embedded too."""
+    from clipworks.library.scan import image_extensions, walk
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    names = [f"a{ext}" for ext in sorted(image_extensions())] + ["b.HEIC", "c.avif", "d.AVIF", "e.txt", "f.mp4"]
+    for name in names:
+        (folder / name).write_bytes(b"x")
+        (folder / "sub" / name).write_bytes(b"x")
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "g.jpg").write_bytes(b"x")
+    (folder / "locked").mkdir()
+    (folder / "locked").chmod(0)
+    try:
+        monkeypatch.chdir(tmp_path)
+        found = collect_image_files([Path("photos")])
+        library = sorted(Path(s.path) for s in walk(str(folder)))
+    finally:
+        (folder / "locked").chmod(0o755)
+    assert [tmp_path / p for p in found] == library  # the same files, in the same order
+    assert all(not p.is_absolute() for p in found)  # named as the user gave the folder
+    assert {p.suffix.lower() for p in found} == set(image_extensions())
+    if os.geteuid() != 0:  # root lists any folder
+        assert "skipped folder photos/locked" in capsys.readouterr().err

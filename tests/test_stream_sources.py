@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,11 @@ def test_a_camera_that_disconnects_is_retried_with_backoff(monkeypatch: pytest.M
             raise SourceError(f"input {self.uri}: camera cannot be opened (No such device)")
         return object()
 
-    def fake_decode(self: Source, container: object, index: int) -> int:
+    def fake_decode(self: Source, container: object, index: int) -> Generator[Frame, None, int]:
         events.append("decode")
         if events.count("open") < 3:
             raise SourceError(f"input {self.uri}: decoding failed (device unplugged)")
-        self._put(Frame(self.stream, index, 0.0, np.zeros((4, 4, 3), np.uint8)))
+        yield Frame(self.stream, index, 0.0, np.zeros((4, 4, 3), np.uint8))
         return index + 1
 
     monkeypatch.setattr(Source, "_open_container", fake_open)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import shutil
@@ -109,6 +110,50 @@ def test_features_of_a_normalising_bundle_say_they_are_unit_vectors(
     assert code == 0, err
     warned = "features are unit vectors where video_features saves raw encode_image output" in err
     assert warned == (layout == "immich")
+    folder = tmp_path / "clip" / bundle.name
+    note = folder / "v_GGSY1Qvo990_clip.json"
+    assert note.is_file() == (layout == "immich")  # the saved outputs say so too, beside the files
+    clip = np.load(folder / "v_GGSY1Qvo990_clip.npy")
+    assert clip.dtype == np.float64 and clip.shape == (18, 32)  # the .npy itself as video_features writes it
+    if layout == "immich":
+        assert json.loads(note.read_text())["unit_vectors"] is True
+
+
+def _features(unit_vectors: bool) -> VideoFeatures:
+    emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    if unit_vectors:
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return VideoFeatures(Path("clip.mp4"), emb, np.array([0.0, 500.0, 1000.0]), 2.0, unit_vectors=unit_vectors)
+
+
+@pytest.mark.parametrize("action", ["save_numpy", "save_pickle", "save_parquet"])
+@pytest.mark.parametrize("unit_vectors", [True, False])
+def test_saved_features_record_whether_rows_are_unit_vectors(tmp_path, action, unit_vectors) -> None:
+    from clipworks.video.outputs import feature_files, load_features, save_features, unit_vectors_file
+
+    written = save_features(_features(unit_vectors), tmp_path, action)
+    note = unit_vectors_file(tmp_path, "clip.mp4")
+    files = feature_files(tmp_path, "clip.mp4", action)
+    # The video_features files are the same whatever the model; only npy/pkl get a note, and only for unit rows.
+    assert written == files + ([note] if unit_vectors and action != "save_parquet" else [])
+    back = load_features(tmp_path, "clip.mp4")
+    assert back is not None and back.unit_vectors is unit_vectors
+    np.testing.assert_array_equal(back.embeddings, _features(unit_vectors).embeddings)
+    if action == "save_parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.read_schema(files[0]).metadata[b"unit_vectors"] == (b"true" if unit_vectors else b"false")
+
+
+def test_raw_features_saved_over_unit_ones_drop_the_old_note(tmp_path) -> None:
+    from clipworks.video.outputs import load_features, save_features, unit_vectors_file
+
+    save_features(_features(True), tmp_path, "save_numpy")
+    assert unit_vectors_file(tmp_path, "clip.mp4").is_file()
+    save_features(_features(False), tmp_path, "save_numpy")  # the same video again, with a raw-output bundle
+    assert not unit_vectors_file(tmp_path, "clip.mp4").exists()
+    back = load_features(tmp_path, "clip.mp4")
+    assert back is not None and not back.unit_vectors
 
 
 def test_print_format_matches_video_features(capsys, vit_bundle, videos, tmp_path) -> None:

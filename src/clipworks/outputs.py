@@ -1,4 +1,6 @@
-"""Embedding files: Sophgo's ``embeddings.pkl``, ``.npy`` with a paths file, and Parquet.
+"""Embedding files: Sophgo's ``embeddings.pkl``, ``.npy`` with a paths file, and Parquet; and the
+primitives every embedding file is made of (video_features' per-video files use them too): one array
+saved as ``.npy`` or a portable pickle, a Parquet vector column, atomic writes.
 
 File names are kept exactly, whatever bytes they hold: a newline, or bytes that are not UTF-8 (which
 Python carries as ``os.fsdecode``'s surrogates), survive every format. ``OUT.npy`` pairs with
@@ -65,12 +67,63 @@ def check_output_path(out: str | Path) -> Path:
     return out
 
 
-def _pyarrow(out: Path) -> tuple[Any, Any]:
-    require("pyarrow", "parquet", f"writing {out} (or use .pkl/.npy)")
+def pyarrow_modules(feature: str) -> tuple[Any, Any]:
+    """``(pyarrow, pyarrow.parquet)``, or the one-line message that ``feature`` needs the parquet extra."""
+    require("pyarrow", "parquet", feature)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     return pa, pq
+
+
+def _pyarrow(out: Path) -> tuple[Any, Any]:
+    return pyarrow_modules(f"writing {out} (or use .pkl/.npy)")
+
+
+def vector_column(embeddings: np.ndarray) -> Any:
+    """(N, D) float32 as one Parquet column of fixed-size lists, D floats a row."""
+    pa, _ = pyarrow_modules("a Parquet file")
+    embeddings = np.asarray(embeddings, np.float32)
+    dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
+    return pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
+
+
+def read_vector_column(table: Any, name: str = "embedding") -> np.ndarray:
+    """A vector column back as float32 (N, D), whether written as fixed-size lists or as plain lists."""
+    column = table[name]
+    size = getattr(column.type, "list_size", None)
+    if size is None:  # plain lists, as other tools write them
+        return np.asarray(column.to_pylist(), np.float32)
+    values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, np.float32).reshape(len(column), size)
+
+
+def write_parquet(dest: Path, table: Any) -> Path:
+    """Write ``table`` atomically (temporary file + rename)."""
+    _, pq = pyarrow_modules(f"writing {dest}")
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
+    return dest
+
+
+def save_array(dest: Path, value: Any) -> Path:
+    """One value as ``dest`` (``.npy``: ``np.save``; ``.pkl``: a pickle numpy 1.x reads), atomically."""
+    with atomic_path(dest) as tmp, tmp.open("wb") as fh:
+        if dest.suffix == ".npy":
+            np.save(fh, value)
+        else:
+            dump_pickle(value, fh)
+    return dest
+
+
+def load_file(path: Path) -> Any:
+    """What ``save_array`` or ``write_parquet`` wrote: the array, the unpickled value, or the table."""
+    if path.suffix == ".npy":
+        return np.load(path)
+    if path.suffix == ".pkl":
+        with path.open("rb") as fh:
+            return pickle.load(fh)
+    return pyarrow_modules(f"reading {path}")[1].read_table(path)
 
 
 def _write_npy(out: Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
@@ -105,23 +158,16 @@ def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarr
     paths = [os.fsdecode(p) for p in paths]
     if out.suffix == ".npy":
         return _write_npy(out, paths, embeddings)
-    with atomic_path(out) as tmp:
-        if out.suffix == ".pkl":
-            # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors. Pickle keeps
-            # surrogates (names that are not UTF-8) as they are.
-            data = {"img_path": paths, "embedding": list(embeddings)}
-            with tmp.open("wb") as fh:
-                dump_pickle(data, fh)
-        else:
-            pa, pq = _pyarrow(out)
-            dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
-            vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
-            raw = [os.fsencode(p) for p in paths]
-            # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
-            text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
-            table = pa.table({"path": text, "path_bytes": pa.array(raw, pa.binary()), "embedding": vectors})
-            pq.write_table(table, tmp)
-    return [out]
+    if out.suffix == ".pkl":
+        # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors. Pickle keeps
+        # surrogates (names that are not UTF-8) as they are.
+        return [save_array(out, {"img_path": paths, "embedding": list(embeddings)})]
+    pa, _ = _pyarrow(out)
+    raw = [os.fsencode(p) for p in paths]
+    # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
+    text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
+    table = pa.table({"path": text, "path_bytes": pa.array(raw, pa.binary()), "embedding": vector_column(embeddings)})
+    return [write_parquet(out, table)]
 
 
 def _read_paths_file(npy: Path, rows: int) -> list[str]:
@@ -146,21 +192,18 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise UsageError(f"{path} must end in {', '.join(OUTPUT_SUFFIXES)}")
+    data = load_file(path)
     if path.suffix == ".pkl":
-        with path.open("rb") as fh:
-            data = pickle.load(fh)
         if not isinstance(data, dict) or not {"img_path", "embedding"} <= data.keys():
             raise UsageError(f"{path} is not an embeddings.pkl (expected keys 'img_path' and 'embedding')")
         return list(data["img_path"]), np.asarray(np.stack(data["embedding"]) if data["embedding"] else [], np.float32)
     if path.suffix == ".npy":
-        embeddings = np.load(path).astype(np.float32)
+        embeddings = data.astype(np.float32)
         return _read_paths_file(path, len(embeddings)), embeddings
-    if path.suffix == ".parquet":
-        _, pq = _pyarrow(path)
-        table = pq.read_table(path)
-        if "path_bytes" in table.column_names:
-            paths = [os.fsdecode(b) for b in table["path_bytes"].to_pylist()]
-        else:  # written by other tools, or before names were stored exactly
-            paths = table["path"].to_pylist()
-        return paths, np.asarray(table["embedding"].to_pylist(), np.float32)
-    raise UsageError(f"{path} must end in {', '.join(OUTPUT_SUFFIXES)}")
+    if "path_bytes" in data.column_names:
+        paths = [os.fsdecode(b) for b in data["path_bytes"].to_pylist()]
+    else:  # written by other tools, or before names were stored exactly
+        paths = data["path"].to_pylist()
+    return paths, read_vector_column(data)

@@ -108,8 +108,9 @@ def features(
         # inside, so the raw output is gone: say so rather than save files that silently differ.
         info(
             f"warning: {clip.name}'s graph L2-normalises its output (an Immich-layout bundle), so the saved "
-            "features are unit vectors where video_features saves raw encode_image output; for raw features, "
-            "use a bundle made by `clipworks export`"
+            "features are unit vectors where video_features saves raw encode_image output (each video's "
+            "<stem>_clip.json, or its Parquet metadata, says so); for raw features, use a bundle made by "
+            "`clipworks export`"
         )
     summary = run_extraction(clip, paths, opts)
     info(summary.line())

@@ -1,10 +1,11 @@
 """Keep the library in sync with its folders: scan, reconcile, then embed what is missing in batches.
 
 Reconciling is one transaction (new, changed, moved, copied, restored and vanished files); embedding then
-commits each batch from ``clipworks.pipeline.iter_embeddings`` in its own transaction. What still needs a
-vector is read back from the database, not remembered, so a run killed at any point leaves a valid file
-and the next run carries on where it stopped. One run at a time per library (``<db>-index.lock``): a
-second one waits, then finds the first one's work done instead of doing it again.
+commits each batch from ``clipworks.pipeline.iter_embeddings`` (which hashes each file in its decode
+thread) in its own transaction. What still needs a vector is read back from the database, not remembered,
+so a run killed at any point leaves a valid file and the next run carries on where it stopped. One run at
+a time per library (``<db>-index.lock``): a second one waits, then finds the first one's work done
+instead of doing it again.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, cast
-
-import numpy as np
+from typing import Any, NamedTuple
 
 from clipworks.errors import status
 from clipworks.library.scan import FileStat, SkippedFolder, excluded_path, file_hash, resolve_root, walk
@@ -64,21 +63,13 @@ def register_model(store: Store, clip: ClipModel) -> ModelRow:
     return store.ensure_model(name, weights, clip.embed_dim, str(clip.bundle.root))
 
 
-class _HashingModel:
-    """Hashes each file in the decoder thread, just before decoding it (the bytes are then in cache)."""
-
-    def __init__(self, model: ClipModel) -> None:
-        self.model = model
-        self.embed_dim = model.embed_dim
-        self.hashes: dict[str, str] = {}
-
-    def preprocess(self, source: Any, mode: Any = None) -> np.ndarray:
-        with contextlib.suppress(OSError):  # then preprocess raises BadImage naming the file
-            self.hashes[str(source)] = file_hash(source)
-        return self.model.preprocess(source, mode)
-
-    def embed_image_batch(self, pixels: np.ndarray, normalize: bool = True) -> np.ndarray:
-        return self.model.embed_image_batch(pixels, normalize)
+def _hash_if_readable(path: str) -> str | None:
+    """The pipeline's per-file hook: hashes each file in the decoder thread, just before it is decoded
+    (the bytes are then in cache). An unreadable file gets no hash; decoding it then fails naming it."""
+    try:
+        return file_hash(path)
+    except OSError:
+        return None
 
 
 class Root(NamedTuple):
@@ -335,11 +326,10 @@ def _embed(
     if not todo:
         return
     ids = {path: file_id for file_id, path in todo}
-    hashing = _HashingModel(clip)
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     with tqdm(total=len(todo), unit="img", disable=disable, dynamic_ncols=True) as bar:
         batches = iter_embeddings(
-            cast(ClipModel, hashing), [p for _, p in todo], batch_size=batch_size, workers=workers,
+            clip, [p for _, p in todo], batch_size=batch_size, workers=workers, on_item=_hash_if_readable,
             on_skip=lambda f: None, on_progress=bar.update,
         )  # fmt: skip
         for batch in batches:
@@ -351,11 +341,11 @@ def _embed(
                 )
                 db.executemany(
                     "UPDATE files SET hash = ?, error = NULL, updated_at = ? WHERE id = ?",
-                    [(hashing.hashes.pop(p, None), t, ids[p]) for p in batch.paths],
+                    [(digest, t, ids[p]) for p, digest in zip(batch.paths, batch.extras, strict=True)],
                 )
                 db.executemany(
                     f"UPDATE files SET hash = ?, error = {TEXT_ARG}, updated_at = ? WHERE id = ?",
-                    [(hashing.hashes.pop(f.path, None), to_bytes(f.error), t, ids[f.path]) for f in batch.failures],
+                    [(f.extra, to_bytes(f.error), t, ids[f.path]) for f in batch.failures],
                 )
             report.embedded += len(batch.paths)
             report.failed += len(batch.failures)

@@ -95,9 +95,9 @@ def _is_jpeg(path: str) -> bool:
 
 def _write_copy(path: str, target: Path) -> None:
     from clipworks.imaging import load_thumbnail
-    from clipworks.library.scan import library_extensions
+    from clipworks.library.scan import image_extensions
 
-    library_extensions()  # registers HEIC/HEIF decoding when pillow-heif is installed, as indexing does
+    image_extensions()  # registers HEIC/HEIF decoding when pillow-heif is installed, as indexing does
     # Decoded once under the pixel limit indexing uses, and shrunk before it is encoded: bounded memory.
     image = load_thumbnail(path, COPY_SIZE)
     # Written in place, not renamed into place: a run cut short leaves a result name with the mark (or an

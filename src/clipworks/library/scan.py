@@ -1,4 +1,5 @@
-"""Walk photo folders: recursive, hidden names skipped, exclude globs, symlinks by policy, loops visited once.
+"""The one walk over image folders (the library's index and ``embed images`` alike): recursive, hidden names
+skipped, exclude globs, symlinks by policy, loops visited once, one set of image extensions.
 
 Only ``stat`` is read here (size and mtime tell a changed file); content hashes are computed lazily, for
 the few new files that might be a moved or copied one (a stored file of the same size exists).
@@ -46,8 +47,11 @@ class SkippedFolder:
 
 
 @functools.cache
-def library_extensions() -> frozenset[str]:
-    """The image extensions, plus HEIC/HEIF when pillow-heif is installed and AVIF when Pillow reads it."""
+def image_extensions() -> frozenset[str]:
+    """The image extensions, plus HEIC/HEIF when pillow-heif is installed and AVIF when Pillow reads it.
+
+    Registering pillow-heif's opener here is what lets the decoder open the HEIC files the walk finds.
+    """
     extensions = set(IMAGE_EXTENSIONS)
     try:
         import pillow_heif  # type: ignore[import-not-found]
@@ -93,9 +97,11 @@ def walk(
     excludes: Sequence[str] = (),
     *,
     follow_links: bool = False,
+    recursive: bool = True,
     on_skip: Callable[[SkippedFolder], None] | None = None,
 ) -> Iterator[FileStat]:
-    """Yield every image file under ``root`` (a resolved path) with its size, mtime and identity.
+    """Yield every image file under ``root`` with its size, mtime and identity; paths start with ``root``
+    as given (the library passes resolved roots). Subfolders are entered only when ``recursive``.
 
     Only regular files count: a symlink to a file is followed when its target is one (whether it decodes
     as an image is the embedder's check). A symlinked folder is followed when its real folder lies inside
@@ -103,10 +109,11 @@ def walk(
     loop, and linked folders come after the real tree. Folders that cannot be listed, and links not
     followed, go to ``on_skip``.
     """
-    extensions = library_extensions()
+    extensions = image_extensions()
     skip = on_skip or (lambda folder: None)
     seen_dirs: set[tuple[int, int]] = set()
-    stack: list[tuple[str, str, str]] = [(root, "", root)]  # (path as reached, relative path, real path)
+    real_root = os.path.realpath(root)
+    stack: list[tuple[str, str, str]] = [(root, "", real_root)]  # (path as reached, relative path, real path)
     # Linked folders wait until the real tree is walked, so a folder is recorded under its own name
     # rather than under a link that happens to sort first.
     linked: deque[tuple[str, str, str]] = deque()
@@ -134,9 +141,11 @@ def walk(
                 link = entry.is_symlink()
                 if entry.is_dir():
                     real = os.path.realpath(entry.path) if link else os.path.join(real_folder, name)
+                    if not recursive:
+                        continue
                     if not link:
                         subfolders.append((entry.path, rel, real))
-                    elif follow_links or is_within(real, root):
+                    elif follow_links or is_within(real, real_root):
                         linked.append((entry.path, rel, real))
                     else:
                         skip(SkippedFolder(entry.path, "outside", real))
@@ -147,7 +156,7 @@ def walk(
                 real = os.path.realpath(entry.path) if link else os.path.join(real_folder, name)
             except OSError:  # a broken link, a file removed while walking
                 continue
-            target = real if real != entry.path else None
+            target = real if real != os.path.abspath(entry.path) else None
             yield FileStat(entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, target)
         stack.extend(reversed(subfolders))  # popped in name order
 

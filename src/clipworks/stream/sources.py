@@ -1,19 +1,20 @@
 """Frame sources over PyAV: files, cameras, RTSP/HTTP URLs and the bundled ``demo`` clip.
 
-Each source decodes in its own thread (PyAV releases the GIL while decoding). A file read without
-``sync`` hands over every frame through a small queue, so the processing loop sets the pace. Live
-sources, and files played with ``sync`` at their own frame rate, keep only the newest frame: a frame
-the loop has not taken when the next one arrives is dropped and counted, so processing never falls
-behind the source. A camera that disconnects is reopened with exponential backoff; ``loop`` restarts files.
+Each source decodes in its own thread, a one-worker ``clipworks.pipeline.Pipeline`` (PyAV releases the
+GIL while decoding). A file read without ``sync`` hands over every frame through a small bounded window,
+so the processing loop sets the pace. Live sources, and files played with ``sync`` at their own frame
+rate, use the pipeline's latest-frame hand-over: a frame the loop has not taken when the next one arrives
+is dropped and counted, so processing never falls behind the source. A camera that disconnects is
+reopened with exponential backoff; ``loop`` restarts files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import re
 import threading
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError
+from clipworks.pipeline import Pipeline
 
 CAMERA_RE = re.compile(r"^(/dev/video\d+|\d+)$")
 URL_RE = re.compile(r"^(rtsp|rtsps|rtmp|http|https|udp|tcp)://", re.IGNORECASE)
@@ -40,9 +42,6 @@ class Frame:
     time: float  # seconds: the frame's media time for files, seconds since opening for live sources
     rgb: np.ndarray  # HxWx3 uint8
     decode_ms: float = 0.0
-
-
-_END = object()
 
 
 def demo_video() -> Path:
@@ -109,19 +108,19 @@ class Source:
         self.path: Path | None = None
         self.fps = 0.0
         self.size = (0, 0)
-        self.dropped = 0
         self.decoded = 0
         self.restarts = 0
         self.error: str | None = None
         self.ended = False
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=4)
-        self._latest: Any = None
-        self._finished = False
-        self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._frames: Pipeline[Frame, Frame] | None = None
         self._container: Any = None
         self._t0 = 0.0
+
+    @property
+    def dropped(self) -> int:
+        """Frames a live (or ``sync``) source replaced before the loop took them."""
+        return self._frames.dropped if self._frames is not None else 0
 
     # -- opening -----------------------------------------------------------------------------
     @property
@@ -173,59 +172,57 @@ class Source:
         if self._container is None:
             self.open()
         self._t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, name=f"source-{self.stream}", daemon=True)
-        self._thread.start()
+        self._frames = Pipeline(
+            lambda frame: frame, self._read_frames(), window=4, latest=self.latest_only, cancel=self._stop,
+            name=f"source-{self.stream}",
+        ).start()  # fmt: skip
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        # Unblock a reader waiting on a full queue.
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
+        if self._frames is not None:
+            self._frames.close(timeout=2.0)
 
-    def _run(self) -> None:
+    def _read_frames(self) -> Iterator[Frame]:
+        """Every frame of the input, across loops and camera reconnects; runs in the pipeline's thread."""
         backoff = 1.0
         index = 0
         container = self._container
-        while not self._stop.is_set():
-            try:
-                index = self._decode(container, index)
-                if self.kind == "file" and self.loop and not self._stop.is_set():
-                    container.close()
-                    container = self._open_container()
-                    self.restarts += 1
-                    continue
-                if self.kind == "camera" and not self._stop.is_set():
-                    raise SourceError(f"input {self.uri}: camera stream ended")
-                break
-            except Exception as e:
-                if self.kind == "camera" and not self._stop.is_set():
-                    # A camera that disconnects comes back: retry with backoff, and say so.
-                    self.error = f"{_one_line(e)}; retrying in {backoff:.0f} s"
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
-                    try:
+        try:
+            while not self._stop.is_set():
+                try:
+                    index = yield from self._decode(container, index)
+                    if self.kind == "file" and self.loop and not self._stop.is_set():
+                        container.close()
                         container = self._open_container()
-                        self.error = None
                         self.restarts += 1
-                        backoff = 1.0
-                    except SourceError:
-                        pass
-                    continue
-                self.error = str(e) if isinstance(e, SourceError) else f"input {self.uri}: {_one_line(e)}"
-                break
-        with contextlib.suppress(Exception):
-            container.close()
-        self._put(_END)
+                        continue
+                    if self.kind == "camera" and not self._stop.is_set():
+                        raise SourceError(f"input {self.uri}: camera stream ended")
+                    return
+                except Exception as e:
+                    if self.kind == "camera" and not self._stop.is_set():
+                        # A camera that disconnects comes back: retry with backoff, and say so.
+                        self.error = f"{_one_line(e)}; retrying in {backoff:.0f} s"
+                        self._stop.wait(backoff)
+                        backoff = min(backoff * 2, BACKOFF_MAX_S)
+                        try:
+                            container = self._open_container()
+                            self.error = None
+                            self.restarts += 1
+                            backoff = 1.0
+                        except SourceError:
+                            pass
+                        continue
+                    if isinstance(e, SourceError):
+                        raise
+                    raise SourceError(f"input {self.uri}: {_one_line(e)}") from e
+        finally:
+            with contextlib.suppress(Exception):
+                container.close()
 
-    def _decode(self, container: Any, index: int) -> int:
+    def _decode(self, container: Any, index: int) -> Generator[Frame, None, int]:
+        """The frames of one pass over ``container``; returns the index the next pass starts at."""
         import av
 
         stream = container.streams.video[0]
@@ -258,49 +255,22 @@ class Source:
                 if delay > 0:
                     self._stop.wait(delay)
             self.decoded += 1
-            self._put(Frame(self.stream, index, t, rgb, decode_ms))
+            yield Frame(self.stream, index, t, rgb, decode_ms)
             index += 1
         return index
-
-    def _put(self, item: Any) -> None:
-        if self.latest_only:
-            with self._cond:
-                if item is _END:
-                    self._finished = True
-                else:
-                    if self._latest is not None:
-                        self.dropped += 1
-                    self._latest = item
-                self._cond.notify_all()
-            return
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
 
     # -- the consumer side --------------------------------------------------------------------
     def read(self, timeout: float = 0.5) -> Frame | None:
         """The next frame, or None when none arrived within ``timeout``; after the end, always None."""
-        if self.ended:
+        if self.ended or self._frames is None:
             return None
-        if self.latest_only:
-            with self._cond:
-                if self._latest is None and not self._finished:
-                    self._cond.wait(timeout)
-                item, self._latest = self._latest, None
-                if item is None and self._finished:
-                    item = _END
-        else:
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                return None
-        if item is _END:
+        try:
+            frame = self._frames.poll(timeout)
+        except SourceError as e:
+            self.error, frame = str(e), None
+        if frame is None and self._frames.done:
             self.ended = True
-            return None
-        return item
+        return frame
 
 
 def open_sources(uris: list[str], *, sync: bool = False, loop: bool = False, strict: bool = True) -> list[Source]:

@@ -1,4 +1,4 @@
-"""Per-frame CLIP features of one video: a decode thread feeds the encoder through a bounded queue.
+"""Per-frame CLIP features of one video, through ``clipworks.pipeline``: a decode thread feeds the encoder.
 
 The decode thread demuxes, decodes and preprocesses (PyAV and PIL release the GIL) while the caller's
 thread runs ONNX Runtime on full batches, so decoding overlaps inference and at most ``queue_size``
@@ -7,17 +7,15 @@ preprocessed frames are held, however long the video.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from clipworks.errors import UsageError
+from clipworks.pipeline import iter_embeddings
 from clipworks.runtime.encoder import ClipModel
 from clipworks.video.frames import Sampling, iter_frames
 
@@ -29,11 +27,12 @@ class VideoFeatures:
     """What video_features returns for one video: raw embeddings, the fps and each frame's time."""
 
     path: Path
-    embeddings: np.ndarray  # (T, D) float32, not normalised
+    embeddings: np.ndarray  # (T, D) float32: raw encode_image output, unless unit_vectors
     timestamps_ms: np.ndarray  # (T,) float64
     fps: float
     seconds: float = 0.0
     expected_frames: int | None = None  # what the container's header promises for this sampling
+    unit_vectors: bool = False  # the model's graph normalises (Immich's layout): raw output is not to be had
 
     @property
     def frames_per_s(self) -> float:
@@ -60,35 +59,6 @@ class VideoFeatures:
         }
 
 
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-_END = object()
-
-
-def _decode(frames: Iterator[Any], model: ClipModel, out: queue.Queue[Any], stop: threading.Event) -> None:
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        for frame in frames:
-            if not put((frame.timestamp_ms, model.preprocess(frame.to_image()))):
-                return
-        put(_END)
-    except BaseException as e:  # handed to the encoding thread, which re-raises it there
-        put(_Failed(e))
-    finally:
-        frames.close()  # type: ignore[attr-defined]  # closes the container from the thread that opened it
-
-
 def iter_feature_batches(
     model: ClipModel,
     path: str | Path,
@@ -96,34 +66,22 @@ def iter_feature_batches(
     *,
     batch_size: int = 32,
     queue_size: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(timestamps_ms, raw embeddings)`` per encoded batch, in frame order."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
-    frames = iter_frames(path, sampling)
-    pending: queue.Queue[Any] = queue.Queue(maxsize=queue_size or max(2 * batch_size, 8))
-    stop = threading.Event()
-    worker = threading.Thread(target=_decode, args=(frames, model, pending, stop), name="clipworks-video", daemon=True)
-    worker.start()
-    times: list[float] = []
-    pixels: list[np.ndarray] = []
-    try:
-        while True:
-            item = pending.get()
-            if item is _END:
-                break
-            if isinstance(item, _Failed):
-                raise item.error
-            times.append(item[0])
-            pixels.append(item[1])
-            if len(pixels) == batch_size:
-                yield np.asarray(times), model.embed_image_batch(np.stack(pixels), normalize=False)
-                times, pixels = [], []
-        if pixels:
-            yield np.asarray(times), model.embed_image_batch(np.stack(pixels), normalize=False)
-    finally:
-        stop.set()
-        worker.join()
+    """Yield ``(timestamps_ms, raw embeddings)`` per encoded batch, in frame order.
+
+    One decode thread (the pipeline's): it opens, reads and closes the video itself, since PyAV's frame
+    threads already decode in parallel and frames must come in order. A frame that fails is an error for
+    the whole video (``skip=()``): a missing row would shift every later feature against video_features'.
+    """
+    batches = iter_embeddings(
+        model, iter_frames(path, sampling), batch_size=batch_size, workers=1,
+        queue_size=queue_size or max(2 * batch_size, 8), decode=lambda frame: model.preprocess(frame.to_image()),
+        key=lambda frame: frame.timestamp_ms, normalize=False, skip=(), cancel=cancel,
+        name="clipworks-video",
+    )  # fmt: skip
+    for batch in batches:
+        yield np.asarray(batch.keys, np.float64), batch.embeddings
 
 
 def extract_features(
@@ -152,5 +110,6 @@ def extract_features(
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.embed_dim), np.float32)
     stamps = np.concatenate(times).astype(np.float64) if times else np.zeros((0,), np.float64)
     return VideoFeatures(
-        Path(path), embeddings, stamps, sampling.fps, time.perf_counter() - start, sampling.expected_frames(info)
-    )
+        Path(path), embeddings, stamps, sampling.fps, time.perf_counter() - start, sampling.expected_frames(info),
+        unit_vectors=model.bundle.meta.normalized,
+    )  # fmt: skip

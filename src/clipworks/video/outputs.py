@@ -3,20 +3,25 @@
 ``save_numpy`` / ``save_pickle`` write ``<output>/clip/<model>/<stem>_<key>.npy|.pkl`` for the keys
 ``clip``, ``fps`` and ``timestamps_ms``; ``save_parquet`` writes ``<stem>.parquet`` with one row per frame
 (video, timestamp_ms, embedding) and the fps in the file's metadata, so a folder of them reads as one table.
+The files are made with ``clipworks.outputs``' primitives, the one home of the embedding-file formats.
+
+Features of a model whose graph L2-normalises (an Immich-layout bundle) are unit vectors where
+video_features saves raw ``encode_image`` output. The ``.npy``/``.pkl`` files stay exactly as video_features
+writes them; ``<stem>_clip.json`` beside them says so (video_features' readers never open it), and a
+Parquet file says it in its metadata (``unit_vectors``).
 """
 
 from __future__ import annotations
 
-import pickle
+import json
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 
 from clipworks.atomic import atomic_path
-from clipworks.extras import require
-from clipworks.outputs import dump_pickle
+from clipworks.outputs import load_file, pyarrow_modules, read_vector_column, save_array, vector_column, write_parquet
 from clipworks.video.features import FEATURE_KEY, VideoFeatures
 
 OUTPUT_KEYS = (FEATURE_KEY, "fps", "timestamps_ms")
@@ -37,6 +42,11 @@ def feature_files(out_dir: Path, video: str | Path, action: str) -> list[Path]:
     return [out_dir / f"{stem}_{key}{ext}" for key in OUTPUT_KEYS]
 
 
+def unit_vectors_file(out_dir: Path, video: str | Path) -> Path:
+    """The note beside ``<stem>_clip.npy|.pkl`` that its rows are unit vectors (only when they are)."""
+    return out_dir / f"{Path(video).stem}_{FEATURE_KEY}.json"
+
+
 def already_extracted(out_dir: Path, video: str | Path, action: str) -> bool:
     """True when every output file exists and loads (as video_features checks before skipping)."""
     if action not in SAVE_ACTIONS:
@@ -46,27 +56,10 @@ def already_extracted(out_dir: Path, video: str | Path, action: str) -> bool:
         return False
     try:
         for f in files:
-            _load(f)
+            load_file(f)
     except Exception:
         return False  # a damaged file is extracted again, not trusted
     return True
-
-
-def _load(path: Path) -> Any:
-    if path.suffix == ".npy":
-        return np.load(path)
-    if path.suffix == ".pkl":
-        with path.open("rb") as fh:
-            return pickle.load(fh)
-    return _pyarrow()[1].read_table(path)
-
-
-def _pyarrow() -> tuple[Any, Any]:
-    require("pyarrow", "parquet", "--format parquet")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    return pa, pq
 
 
 def save_features(features: VideoFeatures, out_dir: Path, action: str, *, warn: IO[str] | None = None) -> list[Path]:
@@ -80,29 +73,32 @@ def save_features(features: VideoFeatures, out_dir: Path, action: str, *, warn: 
     ):
         if key != "fps" and len(value) == 0:
             print(f"Warning: the value is empty for {key} @ {dest}", file=warn or sys.stdout)
-        with atomic_path(dest) as tmp, tmp.open("wb") as fh:
-            if action == "save_numpy":
-                np.save(fh, value)
-            else:
-                dump_pickle(value, fh)
-        written.append(dest)
+        written.append(save_array(dest, value))
+    note = unit_vectors_file(out_dir, features.path)
+    if features.unit_vectors:
+        why = "the model's graph L2-normalises its output; video_features saves raw encode_image output"
+        record = {"unit_vectors": True, "files": [p.name for p in written], "why": why}
+        with atomic_path(note) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        written.append(note)
+    else:
+        note.unlink(missing_ok=True)  # raw features now: a note left by an earlier run would be wrong
     return written
 
 
 def _save_parquet(features: VideoFeatures, dest: Path) -> Path:
-    pa, pq = _pyarrow()
+    pa, _ = pyarrow_modules("--format parquet")
     emb = np.asarray(features.embeddings, np.float32)
-    dim = emb.shape[1] if emb.ndim == 2 else 0
     table = pa.table(
         {
             "video": pa.array([str(features.path)] * len(emb), pa.string()),
             "timestamp_ms": pa.array(np.asarray(features.timestamps_ms, np.float64)),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
+            "embedding": vector_column(emb),
         }
-    ).replace_schema_metadata({"fps": repr(float(features.fps)), "feature": FEATURE_KEY})
-    with atomic_path(dest) as tmp:
-        pq.write_table(table, tmp)
-    return dest
+    ).replace_schema_metadata(
+        {"fps": repr(float(features.fps)), "feature": FEATURE_KEY, "unit_vectors": json.dumps(features.unit_vectors)}
+    )
+    return write_parquet(dest, table)
 
 
 def print_features(features: VideoFeatures, file: IO[str] | None = None) -> None:
@@ -123,11 +119,14 @@ def load_features(out_dir: Path, video: str | Path) -> VideoFeatures | None:
         if not all(f.is_file() for f in files):
             continue
         if action == "save_parquet":
-            table = _load(files[0])
-            emb = np.asarray(table["embedding"].to_pylist(), np.float32).reshape(table.num_rows, -1)
-            fps = float((table.schema.metadata or {}).get(b"fps", b"0"))
+            table = load_file(files[0])
+            metadata = table.schema.metadata or {}
+            fps = float(metadata.get(b"fps", b"0"))
             stamps = np.asarray(table["timestamp_ms"].to_numpy(), np.float64)
-            return VideoFeatures(Path(video), emb, stamps, fps)
-        clip, fps, stamps = (_load(f) for f in files)
-        return VideoFeatures(Path(video), np.asarray(clip, np.float32), np.asarray(stamps, np.float64), float(fps))
+            unit = metadata.get(b"unit_vectors") == b"true"
+            return VideoFeatures(Path(video), read_vector_column(table), stamps, fps, unit_vectors=unit)
+        clip, fps, stamps = (load_file(f) for f in files)
+        unit = unit_vectors_file(out_dir, video).is_file()
+        return VideoFeatures(Path(video), np.asarray(clip, np.float32), np.asarray(stamps, np.float64), float(fps),
+                             unit_vectors=unit)  # fmt: skip
     return None
