@@ -16,6 +16,7 @@ import typer
 
 from clipworks import __version__
 from clipworks.cli import bench, classify, embed, export, index, models, search, serve, stream, video
+from clipworks.cli import eval as evaluate
 from clipworks.cli.common import error_line
 from clipworks.display import one_line
 from clipworks.errors import ClipworksError
@@ -43,6 +44,7 @@ app.command("serve")(serve.serve)
 app.add_typer(video.app, name="video")
 app.command("stream")(stream.stream)
 app.command("bench")(bench.bench)
+app.add_typer(evaluate.app, name="eval")
 
 
 def _version(value: bool) -> None:
