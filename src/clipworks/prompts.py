@@ -29,6 +29,7 @@ import numpy as np
 from clipworks.atomic import atomic_write_text
 from clipworks.errors import BadPromptFile
 from clipworks.labelbank import LabelBank, Scoring, average_templates
+from clipworks.textfile import read_user_text
 
 DEFAULT_THRESHOLD = 0.8
 DEFAULT_TEXT_PREFIX = "A photo of a "
@@ -484,16 +485,7 @@ def _entry_from_dict(raw: Any, i: int, bad: Callable[[str], BadPromptFile]) -> P
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise BadPromptFile(f"{path}: no such file; check the path") from e
-    except IsADirectoryError as e:
-        raise BadPromptFile(f"{path}: is a folder, not a JSON file; pass the file inside it") from e
-    except UnicodeDecodeError as e:
-        raise BadPromptFile(f"{path}: not UTF-8 text; pass a JSON file") from e
-    except OSError as e:
-        raise BadPromptFile(f"{path}: cannot read ({e.strerror}); check its permissions") from e
+    raw = read_user_text(path, "a JSON file", BadPromptFile)
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:

@@ -29,6 +29,7 @@ import numpy as np
 from clipworks import ops
 from clipworks.errors import UsageError
 from clipworks.labelbank import DEFAULT_TEMPLATE, Encode, LabelBank, apply_template, check_labels
+from clipworks.textfile import read_user_text
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -108,12 +109,7 @@ def classify(
 def load_labels_file(path: str | os.PathLike[str]) -> list[str]:
     """One label or tag a line; blank lines and lines starting with ``#`` are skipped."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{p}: cannot read the label file ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{p}: not UTF-8 text; save it as one label a line in UTF-8") from e
+    text = read_user_text(p, "a label file (one label a line)")
     labels = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
     if not labels:
         raise UsageError(f"{p}: no labels in the file (one a line)")
@@ -275,4 +271,3 @@ class CategorySet:
                     labels[best], float(p[best]), {lab: float(v) for lab, v in zip(labels, p, strict=True)}
                 )
         return results
-

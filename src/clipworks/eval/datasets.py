@@ -34,6 +34,7 @@ import numpy as np
 from clipworks.display import quote_path
 from clipworks.errors import UsageError
 from clipworks.labelbank import DEFAULT_TEMPLATE, check_labels
+from clipworks.textfile import read_user_text
 
 __all__ = [
     "SHIPPED_SETS",
@@ -305,12 +306,7 @@ def _load_image_folder(root: Path) -> LabelledImages:
 
 
 def _listing_rows(file: Path, kind: str) -> list[tuple[str, str]]:
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise UsageError(f"{quote_path(file)}: cannot read it ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{quote_path(file)}: not UTF-8 text") from e
+    text = read_user_text(file, f"a {kind.upper()} listing")
     if kind == "json":
         try:
             data = json.loads(text)
