@@ -13,7 +13,8 @@ import numpy as np
 
 from clipworks.errors import ExportCheckFailed, UsageError, status
 from clipworks.export.graphs import DEFAULT_OPSET, export_towers
-from clipworks.export.precision import COSINE_FLOORS, to_fp16, to_int8
+from clipworks.export.optimize import optimize_towers
+from clipworks.export.precision import COSINE_FLOORS, calibration_pixels, lower
 from clipworks.export.source import RANDOM, SourceModel, load_source_model
 from clipworks.models.bundle import PRECISIONS, BundleMeta, graph_relpath, write_json
 
@@ -49,9 +50,16 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     seed: int = 0,
     check_images: Sequence[Path] | None = None,
+    calib_images: Sequence[Path] | None = None,
+    portable: bool = False,
     log: Callable[[str], None] = status,
 ) -> ExportReport:
-    """Export, verify against open_clip, and only then move the bundle into place at ``out``."""
+    """Export, verify against open_clip, and only then move the bundle into place at ``out``.
+
+    Unless ``portable``, the fp32 graphs get fused attention (ONNX Runtime contrib ops, see
+    ``clipworks.export.optimize``) before the check and before the other precisions are made from them.
+    ``calib_images`` calibrate ``int8-static`` (default: the check photos).
+    """
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise UsageError(f"unknown precision {bad[0]!r}: choose from {', '.join(PRECISIONS)}")
@@ -65,7 +73,7 @@ def export_model(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        report = _build(src, work, wanted, batch, opset, check_images, log)
+        report = _build(src, work, wanted, batch, opset, check_images, calib_images, portable, log)
         _replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -81,6 +89,8 @@ def _build(
     batch: int | None,
     opset: int,
     check_images: Sequence[Path] | None,
+    calib_images: Sequence[Path] | None,
+    portable: bool,
     log: Callable[[str], None],
 ) -> ExportReport:
     from clipworks.tokenizer import write_tokenizer_files
@@ -96,15 +106,22 @@ def _build(
     write_json(work / "visual" / "preprocess_cfg.json", src.preprocess_cfg)
     write_tokenizer_files(work / "textual", context_length)
 
+    graph_checks = {}
+    if not portable:
+        graphs = {t: work / graph_relpath(t, "fp32") for t in ("visual", "textual")}
+        graph_checks = optimize_towers(src.model, graphs, log)  # type: ignore[arg-type]  # both towers
     inputs = _check_inputs(src, work, batch, context_length, dynamic_text, check_images)
     reference = _torch_outputs(src, inputs)
     fp32 = _onnx_outputs(work, "fp32", inputs)
-    checks: dict[str, dict[str, float]] = {"fp32": _compare_fp32(reference, fp32)}
+    checks: dict[str, dict[str, Any]] = {"fp32": _compare_fp32(reference, fp32)}
+    if graph_checks:
+        checks["graph"] = graph_checks
     log(_describe("fp32", checks["fp32"]))
     for precision in precisions[1:]:
+        calibration = _calibration(src, inputs, calib_images, log) if precision == "int8-static" else {}
         for tower in ("visual", "textual"):
-            convert = to_fp16 if precision == "fp16" else to_int8
-            convert(work / graph_relpath(tower, "fp32"), work / graph_relpath(tower, precision))
+            src_graph, dst_graph = work / graph_relpath(tower, "fp32"), work / graph_relpath(tower, precision)
+            lower(precision, src_graph, dst_graph, calibration.get(tower, ()))
         checks[precision] = _compare_lowered(precision, fp32, _onnx_outputs(work, precision, inputs))
         log(_describe(precision, checks[precision]))
 
@@ -160,6 +177,20 @@ def _check_inputs(
     tokenizer = ClipTokenizer.from_dir(work / "textual", context_length)
     onnx_tokens = tokenizer.encode(prompts, pad_to=None if dynamic_text else context_length)
     return _CheckInputs(images, torch_tokens, onnx_tokens)
+
+
+def _calibration(
+    src: SourceModel, inputs: _CheckInputs, calib_images: Sequence[Path] | None, log: Callable[[str], None]
+) -> dict[str, list[np.ndarray]]:
+    """Static int8's calibration batches: photos for the image tower, the check prompts for the text tower."""
+    paths = list(calib_images) if calib_images else sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
+    pixels = calibration_pixels(paths, src.preprocess_cfg, log=log)
+    log(f"calibrating int8-static on {len(pixels)} photos")
+    rows = inputs.images.shape[0]  # a static-batch graph takes exactly this many rows
+    return {
+        "visual": [np.resize(pixels[i : i + rows], (rows, *pixels.shape[1:])) for i in range(0, len(pixels), rows)],
+        "textual": [inputs.onnx_tokens],
+    }
 
 
 def _torch_outputs(src: SourceModel, inputs: _CheckInputs) -> dict[str, np.ndarray]:
