@@ -22,6 +22,7 @@ from clipworks.export.exporter import CHECK_IMAGES
 from clipworks.export.optimize import fuse_attention
 from clipworks.export.precision import calibration_pixels, to_int8, to_int8_static
 from clipworks.models.bundle import load_bundle
+from clipworks.runtime.sessions import OrtSession
 from common import WORK, bundle, machine
 
 
@@ -47,16 +48,6 @@ def build_variants(root: Path, heads: int, out: Path) -> dict[str, Path]:
     return variants
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="ViT-B-32")
@@ -70,23 +61,23 @@ def main() -> None:
     vision = config["vision_cfg"]
     heads = vision["width"] // vision.get("head_width", 64)
     variants = build_variants(root, heads, WORK / f"model-graph-{args.arch}")
-    sessions = {name: session(path, args.threads) for name, path in variants.items()}
+    sessions = {name: OrtSession(path, device="cpu", threads=args.threads) for name, path in variants.items()}
     size = load_bundle(root).preprocess_cfg["size"]
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, *size), dtype=np.float32)
     for s in sessions.values():  # first runs allocate and pick kernels
-        s.run(None, {"image": pixels})
+        s.run(pixels)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(args.rounds):
         for name, s in sessions.items():
             start = time.perf_counter()
-            s.run(None, {"image": pixels})
+            s.run(pixels)
             times[name].append(time.perf_counter() - start)
 
     from clipworks.imaging import PreprocessConfig, load_image, preprocess
 
     cfg = PreprocessConfig.from_dict(load_bundle(root).preprocess_cfg)
     photos = np.stack([preprocess(load_image(p), cfg) for p in sorted(CHECK_IMAGES.glob("*.jpg"))])
-    reference = _unit(sessions["fp32 exported"].run(None, {"image": photos})[0])
+    reference = _unit(sessions["fp32 exported"].run(photos))
 
     print(f"{args.arch} image tower, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds")
     print(f"machine: {machine()}")
@@ -95,7 +86,7 @@ def main() -> None:
     for name, runs in times.items():
         median = statistics.median(runs)
         today = base["int8" if name.startswith("int8") else "fp32"]
-        cosine = float(np.sum(reference * _unit(sessions[name].run(None, {"image": photos})[0]), axis=1).min())
+        cosine = float(np.sum(reference * _unit(sessions[name].run(photos)), axis=1).min())
         print(f"{name:<24} {median * 1e3:9.0f} {args.batch / median:9.1f} {today / median:8.2f}x {cosine:11.5f}")
     print(f"fused fp32 vs today's dynamic int8: {base['int8'] / statistics.median(times['fp32 fused']):.2f}x")
 
