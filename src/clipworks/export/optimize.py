@@ -265,8 +265,13 @@ def _rewrite_block(graph: _Graph, softmax: Any, num_heads: int) -> bool:
         inputs += ["", mask]  # key_padding_mask, attention_bias
     nodes.append(
         helper.make_node(
-            FUSED_OP, inputs, [attended], name=graph.fresh(FUSED_OP),
-            domain=MS_DOMAIN, num_heads=num_heads, scale=float(scale),
+            FUSED_OP,
+            inputs,
+            [attended],
+            name=graph.fresh(FUSED_OP),
+            domain=MS_DOMAIN,
+            num_heads=num_heads,
+            scale=float(scale),
         )
     )
     # ONNX shape inference knows no contrib op; without a declared type the quantisers skip the out projection.
