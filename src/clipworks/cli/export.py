@@ -24,13 +24,25 @@ def export(
     ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default: the model cache).")] = None,
     pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint path, or 'random'.")] = "openai",
-    precision: Annotated[str, typer.Option(help="Comma-separated: fp32,fp16,int8.")] = "fp32,int8",
+    precision: Annotated[str, typer.Option(help="Comma-separated: fp32,fp16,int8,int8-static.")] = "fp32,int8",
     batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size for static-shape runtimes.")] = "dynamic",
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
     seed: Annotated[int, typer.Option(help="Seed for --pretrained random.")] = 0,
     check_images: Annotated[
         Path | None, typer.Option(help="Folder of photos for the parity check (default: bundled samples).")
     ] = None,
+    calib_images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of your own photos to calibrate int8-static (default: bundled samples)."),
+    ] = None,
+    fuse_attention: Annotated[
+        bool,
+        typer.Option(
+            "--fuse-attention",
+            help="Fuse attention into ONNX Runtime's MultiHeadAttention (runs on ONNX Runtime only; measure it "
+            "with clipworks bench: it gained nothing on an AVX2-only CPU).",
+        ),
+    ] = False,
 ) -> None:
     """Export an open_clip model to a verified ONNX bundle (fp32 must match open_clip within 1e-4)."""
     from clipworks.export import export_model
@@ -49,7 +61,10 @@ def export(
 
             out = models_dir() / f"{Path(arch).stem}__{tag}"
     images = collect_image_files([check_images]) if check_images else None
+    calibration = collect_image_files([calib_images]) if calib_images else None
+    if calibration and "int8-static" not in precisions:
+        raise UsageError("--calib-images calibrates int8-static only: add it to --precision, e.g. fp32,int8-static")
     export_model(
         model, out, pretrained=pretrained, precisions=precisions, batch=_parse_batch(batch), opset=opset,
-        seed=seed, check_images=images,
+        seed=seed, check_images=images, calib_images=calibration, fuse_attention=fuse_attention,
     )  # fmt: skip

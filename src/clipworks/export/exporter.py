@@ -14,7 +14,8 @@ import numpy as np
 from clipworks.errors import ExportCheckFailed, UsageError, status
 from clipworks.export.graphs import DEFAULT_OPSET, export_towers
 from clipworks.export.hf_text import is_hf_tokenizer, write_hf_tokenizer_files
-from clipworks.export.precision import COSINE_FLOORS, to_fp16, to_int8
+from clipworks.export.optimize import optimize_towers
+from clipworks.export.precision import COSINE_FLOORS, calibration_pixels, lower
 from clipworks.export.source import RANDOM, SourceModel, load_source_model, load_source_tokenizer
 from clipworks.models.bundle import PRECISIONS, Bundle, BundleMeta, graph_relpath, write_json
 from clipworks.models.family import TextTokenizer, family_for_config
@@ -52,9 +53,18 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     seed: int = 0,
     check_images: Sequence[Path] | None = None,
+    calib_images: Sequence[Path] | None = None,
+    fuse_attention: bool = False,
     log: Callable[[str], None] = status,
 ) -> ExportReport:
-    """Export, verify against open_clip, and only then move the bundle into place at ``out``."""
+    """Export, verify against open_clip, and only then move the bundle into place at ``out``.
+
+    ``fuse_attention``: the fp32 graphs get fused attention (ONNX Runtime contrib ops, see
+    ``clipworks.export.optimize``) before the check and before the other precisions are made from them.
+    Off by default: the plain graphs run on every runtime (Immich's providers, NPU compilers), and on an
+    AVX2-only CPU the fused ones measured no faster (benchmarks/RESULTS.md, "Model graph").
+    ``calib_images`` calibrate ``int8-static`` (default: the check photos).
+    """
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise UsageError(f"unknown precision {bad[0]!r}: choose from {', '.join(PRECISIONS)}")
@@ -68,7 +78,7 @@ def export_model(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        report = _build(src, work, wanted, batch, opset, check_images, log)
+        report = _build(src, work, wanted, batch, opset, check_images, calib_images, fuse_attention, log)
         _replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -84,6 +94,8 @@ def _build(
     batch: int | None,
     opset: int,
     check_images: Sequence[Path] | None,
+    calib_images: Sequence[Path] | None,
+    fuse_attention: bool,
     log: Callable[[str], None],
 ) -> ExportReport:
     size = tuple(src.preprocess_cfg["size"])
@@ -101,16 +113,23 @@ def _build(
     bundle = Bundle(work, src.model_config, src.preprocess_cfg, BundleMeta(family=family.name))
     tokenizer = family.tokenizer(bundle)
 
+    graph_checks = {}
+    if fuse_attention:
+        graphs = {t: work / graph_relpath(t, "fp32") for t in ("visual", "textual")}
+        graph_checks = optimize_towers(src.model, graphs, log)  # type: ignore[arg-type]  # both towers
     inputs = _check_inputs(src, source_tokenizer, tokenizer, batch, dynamic_text, check_images)
     _check_tokens(inputs, tokenizer.pad_id, family.name)
     reference = _torch_outputs(src, inputs)
     fp32 = _onnx_outputs(work, "fp32", inputs)
-    checks: dict[str, dict[str, float]] = {"fp32": _compare_fp32(reference, fp32)}
+    checks: dict[str, dict[str, Any]] = {"fp32": _compare_fp32(reference, fp32)}
+    if graph_checks:
+        checks["graph"] = graph_checks
     log(_describe("fp32", checks["fp32"]))
     for precision in precisions[1:]:
+        calibration = _calibration(src, inputs, calib_images, log) if precision == "int8-static" else {}
         for tower in ("visual", "textual"):
-            convert = to_fp16 if precision == "fp16" else to_int8
-            convert(work / graph_relpath(tower, "fp32"), work / graph_relpath(tower, precision))
+            src_graph, dst_graph = work / graph_relpath(tower, "fp32"), work / graph_relpath(tower, precision)
+            lower(precision, src_graph, dst_graph, calibration.get(tower, ()))
         checks[precision] = _compare_lowered(precision, fp32, _onnx_outputs(work, precision, inputs))
         log(_describe(precision, checks[precision]))
 
@@ -192,6 +211,20 @@ def _check_tokens(inputs: _CheckInputs, pad_id: int, family: str) -> None:
                 f"({a[:8].tolist()}... vs {b[:8].tolist()}...); this tokenizer does not export faithfully - "
                 "please report it"
             )
+
+
+def _calibration(
+    src: SourceModel, inputs: _CheckInputs, calib_images: Sequence[Path] | None, log: Callable[[str], None]
+) -> dict[str, list[np.ndarray]]:
+    """Static int8's calibration batches: photos for the image tower, the check prompts for the text tower."""
+    paths = list(calib_images) if calib_images else sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
+    pixels = calibration_pixels(paths, src.preprocess_cfg, log=log)
+    log(f"calibrating int8-static on {len(pixels)} photos")
+    rows = inputs.images.shape[0]  # a static-batch graph takes exactly this many rows
+    return {
+        "visual": [np.resize(pixels[i : i + rows], (rows, *pixels.shape[1:])) for i in range(0, len(pixels), rows)],
+        "textual": [inputs.onnx_tokens],
+    }
 
 
 def _torch_outputs(src: SourceModel, inputs: _CheckInputs) -> dict[str, np.ndarray]:

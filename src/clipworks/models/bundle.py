@@ -23,7 +23,8 @@ from clipworks.atomic import atomic_write_text
 from clipworks.errors import BadBundle
 
 Tower = Literal["visual", "textual"]
-PRECISIONS = ("fp32", "fp16", "int8")
+# int8: dynamic (activation ranges found per batch); int8-static: QDQ with ranges fixed on calibration photos.
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 META_FILE = "clipworks.json"
 BUNDLE_FORMAT = 1
 

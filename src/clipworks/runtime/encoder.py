@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from clipworks.errors import BadBundle, UsageError
+from clipworks.machine import Machine, this_machine
 from clipworks.models.bundle import Bundle
 from clipworks.models.family import Family, TextTokenizer, family_for
 from clipworks.ops import l2_normalize
@@ -26,14 +27,35 @@ from clipworks.runtime.sessions import Backend, OrtSession, RuntimeSettings, ope
 PreprocessMode = Literal["exact", "fast"]
 
 
-def resolve_precision(bundle: Bundle, precision: str, backend: Backend) -> str:
-    """``auto``: fp16 where the backend wants fp16 (GPUs) and the bundle has it, else fp32 (int8 is opt-in:
-    it moves vectors)."""
+def resolve_precision(bundle: Bundle, precision: str, backend: Backend, machine: Machine | None = None) -> str:
+    """``auto``: the fastest precision this machine runs without losing the bundle's checked accuracy.
+
+    fp16 where the backend wants it (GPUs) and the bundle has it; on a CPU with int8 dot products (VNNI or
+    AMX) the bundle's int8 graph whose export check passed its cosine floor, static before dynamic; fp32
+    otherwise. Without VNNI/AMX int8 stays opt-in: on AVX2 alone it gains little and it moves vectors.
+    """
     if precision != "auto":
         return precision
-    if backend.fp16 and "fp16" in bundle.available_precisions("visual"):
-        return "fp16"
+    have = bundle.available_precisions("visual")
+    if backend.fp16:
+        return "fp16" if "fp16" in have else "fp32"
+    if (machine or this_machine()).has_int8_dot_product:
+        for candidate in ("int8-static", "int8"):
+            if candidate in have and _passed_floor(bundle, candidate):
+                return candidate
     return "fp32"
+
+
+def _passed_floor(bundle: Bundle, precision: str) -> bool:
+    """Whether ``clipworks.json`` records an export check of ``precision`` at or above its floor.
+
+    Immich's bundles record no checks, so auto never picks int8 for them.
+    """
+    check = bundle.meta.checks.get(precision)
+    if not isinstance(check, dict) or "floor" not in check:
+        return False
+    cosines = [check.get(f"{tower}_min_cosine") for tower in ("visual", "textual")]
+    return all(isinstance(c, int | float) and c >= check["floor"] for c in cosines)
 
 
 Tower = Literal["visual", "textual"]
