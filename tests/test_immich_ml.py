@@ -321,7 +321,7 @@ def test_concurrent_image_requests_are_batched_and_each_gets_its_own_vector(
         (immich_form(textual(), image=b"\x89PNG"), 400, "image: not an image"),
         (immich_form(visual(), image=b"GIF89a garbage"), 400, "image: not an image"),
         (immich_form(visual("ViT-Q-99__nobody"), image=IMMICH_CASES["tiny 3x1"]()), 422, "Unknown CLIP model 'ViT-Q"),
-        (immich_form(textual("ViT-B-16-SigLIP2__webli"), text="x"), 422, "'ViT-B-16-SigLIP2__webli' is not in"),
+        (immich_form(textual("XLM-Roberta-Large-Vit-B-16Plus"), text="x"), 422, "is not served by clipworks"),
         (immich_form({"facial-recognition": {"detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}},
                                              "recognition": {"modelName": "buffalo_l"}}}, image=b"x"), 422,
          "does not serve Immich's facial-recognition task (Facial Recognition)"),
@@ -400,8 +400,9 @@ def test_immich_names_map_to_the_registry(name: str, source: str) -> None:
 
 def test_a_bundle_in_immichs_cache_folder_wins(cache_folder: Path) -> None:
     assert model_source("immich-app/ViT-B-32__openai", cache_folder) == str(cache_folder / "clip" / MODEL)
-    with pytest.raises(UnknownImmichModel, match=r"put its bundle in .*clip/nllb-clip-base-siglip__v1"):
-        model_source("nllb-clip-base-siglip__v1", cache_folder)
+    assert model_source("nllb-clip-base-siglip__v1", cache_folder) == "nllb-clip-base-siglip::v1"  # the registry's
+    with pytest.raises(UnknownImmichModel, match=r"put its bundle in .*clip/XLM-Roberta-Large-Vit-B-16Plus"):
+        model_source("XLM-Roberta-Large-Vit-B-16Plus", cache_folder)
 
 
 def test_serve_reads_immichs_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -82,6 +82,12 @@ def clean_name(name: str) -> str:
 
 # Immich's spelling of each registry record it publishes a bundle of: "ViT-B-32__laion2b-s34b-b79k" ->
 # ViT-B-32::laion2b_s34b_b79k. Records added to the registry (SigLIP 2, NLLB) are served as they land.
+# Immich's multilingual models that are not open_clip weight sets (immich_ml/models/constants.py, MCLIP_MODELS).
+MCLIP_BUNDLES = frozenset(
+    {"LABSE-Vit-L-14", "XLM-Roberta-Large-Vit-B-32", "XLM-Roberta-Large-Vit-L-14", "XLM-Roberta-Large-Vit-B-16Plus"}
+)
+
+
 def _registry_names() -> dict[str, str]:
     return {r.hf_repo.split("/", 1)[1]: r.name for r in list_models() if r.hf_repo}
 
@@ -102,6 +108,11 @@ def model_source(name: str, cache_folder: Path | None = None) -> str:
         raise UnknownImmichModel(
             f"Immich's CLIP model '{cleaned}' is not in clipworks' registry yet: choose another model in Immich's "
             f"Smart Search settings{where}"
+        )
+    if cleaned in MCLIP_BUNDLES:
+        raise UnknownImmichModel(
+            f"Immich's M-CLIP model '{cleaned}' is not served by clipworks (its text tower is not an open_clip "
+            f"model): choose another model in Immich's Smart Search settings{where}"
         )
     raise UnknownImmichModel(f"Unknown CLIP model '{name}': Immich's names look like ViT-B-32__openai{where}")
 
