@@ -11,6 +11,7 @@ refused when read instead of being silently misread. Parquet keeps each name's e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -207,3 +208,130 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
     else:  # written by other tools, or before names were stored exactly
         paths = data["path"].to_pylist()
     return paths, read_vector_column(data)
+
+
+# -- streamed arrays and clip-retrieval's shard layout ---------------------------------------------------
+
+# magic + version + length + the header dict, padded: room for any (rows, dim) shape, 64-byte aligned as numpy does.
+_NPY_HEADER_BYTES = 128
+
+
+def _npy_header(rows: int, dim: int, dtype: np.dtype) -> bytes:
+    meta = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, dim)}
+    text = repr(meta).encode("latin1")
+    length = _NPY_HEADER_BYTES - 10
+    return b"\x93NUMPY\x01\x00" + length.to_bytes(2, "little") + text.ljust(length - 1) + b"\n"
+
+
+class NpyRows:
+    """A ``(rows, dim)`` ``.npy`` file written a batch of rows at a time, so memory never holds the array.
+
+    The header is written first with room for any row count and rewritten with the true count by
+    ``close()``; ``np.load`` (and autofaiss, and clip-retrieval's readers) then read an ordinary array.
+    """
+
+    def __init__(self, path: Path, dim: int, dtype: Any = np.float32) -> None:
+        self.path = path
+        self.dim = dim
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self._fh = path.open("wb")
+        self._fh.write(_npy_header(0, dim, self.dtype))
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, self.dtype)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows of shape {rows.shape} do not fit a ({self.dim})-wide array")
+        self._fh.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        """Finish the header and flush the file to disk (it is renamed into place next)."""
+        self._fh.seek(0)
+        self._fh.write(_npy_header(self.rows, self.dim, self.dtype))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def discard(self) -> None:
+        self._fh.close()
+
+
+# clip-retrieval's mapper casts the unit vectors to float16 before its writer saves them; autofaiss reads that.
+SHARD_DTYPE = np.float16
+SHARD_INDEX_WIDTH = 5  # img_emb_00042.npy: the files sort in input order up to 100000 shards
+METADATA_COLUMNS = ("key", "image_path", "caption", "width", "height")
+ERROR_COLUMNS = ("key", "image_path", "caption", "error")
+
+
+def shard_file(folder: Path, kind: str, index: int) -> Path:
+    """``FOLDER/img_emb/img_emb_{i}.npy``, ``text_emb/text_emb_{i}.npy``, ``metadata/metadata_{i}.parquet``,
+    ``errors/errors_{i}.parquet``: clip-retrieval's layout (plus the samples that could not be embedded)."""
+    suffix = ".npy" if kind.endswith("_emb") else ".parquet"
+    return folder / kind / f"{kind}_{index:0{SHARD_INDEX_WIDTH}d}{suffix}"
+
+
+def shard_finished(folder: Path, index: int) -> bool:
+    """The metadata file is renamed into place last, so its presence means the whole shard is there."""
+    return shard_file(folder, "metadata", index).is_file()
+
+
+class ShardWriter:
+    """One shard of clip-retrieval's layout, streamed to temporary files and renamed into place together.
+
+    Image (and text) embeddings go to ``NpyRows`` files as batches arrive, so memory holds only the rows'
+    metadata. ``commit()`` renames the arrays first and the metadata last: a crash at any point before
+    leaves the shard unfinished (``shard_finished`` is False) and a resumed job writes it again.
+    """
+
+    def __init__(self, folder: Path, index: int, dim: int, *, text: bool) -> None:
+        self.folder, self.index = folder, index
+        self.metadata: dict[str, list[Any]] = {name: [] for name in METADATA_COLUMNS}
+        self.errors: dict[str, list[Any]] = {name: [] for name in ERROR_COLUMNS}
+        self._stack = contextlib.ExitStack()
+        kinds = ["metadata", "errors", *(["text_emb"] if text else []), "img_emb"]
+        temps = {}
+        for kind in kinds:  # entered in this order, renamed in the reverse one: metadata last
+            dest = shard_file(folder, kind, index)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            temps[kind] = self._stack.enter_context(atomic_path(dest))
+        self._metadata_tmp, self._errors_tmp = temps["metadata"], temps["errors"]
+        self.images = NpyRows(temps["img_emb"], dim, SHARD_DTYPE)
+        self.texts = NpyRows(temps["text_emb"], dim, SHARD_DTYPE) if text else None
+
+    def add(self, rows: Sequence[dict[str, Any]], image_emb: np.ndarray, text_emb: np.ndarray | None = None) -> None:
+        """Rows (dicts with ``METADATA_COLUMNS``) and their embeddings, in order."""
+        for row in rows:
+            for name in METADATA_COLUMNS:
+                self.metadata[name].append(row.get(name))
+        self.images.append(image_emb)
+        if self.texts is not None:
+            self.texts.append(text_emb if text_emb is not None else np.zeros((0, self.images.dim)))
+
+    def add_error(self, row: dict[str, Any]) -> None:
+        for name in ERROR_COLUMNS:
+            self.errors[name].append(row.get(name))
+
+    def commit(self) -> None:
+        pa, pq = pyarrow_modules("writing dataset metadata")
+        types = {"key": pa.string(), "image_path": pa.string(), "caption": pa.string(), "error": pa.string(),
+                 "width": pa.int32(), "height": pa.int32()}  # fmt: skip
+        try:
+            for tmp, columns in ((self._metadata_tmp, self.metadata), (self._errors_tmp, self.errors)):
+                arrays = {name: pa.array(values, types[name]) for name, values in columns.items()}
+                pq.write_table(pa.table(arrays), tmp)
+            self.images.close()
+            if self.texts is not None:
+                self.texts.close()
+        except BaseException as e:
+            self.discard(e)
+            raise
+        self._stack.close()
+
+    def discard(self, error: BaseException | None = None) -> None:
+        """Remove the temporary files: nothing of this shard reaches its final name."""
+        self.images.discard()
+        if self.texts is not None:
+            self.texts.discard()
+        error = error or RuntimeError("shard discarded")
+        self._stack.__exit__(type(error), error, error.__traceback__)

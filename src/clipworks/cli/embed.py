@@ -61,6 +61,57 @@ def images(
     info("wrote " + ", ".join(quote_path(p) for p in written))
 
 
+ENGINES = ("local",)
+
+
+@app.command()
+def dataset(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="WebDataset tars (brace patterns: 'shards/{00000..00123}.tar'), Parquet/CSV tables of image "
+            "paths or URLs, or folders; fsspec URLs (s3://, gs://) work where installed."
+        ),
+    ],
+    output_folder: Annotated[
+        Path, typer.Option("--output-folder", help="Gets img_emb/, text_emb/, metadata/ (clip-retrieval's layout).")
+    ],
+    input_format: Annotated[
+        str | None, typer.Option(help="files, webdataset, parquet or csv (default: from the first input's name).")
+    ] = None,
+    enable_text: Annotated[bool, typer.Option("--enable-text", help="Also embed each sample's caption.")] = False,
+    engine: Annotated[str, typer.Option(help="local: this machine.")] = "local",
+    shard_size: Annotated[int, typer.Option(help="Samples per output shard.")] = 100_000,
+    image_column: Annotated[str | None, typer.Option(help="Table column of the image path or URL.")] = None,
+    caption_column: Annotated[str | None, typer.Option(help="Table column of the caption.")] = None,
+    model: ModelOpt = MODEL_DEFAULT,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decoder threads (default: cores, at most 8).")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Embed a dataset shard by shard into clip-retrieval's layout (autofaiss reads it); resumable."""
+    from tqdm import tqdm
+
+    from clipworks.dataset import check_shard_size, embed_dataset, resolve_inputs
+
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r} is not available (yet); use --engine local")
+    check_shard_size(shard_size)
+    paths, fmt = resolve_inputs(inputs, input_format)
+    clip = load_model(model, device, precision, threads)
+    info(f"{clip.name}: {len(paths)} {fmt} input(s), {clip.precision} on {clip.providers[0]}")
+    with tqdm(unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
+        result = embed_dataset(
+            clip, paths, fmt, output_folder, enable_text=enable_text, shard_size=shard_size,
+            batch_size=batch_size, workers=workers, image_column=image_column, caption_column=caption_column,
+            on_progress=bar.update,
+        )  # fmt: skip
+    info(result.summary())
+    info(f"wrote {quote_path(output_folder)}")
+
+
 def _read_lines(hailo: bool, prefix: str) -> tuple[list[str], list[str]]:
     """Prompts from standard input, one a line, until an empty line.
 
