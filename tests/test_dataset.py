@@ -301,3 +301,29 @@ def test_npy_rows_header_reads_back_with_numpy(tmp_path, rows: int) -> None:
     assert shape == (rows, 3) and dtype == np.float16
     if rows <= 5:
         np.testing.assert_array_equal(np.load(path), data)
+
+
+def big_jpeg(i: int) -> bytes:
+    """About 60 kB (noise does not compress): a run that held every sample's bytes would show in its peak."""
+    pixels = np.random.default_rng(i).integers(0, 255, (160, 160, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_memory_stays_bounded_as_the_dataset_grows(vit_bundle, tmp_path) -> None:
+    from memory_helpers import run_measured
+
+    src = str(Path(clipworks.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    pool = [big_jpeg(i) for i in range(50)]
+    peaks = {}
+    for count in (100, 1000):  # 1000 samples: 60 MB of JPEG bytes, 50 MB of decoded pixels
+        tar = write_shard(tmp_path / f"{count}.tar", [(f"{i:06d}", pool[i % 50], b"cap") for i in range(count)])
+        run = run_measured("clipworks.cli.main", "embed", "dataset", tar, "--output-folder", tmp_path / f"out{count}",
+                           "-m", vit_bundle, "--shard-size", 300, "--enable-text", env=env, timeout=600)  # fmt: skip
+        assert run.code == 0, run.output
+        assert len(pq.read_table(tmp_path / f"out{count}" / "metadata").to_pylist()) == count
+        peaks[count] = run.peak_mb
+    print(f"peak RSS: 100 samples {peaks[100]:.0f} MB, 1000 samples {peaks[1000]:.0f} MB")
+    assert peaks[1000] - peaks[100] < 25

@@ -127,48 +127,101 @@ def load_file(path: Path) -> Any:
     return pyarrow_modules(f"reading {path}")[1].read_table(path)
 
 
-def _write_npy(out: Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
-    """Both files as one unit: each is written in full to a temporary file before either is renamed.
+class EmbeddingWriter:
+    """One embedding file written batch by batch (``add``), then put in place whole by ``close()``.
 
-    A full disk or a crash while writing leaves the old pair as it was; the list records the array's
-    checksum, so the one instant between the two renames cannot pass for a matching pair either.
+    ``.npy`` streams its rows to disk and ``.parquet`` writes a row group a batch, so memory holds only the
+    paths however many images there are; ``.pkl`` is one pickled dict by its format (Sophgo's), so it holds
+    every vector until ``close()``. Nothing reaches ``out`` before ``close()``: an error or an interruption
+    (``with`` block left by an exception) removes the temporary files and leaves an old file as it was.
     """
-    listing = paths_file_for(out)
-    with atomic_path(out) as npy_tmp, atomic_path(listing) as list_tmp:
-        with npy_tmp.open("wb") as fh:
-            np.save(fh, embeddings)
-            fh.flush()
-            os.fsync(fh.fileno())
-        record = {"format": PATHS_FORMAT, "embeddings": out.name, "count": len(paths),
-                  "sha256": file_sha256(npy_tmp), "paths": list(paths)}  # fmt: skip
-        with list_tmp.open("w", encoding="ascii") as fh:
+
+    def __init__(self, out: str | Path, dim: int) -> None:
+        self.out = check_output_path(out)
+        self.dim = dim
+        self.paths: list[str] = []
+        self._stack = contextlib.ExitStack()
+        self._chunks: list[np.ndarray] = []  # .pkl only
+        self._rows: NpyRows | None = None
+        self._parquet: Any = None
+        if self.out.suffix == ".npy":
+            # The paths file is entered first, so it is renamed after the array (see _close_npy).
+            self._list_tmp = self._stack.enter_context(atomic_path(paths_file_for(self.out)))
+            self._rows = NpyRows(self._stack.enter_context(atomic_path(self.out)), dim)
+        elif self.out.suffix == ".parquet":
+            pa, pq = _pyarrow(self.out)
+            self._schema = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()),
+                                      ("embedding", pa.list_(pa.float32(), dim))])  # fmt: skip
+            self._parquet = pq.ParquetWriter(self._stack.enter_context(atomic_path(self.out)), self._schema)
+
+    def add(self, paths: Sequence[str], embeddings: np.ndarray) -> None:
+        embeddings = np.asarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
+        if len(paths) != len(embeddings):
+            raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
+        paths = [os.fsdecode(p) for p in paths]
+        self.paths.extend(paths)
+        if self._rows is not None:
+            self._rows.append(embeddings)
+        elif self._parquet is not None:
+            pa, _ = _pyarrow(self.out)
+            raw = [os.fsencode(p) for p in paths]
+            # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
+            text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
+            columns = [text, pa.array(raw, pa.binary()), vector_column(embeddings)]
+            self._parquet.write_table(pa.Table.from_arrays(columns, schema=self._schema))
+        else:
+            self._chunks.append(embeddings)
+
+    def close(self) -> list[Path]:
+        """Finish the file(s) and rename them into place; the files written."""
+        with self._stack:
+            if self._rows is not None:
+                return self._close_npy(self._rows)
+            if self._parquet is not None:
+                self._parquet.close()
+                return [self.out]
+            # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors. Pickle keeps
+            # surrogates (names that are not UTF-8) as they are.
+            vectors = np.concatenate(self._chunks) if self._chunks else np.zeros((0, self.dim), np.float32)
+            return [save_array(self.out, {"img_path": self.paths, "embedding": list(vectors)})]
+
+    def _close_npy(self, rows: NpyRows) -> list[Path]:
+        """Both files as one unit: each is complete in its temporary file before either is renamed.
+
+        A full disk or a crash while writing leaves the old pair as it was; the list records the array's
+        checksum, so the one instant between the two renames cannot pass for a matching pair either.
+        """
+        rows.close()
+        record = {"format": PATHS_FORMAT, "embeddings": self.out.name, "count": len(self.paths),
+                  "sha256": file_sha256(rows.path), "paths": self.paths}  # fmt: skip
+        with self._list_tmp.open("w", encoding="ascii") as fh:
             # ensure_ascii: names that are not UTF-8 are written as \udcXX escapes, which json reads back.
             json.dump(record, fh, ensure_ascii=True)
             fh.flush()
             os.fsync(fh.fileno())
-        # atomic_path renames the inner (list) file first, then the array.
-    return [out, listing]
+        return [self.out, paths_file_for(self.out)]
+
+    def __enter__(self) -> EmbeddingWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if error is None:
+            return
+        if self._rows is not None:
+            self._rows.discard()
+        if self._parquet is not None:
+            self._parquet.close()
+        self._stack.__exit__(kind, error, tb)  # removes the temporary files; the caller's error goes on
 
 
 def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
     """Write atomically (temp file + rename), so an interrupted run never leaves a half file. Returns files."""
-    out = check_output_path(out)
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if len(paths) != len(embeddings):
         raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
-    paths = [os.fsdecode(p) for p in paths]
-    if out.suffix == ".npy":
-        return _write_npy(out, paths, embeddings)
-    if out.suffix == ".pkl":
-        # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors. Pickle keeps
-        # surrogates (names that are not UTF-8) as they are.
-        return [save_array(out, {"img_path": paths, "embedding": list(embeddings)})]
-    pa, _ = _pyarrow(out)
-    raw = [os.fsencode(p) for p in paths]
-    # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
-    text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
-    table = pa.table({"path": text, "path_bytes": pa.array(raw, pa.binary()), "embedding": vector_column(embeddings)})
-    return [write_parquet(out, table)]
+    with EmbeddingWriter(out, embeddings.shape[1] if embeddings.ndim == 2 else 0) as writer:
+        writer.add(paths, embeddings)
+        return writer.close()
 
 
 def _read_paths_file(npy: Path, rows: int) -> list[str]:
@@ -247,11 +300,11 @@ class NpyRows:
 
     def close(self) -> None:
         """Finish the header and flush the file to disk (it is renamed into place next)."""
-        self._fh.seek(0)
-        self._fh.write(_npy_header(self.rows, self.dim, self.dtype))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        with self._fh:
+            self._fh.seek(0)
+            self._fh.write(_npy_header(self.rows, self.dim, self.dtype))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def discard(self) -> None:
         self._fh.close()

@@ -43,8 +43,12 @@ def images(
     ] = "exact",
     threads: ThreadsOpt = None,
 ) -> None:
-    """Embed folders of images (L2-normalised float32) into one file, skipping unreadable files."""
-    from clipworks.outputs import check_output_path, write_embeddings
+    """Embed folders of images (L2-normalised float32) into one file, skipping unreadable files.
+
+    .npy and .parquet are written as the batches come (memory holds the file names, not the vectors);
+    .pkl is one pickled dict by its format, so it holds every vector until the end.
+    """
+    from clipworks.outputs import EmbeddingWriter, check_output_path
     from clipworks.pipeline import collect_image_files, embed_files
 
     if preprocess not in ("exact", "fast"):
@@ -53,10 +57,12 @@ def images(
     files = collect_image_files(inputs)
     clip = load_model(model, device, precision, threads, preprocess)
     info(f"{clip.name}: {len(files)} images, {clip.precision} on {clip.providers[0]}")
-    result = embed_files(clip, files, batch_size=batch_size, workers=workers, queue_size=queue_size)
-    if not result.paths:
-        raise ClipworksError(f"none of the {len(files)} files could be read as an image; nothing written to {out}")
-    written = write_embeddings(out, result.paths, result.embeddings)
+    with EmbeddingWriter(out, clip.embed_dim) as writer:
+        result = embed_files(clip, files, batch_size=batch_size, workers=workers, queue_size=queue_size,
+                             on_batch=lambda batch: writer.add(batch.paths, batch.embeddings))  # fmt: skip
+        if not result.count:
+            raise ClipworksError(f"none of the {len(files)} files could be read as an image; nothing written to {out}")
+        written = writer.close()
     info(result.summary())
     info("wrote " + ", ".join(quote_path(p) for p in written))
 
