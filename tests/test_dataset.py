@@ -295,8 +295,8 @@ def test_npy_rows_header_reads_back_with_numpy(tmp_path, rows: int) -> None:
     writer.rows = rows  # the header must fit any count (the data need not, for this check)
     writer.close()
     with path.open("rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        shape, _, dtype = np.lib.format._read_array_header(fh, version)
+        assert np.lib.format.read_magic(fh) == (1, 0)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
         assert fh.tell() % 64 == 0  # numpy's own alignment
     assert shape == (rows, 3) and dtype == np.float16
     if rows <= 5:
@@ -321,7 +321,7 @@ def test_memory_stays_bounded_as_the_dataset_grows(vit_bundle, tmp_path) -> None
     for count in (100, 1000):  # 1000 samples: 60 MB of JPEG bytes, 50 MB of decoded pixels
         tar = write_shard(tmp_path / f"{count}.tar", [(f"{i:06d}", pool[i % 50], b"cap") for i in range(count)])
         run = run_measured("clipworks.cli.main", "embed", "dataset", tar, "--output-folder", tmp_path / f"out{count}",
-                           "-m", vit_bundle, "--shard-size", 300, "--enable-text", env=env, timeout=600)  # fmt: skip
+                           "-m", vit_bundle, "--shard-size", "300", "--enable-text", env=env, timeout=600)  # fmt: skip
         assert run.code == 0, run.output
         assert len(pq.read_table(tmp_path / f"out{count}" / "metadata").to_pylist()) == count
         peaks[count] = run.peak_mb

@@ -35,7 +35,7 @@ import numpy as np
 
 from clipworks.display import one_line, quote_path
 from clipworks.errors import BadImage, ClipworksError, UsageError
-from clipworks.extras import require
+from clipworks.extras import MissingExtra, require
 from clipworks.outputs import SHARD_DTYPE, ShardWriter, pyarrow_modules, shard_finished
 from clipworks.pipeline import Failure, iter_embeddings, warn
 from clipworks.runtime.encoder import ClipModel
@@ -103,30 +103,32 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _open(path: str) -> IO[bytes]:
-    """A local file, or an fsspec URL (``s3://``, ``gs://``, ``http://`` ...) through its filesystem."""
-    if not _is_url(path):
-        return open(path, "rb")  # the caller closes it
+def _filesystem(path: str) -> tuple[Any, str]:
+    """fsspec's filesystem for a URL and the path inside it; a protocol whose package is missing is one line."""
     require("fsspec", "dataset", f"reading {path}")
     import fsspec
 
     try:
-        return fsspec.open(path, "rb").open()
-    except (ImportError, ValueError) as e:  # fsspec names the package the protocol needs
+        return fsspec.core.url_to_fs(path)
+    except ImportError as e:  # fsspec's message names the package the protocol needs (s3fs, gcsfs ...)
+        raise MissingExtra(f"reading {path}: {one_line(str(e))}") from e
+    except ValueError as e:  # an unknown protocol
         raise UsageError(f"cannot read {path}: {one_line(str(e))}") from e
+
+
+def _open(path: str) -> IO[bytes]:
+    """A local file, or an fsspec URL (``s3://``, ``gs://``, ``http://`` ...) through its filesystem."""
+    if not _is_url(path):
+        return open(path, "rb")  # the caller closes it
+    fs, inner = _filesystem(path)
+    return fs.open(inner, "rb")
 
 
 def _exists(path: str) -> bool:
     if not _is_url(path):
         return os.path.exists(path)
-    require("fsspec", "dataset", f"reading {path}")
-    import fsspec
-
-    try:
-        fs, inner = fsspec.core.url_to_fs(path)
-        return bool(fs.exists(inner))
-    except (ImportError, ValueError) as e:
-        raise UsageError(f"cannot read {path}: {one_line(str(e))}") from e
+    fs, inner = _filesystem(path)
+    return bool(fs.exists(inner))
 
 
 def guess_format(path: str) -> str:
@@ -437,6 +439,8 @@ def embed_dataset(
 
             with Image.open(io.BytesIO(sample.data)) as image:
                 sample.width, sample.height = image.size
+        except MissingExtra:  # no package for the URLs' protocol: every sample would fail, so the job stops
+            raise
         except ClipworksError as e:
             sample.error = str(e)
         except Exception as e:  # any unreadable file or image header is this sample's error
