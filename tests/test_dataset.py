@@ -327,3 +327,40 @@ def test_memory_stays_bounded_as_the_dataset_grows(vit_bundle, tmp_path) -> None
         peaks[count] = run.peak_mb
     print(f"peak RSS: 100 samples {peaks[100]:.0f} MB, 1000 samples {peaks[1000]:.0f} MB")
     assert peaks[1000] - peaks[100] < 25
+
+
+STREAM_VECTORS = """
+import sys
+import numpy as np
+from clipworks.outputs import EmbeddingWriter
+out, batches = sys.argv[1], int(sys.argv[2])
+batch = np.random.default_rng(0).standard_normal((1000, 256)).astype(np.float32)  # 1 MB a batch
+with EmbeddingWriter(out, 256) as writer:
+    for b in range(batches):
+        writer.add([f"{b}/{i}.jpg" for i in range(1000)], batch)
+    writer.close()
+"""
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_embedding_files_stream_batches_to_disk(tmp_path, suffix: str) -> None:
+    """``embed images`` into .npy/.parquet holds the names, not the vectors: 200 MB more of them cost no 200 MB."""
+    from clipworks.outputs import read_embeddings
+    from memory_helpers import run_measured
+
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM_VECTORS)
+    src = str(Path(clipworks.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    peaks = {}
+    for batches in (50, 250):
+        run = run_measured(script, tmp_path / f"e{batches}{suffix}", str(batches), env=env)
+        assert run.code == 0, run.output
+        peaks[batches] = run.peak_mb
+    print(f"{suffix}: peak {peaks[50]:.0f} MB for 50 MB of vectors, {peaks[250]:.0f} MB for 250 MB")
+    assert peaks[250] - peaks[50] < 40  # the 200000 more names (about 15 MB as Python strings) and noise
+    paths, vectors = read_embeddings(tmp_path / f"e250{suffix}")
+    assert len(paths) == 250_000 and paths[1001] == "1/1.jpg"
+    np.testing.assert_array_equal(
+        vectors[1000:2000], np.random.default_rng(0).standard_normal((1000, 256)).astype(np.float32)
+    )
