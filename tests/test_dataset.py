@@ -159,6 +159,29 @@ def test_tables_of_paths_with_captions(model, kind: str, tmp_path) -> None:
     assert metadata["image_path"].to_pylist() == [os.path.join(str(tmp_path), r["url"]) for r in rows]
 
 
+def test_fsspec_urls_read_shards_and_tables(model, tmp_path) -> None:
+    """file:// goes through fsspec as s3:// or gs:// would: brace patterns, tars, tables of image URLs."""
+    shards(tmp_path / "shards", [2, 1])
+    paths, fmt = resolve_inputs([f"file://{tmp_path}/shards/{{00000..00001}}.tar"], None)
+    assert (paths, fmt) == (
+        [f"file://{tmp_path}/shards/00000.tar", f"file://{tmp_path}/shards/00001.tar"],
+        "webdataset",
+    )
+    assert embed_dataset(model, paths, fmt, tmp_path / "wds").embedded == 3
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
+    table = write_table(
+        tmp_path, "csv", [{"url": f"file://{tmp_path}/img/{i}.jpg", "caption": caption(i)} for i in range(3)]
+    )
+    paths, fmt = resolve_inputs([f"file://{table}"], None)
+    embed_dataset(model, paths, fmt, tmp_path / "table")
+    for out in ("wds", "table"):
+        images, metadata, _ = read_layout(tmp_path / out)
+        np.testing.assert_allclose(images, model.encode_images([jpeg(i) for i in range(3)]), atol=FP16_ATOL)
+    assert metadata["image_path"].to_pylist() == [f"file://{tmp_path}/img/{i}.jpg" for i in range(3)]
+
+
 def test_folders_pair_images_with_txt_captions(model, tmp_path) -> None:
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -275,6 +298,9 @@ def test_an_output_folder_of_another_model_or_setting_is_refused(model, rn_bundl
         (["{dir}/shards/00000.tar", "--input-format", "zip"], "--input-format must be one of"),
         (["{dir}/readme.md"], "cannot tell the format"),
         (["{dir}/shards/00000.tar", "--shard-size", "0"], "--shard-size must be at least 1"),
+        (["s3://clipworks-test-bucket/{{0..1}}.tar"], "s3fs"),  # the s3 filesystem package is not installed
+        (["hdfs://namenode/shards/0.tar"], "cannot read hdfs://namenode/shards/0.tar"),  # no Java here
+        (["nosuch://x/0.tar"], "Protocol not known"),
     ],
 )
 def test_bad_invocations_get_one_line(capsys, vit_bundle, tmp_path, args, message) -> None:

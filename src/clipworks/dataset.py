@@ -4,7 +4,7 @@ Inputs are WebDataset tar shards (brace patterns such as ``shards/{00000..00123}
 tables of image paths or URLs with captions, and folders of images; any path may be an ``fsspec`` URL
 (``s3://``, ``gs://``, ...) when that filesystem's package is installed. Every sample gets a place in
 one input order; output shard ``i`` holds the samples ``[i * shard_size, (i + 1) * shard_size)`` of it, so
-a job started again after a crash skips the finished shards (their samples are not even read) and
+a job started again after a crash skips the finished shards (their samples are passed over undecoded) and
 writes the rest exactly as the first run would have.
 
 The output is what clip-retrieval's ``inference`` writes and autofaiss and ``clip-retrieval index`` read:
@@ -114,6 +114,13 @@ def _filesystem(path: str) -> tuple[Any, str]:
         raise MissingExtra(f"reading {path}: {one_line(str(e))}") from e
     except ValueError as e:  # an unknown protocol
         raise UsageError(f"cannot read {path}: {one_line(str(e))}") from e
+    except OSError as e:  # a filesystem that cannot start (HDFS without Java): its first line says why
+        raise UsageError(f"cannot read {path}: {_first_line(e)}") from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return one_line(lines[0]) if lines else type(error).__name__
 
 
 def _open(path: str) -> IO[bytes]:
@@ -128,7 +135,10 @@ def _exists(path: str) -> bool:
     if not _is_url(path):
         return os.path.exists(path)
     fs, inner = _filesystem(path)
-    return bool(fs.exists(inner))
+    try:
+        return bool(fs.exists(inner))
+    except OSError as e:  # unreachable (network, credentials): a missing input, said in one line
+        raise UsageError(f"cannot read {path}: {_first_line(e)}") from e
 
 
 def guess_format(path: str) -> str:
