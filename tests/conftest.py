@@ -54,15 +54,43 @@ def rn_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def siglip2_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/model_configs/tiny-siglip2.json (SigLIP 2's shape: timm ViT with MAP pooling, 64-d, 160 px; a text
+    tower without causal mask pooling the last of 16 positions) with its tokenizer: a tiny Gemma-style BPE."""
+    import json
+
+    from tiny_tokenizers import gemma_bpe
+
+    root = tmp_path_factory.mktemp("siglip2")
+    config = json.loads((MODEL_CONFIGS / "tiny-siglip2.json").read_text())
+    config["text_cfg"]["hf_tokenizer_name"] = str(gemma_bpe(root / "tokenizer"))
+    path = root / "tiny-siglip2.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def siglip2_bundle(tmp_path_factory: pytest.TempPathFactory, siglip2_config: Path) -> Path:
+    """The tiny SigLIP 2 exported in fp32 (family "siglip", a logit_bias, Gemma tokenizer files)."""
+    from clipworks.export import export_model
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-siglip2"
+    export_model(str(siglip2_config), out, pretrained="random", precisions=("fp32",), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def source_model():
     """The torch models the bundles were exported from (same seed, same weights)."""
     from clipworks.export.source import load_source_model
 
     cache: dict[str, object] = {}
 
-    def get(config: str):
+    def get(config: str | Path):
+        """A name in tests/model_configs, or the path of a config (``siglip2_config``)."""
+        path = config if isinstance(config, Path) else MODEL_CONFIGS / f"{config}.json"
         if config not in cache:
-            cache[config] = load_source_model(str(MODEL_CONFIGS / f"{config}.json"), "random", seed=0)
+            cache[config] = load_source_model(str(path), "random", seed=0)
         return cache[config]
 
     return get

@@ -117,3 +117,33 @@ def test_static_batch_export_runs_through_the_runtime(tmp_path: Path, vit_bundle
     np.testing.assert_allclose(static.encode_images(images), dynamic.encode_images(images), atol=1e-5)
     texts = ["a dog", "a photo of a cat on a sofa", "", "x", "fruit"]
     np.testing.assert_allclose(static.encode_texts(texts), dynamic.encode_texts(texts), atol=1e-5)
+
+
+def test_clip_bundles_record_their_family_and_no_bias(vit_bundle: Path) -> None:
+    meta = load_bundle(vit_bundle).meta
+    assert meta.family == "clip" and meta.logit_bias is None
+
+
+CLIP_ROW = [49406, 320, 1929, 49407]
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "fails"),
+    [
+        pytest.param([CLIP_ROW], [[*CLIP_ROW, 0, 0]], False, id="cut-to-longest-then-padding"),
+        pytest.param([[*CLIP_ROW, 0, 0]], [[*CLIP_ROW, 0, 0]], False, id="full-rows"),
+        pytest.param([[49406, 320, 1930, 49407]], [[*CLIP_ROW, 0, 0]], True, id="another-id"),
+        pytest.param([[*CLIP_ROW, 7, 7]], [[*CLIP_ROW, 0, 0]], True, id="other-padding"),
+        pytest.param([[0, 0, *CLIP_ROW]], [[*CLIP_ROW, 0, 0]], True, id="padded-on-the-other-side"),
+    ],
+)
+def test_the_bundles_tokenizer_must_give_open_clips_ids(ours, theirs, fails) -> None:
+    """The export check compares token ids first: embeddings of other tokens would prove nothing."""
+    from clipworks.export.exporter import _check_tokens, _CheckInputs
+
+    inputs = _CheckInputs(np.zeros((1, 3, 2, 2), np.float32), ["a dog"], np.array(theirs), np.array(ours))
+    if fails:
+        with pytest.raises(ExportCheckFailed, match="other token ids than open_clip for 'a dog'"):
+            _check_tokens(inputs, 0, "clip")
+    else:
+        _check_tokens(inputs, 0, "clip")

@@ -21,7 +21,7 @@ from clipworks.cli.main import main
 from clipworks.errors import BadBundle, DownloadError, ModelNotFound
 from clipworks.models.immich_names import OPENCLIP_BUNDLES
 from clipworks.models.registry import list_models, parse_model_name
-from clipworks.models.store import ensure_bundle, pull
+from clipworks.models.store import can_fetch, ensure_bundle, pull
 from conftest import serve_app
 
 REPO = "immich-app/ViT-B-32__openai"
@@ -89,9 +89,9 @@ def test_every_registry_repository_is_on_immichs_list() -> None:
         assert org == "immich-app" and name in OPENCLIP_BUNDLES, repo
 
 
-def test_records_are_open_clip_weight_sets_and_cover_immichs_clip_bundles() -> None:
+def test_records_are_open_clip_weight_sets_and_cover_immichs_bundles() -> None:
     """Each record is one of open_clip's pretrained weight sets, with its config's dimension and image size;
-    every Immich bundle whose text tower uses CLIP's BPE tokenizer (the one the runtime reads) has a record."""
+    every open_clip weight set Immich publishes a bundle of has a record, whatever its text tower."""
     import open_clip
 
     pretrained = {(a.lower(), t.lower()): (a, t) for a, t in open_clip.list_pretrained()}
@@ -101,15 +101,43 @@ def test_records_are_open_clip_weight_sets_and_cover_immichs_clip_bundles() -> N
         assert (record.embed_dim, record.image_size) == (config["embed_dim"], config["vision_cfg"]["image_size"]), (
             record.name
         )
+        assert record.context_length == config["text_cfg"].get("context_length", 77), record.name
     named = {(m.arch, m.tag) for m in list_models()}
     for immich_name in sorted(OPENCLIP_BUNDLES):
         arch, _, tag = immich_name.partition("__")
         weights = pretrained.get((arch.lower(), tag.replace("-", "_").lower()))
         if weights is None:
             continue  # not an open_clip weight set (fg-clip2-base)
-        if "hf_tokenizer_name" in open_clip.get_model_config(weights[0]).get("text_cfg", {}):
-            continue  # SentencePiece or XLM-R text towers
         assert weights in named, f"Immich publishes {immich_name} but the registry has no {weights[0]}::{weights[1]}"
+
+
+def test_the_shipped_open_clip_facts_are_the_installed_open_clips() -> None:
+    """data/open_clip_models.json is derived from open_clip, never typed: regenerate it, do not edit it."""
+    from clipworks.models.registry import OPEN_CLIP_FACTS
+    from open_clip_facts import facts
+
+    shipped = json.loads(OPEN_CLIP_FACTS.read_text())
+    expected = facts(list_models())
+    assert shipped["architectures"] == expected["architectures"], "run: PYTHONPATH=src python tests/open_clip_facts.py"
+    assert shipped["weights"] == expected["weights"], "run: PYTHONPATH=src python tests/open_clip_facts.py"
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "source", "licence"),
+    [
+        ("ViT-B-32::openai", "clip", "hf-hub:timm/vit_base_patch32_clip_224.openai", "mit"),
+        ("ViT-B-16-SigLIP2::webli", "siglip", "hf-hub:timm/ViT-B-16-SigLIP2", "apache-2.0"),
+        ("ViT-B-16-SigLIP::webli", "siglip", "hf-hub:timm/ViT-B-16-SigLIP", "apache-2.0"),
+        ("MobileCLIP-S2::datacompdr", "clip", "hf-hub:apple/MobileCLIP-S2-OpenCLIP", "apple-amlr"),
+        ("ViT-H-14-quickgelu::dfn5b", "clip", "hf-hub:apple/DFN5B-CLIP-ViT-H-14", "apple-ascl"),
+        ("nllb-clip-base-siglip::v1", "siglip", "hf-hub:visheratin/nllb-clip-base-siglip", "cc-by-nc-4.0"),
+    ],
+)
+def test_records_know_their_family_source_and_licence(name: str, family: str, source: str, licence: str) -> None:
+    record = parse_model_name(name).record
+    assert record is not None
+    assert (record.family, record.licence) == (family, licence)
+    assert record.source.startswith(source)
 
 
 def _git_blob_sha(data: bytes) -> str:
@@ -369,10 +397,16 @@ def test_unreachable_hub_gives_one_clear_message(home: Path, monkeypatch: pytest
     assert "\n" not in str(caught.value)
 
 
-def test_offline_missing_model_says_what_to_pull(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_missing_model_says_what_to_pull(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("CLIPWORKS_OFFLINE", "1")
-    with pytest.raises(ModelNotFound, match=r"clipworks models pull ViT-B-16::openai.*--model PATH"):
+    with pytest.raises(ModelNotFound, match=r"clipworks models pull ViT-B-16::openai.*path of a bundle folder") as e:
         ensure_bundle("ViT-B/16")
+    assert " --" not in str(e.value) and e.value.setting == "model"  # the library names no flag; the CLI does
+    (tmp_path / "a.jpg").write_bytes(b"")
+    assert main(["embed", "images", str(tmp_path / "a.jpg"), "-o", str(tmp_path / "o.npy"), "-m", "ViT-B/16"]) == 1
+    assert capsys.readouterr().err.startswith("error: --model: ViT-B-16::openai is not downloaded")
 
 
 def test_missing_path_is_not_mistaken_for_a_name(home: Path) -> None:
@@ -452,6 +486,50 @@ def test_models_list_shows_where_each_bundle_comes_from_and_what_is_cached(
     assert lines["ViT-B-32::openai"].endswith(str(snapshot))
     assert "immich-app/ViT-B-32__laion2b-s34b-b79k" in lines["ViT-B-32::laion2b_s34b_b79k"]
     assert lines["ViT-B-32::laion2b_s34b_b79k"].endswith("incomplete: pull again")
+
+
+def test_models_list_filters_by_family_and_by_ready_bundle(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list", "--family", "siglip", "--json"]) == 0
+    siglip = json.loads(capsys.readouterr().out)
+    names = {r["name"] for r in siglip}
+    assert {"ViT-B-16-SigLIP2::webli", "ViT-SO400M-16-SigLIP2-384::webli", "ViT-B-16-SigLIP::webli"} <= names
+    assert all(r["family"] == "siglip" for r in siglip) and "ViT-B-32::openai" not in names
+    assert main(["models", "list", "--downloadable", "--json"]) == 0
+    ready = json.loads(capsys.readouterr().out)
+    assert ready and all(r["hub_repo"] for r in ready)
+    assert {r["name"] for r in ready} == {m.name for m in list_models() if m.hf_repo}
+    assert main(["models", "list", "--family", "siglip", "--downloadable"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["name", "alias", "family"]
+    assert len(lines) - 1 == sum(1 for r in siglip if r["hub_repo"])
+    assert all(" siglip " in line and "export-only" not in line for line in lines[1:])
+
+
+def test_models_list_refuses_an_unknown_family(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list", "--family", "sigclip"]) == 2
+    err = capsys.readouterr().err
+    assert "--family 'sigclip' is not a model family; choose from clip, siglip" in err and err.count("\n") == 1
+
+
+def test_models_list_shows_cached_random_exports(
+    home: Path, vit_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`::random` bundles (and other exported tags) are in no record, but they are cached models too."""
+    models = settings.models_dir()
+    shutil.copytree(vit_bundle, models / "tiny-vit__random")
+    (models / "ViT-B-32__random" / "visual").mkdir(parents=True)  # an interrupted copy: no config.json
+    (models / ".ViT-L-14__random.partial-12").mkdir()  # an export still being written
+    assert main(["models", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    tiny = rows["tiny-vit::random"]
+    assert (tiny["family"], tiny["dim"], tiny["image_size"], tiny["hub_repo"]) == ("clip", 32, 64, None)
+    assert tiny["cached"] == str(models / "tiny-vit__random")
+    assert rows["ViT-B-32::random"]["cached"] is None and "config.json" in rows["ViT-B-32::random"]["incomplete"]
+    assert not any("partial" in name for name in rows)
+    assert main(["models", "list", "--family", "clip"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["tiny-vit::random"].endswith(str(models / "tiny-vit__random"))
+    assert "ViT-B-32::random" not in lines  # its family cannot be read, so it is no "clip"
 
 
 def _runtime_only(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -564,3 +642,99 @@ def test_immich_static_normalised_bundle_matches_ours(vit_bundle: Path, tmp_path
     np.testing.assert_allclose(immich.encode_texts(texts), ours.encode_texts(texts), atol=1e-5)
     images = [np.full((70, 90, 3), v, np.uint8) for v in (10, 128, 250)]
     np.testing.assert_allclose(immich.encode_images(images), ours.encode_images(images), atol=1e-5)
+
+
+# -- bundle sources: hf-hub: and local-dir: prefixes wherever a model name goes ---------------------------
+
+
+def test_prefixed_names_take_their_bundle_from_that_source(
+    home: Path, tmp_path: Path, vit_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = {f: d for f, d in _repo_files(vit_bundle, tmp_path).items() if f in RUNTIME_FILES}
+    # Any repository with an Immich-layout bundle, not only the registry's names.
+    snapshot = _prefill_hf_cache(tmp_path / "hf", "someone/my-clip", files)
+    assert ensure_bundle("hf-hub:someone/my-clip").root == snapshot
+    assert ensure_bundle(f"local-dir:{vit_bundle}").root == vit_bundle
+    assert clipworks.load(f"local-dir:{vit_bundle}", device="cpu").encode_texts(["a cat"]).shape == (1, 32)
+    # The CLI takes them as --model too, and a prompt file records the name as given.
+    assert main(["embed", "texts", "a cat", "-o", str(tmp_path / "t.json"), "-m", "hf-hub:someone/my-clip"]) == 0
+    assert '"hf-hub:someone/my-clip"' in (tmp_path / "t.json").read_text()
+
+
+def test_a_prefixed_hub_name_is_pulled_and_then_found_offline(
+    hub: FakeHub, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "pull", f"hf-hub:{REPO}"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == _snapshot(hub.main)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ensure_bundle(f"hf-hub:{REPO}").root == _snapshot(hub.main)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("local-dir:{tmp}/nowhere", r"model folder .*nowhere does not exist"),
+        ("local-dir:{tmp}/file.onnx", r"model folder .*file\.onnx is a file, not a folder"),
+        ("local-dir:", r"names no local-dir target: write local-dir:TARGET"),
+        ("hf-hub:", r"names no hf-hub target"),
+        ("hf-hub:someone/absent", r"hf-hub:someone/absent is not on this machine and downloads are off"),
+    ],
+)
+def test_bad_prefixed_names_are_refused_naming_them(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, message: str
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "file.onnx").write_bytes(b"onnx")
+    with pytest.raises(ModelNotFound, match=message) as caught:
+        ensure_bundle(name.format(tmp=tmp_path))
+    assert caught.value.setting == "model"
+
+
+def test_an_unknown_pull_source_names_the_flag(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "pull", "ViT-B/32", "--source", "ftp"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --source: unknown pull source 'ftp': use auto, hub or export"
+
+
+def test_models_info_shows_the_provider_and_options_the_session_uses(
+    vit_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "info", str(vit_bundle), "--json", "--threads", "1", "--device", "cpu"]) == 0
+    runtime = json.loads(capsys.readouterr().out)["runtime"]
+    assert runtime["backend"] == "cpu" and runtime["providers"] == ["CPUExecutionProvider"]
+    assert runtime["provider_options"] == {"CPUExecutionProvider": {}}
+    # Read back from ONNX Runtime's session, so what is shown is what runs.
+    assert runtime["intra_op_threads"] == 1 and runtime["inter_op_threads"] == 1 and runtime["cpu_arena"] is True
+    assert runtime["session_config"] == {"session.intra_op.allow_spinning": "1"}
+    assert runtime["io_binding"] is False
+    assert main(["models", "info", str(vit_bundle)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split() == ["runtime.providers", '["CPUExecutionProvider"]'] for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("name", "fetchable"),
+    [
+        ("ViT-B/32", True),
+        ("hf-hub:someone/my-clip", True),  # a server may start with it and pull on the first request
+        ("local-dir:/models/mine", False),  # nothing can bring a missing folder
+        ("./nowhere", False),
+        ("no-such-model", False),
+    ],
+)
+def test_what_a_pull_could_bring(name: str, fetchable: bool) -> None:
+    assert can_fetch(name) is fetchable
+
+
+@pytest.mark.parametrize(
+    ("name", "starts"), [("hf-hub:someone/not-yet-pulled", True), ("local-dir:/models/none", False)]
+)
+def test_a_server_starts_with_a_hub_name_it_has_not_pulled_yet(home: Path, name: str, starts: bool) -> None:
+    from clipworks.service.state import ModelHolder, ServiceSettings
+
+    holder = ModelHolder(ServiceSettings(model=name))
+    if starts:
+        holder.check()  # the first request pulls it
+    else:
+        with pytest.raises(ModelNotFound, match="does not exist"):
+            holder.check()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,21 @@ from PIL import Image
 
 import clipworks
 from clipworks.errors import BadBundle, BadImage, UsageError
+from clipworks.models.bundle import Bundle, load_bundle
+from clipworks.runtime.encoder import ClipModel
+from clipworks.runtime.sessions import (
+    BACKENDS,
+    CoreMLBackend,
+    CpuBackend,
+    CudaBackend,
+    OpenVINOBackend,
+    OrtSession,
+    RuntimeSettings,
+    TensorRTBackend,
+    device_names,
+    open_backend,
+    register_backend,
+)
 
 PROMPTS = [
     "a photo of a dog",
@@ -83,8 +99,47 @@ def test_text_batches_pad_only_to_the_longest_prompt(vit_bundle: Path) -> None:
 
 def test_text_encoder_loads_only_when_used(vit_bundle: Path, photos) -> None:
     model = clipworks.load(vit_bundle)
+    assert not model.loaded("visual") and not model.loaded("textual")
     model.encode_images(photos[:1])
-    assert "textual" not in model.__dict__ and "tokenizer" not in model.__dict__
+    assert model.loaded("visual") and not model.loaded("textual")
+    model.encode_texts(["a cat"])
+    assert model.loaded("textual")
+
+
+def test_load_towers_loads_what_it_names_now(vit_bundle: Path) -> None:
+    model = clipworks.load(vit_bundle)
+    model.load_towers("textual")
+    assert model.loaded("textual") and not model.loaded("visual")
+    with pytest.raises(UsageError, match="unknown tower 'text': use one of visual, textual"):
+        model.load_towers("text")  # type: ignore[arg-type]
+
+
+def test_towers_load_once_when_threads_race_for_them(vit_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real = Bundle.graph
+
+    def counting_graph(self: Bundle, tower: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(tower)
+        return real(self, tower, *args, **kwargs)
+
+    monkeypatch.setattr(Bundle, "graph", counting_graph)
+    model = clipworks.load(vit_bundle)
+    opened.clear()  # ClipModel checks the visual graph exists when made
+    start = threading.Barrier(8)
+    results: list[np.ndarray] = []
+
+    def encode() -> None:
+        start.wait()
+        results.append(model.encode_texts(["a photo of a cat"]))
+        results.append(model.embed_image_batch(np.zeros((1, 3, 64, 64), np.float32)))
+
+    threads = [threading.Thread(target=encode) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(opened) == ["textual", "visual"]  # one session each, however many threads asked at once
+    assert len(results) == 16
 
 
 @pytest.mark.parametrize(
@@ -113,11 +168,162 @@ def test_missing_precision_names_what_the_bundle_has(rn_bundle: Path) -> None:
         clipworks.load(rn_bundle, precision="fp16")
 
 
-def test_unknown_device_is_refused(vit_bundle: Path) -> None:
-    with pytest.raises(UsageError, match="unknown device"):
-        clipworks.load(vit_bundle, device="quantum").encode_images([Image.new("RGB", (8, 8))])
-    with pytest.raises(UsageError, match="onnxruntime-gpu"):
-        clipworks.load(vit_bundle, device="cuda:0").encode_images([Image.new("RGB", (8, 8))])
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("quantum", r"unknown device 'quantum': use auto, tensorrt, cuda, openvino, coreml, cpu"),
+        ("cuda:0", r"device 'cuda:0' needs CUDAExecutionProvider.*\(installed: cpu\).*onnxruntime-gpu"),
+        ("tensorrt", r"needs TensorrtExecutionProvider"),
+        ("openvino:GPU", r"needs OpenVINOExecutionProvider"),
+        ("coreml", r"needs CoreMLExecutionProvider"),
+        ("cpu:1", r"device cpu:1 takes no suffix: use device cpu"),
+    ],
+)
+def test_a_device_that_cannot_run_is_refused_at_load(vit_bundle: Path, device: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as caught:
+        clipworks.load(vit_bundle, device=device)
+    assert caught.value.setting == "device" and " --" not in str(caught.value)  # the CLI adds the flag
+
+
+def test_the_cli_names_the_device_flag(vit_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from clipworks.cli.main import main
+
+    assert main(["models", "info", str(vit_bundle), "--device", "quantum"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device: unknown device 'quantum'")
+
+
+# -- backends: the options each one gives ONNX Runtime, as data (only the CPU provider is installed here) ----
+CACHE = Path("/engines")
+BACKEND_OPTIONS = [
+    (CpuBackend(), {}),
+    (CudaBackend(), {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}),
+    (CudaBackend(target="1"), {"device_id": "1", "arena_extend_strategy": "kSameAsRequested"}),
+    (
+        TensorRTBackend(RuntimeSettings(cache_dir=CACHE), "2"),
+        {
+            "device_id": "2",
+            "trt_fp16_enable": "True",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": "/engines",
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": "/engines",
+        },
+    ),
+    (
+        TensorRTBackend(RuntimeSettings(cache_dir=CACHE, fp16=False, workspace_bytes=2**30)),
+        {
+            "device_id": "0",
+            "trt_fp16_enable": "False",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": "/engines",
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": "/engines",
+            "trt_max_workspace_size": "1073741824",
+        },
+    ),
+    (OpenVINOBackend(RuntimeSettings(cache_dir=CACHE)), {"cache_dir": "/engines"}),
+    (
+        OpenVINOBackend(RuntimeSettings(cache_dir=CACHE, precision_hint="fp16", threads=4), "gpu"),
+        {"cache_dir": "/engines", "device_type": "GPU", "precision": "FP16", "num_of_threads": "4"},
+    ),
+    (
+        CoreMLBackend(RuntimeSettings(cache_dir=CACHE)),
+        {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL", "ModelCacheDirectory": "/engines"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("backend", "options"), BACKEND_OPTIONS, ids=repr)
+def test_each_backend_builds_its_provider_options(backend, options: dict[str, str]) -> None:
+    assert backend.provider_options() == options
+
+
+def test_the_option_table_covers_every_registered_backend() -> None:
+    assert {type(backend).name for backend, _ in BACKEND_OPTIONS} == set(BACKENDS)
+
+
+def test_engine_caches_default_to_the_clipworks_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPWORKS_HOME", str(tmp_path))
+    assert TensorRTBackend().provider_options()["trt_engine_cache_path"] == str(tmp_path / "engines" / "tensorrt")
+    assert OpenVINOBackend().provider_options()["cache_dir"] == str(tmp_path / "engines" / "openvino")
+
+
+ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "installed", "chain"),
+    [
+        (TensorRTBackend(), ALL, ALL),  # nodes TensorRT cannot build run on CUDA, then CPU
+        (TensorRTBackend(), [ALL[0], ALL[2]], [ALL[0], ALL[2]]),
+        (CudaBackend(), ALL, ALL[1:]),
+        (CpuBackend(), ALL, ALL[2:]),
+        (OpenVINOBackend(), ["OpenVINOExecutionProvider", *ALL], ["OpenVINOExecutionProvider", ALL[2]]),
+    ],
+)
+def test_each_backend_falls_back_to_the_installed_providers_after_it(backend, installed, chain) -> None:
+    assert [provider for provider, _ in backend.providers(installed)] == chain
+
+
+def test_a_fallback_stays_on_the_same_gpu() -> None:
+    cuda = dict(TensorRTBackend(target="1").providers(ALL))["CUDAExecutionProvider"]
+    assert cuda["device_id"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("settings", "fp16", "io_binding"),
+    [(RuntimeSettings(), True, True), (RuntimeSettings(fp16=False, io_binding=False), False, False)],
+)
+def test_accelerators_default_to_fp16_and_io_binding(settings: RuntimeSettings, fp16: bool, io_binding: bool) -> None:
+    assert (CudaBackend(settings).fp16, CudaBackend(settings).io_binding) == (fp16, io_binding)
+    assert (CpuBackend().fp16, CpuBackend().io_binding) == (False, False)
+
+
+def test_cpu_settings_reach_the_onnx_runtime_session(vit_bundle: Path) -> None:
+    settings = RuntimeSettings(threads=1, allow_spinning=False, arena=False)
+    model = clipworks.load(vit_bundle, device="cpu", runtime=settings)
+    applied = model.visual.applied_options()
+    assert applied["intra_op_threads"] == 1 and applied["cpu_arena"] is False
+    assert applied["session_config"] == {"session.intra_op.allow_spinning": "0"}
+    assert model.textual.applied_options()["intra_op_threads"] == 1  # one settings object for both towers
+    assert clipworks.load(vit_bundle, threads=3).visual.applied_options()["intra_op_threads"] == 3
+
+
+def test_io_binding_gives_the_same_vectors(vit_bundle: Path, photos) -> None:
+    plain = clipworks.load(vit_bundle, device="cpu")
+    bound = clipworks.load(vit_bundle, device="cpu", runtime=RuntimeSettings(io_binding=True))
+    assert bound.visual.io_binding and not plain.visual.io_binding
+    np.testing.assert_array_equal(bound.encode_images(photos[:3]), plain.encode_images(photos[:3]))
+    np.testing.assert_array_equal(bound.encode_texts(PROMPTS), plain.encode_texts(PROMPTS))
+
+
+def test_auto_precision_follows_the_backends_fp16(vit_bundle: Path) -> None:
+    assert clipworks.load(vit_bundle, device="cpu").precision == "fp32"
+    assert clipworks.load(vit_bundle, device="cpu", runtime=RuntimeSettings(fp16=True)).precision == "fp16"
+
+
+def test_a_new_backend_is_one_class(vit_bundle: Path) -> None:
+    """What docs/ENGINE.md shows: a subclass, registered, is a device choice with its own options."""
+
+    @register_backend
+    class QuietCpu(CpuBackend):
+        name = "cpu-quiet"
+        rank = 99
+
+        def session_config(self) -> dict[str, str]:
+            return {**super().session_config(), "session.intra_op.allow_spinning": "0"}
+
+    try:
+        assert "cpu-quiet" in device_names() and device_names()[-2:] == ["cpu-quiet", "cpu"]
+        assert isinstance(open_backend("cpu-quiet"), QuietCpu)
+        model = ClipModel(load_bundle(vit_bundle), device="cpu-quiet")
+        applied = model.visual.applied_options()
+        assert applied["backend"] == "cpu-quiet" and applied["providers"] == ["CPUExecutionProvider"]
+        assert applied["session_config"] == {"session.intra_op.allow_spinning": "0"}
+        session = OrtSession(model.bundle.graph("visual", "fp32"), CpuBackend())
+        np.testing.assert_allclose(model.visual.run(np.zeros((1, 3, 64, 64))), session.run(np.zeros((1, 3, 64, 64))))
+    finally:
+        del BACKENDS["cpu-quiet"]
 
 
 def test_a_bad_image_names_itself(vit_bundle: Path, tmp_path: Path) -> None:

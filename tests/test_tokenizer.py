@@ -18,7 +18,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from clipworks.errors import BadBundle, UsageError
-from clipworks.tokenizer import EOT, SOT, ClipTokenizer, clean_text, write_tokenizer_files
+from clipworks.export.tokenizer_files import write_tokenizer_files
+from clipworks.tokenizer import EOT, SOT, ClipTokenizer, clean_text
 
 SOT_ID, EOT_ID = 49406, 49407
 

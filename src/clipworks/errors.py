@@ -8,6 +8,11 @@ class ClipworksError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = "", *, setting: str | None = None) -> None:
+        super().__init__(message)
+        # The library argument at fault ("device", "model"): the CLI names its flag, other callers the argument.
+        self.setting = setting
+
 
 class ModelNotFound(ClipworksError):
     """A model name or path that resolves to nothing usable."""

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clipworks.errors import UsageError
-from clipworks.file_tokenizer import FileTokenizer
 from clipworks.imaging import PixelProfile
 
 if TYPE_CHECKING:
+    from clipworks.file_tokenizer import FileTokenizer
     from clipworks.models.bundle import Bundle
     from clipworks.models.family import Family, TextTokenizer
 
@@ -77,7 +77,10 @@ def immich_tokenizer(bundle: Bundle) -> FileTokenizer:
     """The bundle's ``tokenizer.json`` as Immich's ``OpenClipTextualEncoder`` configures it: the file's own
     normaliser and post-processor, Immich's cleaning, rows of exactly ``context_length`` padded on the right
     with ``tokenizer_config.json``'s ``pad_token`` and cut on the right (Immich ignores the config's sides)."""
+    # Imported here: a host that only matches images against a prompt file never loads a tokenizer.
     from tokenizers import Tokenizer
+
+    from clipworks.file_tokenizer import FileTokenizer
 
     text_cfg: dict[str, Any] = bundle.config.get("text_cfg", {})
     options = text_cfg.get("tokenizer_kwargs") or {}

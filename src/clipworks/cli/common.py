@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand
 
-from clipworks.errors import status
+from clipworks.errors import ClipworksError, status
 from clipworks.settings import DEFAULT_MODEL
 
 ModelOpt = Annotated[
@@ -44,6 +45,26 @@ def load_model(model: str, device: str, precision: str, threads: int | None = No
 
 
 info = status
+
+
+def error_line(e: ClipworksError, command: Any, argv: Sequence[str]) -> str:
+    """The error's message, led by the flag that sets what it is about (``--device: ...``).
+
+    Library errors name the argument at fault (``e.setting``, e.g. "device"); the command that ran is found by
+    walking ``argv`` down the command tree, and its parameter of that name gives the flag, so a command whose
+    model is a positional NAME gets no ``--model`` it does not have.
+    """
+    if not e.setting:
+        return str(e)
+    for token in argv:
+        sub = getattr(command, "commands", {}).get(token)
+        if sub is None:
+            break
+        command = sub
+    for param in getattr(command, "params", []):
+        if param.name == e.setting and param.param_type_name == "option":
+            return f"{param.opts[0]}: {e}"
+    return str(e)
 
 
 def greedy_list_command(*flags: str) -> type[TyperCommand]:

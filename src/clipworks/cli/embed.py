@@ -163,11 +163,15 @@ def _existing_prompt_file(target: Path, append: bool):  # type: ignore[no-untype
 
 
 def _model_reference(model: str) -> str:
-    """What to record as the file's model: a bundle folder's full path, else the registry's canonical name."""
+    """What to record as the file's model: a bundle folder's full path, a source-prefixed name as given
+    (``hf-hub:org/repo``), else the registry's canonical name."""
     from clipworks.models.registry import parse_model_name
+    from clipworks.models.sources import split_prefix
 
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else parse_model_name(model).name
+    if path.is_dir():
+        return str(path.resolve())
+    return model if split_prefix(model)[0] is not None else parse_model_name(model).name
 
 
 def _choose_model(model: str | None, target_kind: str | None, existing) -> tuple[str, str]:  # type: ignore[no-untyped-def]

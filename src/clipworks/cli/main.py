@@ -16,6 +16,7 @@ import typer
 
 from clipworks import __version__
 from clipworks.cli import bench, classify, embed, export, index, models, search, serve, stream, video
+from clipworks.cli.common import error_line
 from clipworks.display import one_line
 from clipworks.errors import ClipworksError
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=argv, prog_name="clipworks", standalone_mode=False)
     except ClipworksError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        print(f"error: {one_line(error_line(e, command, sys.argv[1:] if argv is None else argv))}", file=sys.stderr)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code

@@ -98,7 +98,7 @@ def stream(
     encode = None
     if not disable_runtime_prompts:
         # Online prompts load the text tower now, as Hailo's app does, so the first edit is quick.
-        _ = clip.textual, clip.tokenizer
+        clip.load_towers("textual")
         encode = clip.encode_texts
     prompts = PromptState.open(json_path or Path(DEFAULT_PROMPT_FILE), encode, create=json_path is not None)
     where = json_path if json_path is not None else "in memory"

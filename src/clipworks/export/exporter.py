@@ -13,9 +13,11 @@ import numpy as np
 
 from clipworks.errors import ExportCheckFailed, UsageError, status
 from clipworks.export.graphs import DEFAULT_OPSET, export_towers
+from clipworks.export.hf_text import is_hf_tokenizer, write_hf_tokenizer_files
 from clipworks.export.precision import COSINE_FLOORS, to_fp16, to_int8
-from clipworks.export.source import RANDOM, SourceModel, load_source_model
-from clipworks.models.bundle import PRECISIONS, BundleMeta, graph_relpath, write_json
+from clipworks.export.source import RANDOM, SourceModel, load_source_model, load_source_tokenizer
+from clipworks.models.bundle import PRECISIONS, Bundle, BundleMeta, graph_relpath, write_json
+from clipworks.models.family import TextTokenizer, family_for_config
 from clipworks.ops import l2_normalize
 
 # fp32 graphs must reproduce open_clip within this, on L2-normalised embeddings (what every caller uses).
@@ -84,8 +86,6 @@ def _build(
     check_images: Sequence[Path] | None,
     log: Callable[[str], None],
 ) -> ExportReport:
-    from clipworks.tokenizer import write_tokenizer_files
-
     size = tuple(src.preprocess_cfg["size"])
     context_length = int(src.model_config["text_cfg"]["context_length"])
     log(f"exporting {src.arch} to ONNX (opset {opset}, batch {batch or 'dynamic'})")
@@ -95,9 +95,14 @@ def _build(
     )  # fmt: skip
     write_json(work / "config.json", src.model_config)
     write_json(work / "visual" / "preprocess_cfg.json", src.preprocess_cfg)
-    write_tokenizer_files(work / "textual", context_length)
+    family = family_for_config(src.model_config)
+    source_tokenizer = load_source_tokenizer(src)
+    _write_tokenizer_files(source_tokenizer, work / "textual", context_length)
+    bundle = Bundle(work, src.model_config, src.preprocess_cfg, BundleMeta(family=family.name))
+    tokenizer = family.tokenizer(bundle)
 
-    inputs = _check_inputs(src, work, batch, context_length, dynamic_text, check_images)
+    inputs = _check_inputs(src, source_tokenizer, tokenizer, batch, dynamic_text, check_images)
+    _check_tokens(inputs, tokenizer.pad_id, family.name)
     reference = _torch_outputs(src, inputs)
     fp32 = _onnx_outputs(work, "fp32", inputs)
     checks: dict[str, dict[str, float]] = {"fp32": _compare_fp32(reference, fp32)}
@@ -113,6 +118,8 @@ def _build(
         model=src.arch,
         pretrained=src.pretrained,
         logit_scale=src.logit_scale,
+        logit_bias=src.logit_bias,
+        family=family.name,
         normalized=False,
         opset=opset,
         batch=str(batch) if batch else "dynamic",
@@ -126,25 +133,34 @@ def _build(
     return ExportReport(work, src.arch, src.pretrained, precisions, checks)
 
 
+def _write_tokenizer_files(source_tokenizer: Any, textual_dir: Path, context_length: int) -> None:
+    """The files of the tokenizer open_clip itself uses: Hugging Face's (SigLIP, multilingual) or CLIP's BPE."""
+    if is_hf_tokenizer(source_tokenizer):
+        write_hf_tokenizer_files(source_tokenizer, textual_dir, context_length)
+    else:
+        from clipworks.export.tokenizer_files import write_tokenizer_files
+
+        write_tokenizer_files(textual_dir, context_length)
+
+
 @dataclass
 class _CheckInputs:
     images: np.ndarray  # (B, 3, H, W) float32, open_clip's own preprocessing
-    torch_tokens: np.ndarray  # (B, context_length), open_clip.tokenize
-    onnx_tokens: np.ndarray  # (B, L), clipworks' tokenizer, padded only to the longest prompt when allowed
+    prompts: list[str]
+    torch_tokens: np.ndarray  # (B, context_length), open_clip's tokenizer for the model
+    onnx_tokens: np.ndarray  # (B, L), the bundle's tokenizer, padded only to the longest prompt when allowed
 
 
 def _check_inputs(
     src: SourceModel,
-    work: Path,
+    source_tokenizer: Any,
+    tokenizer: TextTokenizer,
     batch: int | None,
-    context_length: int,
     dynamic_text: bool,
     check_images: Sequence[Path] | None,
 ) -> _CheckInputs:
     import open_clip
     from PIL import Image
-
-    from clipworks.tokenizer import ClipTokenizer
 
     paths = list(check_images) if check_images else sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
     cfg = src.preprocess_cfg
@@ -157,10 +173,25 @@ def _check_inputs(
     if batch is not None:  # a static graph takes exactly `batch` rows
         images = np.resize(images, (batch, *images.shape[1:]))
         prompts = [prompts[i % len(prompts)] for i in range(batch)]
-    torch_tokens = open_clip.tokenize(prompts, context_length=context_length).numpy()
-    tokenizer = ClipTokenizer.from_dir(work / "textual", context_length)
-    onnx_tokens = tokenizer.encode(prompts, pad_to=None if dynamic_text else context_length)
-    return _CheckInputs(images, torch_tokens, onnx_tokens)
+    torch_tokens = source_tokenizer(prompts).numpy()
+    onnx_tokens = tokenizer.encode(prompts, pad_to=None if dynamic_text else tokenizer.context_length)
+    return _CheckInputs(images, prompts, torch_tokens, onnx_tokens)
+
+
+def _check_tokens(inputs: _CheckInputs, pad_id: int, family: str) -> None:
+    """The bundle's tokenizer must give open_clip's ids, else the text check below would compare other prompts."""
+    ours = inputs.onnx_tokens
+    theirs = inputs.torch_tokens
+    if ours.shape[1] < theirs.shape[1]:  # rows cut to the longest prompt: the rest is padding
+        padding = np.full((len(ours), theirs.shape[1] - ours.shape[1]), pad_id, dtype=ours.dtype)
+        ours = np.concatenate([ours, padding], axis=1)
+    for prompt, a, b in zip(inputs.prompts, ours, theirs, strict=True):
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise ExportCheckFailed(
+                f"the exported {family} tokenizer gives other token ids than open_clip for {prompt!r} "
+                f"({a[:8].tolist()}... vs {b[:8].tolist()}...); this tokenizer does not export faithfully - "
+                "please report it"
+            )
 
 
 def _torch_outputs(src: SourceModel, inputs: _CheckInputs) -> dict[str, np.ndarray]:
@@ -173,10 +204,10 @@ def _torch_outputs(src: SourceModel, inputs: _CheckInputs) -> dict[str, np.ndarr
 
 
 def _onnx_outputs(work: Path, precision: str, inputs: _CheckInputs) -> dict[str, np.ndarray]:
-    from clipworks.runtime.sessions import OrtSession
+    from clipworks.runtime.sessions import CpuBackend, OrtSession
 
-    visual = OrtSession(work / graph_relpath("visual", precision), device="cpu")
-    textual = OrtSession(work / graph_relpath("textual", precision), device="cpu")
+    visual = OrtSession(work / graph_relpath("visual", precision), CpuBackend())
+    textual = OrtSession(work / graph_relpath("textual", precision), CpuBackend())
     return {"visual": visual.run(inputs.images), "textual": textual.run(inputs.onnx_tokens)}
 
 

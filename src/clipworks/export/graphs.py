@@ -100,8 +100,11 @@ def export_towers(
     example_batch = batch or 2
     image = torch.randn(example_batch, 3, *image_size)
     text_length = 8 if dynamic_text else context_length
-    text = torch.randint(1, 1000, (example_batch, text_length), dtype=torch.int32)
-    text[:, -1] = 49407  # the end token is the largest id, as in real prompts
+    # Example ids inside the vocabulary (SigLIP's and multilingual ones are not CLIP's 49408), ending with the
+    # largest id, as CLIP's end token is in real prompts.
+    vocab_size = int(model.vocab_size)  # open_clip's CLIP and CustomTextCLIP both keep it
+    text = torch.randint(1, min(1000, vocab_size - 1), (example_batch, text_length), dtype=torch.int32)
+    text[:, -1] = vocab_size - 1
     batch_dim = torch.export.Dim("batch", min=1, max=65536) if batch is None else None
     length_dim = torch.export.Dim("length", min=2, max=context_length) if dynamic_text else None
     image_shapes = {"image": {0: batch_dim}} if batch_dim else None

@@ -21,6 +21,8 @@ class SourceModel:
     model_config: dict[str, Any]
     preprocess_cfg: dict[str, Any]
     logit_scale: float
+    # SigLIP's learned sigmoid bias; None for softmax-trained models.
+    logit_bias: float | None
     source_sha256: str
 
 
@@ -100,8 +102,39 @@ def load_source_model(model: str, pretrained: str = "openai", seed: int = 0) -> 
         model_config=_config_for(net, config),
         preprocess_cfg=_full_preprocess_cfg(preprocess_cfg),
         logit_scale=float(net.logit_scale.exp().item()),
+        logit_bias=float(net.logit_bias.item()) if getattr(net, "logit_bias", None) is not None else None,
         source_sha256=weights_sha256(net),
     )
+
+
+def load_source_tokenizer(src: SourceModel) -> Any:
+    """open_clip's own tokenizer for the model (``SimpleTokenizer`` for CLIP text, ``HFTokenizer`` otherwise).
+
+    Hugging Face tokenizers come from the hub (or its cache) by the name in the model config; offline and
+    uncached, that fails with one clear error instead of huggingface_hub's retries.
+    """
+    _, open_clip = import_torch_stack()
+    context_length = int(src.model_config["text_cfg"]["context_length"])
+    name = src.model_config["text_cfg"].get("hf_tokenizer_name")
+    if not name:
+        return open_clip.get_tokenizer(src.arch, context_length=context_length)
+    import huggingface_hub.constants as hf_constants
+
+    unreachable = None if Path(name).expanduser().is_dir() else _hub_unreachable()
+    was_offline = hf_constants.HF_HUB_OFFLINE
+    if unreachable:
+        hf_constants.HF_HUB_OFFLINE = True  # read the cache only
+    try:
+        return open_clip.get_tokenizer(src.arch, context_length=context_length)
+    except ImportError as e:
+        raise ClipworksError(f"the tokenizer of {src.arch} needs {e.name} (pip install 'clipworks[export]')") from e
+    except Exception as e:  # network, hub, cache or file failures all end here
+        why = f"the hub is unreachable: {unreachable}" if unreachable else f"{type(e).__name__}: {str(e)[:160]}"
+        raise ModelNotFound(
+            f"cannot get the tokenizer {name!r} of {src.arch} ({why}); run the export again with network access"
+        ) from e
+    finally:
+        hf_constants.HF_HUB_OFFLINE = was_offline
 
 
 def _hub_unreachable() -> str | None:

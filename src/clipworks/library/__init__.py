@@ -218,10 +218,7 @@ class Library:
         texts = query_texts(terms)
         text_vectors = None
         if texts:
-            clip = self.clip
-            with self._lock:
-                clip.textual, clip.tokenizer  # noqa: B018 -- build the lazy sessions once, not in two threads
-            text_vectors = clip.encode_texts(texts)
+            text_vectors = self.clip.encode_texts(texts)
         return combine_terms(terms, text_vectors, self.image_vector)
 
     def image_vector(self, path: str | Path) -> np.ndarray:

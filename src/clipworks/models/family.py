@@ -87,11 +87,19 @@ def get_family(name: str) -> Family:
 
 
 def family_for(bundle: Bundle) -> Family:
-    """The bundle's recorded family, else the first family (newest registered first) that recognises it."""
+    """The bundle's recorded family, else the one its open_clip config is recognised as."""
     if bundle.meta.family:
         return get_family(bundle.meta.family)
+    return family_for_config(bundle.config)
+
+
+def family_for_config(config: dict[str, Any]) -> Family:
+    """The first family (newest registered first) that recognises an open_clip model config; CLIP otherwise.
+
+    The exporter asks this of the config it exports and records the answer in ``clipworks.json``.
+    """
     for cls in reversed(FAMILIES.values()):
-        if cls is not ClipFamily and cls.recognises(bundle.config):
+        if cls is not ClipFamily and cls.recognises(config):
             return cls()
     return ClipFamily()
 
@@ -110,3 +118,39 @@ class ClipFamily(Family):
         from clipworks.tokenizer import ClipTokenizer
 
         return ClipTokenizer.from_dir(bundle.textual_dir, bundle.context_length)
+
+
+@register_family
+class SiglipFamily(Family):
+    """SigLIP and SigLIP 2 (Google's sigmoid-loss towers): a Hugging Face tokenizer read as its file defines it,
+    whole token rows, and an independent sigmoid per label with the learned bias.
+
+    The text tower has no causal mask and pools the last position, so every pad token reaches the output and
+    rows are never cut to the longest prompt.
+    """
+
+    name = "siglip"
+    summary = "SigLIP / SigLIP 2: Hugging Face tokenizer, full-length rows, sigmoid(logit_scale * cos + logit_bias)"
+
+    @classmethod
+    def recognises(cls, config: dict[str, Any]) -> bool:
+        # open_clip gives every sigmoid-loss model an init_logit_bias, and SigLIP's text towers a timm tokenizer.
+        text_cfg = config.get("text_cfg", {})
+        tokenizer_name = str(text_cfg.get("hf_tokenizer_name") or "")
+        return "siglip" in tokenizer_name.lower() or ("init_logit_bias" in config and bool(tokenizer_name))
+
+    def tokenizer(self, bundle: Bundle) -> TextTokenizer:
+        from clipworks.file_tokenizer import FileTokenizer
+
+        return FileTokenizer.for_open_clip(bundle.textual_dir, bundle.config)
+
+    def probabilities(self, cosines: np.ndarray, logit_scale: float, logit_bias: float | None) -> np.ndarray:
+        """``sigmoid(logit_scale * cos + logit_bias)`` per image and label: labels do not compete."""
+        if logit_bias is None:
+            # Immich's bundles record neither the learned scale nor the bias; a guess would print made-up odds.
+            raise BadBundle(
+                "this SigLIP bundle records no logit_bias (clipworks.json), so its probabilities are unknown: "
+                "re-export it with `clipworks export` (or `clipworks models pull`), or rank by cosine instead"
+            )
+        logits = logit_scale * np.asarray(cosines, dtype=np.float64) + logit_bias
+        return ops.sigmoid(logits)

@@ -1,33 +1,46 @@
 """Model names: canonical ``ARCH::TAG`` records, OpenAI aliases, and where each bundle comes from.
 
 Names are data (a table of records), in the way open_clip keeps ``pretrained.py`` and timm its
-``PretrainedCfg``: adding a model is one row, not a new branch. Whether a ready ONNX bundle exists is
-not written here but looked up in Immich's own list of published bundles (``immich_names``); a record
-without one is export-only (the export extra turns open_clip's weights into a bundle).
+``PretrainedCfg``: adding a model is one row, not a new branch. A row says only what open_clip does not:
+the weights' licence and OpenAI's aliases. Dimensions, image size, text length and family come from
+open_clip's own model config, shipped as ``data/open_clip_models.json`` (derived from open_clip by
+``tests/open_clip_facts.py``, so the runtime never imports it). Whether a ready ONNX bundle exists is looked
+up in Immich's own list of published bundles (``immich_names``); a record without one is export-only (the
+export extra turns open_clip's weights into a bundle).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 from clipworks import settings
 from clipworks.errors import ModelNotFound
 from clipworks.models.immich_names import published_repo
+from clipworks.models.sources import open_clip_knows
 
 SEPARATOR = "::"
 RANDOM_TAG = "random"
+OPEN_CLIP_FACTS = Path(__file__).resolve().parents[1] / "data" / "open_clip_models.json"
+
+
+@cache
+def _open_clip_facts() -> dict[str, Any]:
+    return json.loads(OPEN_CLIP_FACTS.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """One pretrained weight set: open_clip's architecture and tag, and what the runtime needs to know of it."""
+    """One pretrained weight set: open_clip's architecture and tag, its licence, and what open_clip's config says."""
 
     arch: str
     tag: str
-    embed_dim: int
-    image_size: int
+    # The weights' licence as their model card tags it (Hugging Face's licence identifiers).
+    licence: str
     aliases: tuple[str, ...] = ()
 
     @property
@@ -39,48 +52,129 @@ class ModelRecord:
         return f"{self.arch}__{self.tag}"
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The parts of open_clip's model config the runtime reads (``data/open_clip_models.json``)."""
+        return _open_clip_facts()["architectures"][self.arch]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["vision_cfg"]["image_size"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config["text_cfg"].get("context_length", 77))  # open_clip's default
+
+    @property
+    def family(self) -> str:
+        """The runtime family the config is recognised as (``clipworks.models.family``)."""
+        from clipworks.models.family import family_for_config
+
+        return family_for_config(self.config).name
+
+    @property
+    def source(self) -> str:
+        """Where open_clip downloads the weights: ``hf-hub:ORG/NAME`` or a URL."""
+        return _open_clip_facts()["weights"][self.name]["source"]
+
+    @property
     def hf_repo(self) -> str | None:
         """The hub repository of Immich's ready ONNX bundle; None for export-only weights."""
         return published_repo(self.arch, self.tag)
 
 
-# Every weight set Immich publishes a bundle of whose text tower uses CLIP's BPE tokenizer (the one the
-# runtime reads), and open_clip weights without an Immich bundle that are worth naming (export-only).
-# ViT-B-16-SigLIP::webli is the exception: its text tower's SentencePiece tokenizer is not one the runtime
-# reads, so only its image tower runs. embed_dim and image_size are open_clip's model config values; tests
-# check the table against open_clip and against Immich's list.
+OPENAI = "mit"  # OpenAI's CLIP repository
+OPEN_CLIP = "mit"  # LAION, DataComp and the YFCC/CC12M runs: open_clip's own trainings
+APPLE_DFN = "apple-ascl"  # Apple sample code licence
+APPLE_MOBILECLIP = "apple-amlr"  # Apple machine learning research model licence
+GOOGLE_SIGLIP = "apache-2.0"
+NLLB = "cc-by-nc-4.0"  # NLLB's text tower is non-commercial
+
+# Every open_clip weight set Immich publishes a bundle of, and others worth naming (export-only): SigLIP and
+# SigLIP 2 (sigmoid family), MobileCLIP (small devices), multilingual text towers (XLM-R, NLLB). Tests check
+# the table against open_clip and against Immich's list.
 MODELS: tuple[ModelRecord, ...] = (
-    ModelRecord("ViT-B-32", "openai", 512, 224, ("ViT-B/32",)),
-    ModelRecord("ViT-B-16", "openai", 512, 224, ("ViT-B/16",)),
-    ModelRecord("ViT-L-14", "openai", 768, 224, ("ViT-L/14",)),
-    ModelRecord("ViT-L-14-336", "openai", 768, 336, ("ViT-L/14@336px",)),
-    ModelRecord("RN50", "openai", 1024, 224, ("RN50",)),
-    ModelRecord("RN101", "openai", 512, 224, ("RN101",)),
-    ModelRecord("RN50x4", "openai", 640, 288, ("RN50x4",)),
-    ModelRecord("RN50x16", "openai", 768, 384, ("RN50x16",)),
-    ModelRecord("RN50x64", "openai", 1024, 448, ("RN50x64",)),
-    ModelRecord("RN50", "yfcc15m", 1024, 224),
-    ModelRecord("RN50", "cc12m", 1024, 224),
-    ModelRecord("RN101", "yfcc15m", 512, 224),
-    ModelRecord("ViT-B-32", "laion2b_s34b_b79k", 512, 224),
-    ModelRecord("ViT-B-32", "laion2b_e16", 512, 224),
-    ModelRecord("ViT-B-32", "laion400m_e31", 512, 224),
-    ModelRecord("ViT-B-32", "laion400m_e32", 512, 224),
-    ModelRecord("ViT-B-32", "datacomp_xl_s13b_b90k", 512, 224),
-    ModelRecord("ViT-B-16", "laion400m_e31", 512, 224),
-    ModelRecord("ViT-B-16", "laion400m_e32", 512, 224),
-    ModelRecord("ViT-B-16-plus-240", "laion400m_e31", 640, 240),
-    ModelRecord("ViT-B-16-plus-240", "laion400m_e32", 640, 240),
-    ModelRecord("ViT-L-14", "laion2b_s32b_b82k", 768, 224),
-    ModelRecord("ViT-L-14", "laion400m_e31", 768, 224),
-    ModelRecord("ViT-L-14", "laion400m_e32", 768, 224),
-    ModelRecord("ViT-L-14", "datacomp_xl_s13b_b90k", 768, 224),
-    ModelRecord("ViT-L-14-quickgelu", "dfn2b", 768, 224),
-    ModelRecord("ViT-H-14", "laion2b_s32b_b79k", 1024, 224),
-    ModelRecord("ViT-H-14-quickgelu", "dfn5b", 1024, 224),
-    ModelRecord("ViT-H-14-378-quickgelu", "dfn5b", 1024, 378),
-    ModelRecord("ViT-g-14", "laion2b_s12b_b42k", 1024, 224),
-    ModelRecord("ViT-B-16-SigLIP", "webli", 768, 224),
+    ModelRecord("ViT-B-32", "openai", OPENAI, ("ViT-B/32",)),
+    ModelRecord("ViT-B-16", "openai", OPENAI, ("ViT-B/16",)),
+    ModelRecord("ViT-L-14", "openai", OPENAI, ("ViT-L/14",)),
+    ModelRecord("ViT-L-14-336", "openai", OPENAI, ("ViT-L/14@336px",)),
+    ModelRecord("RN50", "openai", OPENAI, ("RN50",)),
+    ModelRecord("RN101", "openai", OPENAI, ("RN101",)),
+    ModelRecord("RN50x4", "openai", OPENAI, ("RN50x4",)),
+    ModelRecord("RN50x16", "openai", OPENAI, ("RN50x16",)),
+    ModelRecord("RN50x64", "openai", OPENAI, ("RN50x64",)),
+    ModelRecord("RN50", "yfcc15m", OPEN_CLIP),
+    ModelRecord("RN50", "cc12m", OPEN_CLIP),
+    ModelRecord("RN101", "yfcc15m", OPEN_CLIP),
+    ModelRecord("ViT-B-32", "laion2b_s34b_b79k", OPEN_CLIP),
+    ModelRecord("ViT-B-32", "laion2b_e16", OPEN_CLIP),
+    ModelRecord("ViT-B-32", "laion400m_e31", OPEN_CLIP),
+    ModelRecord("ViT-B-32", "laion400m_e32", OPEN_CLIP),
+    ModelRecord("ViT-B-32", "datacomp_xl_s13b_b90k", OPEN_CLIP),
+    ModelRecord("ViT-B-16", "laion400m_e31", OPEN_CLIP),
+    ModelRecord("ViT-B-16", "laion400m_e32", OPEN_CLIP),
+    ModelRecord("ViT-B-16-plus-240", "laion400m_e31", OPEN_CLIP),
+    ModelRecord("ViT-B-16-plus-240", "laion400m_e32", OPEN_CLIP),
+    ModelRecord("ViT-L-14", "laion2b_s32b_b82k", OPEN_CLIP),
+    ModelRecord("ViT-L-14", "laion400m_e31", OPEN_CLIP),
+    ModelRecord("ViT-L-14", "laion400m_e32", OPEN_CLIP),
+    ModelRecord("ViT-L-14", "datacomp_xl_s13b_b90k", OPEN_CLIP),
+    ModelRecord("ViT-L-14-quickgelu", "dfn2b", APPLE_DFN),
+    ModelRecord("ViT-H-14", "laion2b_s32b_b79k", OPEN_CLIP),
+    ModelRecord("ViT-H-14-quickgelu", "dfn5b", APPLE_DFN),
+    ModelRecord("ViT-H-14-378-quickgelu", "dfn5b", APPLE_DFN),
+    ModelRecord("ViT-g-14", "laion2b_s12b_b42k", OPEN_CLIP),
+    # MobileCLIP: CLIP BPE text, timm image towers (FastViT / MCi) for phones and small boards.
+    ModelRecord("MobileCLIP-S1", "datacompdr", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP-S2", "datacompdr", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP-B", "datacompdr", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP-B", "datacompdr_lt", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP2-S0", "dfndr2b", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP2-S2", "dfndr2b", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP2-S3", "dfndr2b", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP2-S4", "dfndr2b", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP2-B", "dfndr2b", APPLE_MOBILECLIP),
+    ModelRecord("MobileCLIP2-L-14", "dfndr2b", APPLE_MOBILECLIP),
+    # SigLIP: SentencePiece text (i18n: multilingual), a sigmoid per label.
+    ModelRecord("ViT-B-16-SigLIP", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP-384", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP-512", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP-i18n-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-L-16-SigLIP-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-L-16-SigLIP-384", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-14-SigLIP", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-14-SigLIP-378", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-14-SigLIP-384", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-16-SigLIP-i18n-256", "webli", GOOGLE_SIGLIP),
+    # SigLIP 2: Gemma's multilingual tokenizer.
+    ModelRecord("ViT-B-32-SigLIP2-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP2", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP2-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP2-384", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-B-16-SigLIP2-512", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-L-16-SigLIP2-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-L-16-SigLIP2-384", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-L-16-SigLIP2-512", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-14-SigLIP2", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-14-SigLIP2-378", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-16-SigLIP2-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-16-SigLIP2-384", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-SO400M-16-SigLIP2-512", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-gopt-16-SigLIP2-256", "webli", GOOGLE_SIGLIP),
+    ModelRecord("ViT-gopt-16-SigLIP2-384", "webli", GOOGLE_SIGLIP),
+    # Multilingual text towers: XLM-RoBERTa (softmax) and NLLB (NLLB-SigLIP: sigmoid).
+    ModelRecord("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k", OPEN_CLIP),
+    ModelRecord("xlm-roberta-large-ViT-H-14", "frozen_laion5b_s13b_b90k", OPEN_CLIP),
+    ModelRecord("nllb-clip-base", "v1", NLLB),
+    ModelRecord("nllb-clip-large", "v1", NLLB),
+    ModelRecord("nllb-clip-base-siglip", "v1", NLLB),
+    ModelRecord("nllb-clip-base-siglip", "mrl", NLLB),
+    ModelRecord("nllb-clip-large-siglip", "v1", NLLB),
+    ModelRecord("nllb-clip-large-siglip", "mrl", NLLB),
 )
 
 _BY_NAME = {m.name.lower(): m for m in MODELS}
@@ -152,8 +246,4 @@ def _arch_exists(arch: str) -> bool:
     """An architecture is real if our table or open_clip's configs name it (open_clip only when installed)."""
     if any(m.arch.lower() == arch.lower() for m in MODELS):
         return True
-    try:
-        import open_clip  # the export extra; absent on runtime-only installs
-    except ImportError:
-        return False
-    return arch in open_clip.list_models()
+    return open_clip_knows(arch)

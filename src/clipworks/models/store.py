@@ -1,16 +1,20 @@
-"""Resolve a model name or path to a bundle on disk, pulling it into the cache when asked."""
+"""Resolve a model name or path to a bundle on disk, pulling it into the cache when asked.
+
+A name is a bundle folder, ``PREFIX:TARGET`` for one source (``hf-hub:org/repo``, ``local-dir:/path``, see
+``clipworks.models.sources``), or a registry name, which comes from the hub or from an export.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
 from clipworks import settings
-from clipworks.errors import BadBundle, ClipworksError, ModelNotFound, status
+from clipworks.errors import BadBundle, ModelNotFound, UsageError, status
 from clipworks.models.bundle import Bundle, is_bundle_dir, load_bundle
-from clipworks.models.hub import cached_snapshot, download_snapshot, repo_cache_dir
+from clipworks.models.hub import cached_snapshot, repo_cache_dir
 from clipworks.models.registry import RANDOM_TAG, SEPARATOR, ModelRef, parse_model_name
+from clipworks.models.sources import BundleSource, export_available, get_source, split_prefix
 
 
 def _looks_like_path(name: str) -> bool:
@@ -34,15 +38,61 @@ def _not_downloaded(ref: ModelRef) -> ModelNotFound:
     places = [ref.cache_path()] + ([repo_cache_dir(ref.hf_repo)] if ref.hf_repo else [])
     return ModelNotFound(
         f"{ref.name} is not downloaded (looked in {' and '.join(map(str, places))}); "
-        f"run `clipworks models pull {ref.name}` with network access, pass --model PATH to a bundle folder, or, "
-        f"to try things offline, use {ref.arch}{SEPARATOR}{RANDOM_TAG} (seeded random weights exported locally: "
-        "needs no download, needs clipworks[export], gives meaningless vectors)"
+        f"run `clipworks models pull {ref.name}` with network access, give the path of a bundle folder as the "
+        f"model, or, to try things offline, use {ref.arch}{SEPARATOR}{RANDOM_TAG} (seeded random weights exported "
+        "locally: needs no download, needs clipworks[export], gives meaningless vectors)",
+        setting="model",
     )
+
+
+def can_fetch(name: str) -> bool:
+    """Whether a pull could bring ``name`` (a registry name, ``hf-hub:...``), as opposed to a path or a name
+    that does not exist: what a server checks before it starts without the model."""
+    source, _ = split_prefix(name)
+    if source is not None:
+        return source.fetches
+    try:
+        parse_model_name(name)
+    except ModelNotFound:
+        return False
+    return True
+
+
+def _from_source(
+    source: BundleSource,
+    target: str,
+    *,
+    offline: bool,
+    force: bool = False,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+    log: Callable[[str], None] = status,
+) -> Path:
+    """``target`` of one named source: on disk already (unless ``force``), else fetched unless downloads are off."""
+    if not force:
+        try:
+            local = source.find(target)
+        except BadBundle:
+            if offline:
+                raise
+            local = None  # a partial hub snapshot: fetching completes it
+        if local is not None:
+            return local
+    if offline:
+        raise ModelNotFound(
+            f"{source.prefix}:{target} is not on this machine and downloads are off; fetch it with network access "
+            "or give the path of a bundle folder as the model",
+            setting="model",
+        )
+    return source.fetch(target, force=force, precisions=precisions, log=log)
 
 
 def ensure_bundle(name_or_path: str | Path | None = None, *, download: bool = True) -> Bundle:
     """A bundle folder as given, else the cached bundle of a registry name, else a fresh pull."""
     name = str(name_or_path or settings.default_model())
+    offline = not download or settings.offline()
+    source, target = split_prefix(name)
+    if source is not None:
+        return load_bundle(_from_source(source, target, offline=offline))
     path = Path(name).expanduser()
     if path.is_dir():
         return load_bundle(path)
@@ -51,10 +101,10 @@ def ensure_bundle(name_or_path: str | Path | None = None, *, download: bool = Tr
     except ModelNotFound:
         if _looks_like_path(name) or path.suffix:
             raise ModelNotFound(
-                f"model path {path} does not exist; pass a bundle folder (made by `clipworks export`) or a model name"
+                f"model path {path} does not exist; pass a bundle folder (made by `clipworks export`) or a model name",
+                setting="model",
             ) from None
         raise
-    offline = not download or settings.offline()
     try:
         local = find_local(ref)
     except BadBundle:
@@ -68,10 +118,6 @@ def ensure_bundle(name_or_path: str | Path | None = None, *, download: bool = Tr
     return load_bundle(pull(ref))
 
 
-def torch_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
-
-
 def pull(
     ref: ModelRef | str,
     *,
@@ -81,11 +127,15 @@ def pull(
     log: Callable[[str], None] = status,
 ) -> Path:
     """Fetch ``ref``: export open_clip's weights when torch is here (into the clipworks cache), else download
-    Immich's bundle (into the Hugging Face cache). Returns the bundle folder."""
-    if isinstance(ref, str):
-        ref = parse_model_name(ref)
+    Immich's bundle (into the Hugging Face cache). ``hf-hub:ORG/REPO`` downloads that repository. Returns the
+    bundle folder."""
     if source not in {"auto", "hub", "export"}:
-        raise ClipworksError(f"unknown pull source {source!r}: use auto, hub or export")
+        raise UsageError(f"unknown pull source {source!r}: use auto, hub or export", setting="source")
+    if isinstance(ref, str):
+        named, target = split_prefix(ref)
+        if named is not None:
+            return _from_source(named, target, offline=settings.offline(), force=force, precisions=precisions, log=log)
+        ref = parse_model_name(ref)
     if not force:
         try:
             local = find_local(ref, source)
@@ -96,14 +146,9 @@ def pull(
             log(f"{ref.name} is already in {local}")
             return local
     if source == "auto":
-        source = "export" if torch_available() or ref.tag == RANDOM_TAG else "hub"
+        source = "export" if export_available() or ref.tag == RANDOM_TAG else "hub"
     if source == "export":
-        from clipworks.export import export_model
-
-        dest = ref.cache_path()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        export_model(ref.arch, dest, pretrained=ref.tag, precisions=precisions, log=log)
-        return dest
+        return get_source("export").fetch(ref.name, precisions=precisions, log=log)
     if not ref.hf_repo:
         raise ModelNotFound(
             f"{ref.name} is export-only: Immich publishes no ready ONNX bundle of it; install the export extra "
@@ -111,5 +156,4 @@ def pull(
         )
     if settings.offline():
         raise _not_downloaded(ref)
-    log(f"downloading {ref.hf_repo} from {settings.hf_endpoint()} into {settings.hf_hub_cache()}")
-    return download_snapshot(ref.hf_repo, force=force)
+    return get_source("hub").fetch(ref.hf_repo, force=force, log=log)

@@ -8,32 +8,36 @@ Towers load lazily: a host that only matches images against a prompt file never 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from clipworks.errors import BadBundle
+from clipworks.errors import BadBundle, UsageError
 from clipworks.models.bundle import Bundle
 from clipworks.models.family import Family, TextTokenizer, family_for
 from clipworks.ops import l2_normalize
-from clipworks.runtime.sessions import GPU_PROVIDERS, OrtSession, available_providers
+from clipworks.runtime.sessions import Backend, OrtSession, RuntimeSettings, open_backend
 
 PreprocessMode = Literal["exact", "fast"]
 
 
-def resolve_precision(bundle: Bundle, precision: str, device: str) -> str:
-    """``auto``: fp16 on a GPU when the bundle has it, fp32 otherwise (int8 is opt-in: it moves vectors)."""
+def resolve_precision(bundle: Bundle, precision: str, backend: Backend) -> str:
+    """``auto``: fp16 where the backend wants fp16 (GPUs) and the bundle has it, else fp32 (int8 is opt-in:
+    it moves vectors)."""
     if precision != "auto":
         return precision
-    on_gpu = device.startswith(("cuda", "tensorrt")) or (
-        device == "auto" and bool(GPU_PROVIDERS & set(available_providers()))
-    )
-    if on_gpu and "fp16" in bundle.available_precisions("visual"):
+    if backend.fp16 and "fp16" in bundle.available_precisions("visual"):
         return "fp16"
     return "fp32"
+
+
+Tower = Literal["visual", "textual"]
+TOWERS: tuple[Tower, ...] = ("visual", "textual")
 
 
 class ClipModel:
@@ -46,18 +50,27 @@ class ClipModel:
         threads: int | None = None,
         preprocess: PreprocessMode = "exact",
         profile: str = "open_clip",
+        runtime: RuntimeSettings | None = None,
     ) -> None:
         """``profile``: whose pixels and token ids to reproduce, "open_clip" or "immich" (``clipworks.profiles``)."""
         from clipworks.profiles import get_profile
 
         self.bundle = bundle
         self.device = device
-        self.precision = resolve_precision(bundle, precision, device)
-        self.threads = threads
+        runtime = runtime or RuntimeSettings()
+        if threads is not None:
+            runtime = replace(runtime, threads=threads)
+        self.backend = open_backend(device, runtime)  # an unknown or missing device fails here, not at first use
+        self.precision = resolve_precision(bundle, precision, self.backend)
+        self.threads = runtime.threads
         self.preprocess_mode: PreprocessMode = preprocess
         self.family: Family = family_for(bundle)
         self.profile = get_profile(profile)
         bundle.graph("visual", self.precision)  # fail now, with the bundle's precisions, not at first use
+        # Towers load on first use, once: the lock keeps two threads from building the same session twice.
+        self._lock = threading.Lock()
+        self._visual: OrtSession | None = None
+        self._textual: tuple[OrtSession, TextTokenizer] | None = None
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -78,27 +91,60 @@ class ClipModel:
 
     @cached_property
     def preprocess_cfg(self) -> Any:
-        from dataclasses import replace
-
         from clipworks.imaging import PreprocessConfig
 
         return replace(PreprocessConfig.from_dict(self.bundle.preprocess_cfg), profile=self.profile.name)
 
-    # -- sessions (lazy) ---------------------------------------------------------------------------
-    @cached_property
-    def visual(self) -> OrtSession:
-        return OrtSession(self.bundle.graph("visual", self.precision), self.device, self.threads)
+    # -- towers (loaded once, on first use or by load_towers) ----------------------------------------
+    def load_towers(self, *towers: Tower) -> None:
+        """Load ``towers`` now ("visual", "textual": its session and tokenizer), each once, thread-safely.
 
-    @cached_property
-    def textual(self) -> OrtSession:
+        Use it where the first request should not pay for loading (a server, a stream with live prompts).
+        """
+        for tower in towers:
+            if tower not in TOWERS:
+                raise UsageError(f"unknown tower {tower!r}: use one of {', '.join(TOWERS)}")
+            self._load(tower)
+
+    def loaded(self, tower: Tower) -> bool:
+        """Whether ``tower`` has been loaded (a host matching images only never loads the text side)."""
+        return (self._visual if tower == "visual" else self._textual) is not None
+
+    def _load(self, tower: Tower) -> None:
+        if self.loaded(tower):
+            return
+        with self._lock:
+            if self.loaded(tower):  # another thread loaded it while this one waited
+                return
+            if tower == "visual":
+                self._visual = OrtSession(self.bundle.graph("visual", self.precision), self.backend)
+            else:
+                self._textual = self._open_text_tower()
+
+    def _open_text_tower(self) -> tuple[OrtSession, TextTokenizer]:
         if not self.bundle.has_text_tower():
             raise BadBundle(f"{self.bundle.root} has no text encoder (textual/model.onnx); use a full bundle")
         precision = self.precision if self.precision in self.bundle.available_precisions("textual") else "fp32"
-        return OrtSession(self.bundle.graph("textual", precision), self.device, self.threads)
+        session = OrtSession(self.bundle.graph("textual", precision), self.backend)
+        return session, self.profile.tokenizer(self.bundle, self.family)
 
-    @cached_property
+    @property
+    def visual(self) -> OrtSession:
+        self._load("visual")
+        assert self._visual is not None
+        return self._visual
+
+    @property
+    def textual(self) -> OrtSession:
+        self._load("textual")
+        assert self._textual is not None
+        return self._textual[0]
+
+    @property
     def tokenizer(self) -> TextTokenizer:
-        return self.profile.tokenizer(self.bundle, self.family)
+        self._load("textual")
+        assert self._textual is not None
+        return self._textual[1]
 
     @property
     def providers(self) -> list[str]:
@@ -225,14 +271,23 @@ def load(
     preprocess: PreprocessMode = "exact",
     download: bool = True,
     profile: str = "open_clip",
+    runtime: RuntimeSettings | None = None,
 ) -> ClipModel:
-    """Load a model by registry name (pulled on first use unless ``download=False``) or bundle path.
+    """Load a model by registry name (pulled on first use unless ``download=False``), ``hf-hub:ORG/REPO``,
+    ``local-dir:PATH`` or bundle path.
 
     ``profile="immich"``: vectors as Immich's machine-learning service computes them (``clipworks.profiles``).
+    ``runtime`` tunes the backend (threads, spinning, engine caches: ``RuntimeSettings``).
     """
     from clipworks.models.store import ensure_bundle
 
     bundle = ensure_bundle(name_or_path, download=download)
     return ClipModel(
-        bundle, device=device, precision=precision, threads=threads, preprocess=preprocess, profile=profile
+        bundle,
+        device=device,
+        precision=precision,
+        threads=threads,
+        preprocess=preprocess,
+        profile=profile,
+        runtime=runtime,
     )

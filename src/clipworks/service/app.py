@@ -119,7 +119,7 @@ def immich_models(state: ServiceState) -> immich.ImmichModels:
     def open_model(source: str) -> Any:
         try:
             model = load(source, s.device, s.precision, threads=s.threads, profile="immich")
-            model.providers  # noqa: B018 -- open the image session now, not in the first request
+            model.load_towers("visual")  # now, not in the first request
         except Exception as e:
             raise ModelUnavailable(f"Immich model {source} could not be loaded: {e}") from e
         return model

@@ -96,15 +96,13 @@ class ModelHolder:
         or an incomplete bundle folder, fails now rather than in the first request."""
         if self._model is not None:
             return
-        from clipworks.models.registry import parse_model_name
+        from clipworks.models.store import can_fetch
 
         try:
             self._resolve(download=False)
-        except ModelNotFound as missing:
-            try:
-                parse_model_name(self.settings.model)
-            except ModelNotFound:
-                raise missing from None
+        except ModelNotFound:
+            if not can_fetch(self.settings.model):
+                raise
             if env.offline():
                 raise
             log.info("model %s is not downloaded yet: the first request pulls it", self.settings.model)

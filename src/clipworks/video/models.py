@@ -70,18 +70,16 @@ def export_custom(checkpoint: Path) -> Path:
     out = models_dir() / f"CLIP-custom__{file_sha256(checkpoint)[:16]}"
     if is_bundle_dir(out):
         return out
+    from clipworks.export import export_model
+    from clipworks.export.checkpoint import load_state_dict
+
     try:
-        import torch
+        loaded = load_state_dict(checkpoint)
     except ImportError as e:
+        if e.name != "torch":  # a module the checkpoint's pickle names, not the missing extra
+            raise
         raise ClipworksError(
             "--model custom exports the checkpoint once and needs torch for it: pip install 'clipworks[export]'"
         ) from e
-    from clipworks.export import export_model
-
-    try:
-        loaded = torch.jit.load(str(checkpoint), map_location="cpu").state_dict()
-    except Exception:
-        loaded = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-        loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded.state_dict()
     export_model(openai_arch(loaded), out, pretrained=str(checkpoint), precisions=("fp32", "int8"))
     return out
