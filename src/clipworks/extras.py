@@ -21,7 +21,7 @@ class MissingExtra(ClipworksError):
 # module -> (its pip name, shown when it is missing)
 PIP_NAMES = {"av": "av", "cv2": "opencv-python", "fastapi": "fastapi", "uvicorn": "uvicorn", "pyarrow": "pyarrow",
              "trackers": "trackers", "supervision": "supervision", "faiss": "faiss-cpu",
-             "sklearn": "scikit-learn"}  # fmt: skip
+             "sklearn": "scikit-learn", "fsspec": "fsspec"}  # fmt: skip
 
 
 def require(modules: str | Iterable[str], extra: str, feature: str) -> None:

@@ -11,6 +11,7 @@ refused when read instead of being silently misread. Parquet keeps each name's e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -126,48 +127,101 @@ def load_file(path: Path) -> Any:
     return pyarrow_modules(f"reading {path}")[1].read_table(path)
 
 
-def _write_npy(out: Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
-    """Both files as one unit: each is written in full to a temporary file before either is renamed.
+class EmbeddingWriter:
+    """One embedding file written batch by batch (``add``), then put in place whole by ``close()``.
 
-    A full disk or a crash while writing leaves the old pair as it was; the list records the array's
-    checksum, so the one instant between the two renames cannot pass for a matching pair either.
+    ``.npy`` streams its rows to disk and ``.parquet`` writes a row group a batch, so memory holds only the
+    paths however many images there are; ``.pkl`` is one pickled dict by its format (Sophgo's), so it holds
+    every vector until ``close()``. Nothing reaches ``out`` before ``close()``: an error or an interruption
+    (``with`` block left by an exception) removes the temporary files and leaves an old file as it was.
     """
-    listing = paths_file_for(out)
-    with atomic_path(out) as npy_tmp, atomic_path(listing) as list_tmp:
-        with npy_tmp.open("wb") as fh:
-            np.save(fh, embeddings)
-            fh.flush()
-            os.fsync(fh.fileno())
-        record = {"format": PATHS_FORMAT, "embeddings": out.name, "count": len(paths),
-                  "sha256": file_sha256(npy_tmp), "paths": list(paths)}  # fmt: skip
-        with list_tmp.open("w", encoding="ascii") as fh:
+
+    def __init__(self, out: str | Path, dim: int) -> None:
+        self.out = check_output_path(out)
+        self.dim = dim
+        self.paths: list[str] = []
+        self._stack = contextlib.ExitStack()
+        self._chunks: list[np.ndarray] = []  # .pkl only
+        self._rows: NpyRows | None = None
+        self._parquet: Any = None
+        if self.out.suffix == ".npy":
+            # The paths file is entered first, so it is renamed after the array (see _close_npy).
+            self._list_tmp = self._stack.enter_context(atomic_path(paths_file_for(self.out)))
+            self._rows = NpyRows(self._stack.enter_context(atomic_path(self.out)), dim)
+        elif self.out.suffix == ".parquet":
+            pa, pq = _pyarrow(self.out)
+            self._schema = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()),
+                                      ("embedding", pa.list_(pa.float32(), dim))])  # fmt: skip
+            self._parquet = pq.ParquetWriter(self._stack.enter_context(atomic_path(self.out)), self._schema)
+
+    def add(self, paths: Sequence[str], embeddings: np.ndarray) -> None:
+        embeddings = np.asarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
+        if len(paths) != len(embeddings):
+            raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
+        paths = [os.fsdecode(p) for p in paths]
+        self.paths.extend(paths)
+        if self._rows is not None:
+            self._rows.append(embeddings)
+        elif self._parquet is not None:
+            pa, _ = _pyarrow(self.out)
+            raw = [os.fsencode(p) for p in paths]
+            # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
+            text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
+            columns = [text, pa.array(raw, pa.binary()), vector_column(embeddings)]
+            self._parquet.write_table(pa.Table.from_arrays(columns, schema=self._schema))
+        else:
+            self._chunks.append(embeddings)
+
+    def close(self) -> list[Path]:
+        """Finish the file(s) and rename them into place; the files written."""
+        with self._stack:
+            if self._rows is not None:
+                return self._close_npy(self._rows)
+            if self._parquet is not None:
+                self._parquet.close()
+                return [self.out]
+            # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors. Pickle keeps
+            # surrogates (names that are not UTF-8) as they are.
+            vectors = np.concatenate(self._chunks) if self._chunks else np.zeros((0, self.dim), np.float32)
+            return [save_array(self.out, {"img_path": self.paths, "embedding": list(vectors)})]
+
+    def _close_npy(self, rows: NpyRows) -> list[Path]:
+        """Both files as one unit: each is complete in its temporary file before either is renamed.
+
+        A full disk or a crash while writing leaves the old pair as it was; the list records the array's
+        checksum, so the one instant between the two renames cannot pass for a matching pair either.
+        """
+        rows.close()
+        record = {"format": PATHS_FORMAT, "embeddings": self.out.name, "count": len(self.paths),
+                  "sha256": file_sha256(rows.path), "paths": self.paths}  # fmt: skip
+        with self._list_tmp.open("w", encoding="ascii") as fh:
             # ensure_ascii: names that are not UTF-8 are written as \udcXX escapes, which json reads back.
             json.dump(record, fh, ensure_ascii=True)
             fh.flush()
             os.fsync(fh.fileno())
-        # atomic_path renames the inner (list) file first, then the array.
-    return [out, listing]
+        return [self.out, paths_file_for(self.out)]
+
+    def __enter__(self) -> EmbeddingWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if error is None:
+            return
+        if self._rows is not None:
+            self._rows.discard()
+        if self._parquet is not None:
+            self._parquet.close()
+        self._stack.__exit__(kind, error, tb)  # removes the temporary files; the caller's error goes on
 
 
 def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
     """Write atomically (temp file + rename), so an interrupted run never leaves a half file. Returns files."""
-    out = check_output_path(out)
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if len(paths) != len(embeddings):
         raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
-    paths = [os.fsdecode(p) for p in paths]
-    if out.suffix == ".npy":
-        return _write_npy(out, paths, embeddings)
-    if out.suffix == ".pkl":
-        # Sophgo's CLIP sample format: a list of paths and a list of float32 (D,) vectors. Pickle keeps
-        # surrogates (names that are not UTF-8) as they are.
-        return [save_array(out, {"img_path": paths, "embedding": list(embeddings)})]
-    pa, _ = _pyarrow(out)
-    raw = [os.fsencode(p) for p in paths]
-    # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
-    text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
-    table = pa.table({"path": text, "path_bytes": pa.array(raw, pa.binary()), "embedding": vector_column(embeddings)})
-    return [write_parquet(out, table)]
+    with EmbeddingWriter(out, embeddings.shape[1] if embeddings.ndim == 2 else 0) as writer:
+        writer.add(paths, embeddings)
+        return writer.close()
 
 
 def _read_paths_file(npy: Path, rows: int) -> list[str]:
@@ -207,3 +261,130 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
     else:  # written by other tools, or before names were stored exactly
         paths = data["path"].to_pylist()
     return paths, read_vector_column(data)
+
+
+# -- streamed arrays and clip-retrieval's shard layout ---------------------------------------------------
+
+# magic + version + length + the header dict, padded: room for any (rows, dim) shape, 64-byte aligned as numpy does.
+_NPY_HEADER_BYTES = 128
+
+
+def _npy_header(rows: int, dim: int, dtype: np.dtype) -> bytes:
+    meta = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, dim)}
+    text = repr(meta).encode("latin1")
+    length = _NPY_HEADER_BYTES - 10
+    return b"\x93NUMPY\x01\x00" + length.to_bytes(2, "little") + text.ljust(length - 1) + b"\n"
+
+
+class NpyRows:
+    """A ``(rows, dim)`` ``.npy`` file written a batch of rows at a time, so memory never holds the array.
+
+    The header is written first with room for any row count and rewritten with the true count by
+    ``close()``; ``np.load`` (and autofaiss, and clip-retrieval's readers) then read an ordinary array.
+    """
+
+    def __init__(self, path: Path, dim: int, dtype: Any = np.float32) -> None:
+        self.path = path
+        self.dim = dim
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self._fh = path.open("wb")
+        self._fh.write(_npy_header(0, dim, self.dtype))
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, self.dtype)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows of shape {rows.shape} do not fit a ({self.dim})-wide array")
+        self._fh.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        """Finish the header and flush the file to disk (it is renamed into place next)."""
+        with self._fh:
+            self._fh.seek(0)
+            self._fh.write(_npy_header(self.rows, self.dim, self.dtype))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def discard(self) -> None:
+        self._fh.close()
+
+
+# clip-retrieval's mapper casts the unit vectors to float16 before its writer saves them; autofaiss reads that.
+SHARD_DTYPE = np.float16
+SHARD_INDEX_WIDTH = 5  # img_emb_00042.npy: the files sort in input order up to 100000 shards
+METADATA_COLUMNS = ("key", "image_path", "caption", "width", "height")
+ERROR_COLUMNS = ("key", "image_path", "caption", "error")
+
+
+def shard_file(folder: Path, kind: str, index: int) -> Path:
+    """``FOLDER/img_emb/img_emb_{i}.npy``, ``text_emb/text_emb_{i}.npy``, ``metadata/metadata_{i}.parquet``,
+    ``errors/errors_{i}.parquet``: clip-retrieval's layout (plus the samples that could not be embedded)."""
+    suffix = ".npy" if kind.endswith("_emb") else ".parquet"
+    return folder / kind / f"{kind}_{index:0{SHARD_INDEX_WIDTH}d}{suffix}"
+
+
+def shard_finished(folder: Path, index: int) -> bool:
+    """The metadata file is renamed into place last, so its presence means the whole shard is there."""
+    return shard_file(folder, "metadata", index).is_file()
+
+
+class ShardWriter:
+    """One shard of clip-retrieval's layout, streamed to temporary files and renamed into place together.
+
+    Image (and text) embeddings go to ``NpyRows`` files as batches arrive, so memory holds only the rows'
+    metadata. ``commit()`` renames the arrays first and the metadata last: a crash at any point before
+    leaves the shard unfinished (``shard_finished`` is False) and a resumed job writes it again.
+    """
+
+    def __init__(self, folder: Path, index: int, dim: int, *, text: bool) -> None:
+        self.folder, self.index = folder, index
+        self.metadata: dict[str, list[Any]] = {name: [] for name in METADATA_COLUMNS}
+        self.errors: dict[str, list[Any]] = {name: [] for name in ERROR_COLUMNS}
+        self._stack = contextlib.ExitStack()
+        kinds = ["metadata", "errors", *(["text_emb"] if text else []), "img_emb"]
+        temps = {}
+        for kind in kinds:  # entered in this order, renamed in the reverse one: metadata last
+            dest = shard_file(folder, kind, index)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            temps[kind] = self._stack.enter_context(atomic_path(dest))
+        self._metadata_tmp, self._errors_tmp = temps["metadata"], temps["errors"]
+        self.images = NpyRows(temps["img_emb"], dim, SHARD_DTYPE)
+        self.texts = NpyRows(temps["text_emb"], dim, SHARD_DTYPE) if text else None
+
+    def add(self, rows: Sequence[dict[str, Any]], image_emb: np.ndarray, text_emb: np.ndarray | None = None) -> None:
+        """Rows (dicts with ``METADATA_COLUMNS``) and their embeddings, in order."""
+        for row in rows:
+            for name in METADATA_COLUMNS:
+                self.metadata[name].append(row.get(name))
+        self.images.append(image_emb)
+        if self.texts is not None:
+            self.texts.append(text_emb if text_emb is not None else np.zeros((0, self.images.dim)))
+
+    def add_error(self, row: dict[str, Any]) -> None:
+        for name in ERROR_COLUMNS:
+            self.errors[name].append(row.get(name))
+
+    def commit(self) -> None:
+        pa, pq = pyarrow_modules("writing dataset metadata")
+        types = {"key": pa.string(), "image_path": pa.string(), "caption": pa.string(), "error": pa.string(),
+                 "width": pa.int32(), "height": pa.int32()}  # fmt: skip
+        try:
+            for tmp, columns in ((self._metadata_tmp, self.metadata), (self._errors_tmp, self.errors)):
+                arrays = {name: pa.array(values, types[name]) for name, values in columns.items()}
+                pq.write_table(pa.table(arrays), tmp)
+            self.images.close()
+            if self.texts is not None:
+                self.texts.close()
+        except BaseException as e:
+            self.discard(e)
+            raise
+        self._stack.close()
+
+    def discard(self, error: BaseException | None = None) -> None:
+        """Remove the temporary files: nothing of this shard reaches its final name."""
+        self.images.discard()
+        if self.texts is not None:
+            self.texts.discard()
+        error = error or RuntimeError("shard discarded")
+        self._stack.__exit__(type(error), error, error.__traceback__)

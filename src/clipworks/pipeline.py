@@ -245,14 +245,19 @@ class EmbedResult:
     embeddings: np.ndarray
     failures: list[Failure]
     seconds: float
+    streamed: int = 0  # images handed to ``embed_files``'s ``on_batch`` instead of kept in ``paths``
+
+    @property
+    def count(self) -> int:
+        return len(self.paths) + self.streamed
 
     @property
     def images_per_s(self) -> float:
-        return len(self.paths) / self.seconds if self.seconds > 0 else 0.0
+        return self.count / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
         skipped = f", {len(self.failures)} skipped" if self.failures else ""
-        return f"embedded {len(self.paths)} images{skipped} in {self.seconds:.1f} s: {self.images_per_s:.1f} images/s"
+        return f"embedded {self.count} images{skipped} in {self.seconds:.1f} s: {self.images_per_s:.1f} images/s"
 
 
 def collect_image_files(inputs: Sequence[str | Path], *, recursive: bool = True) -> list[Path]:
@@ -375,14 +380,20 @@ def embed_files(
     mode: PreprocessMode | None = None,
     progress: bool | None = None,
     on_skip: Callable[[Failure], None] | None = None,
+    on_batch: Callable[[EmbedBatch], None] | None = None,
 ) -> EmbedResult:
-    """Embed every file; a progress bar on a terminal (``progress=None`` decides by the terminal)."""
+    """Embed every file; a progress bar on a terminal (``progress=None`` decides by the terminal).
+
+    ``on_batch`` takes each batch as it is encoded (to stream it to a file) and the result then keeps
+    none of them: memory stays bounded however many files there are.
+    """
     from tqdm import tqdm
 
     start = time.perf_counter()
     paths: list[str] = []
     chunks: list[np.ndarray] = []
     failures: list[Failure] = []
+    streamed = 0
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     with tqdm(total=len(sources), unit="img", disable=disable, dynamic_ncols=True) as bar:
 
@@ -394,8 +405,13 @@ def embed_files(
             model, sources, batch_size=batch_size, workers=workers, queue_size=queue_size, mode=mode,
             on_skip=on_skip_with_bar, on_progress=bar.update,
         ):  # fmt: skip
+            failures.extend(batch.failures)
+            if on_batch is not None:
+                on_batch(batch)
+                streamed += len(batch.paths)
+                continue
             paths.extend(batch.paths)
             chunks.append(batch.embeddings)
-            failures.extend(batch.failures)
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.embed_dim), np.float32)
-    return EmbedResult(paths, embeddings.astype(np.float32, copy=False), failures, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return EmbedResult(paths, embeddings.astype(np.float32, copy=False), failures, seconds, streamed)

@@ -43,8 +43,12 @@ def images(
     ] = "exact",
     threads: ThreadsOpt = None,
 ) -> None:
-    """Embed folders of images (L2-normalised float32) into one file, skipping unreadable files."""
-    from clipworks.outputs import check_output_path, write_embeddings
+    """Embed folders of images (L2-normalised float32) into one file, skipping unreadable files.
+
+    .npy and .parquet are written as the batches come (memory holds the file names, not the vectors);
+    .pkl is one pickled dict by its format, so it holds every vector until the end.
+    """
+    from clipworks.outputs import EmbeddingWriter, check_output_path
     from clipworks.pipeline import collect_image_files, embed_files
 
     if preprocess not in ("exact", "fast"):
@@ -53,12 +57,65 @@ def images(
     files = collect_image_files(inputs)
     clip = load_model(model, device, precision, threads, preprocess)
     info(f"{clip.name}: {len(files)} images, {clip.precision} on {clip.providers[0]}")
-    result = embed_files(clip, files, batch_size=batch_size, workers=workers, queue_size=queue_size)
-    if not result.paths:
-        raise ClipworksError(f"none of the {len(files)} files could be read as an image; nothing written to {out}")
-    written = write_embeddings(out, result.paths, result.embeddings)
+    with EmbeddingWriter(out, clip.embed_dim) as writer:
+        result = embed_files(clip, files, batch_size=batch_size, workers=workers, queue_size=queue_size,
+                             on_batch=lambda batch: writer.add(batch.paths, batch.embeddings))  # fmt: skip
+        if not result.count:
+            raise ClipworksError(f"none of the {len(files)} files could be read as an image; nothing written to {out}")
+        written = writer.close()
     info(result.summary())
     info("wrote " + ", ".join(quote_path(p) for p in written))
+
+
+ENGINES = ("local",)
+
+
+@app.command()
+def dataset(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="WebDataset tars (brace patterns: 'shards/{00000..00123}.tar'), Parquet/CSV tables of image "
+            "paths or URLs, or folders; fsspec URLs (s3://, gs://) work where installed."
+        ),
+    ],
+    output_folder: Annotated[
+        Path, typer.Option("--output-folder", help="Gets img_emb/, text_emb/, metadata/ (clip-retrieval's layout).")
+    ],
+    input_format: Annotated[
+        str | None, typer.Option(help="files, webdataset, parquet or csv (default: from the first input's name).")
+    ] = None,
+    enable_text: Annotated[bool, typer.Option("--enable-text", help="Also embed each sample's caption.")] = False,
+    engine: Annotated[str, typer.Option(help="local: this machine.")] = "local",
+    shard_size: Annotated[int, typer.Option(help="Samples per output shard.")] = 100_000,
+    image_column: Annotated[str | None, typer.Option(help="Table column of the image path or URL.")] = None,
+    caption_column: Annotated[str | None, typer.Option(help="Table column of the caption.")] = None,
+    model: ModelOpt = MODEL_DEFAULT,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decoder threads (default: cores, at most 8).")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Embed a dataset shard by shard into clip-retrieval's layout (autofaiss reads it); resumable."""
+    from tqdm import tqdm
+
+    from clipworks.dataset import check_shard_size, embed_dataset, resolve_inputs
+
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r} is not available (yet); use --engine local")
+    check_shard_size(shard_size)
+    paths, fmt = resolve_inputs(inputs, input_format)
+    clip = load_model(model, device, precision, threads)
+    info(f"{clip.name}: {len(paths)} {fmt} input(s), {clip.precision} on {clip.providers[0]}")
+    with tqdm(unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
+        result = embed_dataset(
+            clip, paths, fmt, output_folder, enable_text=enable_text, shard_size=shard_size,
+            batch_size=batch_size, workers=workers, image_column=image_column, caption_column=caption_column,
+            on_progress=bar.update,
+        )  # fmt: skip
+    info(result.summary())
+    info(f"wrote {quote_path(output_folder)}")
 
 
 def _read_lines(hailo: bool, prefix: str) -> tuple[list[str], list[str]]:

@@ -1,0 +1,501 @@
+"""Datasets in, clip-retrieval's layout out: ``clipworks embed dataset``.
+
+Inputs are WebDataset tar shards (brace patterns such as ``shards/{00000..00123}.tar``), Parquet or CSV
+tables of image paths or URLs with captions, and folders of images; any path may be an ``fsspec`` URL
+(``s3://``, ``gs://``, ...) when that filesystem's package is installed. Every sample gets a place in
+one input order; output shard ``i`` holds the samples ``[i * shard_size, (i + 1) * shard_size)`` of it, so
+a job started again after a crash skips the finished shards (their samples are passed over undecoded) and
+writes the rest exactly as the first run would have.
+
+The output is what clip-retrieval's ``inference`` writes and autofaiss and ``clip-retrieval index`` read:
+``img_emb/img_emb_{i}.npy`` and ``text_emb/text_emb_{i}.npy`` (unit vectors as float16, one row per
+embedded sample) and ``metadata/metadata_{i}.parquet`` (the same rows: ``key``, ``image_path``, ``caption``,
+``width``, ``height``). Samples that could not be embedded go to ``errors/errors_{i}.parquet`` with the
+reason, not into the metadata: clip-retrieval pairs metadata rows with embedding rows by position.
+``job.json`` records the model and the sharding, so a folder is never resumed with another model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import re
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from clipworks.display import one_line, quote_path
+from clipworks.errors import BadImage, ClipworksError, UsageError
+from clipworks.extras import MissingExtra, require
+from clipworks.outputs import SHARD_DTYPE, ShardWriter, pyarrow_modules, shard_finished
+from clipworks.pipeline import Failure, iter_embeddings, warn
+from clipworks.runtime.encoder import ClipModel
+
+INPUT_FORMATS = ("files", "webdataset", "parquet", "csv")
+JOB_FILE = "job.json"
+JOB_FORMAT = "clipworks-dataset/1"
+DEFAULT_SHARD_SIZE = 100_000
+# WebDataset names a sample's files KEY.EXT; the image is the first of these extensions the sample has.
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+WDS_CAPTION_EXTENSION = "txt"
+IMAGE_COLUMNS = ("image_path", "path", "url", "filepath", "file")
+CAPTION_COLUMNS = ("caption", "text", "txt")
+
+
+@dataclass
+class Sample:
+    """One image of the dataset, in input order: ``index`` places it in its shard."""
+
+    index: int
+    key: str
+    image_path: str  # the file, the URL, or (in a tar shard) the sample's key, as clip-retrieval records it
+    caption: str | None = None
+    data: bytes | None = None  # the image's bytes when the reader has them (tar members); else read image_path
+    error: str | None = None  # what made the sample unusable before decoding (a caption that is not text)
+    shard: str | None = None  # the tar it came from
+    width: int | None = None
+    height: int | None = None
+
+    def __str__(self) -> str:
+        """The sample as a message names it: its file, or its key in its tar."""
+        return f"{self.key} in {self.shard}" if self.shard else self.image_path
+
+    def row(self) -> dict[str, Any]:
+        return {"key": self.key, "image_path": self.image_path, "caption": self.caption,
+                "width": self.width, "height": self.height}  # fmt: skip
+
+
+# -- input names -------------------------------------------------------------------------------------
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{00..02}b`` -> a00b a01b a02b (zero padding kept from the bounds), ``{x,y}`` -> x y; nested
+    groups expand left to right. A pattern without braces is itself."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    if (rng := re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)) is not None:
+        lo, hi = rng.group(1), rng.group(2)
+        width = max(len(lo), len(hi)) if lo.startswith("0") or hi.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:  # "{}" or "{word}": not a pattern, kept as written
+        return [head + "{" + body + "}" + name for name in expand_braces(tail)]
+    return [head + choice + name for choice in choices for name in expand_braces(tail)]
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    """fsspec's filesystem for a URL and the path inside it; a protocol whose package is missing is one line."""
+    require("fsspec", "dataset", f"reading {path}")
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as e:  # fsspec's message names the package the protocol needs (s3fs, gcsfs ...)
+        raise MissingExtra(f"reading {path}: {one_line(str(e))}") from e
+    except ValueError as e:  # an unknown protocol
+        raise UsageError(f"cannot read {path}: {one_line(str(e))}") from e
+    except OSError as e:  # a filesystem that cannot start (HDFS without Java): its first line says why
+        raise UsageError(f"cannot read {path}: {_first_line(e)}") from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return one_line(lines[0]) if lines else type(error).__name__
+
+
+def _open(path: str) -> IO[bytes]:
+    """A local file, or an fsspec URL (``s3://``, ``gs://``, ``http://`` ...) through its filesystem."""
+    if not _is_url(path):
+        return open(path, "rb")  # the caller closes it
+    fs, inner = _filesystem(path)
+    return fs.open(inner, "rb")
+
+
+def _exists(path: str) -> bool:
+    if not _is_url(path):
+        return os.path.exists(path)
+    fs, inner = _filesystem(path)
+    try:
+        return bool(fs.exists(inner))
+    except OSError as e:  # unreachable (network, credentials): a missing input, said in one line
+        raise UsageError(f"cannot read {path}: {_first_line(e)}") from e
+
+
+def guess_format(path: str) -> str:
+    name = path.lower()
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    if not _is_url(path) and os.path.isdir(path):
+        return "files"
+    raise UsageError(f"cannot tell the format of {path}; pass --input-format {'|'.join(INPUT_FORMATS)}")
+
+
+def resolve_inputs(inputs: Sequence[str], input_format: str | None) -> tuple[list[str], str]:
+    """Brace patterns expanded, each input checked to exist, and the one format they share."""
+    if input_format is not None and input_format not in INPUT_FORMATS:
+        raise UsageError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, not {input_format!r}")
+    paths = [path for pattern in inputs for path in expand_braces(str(pattern))]
+    if not paths:
+        raise UsageError("no inputs given")
+    for path in paths:
+        if not _exists(path):
+            raise UsageError(f"input {path} does not exist")
+    fmt = input_format or guess_format(paths[0])
+    if input_format is None and (other := next((p for p in paths if guess_format(p) != fmt), None)):
+        raise UsageError(f"inputs mix formats ({paths[0]} is {fmt}, {other} is not); embed them as separate jobs")
+    return paths, fmt
+
+
+# -- readers: every one yields Samples in one fixed order -----------------------------------------------
+
+
+def _caption_text(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption of {where} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the name up to the first dot of its last part, the rest the extension."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def read_webdataset(shards: Sequence[str], wanted: Callable[[int], bool]) -> Iterator[Sample]:
+    """Samples of WebDataset tars, streamed member by member (nothing is extracted to disk).
+
+    The members of one sample are consecutive, as WebDataset's writer puts them; the members of a sample
+    that is not ``wanted`` are passed over unread. A truncated or corrupt tar keeps the samples read before
+    the damage, with a one-line warning naming it.
+    """
+    index = 0
+    for shard in shards:
+        with _open(shard) as fh:
+            members: dict[str, bytes] = {}
+            key: str | None = None
+            keep = False
+            read = 0
+            try:
+                # Stream mode ("r|*"): one pass in order, gzip or not, and no member list kept.
+                with tarfile.open(fileobj=fh, mode="r|*") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        member_key, ext = _split_member(member.name)
+                        if member_key != key:
+                            if key is not None:
+                                yield _wds_sample(index, key, members, shard, keep)
+                                index, read, members = index + 1, read + 1, {}
+                            key, keep = member_key, wanted(index)
+                        if keep and (ext in WDS_IMAGE_EXTENSIONS or ext == WDS_CAPTION_EXTENSION):
+                            extracted = tar.extractfile(member)
+                            members[ext] = extracted.read() if extracted is not None else b""
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                warn(f"{quote_path(shard)} is truncated or corrupt after {read} samples ({one_line(str(e))}); "
+                     "kept those")  # fmt: skip
+                key = None  # the sample being read when the damage came may be incomplete
+            if key is not None:
+                yield _wds_sample(index, key, members, shard, keep)
+                index += 1
+
+
+def _wds_sample(index: int, key: str, members: dict[str, bytes], shard: str, keep: bool) -> Sample:
+    sample = Sample(index, key, key, shard=shard)
+    if not keep:
+        return sample
+    image_ext = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
+    if image_ext is None:
+        sample.error = f"{sample}: no image ({', '.join(WDS_IMAGE_EXTENSIONS)})"
+        return sample
+    sample.data = members[image_ext]
+    if WDS_CAPTION_EXTENSION in members:
+        try:
+            sample.caption = _caption_text(members[WDS_CAPTION_EXTENSION], str(sample))
+        except ValueError as e:
+            sample.error = str(e)
+    return sample
+
+
+def _column(names: Sequence[str], wanted: str | None, candidates: Sequence[str], table: str) -> str | None:
+    if wanted is not None:
+        if wanted not in names:
+            raise UsageError(f"{table} has no column {wanted!r} (it has {', '.join(names)})")
+        return wanted
+    return next((name for name in candidates if name in names), None)
+
+
+def _table_sample(index: int, row: dict[str, Any], image_col: str, caption_col: str | None, table: str) -> Sample:
+    path = row.get(image_col)
+    base = os.path.dirname(table)
+    key = str(row["key"]) if row.get("key") not in (None, "") else f"{index:09d}"
+    if not isinstance(path, str) or not path:
+        return Sample(index, key, "" if path is None else str(path), error=f"row {index} of {table} has no image path")
+    if not _is_url(path) and not os.path.isabs(path):  # relative paths are relative to the table
+        path = os.path.join(base, path) if not _is_url(base) else f"{base}/{path}"
+    caption = row.get(caption_col) if caption_col else None
+    if caption is not None and not isinstance(caption, str):
+        caption = None if isinstance(caption, float) and caption != caption else str(caption)  # NaN: none
+    return Sample(index, key, path, caption or None)
+
+
+def read_table(tables: Sequence[str], fmt: str, wanted: Callable[[int], bool], *, image_column: str | None = None,
+               caption_column: str | None = None) -> Iterator[Sample]:  # fmt: skip
+    """Rows of Parquet or CSV tables, streamed a batch of rows at a time."""
+    index = 0
+    for table in tables:
+        rows = _parquet_rows(table) if fmt == "parquet" else _csv_rows(table)
+        names = next(rows)
+        image_col = _column(names, image_column, IMAGE_COLUMNS, table)
+        if image_col is None:
+            raise UsageError(f"{table} has none of the columns {', '.join(IMAGE_COLUMNS)}; pass --image-column")
+        caption_col = _column(names, caption_column, CAPTION_COLUMNS, table)
+        for row in rows:  # a row is small: made whether wanted or not
+            yield _table_sample(index, row, image_col, caption_col, table)
+            index += 1
+
+
+def _parquet_rows(table: str) -> Iterator[Any]:
+    _, pq = pyarrow_modules(f"reading {table}")
+    with _open(table) as fh:
+        try:
+            parquet = pq.ParquetFile(fh)
+        except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError for a non-Parquet file
+            raise UsageError(f"{table} is not a Parquet file: {one_line(str(e))}") from e
+        yield parquet.schema_arrow.names
+        for batch in parquet.iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+
+
+def _csv_rows(table: str) -> Iterator[Any]:
+    with _open(table) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t" if table.lower().endswith(".tsv") else ",")
+        yield list(reader.fieldnames or [])
+        yield from reader
+
+
+def read_folders(folders: Sequence[str], wanted: Callable[[int], bool]) -> Iterator[Sample]:
+    """Image files under each folder (the library's walk: one sorted order); ``NAME.txt`` beside
+    ``NAME.jpg`` is its caption, as clip-retrieval's files reader pairs them."""
+    from clipworks.library.scan import walk
+
+    index = 0
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise UsageError(f"{folder} is not a folder (the files format reads folders of images)")
+        for found in walk(folder):
+            key = os.path.splitext(os.path.relpath(found.path, folder))[0]
+            sample = Sample(index, key, found.path)
+            caption_file = os.path.splitext(found.path)[0] + ".txt"
+            if wanted(index) and os.path.isfile(caption_file):
+                try:
+                    sample.caption = _caption_text(Path(caption_file).read_bytes(), caption_file)
+                except (OSError, ValueError) as e:
+                    sample.error = one_line(str(e))
+            yield sample
+            index += 1
+
+
+def read_samples(paths: Sequence[str], fmt: str, wanted: Callable[[int], bool] = lambda i: True,
+                 **columns: str | None) -> Iterator[Sample]:  # fmt: skip
+    """Every sample of the inputs in one fixed order; ``wanted(index)`` False: yield it without reading it."""
+    if fmt == "webdataset":
+        return read_webdataset(paths, wanted)
+    if fmt in ("parquet", "csv"):
+        return read_table(paths, fmt, wanted, **columns)
+    return read_folders(paths, wanted)
+
+
+# -- the job -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetResult:
+    embedded: int = 0
+    failed: int = 0
+    shards_written: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        skipped = f", {len(self.shards_skipped)} finished shards skipped" if self.shards_skipped else ""
+        failed = f", {self.failed} samples could not be embedded (see errors/)" if self.failed else ""
+        rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
+        return (f"embedded {self.embedded} images into {len(self.shards_written)} shards{skipped}{failed} "
+                f"in {self.seconds:.1f} s: {rate:.1f} images/s")  # fmt: skip
+
+
+def _job_record(model: ClipModel, fmt: str, paths: Sequence[str], shard_size: int, text: bool) -> dict[str, Any]:
+    return {"format": JOB_FORMAT, "model": model.name, "embed_dim": model.embed_dim, "input_format": fmt,
+            "inputs": list(paths), "shard_size": shard_size, "enable_text": text}  # fmt: skip
+
+
+def check_job(folder: Path, record: dict[str, Any]) -> None:
+    """Refuse a folder that holds another job's shards; record this job in a new or empty one."""
+    from clipworks.atomic import atomic_write_text
+
+    job = folder / JOB_FILE
+    if job.is_file():
+        try:
+            old = json.loads(job.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ClipworksError(f"{job} is not a clipworks dataset job file; use another output folder") from e
+        for name in ("model", "embed_dim", "input_format", "inputs", "shard_size", "enable_text"):
+            if old.get(name) != record[name]:
+                raise UsageError(
+                    f"{folder} holds a job with {name} {old.get(name)!r}, not {record[name]!r}: its shards cannot "
+                    "be mixed with this one's; use another output folder (or the same settings to resume it)"
+                )
+        return
+    if folder.is_dir() and any((folder / sub).exists() for sub in ("img_emb", "metadata")):
+        raise UsageError(f"{folder} holds embeddings from another tool or job (no {JOB_FILE}); use another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(job, json.dumps(record, indent=2) + "\n")
+
+
+def check_shard_size(shard_size: int) -> None:
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be at least 1, not {shard_size}")
+
+
+def embed_dataset(
+    model: ClipModel,
+    paths: Sequence[str],
+    fmt: str,
+    output_folder: str | Path,
+    *,
+    enable_text: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    batch_size: int = 32,
+    workers: int | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> DatasetResult:
+    """Embed every sample of ``paths`` into ``output_folder`` in clip-retrieval's layout, one shard at a
+    time (memory: one batch in flight plus one shard's metadata rows). Finished shards are kept."""
+    check_shard_size(shard_size)
+    pyarrow_modules("embedding a dataset")
+    folder = Path(output_folder).expanduser()
+    check_job(folder, _job_record(model, fmt, paths, shard_size, enable_text))
+    start = time.perf_counter()
+    result = DatasetResult()
+    done: dict[int, bool] = {}
+
+    def wanted(index: int) -> bool:
+        shard = index // shard_size
+        if shard not in done:
+            done[shard] = shard_finished(folder, shard)
+            if done[shard]:
+                result.shards_skipped.append(shard)
+        return not done[shard]
+
+    samples = (s for s in read_samples(paths, fmt, wanted, image_column=image_column, caption_column=caption_column)
+               if wanted(s.index))  # fmt: skip
+    writer: ShardWriter | None = None
+
+    def shard_for(index: int) -> ShardWriter:
+        nonlocal writer
+        shard = index // shard_size
+        if writer is not None and writer.index != shard:
+            writer.commit()
+            result.shards_written.append(writer.index)
+            writer = None
+        if writer is None:
+            writer = ShardWriter(folder, shard, model.embed_dim, text=enable_text)
+        return writer
+
+    def record_failure(failure: Failure) -> None:
+        sample: Sample = failure.extra
+        shard_for(sample.index).add_error({**sample.row(), "error": failure.error})
+        result.failed += 1
+
+    def load(sample: Sample) -> Sample:
+        """In the decode thread: the image's bytes and size (the header only; decoding comes next)."""
+        if sample.error is None and enable_text and sample.caption is None:
+            sample.error = f"{sample} has no caption (--enable-text embeds every sample's caption)"
+        if sample.error is not None:
+            return sample
+        try:
+            if sample.data is None:
+                with _open(sample.image_path) as fh:
+                    sample.data = fh.read()
+            from PIL import Image
+
+            with Image.open(io.BytesIO(sample.data)) as image:
+                sample.width, sample.height = image.size
+        except MissingExtra:  # no package for the URLs' protocol: every sample would fail, so the job stops
+            raise
+        except ClipworksError as e:
+            sample.error = str(e)
+        except Exception as e:  # any unreadable file or image header is this sample's error
+            sample.error = f"{sample}: {one_line(str(e)) or type(e).__name__}"
+        return sample
+
+    def decode(sample: Sample) -> np.ndarray:
+        if sample.error is not None:
+            raise BadImage(sample.error)
+        data, sample.data = sample.data, None  # the pixels replace the bytes: memory holds one of them
+        return model.preprocess(data)
+
+    try:
+        for batch in iter_embeddings(
+            model, samples, batch_size=batch_size, workers=workers, decode=decode, key=lambda s: s,
+            on_item=load, on_skip=lambda f: None, on_progress=on_progress,
+        ):  # fmt: skip
+            texts = _caption_embeddings(model, batch.keys) if enable_text else None
+            image_emb = batch.embeddings.astype(SHARD_DTYPE)
+            # Rows and failures (which come before the rows of their batch) go to their index's shard.
+            events: list[tuple[int, Any]] = [(f.extra.index, f) for f in batch.failures]
+            events = sorted(events + [(s.index, i) for i, s in enumerate(batch.keys)], key=lambda event: event[0])
+            for shard, group in itertools.groupby(events, key=lambda event: event[0] // shard_size):
+                target = shard_for(shard * shard_size)
+                rows = []
+                for _, event in group:
+                    if isinstance(event, Failure):
+                        record_failure(event)
+                    else:
+                        rows.append(event)
+                if rows:
+                    target.add([batch.keys[i].row() for i in rows], image_emb[rows],
+                               texts[rows] if texts is not None else None)  # fmt: skip
+            result.embedded += len(batch.keys)
+        if writer is not None:
+            writer.commit()
+            result.shards_written.append(writer.index)
+            writer = None
+    finally:
+        if writer is not None:  # interrupted: the unfinished shard leaves no file behind
+            writer.discard()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _caption_embeddings(model: ClipModel, samples: Sequence[Sample]) -> np.ndarray:
+    captions = [s.caption or "" for s in samples]
+    return model.encode_texts(captions).astype(SHARD_DTYPE) if captions else np.zeros((0, model.embed_dim))
