@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -149,8 +149,11 @@ def _write_npy(out: Path, paths: Sequence[str], embeddings: np.ndarray) -> list[
     return [out, listing]
 
 
-def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
-    """Write atomically (temp file + rename), so an interrupted run never leaves a half file. Returns files."""
+def write_embeddings(
+    out: str | Path, paths: Sequence[str], embeddings: np.ndarray, columns: Mapping[str, Sequence[Any]] | None = None
+) -> list[Path]:
+    """Write atomically (temp file + rename), so an interrupted run never leaves a half file. Returns files.
+    ``columns`` (one value per path) are added to a Parquet table; the other formats have no place for them."""
     out = check_output_path(out)
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if len(paths) != len(embeddings):
@@ -166,7 +169,8 @@ def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarr
     raw = [os.fsencode(p) for p in paths]
     # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
     text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
-    table = pa.table({"path": text, "path_bytes": pa.array(raw, pa.binary()), "embedding": vector_column(embeddings)})
+    table = pa.table({"path": text, "path_bytes": pa.array(raw, pa.binary()), "embedding": vector_column(embeddings),
+                      **{name: pa.array(values) for name, values in (columns or {}).items()}})  # fmt: skip
     return [write_parquet(out, table)]
 
 
