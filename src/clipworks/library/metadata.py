@@ -375,7 +375,8 @@ def make_filters(
         after=low,
         before=high,
         camera=camera.strip() if camera is not None else None,
-        folder=os.path.abspath(os.path.expanduser(folder)) if folder is not None else None,
+        # Indexed paths lie under resolved folders: a folder reached through a link must resolve the same way.
+        folder=os.path.realpath(os.path.expanduser(folder)) if folder is not None else None,
         near=parse_near(near, name=names("near")) if near is not None else None,
         kind=parse_choice(kind, MEDIA_KINDS, names("type")) if kind is not None else None,  # type: ignore[arg-type]
     )
