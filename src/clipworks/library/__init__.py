@@ -32,7 +32,7 @@ from clipworks.models.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from clipworks.library.interchange import ExportReport
-    from clipworks.library.metadata import Metadata, SortKey
+    from clipworks.library.metadata import Facets, Metadata, SortKey
 
 __all__ = [
     "SCHEMA_VERSION", "Filters", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "make_filters",
@@ -79,6 +79,7 @@ class Library:
         self.ann_mode: AnnMode = ann
         self.ann_dtype: AnnDtype = ann_dtype
         self._ann: tuple[tuple[int, int], AnnIndex] | None = None
+        self._facets: tuple[ExactIndex, Facets] | None = None  # the filterable metadata of that index's rows
 
         self.path = Path(db).expanduser() if db is not None else db_path()
         self._model_arg = model
@@ -300,16 +301,26 @@ class Library:
             raise UsageError(f"--offset must be 0 or more, not {offset}")
         parse_choice(sort, SORT_KEYS, "--sort")
         searcher = self.searcher()
-        rows = None
-        if filters:
-            with self.store.snapshot() as db:
-                rows = self.vectors().rows_of(filters.file_ids(db))
+        rows = self.filtered_rows(filters) if filters else None
         ids, scores = searcher.top_k(vector, offset + top_k, threshold, exclude, rows)
         out = [(int(i), float(s)) for i, s in zip(ids[offset:], scores[offset:], strict=True)]
         if sort == "date":
             taken = {i: m.local_time for i, m in self.metadata([i for i, _ in out]).items()}
             out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
         return out
+
+    def filtered_rows(self, filters: Filters) -> np.ndarray:
+        """The rows of the current search index that ``filters`` let through, ascending."""
+        from clipworks.library.metadata import Facets
+
+        exact = self.vectors()
+        with self._lock:
+            if self._facets is None or self._facets[0] is not exact:
+                with self.store.snapshot() as db:
+                    self._facets = (exact, Facets.load(db, exact.ids))
+            facets = self._facets[1]
+        folder_rows = exact.rows_of(filters.folder_ids(self.store.conn)) if filters.folder is not None else None
+        return filters.rows(facets, folder_rows)
 
     def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
         """File id -> what indexing read of that photo (ids not read yet are left out)."""

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
+
 from clipworks.errors import UsageError
 from clipworks.library.store import TEXT_ARG, prefix_range, to_bytes
 
@@ -47,8 +49,6 @@ METADATA_COLUMNS = (
     "taken_at", "taken_offset", "taken_source", "lat", "lon", "make", "model", "lens",
     "width", "height", "orientation", "duration", "kind",
 )  # fmt: skip
-# The wall-clock capture time: what date filters compare. Written exactly as the expression index is.
-LOCAL_TIME = "(taken_at + COALESCE(taken_offset, 0))"
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Metadata:
 
     @property
     def local_time(self) -> float | None:
-        """Wall-clock epoch seconds where it was taken (as `LOCAL_TIME` computes it in SQL)."""
+        """Wall-clock epoch seconds where it was taken: what a date without an offset is compared with."""
         return None if self.taken_at is None else self.taken_at + (self.taken_offset or 0)
 
     @property
@@ -213,10 +213,6 @@ class TimeBound(NamedTuple):
     seconds: float  # epoch seconds: of UTC when ``utc``, else of the wall-clock time where photos were taken
     utc: bool
 
-    @property
-    def column(self) -> str:
-        return "taken_at" if self.utc else LOCAL_TIME
-
 
 @dataclass(frozen=True)
 class Near:
@@ -227,12 +223,12 @@ class Near:
 
 @dataclass(frozen=True)
 class Filters:
-    """Which photos a search may return, applied before ranking (see `Filters.file_ids`).
+    """Which photos a search may return, applied before ranking (see `Filters.rows`).
 
     ``after`` and ``before`` bound the capture time, both inclusive (`parse_date` turns a plain date for
     ``before`` into the end of that day, so ``2024-06-01`` to ``2024-06-30`` is all of June).
     ``camera`` matches make or model as a case-insensitive substring; ``folder`` holds every photo under
-    that folder, at any depth.
+    that folder, at any depth. They select rows of the search index before it ranks them (`rows`).
     """
 
     after: TimeBound | None = None
@@ -245,51 +241,96 @@ class Filters:
     def __bool__(self) -> bool:
         return any(v is not None for v in (self.after, self.before, self.camera, self.folder, self.near, self.kind))
 
-    def sql(self) -> tuple[str, list[Any]]:
-        """A WHERE clause (over ``files``, without the word WHERE) and its parameters. Every clause has an
-        index to use: the local-time expression, the position, the path range, the kind."""
-        clauses, args = ["deleted_at IS NULL"], []
-        if self.after is not None:
-            clauses.append(f"{self.after.column} >= ?")
-            args.append(self.after.seconds)
-        if self.before is not None:
-            clauses.append(f"{self.before.column} <= ?")
-            args.append(self.before.seconds)
+    def rows(self, facets: Facets, folder_rows: np.ndarray | None = None) -> np.ndarray:
+        """The rows (ascending) of a search index these filters let through, from its `Facets`;
+        ``folder_rows`` are the rows under ``folder`` (`folder_ids` finds them by the path index)."""
+        keep = np.ones(len(facets.taken_at), bool)
+        for bound, compare in ((self.after, np.greater_equal), (self.before, np.less_equal)):
+            if bound is not None:  # an unknown time (NaN) compares false: such a photo never matches
+                keep &= compare(facets.taken_at if bound.utc else facets.local, bound.seconds)
         if self.camera is not None:
-            clauses.append("instr(lower(COALESCE(make, '') || ' ' || COALESCE(model, '')), ?) > 0")
-            args.append(self.camera.lower())
-        if self.folder is not None:
-            low, high = prefix_range(self.folder)
-            clauses.append(f"path >= {TEXT_ARG} AND path < {TEXT_ARG}")
-            args += [to_bytes(low), to_bytes(high)]
-        if self.near is not None:
-            (lat_low, lat_high), lon_ranges = bounding_box(self.near)
-            clauses.append("lat BETWEEN ? AND ?")
-            args += [lat_low, lat_high]
-            if lon_ranges is not None:
-                clauses.append("(" + " OR ".join("lon BETWEEN ? AND ?" for _ in lon_ranges) + ")")
-                args += [bound for pair in lon_ranges for bound in pair]
+            needle = self.camera.lower()
+            keep &= np.isin(facets.camera, [code for code, name in enumerate(facets.cameras) if needle in name])
         if self.kind is not None:
-            clauses.append("kind = ?")
-            args.append(self.kind)
-        return " AND ".join(clauses), args
+            keep &= facets.video == (self.kind == "video")
+        if folder_rows is not None:
+            inside = np.zeros(len(keep), bool)
+            inside[folder_rows] = True
+            keep &= inside
+        if self.near is not None:
+            (low, high), lon_ranges = bounding_box(self.near)
+            box = (facets.lat >= low) & (facets.lat <= high)
+            if lon_ranges is not None:
+                box &= np.logical_or.reduce([(facets.lon >= a) & (facets.lon <= b) for a, b in lon_ranges])
+            keep &= box
+            candidates = np.flatnonzero(keep)  # the box first, so distances are computed for few rows
+            near = self.near
+            far = haversine_km(near.lat, near.lon, facets.lat[candidates], facets.lon[candidates]) > near.km
+            keep[candidates[far]] = False
+        return np.flatnonzero(keep)
 
-    def file_ids(self, conn: Any) -> list[int]:
-        """The ids of the present files these filters let through, in id order: the bounding box of
-        ``near`` is narrowed to the circle by exact great-circle distance."""
-        where, args = self.sql()
-        if self.near is None:
-            return [i for (i,) in conn.execute(f"SELECT id FROM files WHERE {where} ORDER BY id", args)]
-        rows = conn.execute(f"SELECT id, lat, lon FROM files WHERE {where} ORDER BY id", args).fetchall()
-        near = self.near
-        return [i for i, lat, lon in rows if haversine_km(near.lat, near.lon, lat, lon) <= near.km]
+    def folder_ids(self, conn: Any) -> list[int]:
+        """The present files under ``folder``, by a range scan of the path index."""
+        assert self.folder is not None
+        low, high = prefix_range(self.folder)
+        sql = f"SELECT id FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG} AND deleted_at IS NULL"
+        return [i for (i,) in conn.execute(sql, (to_bytes(low), to_bytes(high)))]
 
 
-def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+@dataclass(frozen=True)
+class Facets:
+    """The filterable metadata of every row of one search index, as arrays in its row order: filtering a
+    million photos is then a few vectorised comparisons, not a million ids out of SQLite per query.
+    Loaded once per index (that is, once per change of the library); NaN or -1 where unknown."""
+
+    taken_at: np.ndarray  # UTC epoch seconds
+    local: np.ndarray  # wall-clock epoch seconds where taken (`Metadata.local_time`)
+    lat: np.ndarray
+    lon: np.ndarray
+    video: np.ndarray  # bool
+    camera: np.ndarray  # index into ``cameras``, -1 for none
+    cameras: tuple[str, ...]  # each distinct "make model", lower-cased
+
+    @classmethod
+    def load(cls, conn: Any, ids: np.ndarray) -> Facets:
+        """The facets of the files ``ids`` (ascending), read in one snapshot ``conn`` holds. The rows are
+        turned into arrays by numpy in C (NULL becomes NaN), not value by value in Python."""
+        live = "FROM files WHERE deleted_at IS NULL ORDER BY id"
+        rows = conn.execute(f"SELECT id, taken_at, taken_offset, lat, lon, kind = 'video' {live}").fetchall()
+        table = np.array(rows, np.float64).reshape(-1, 6)
+        # SQLite's lower() knows ASCII only: the distinct names are lower-cased here instead.
+        names = conn.execute(f"SELECT trim(COALESCE(make, '') || ' ' || COALESCE(model, '')) {live}").fetchall()
+        distinct, codes = np.unique(np.array([n for (n,) in names] or [""], object), return_inverse=True)
+        codes = codes[: len(names)].astype(np.int32)
+        known = table[:, 0].astype(np.int64)
+        at = np.searchsorted(known, ids)
+        found = at < len(known)
+        found[found] = known[at[found]] == ids[found]
+        at = np.where(found, at, 0)
+        table = np.vstack([table, np.full((1, 6), np.nan)])  # the row unknown ids read
+        pick = np.where(found, at, len(table) - 1)
+        taken, offsets, lat, lon, video = (table[pick, c] for c in range(1, 6))
+        empty = [i for i, name in enumerate(distinct) if not name]
+        camera = np.where(found, np.append(codes, -1)[pick], -1).astype(np.int32)
+        if empty:
+            camera[camera == empty[0]] = -1
+        return cls(
+            taken_at=taken,
+            local=taken + np.nan_to_num(offsets),
+            lat=lat,
+            lon=lon,
+            video=video == 1,
+            camera=camera,
+            cameras=tuple(str(name).lower() for name in distinct),
+        )
+
+
+def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> Any:
+    """Great-circle distance in km; scalars or arrays."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp, dl = p2 - p1, np.radians(np.subtract(lon2, lon1))
+    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, np.sqrt(a)))
 
 
 def bounding_box(near: Near) -> tuple[tuple[float, float], list[tuple[float, float]] | None]:

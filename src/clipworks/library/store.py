@@ -80,7 +80,8 @@ MIGRATIONS: list[str] = [
     # 3: what each photo says about itself (`clipworks.library.metadata`): capture time as UTC seconds plus
     # the local offset, and whether EXIF or the file time gave it; position; camera; size; orientation;
     # a video's duration; photo or video. NULL ``taken_source`` means not read yet: the next index run
-    # reads it. Indexes serve the search filters: both clocks, the position box (the path already has one).
+    # reads it. Search filters read these columns once per change into arrays (`metadata.Facets`), so they
+    # need no index of their own; the folder filter uses the path's.
     """
     ALTER TABLE files ADD COLUMN taken_at REAL;
     ALTER TABLE files ADD COLUMN taken_offset INTEGER;
@@ -95,9 +96,6 @@ MIGRATIONS: list[str] = [
     ALTER TABLE files ADD COLUMN orientation INTEGER;
     ALTER TABLE files ADD COLUMN duration REAL;
     ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'photo';
-    CREATE INDEX files_taken ON files(taken_at);
-    CREATE INDEX files_taken_local ON files((taken_at + COALESCE(taken_offset, 0)));
-    CREATE INDEX files_position ON files(lat, lon);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
