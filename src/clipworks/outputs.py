@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -127,6 +127,13 @@ def load_file(path: Path) -> Any:
     return pyarrow_modules(f"reading {path}")[1].read_table(path)
 
 
+def _path_columns(pa: Any, paths: Sequence[str]) -> dict[str, Any]:
+    """Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact."""
+    raw = [os.fsencode(p) for p in paths]
+    return {"path": pa.array([b.decode("utf-8", "replace") for b in raw], pa.string()),
+            "path_bytes": pa.array(raw, pa.binary())}  # fmt: skip
+
+
 class EmbeddingWriter:
     """One embedding file written batch by batch (``add``), then put in place whole by ``close()``.
 
@@ -164,10 +171,7 @@ class EmbeddingWriter:
             self._rows.append(embeddings)
         elif self._parquet is not None:
             pa, _ = _pyarrow(self.out)
-            raw = [os.fsencode(p) for p in paths]
-            # Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact.
-            text = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
-            columns = [text, pa.array(raw, pa.binary()), vector_column(embeddings)]
+            columns = [*_path_columns(pa, paths).values(), vector_column(embeddings)]
             self._parquet.write_table(pa.Table.from_arrays(columns, schema=self._schema))
         else:
             self._chunks.append(embeddings)
@@ -214,11 +218,21 @@ class EmbeddingWriter:
         self._stack.__exit__(kind, error, tb)  # removes the temporary files; the caller's error goes on
 
 
-def write_embeddings(out: str | Path, paths: Sequence[str], embeddings: np.ndarray) -> list[Path]:
-    """Write atomically (temp file + rename), so an interrupted run never leaves a half file. Returns files."""
+def write_embeddings(
+    out: str | Path, paths: Sequence[str], embeddings: np.ndarray, columns: Mapping[str, Sequence[Any]] | None = None
+) -> list[Path]:
+    """Write atomically (temp file + rename), so an interrupted run never leaves a half file. Returns files.
+    ``columns`` (one value per path) are added to a Parquet table; the other formats have no place for them."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if len(paths) != len(embeddings):
         raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
+    if columns and Path(out).suffix == ".parquet":
+        # One table with the extra columns (index export's metadata), written whole: it is all in memory.
+        out = check_output_path(out)
+        pa, _ = _pyarrow(out)
+        table = pa.table({**_path_columns(pa, paths), "embedding": vector_column(embeddings),
+                          **{name: pa.array(values) for name, values in columns.items()}})  # fmt: skip
+        return [write_parquet(out, table)]
     with EmbeddingWriter(out, embeddings.shape[1] if embeddings.ndim == 2 else 0) as writer:
         writer.add(paths, embeddings)
         return writer.close()

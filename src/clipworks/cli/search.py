@@ -16,6 +16,7 @@ import typer
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, info
 from clipworks.cli.index import AnnDtypeOpt, AnnOpt, DbOpt, LibraryModelOpt, open_library
 from clipworks.display import quote_path
+from clipworks.library.metadata import Filters
 from clipworks.library.search import Hit
 
 # `-people` and `-2:cat` are query terms, not options: no short options here, unknown ones pass through.
@@ -32,6 +33,36 @@ ResultsOpt = Annotated[
         "does: links to JPEG photos, JPEG copies of the others.",
     ),
 ]
+
+
+AfterOpt = Annotated[
+    str | None,
+    typer.Option("--after", help="Only photos taken on or after this date (YYYY-MM-DD, or an ISO timestamp; "
+                 "without an offset it is the local time where each photo was taken)."),
+]  # fmt: skip
+BeforeOpt = Annotated[
+    str | None, typer.Option("--before", help="Only photos taken on or before this date (the whole day counts).")
+]
+CameraOpt = Annotated[
+    str | None, typer.Option("--camera", help="Only photos whose camera make or model contains this text (any case).")
+]
+FolderOpt = Annotated[Path | None, typer.Option("--folder", help="Only photos under this folder (at any depth).")]
+NearOpt = Annotated[
+    str | None, typer.Option("--near", help="Only photos taken within KM kilometres of LAT,LON: --near 48.86,2.35,5.")
+]
+TypeOpt = Annotated[str | None, typer.Option("--type", help="Only photos or only videos: photo or video.")]
+SortOpt = Annotated[str, typer.Option("--sort", help="score (best first), or date: the same best hits, newest first.")]
+OffsetOpt = Annotated[int, typer.Option("--offset", help="Skip this many of the best hits (the next page).")]
+
+
+def filters_of(
+    after: str | None, before: str | None, camera: str | None, folder: Path | None, near: str | None, kind: str | None
+) -> Filters:
+    """The search filters from their flags; a bad value stops with one line naming its flag."""
+    from clipworks.library.metadata import make_filters
+
+    return make_filters(after=after, before=before, camera=camera, folder=None if folder is None else str(folder),
+                        near=near, kind=kind, names=lambda field: f"--{field}")  # fmt: skip
 
 
 def render(hits: Sequence[Hit], as_json: bool, results: Path | None) -> None:
@@ -69,15 +100,26 @@ def search(
     precision: PrecisionOpt = "auto",
     ann: AnnOpt = "auto",
     ann_dtype: AnnDtypeOpt = "f16",
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    camera: CameraOpt = None,
+    folder: FolderOpt = None,
+    near: NearOpt = None,
+    kind: TypeOpt = None,
+    sort: SortOpt = "score",
+    offset: OffsetOpt = 0,
 ) -> None:
-    """Find photos by text, by example image, or both; scores are cosine similarities, highest first."""
+    """Find photos by text, by example image, or both; scores are cosine similarities, highest first.
+    The filters choose which photos are ranked at all."""
     from clipworks.errors import UsageError
 
     if not query and not image:
         raise UsageError("give a text query, --image PATH, or both")
+    filters = filters_of(after, before, camera, folder, near, kind)
     library = open_library(db, model, device=device, precision=precision, ann=ann, ann_dtype=ann_dtype)
     hits = library.search(query or [], images=[str(i) for i in image or []], negatives=negative or [],
-                          top_k=top_k, threshold=threshold)  # fmt: skip
+                          top_k=top_k, threshold=threshold, filters=filters, offset=offset,
+                          sort=sort)  # type: ignore[arg-type]  # fmt: skip
     render(hits, as_json, results)
 
 
@@ -91,9 +133,25 @@ def similar(
     model: LibraryModelOpt = None,
     ann: AnnOpt = "auto",
     ann_dtype: AnnDtypeOpt = "f16",
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    camera: CameraOpt = None,
+    folder: FolderOpt = None,
+    near: NearOpt = None,
+    kind: TypeOpt = None,
+    sort: SortOpt = "score",
+    offset: OffsetOpt = 0,
 ) -> None:
     """List the photos most like one photo: near-duplicates first, then visually similar ones."""
-    hits = open_library(db, model, ann=ann, ann_dtype=ann_dtype).similar(path, top_k=top_k, threshold=threshold)
+    filters = filters_of(after, before, camera, folder, near, kind)
+    hits = open_library(db, model, ann=ann, ann_dtype=ann_dtype).similar(
+        path,
+        top_k=top_k,
+        threshold=threshold,
+        filters=filters,
+        offset=offset,
+        sort=sort,  # type: ignore[arg-type]
+    )
     render(hits, as_json, results)
 
 

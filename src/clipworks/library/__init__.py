@@ -5,6 +5,7 @@
     lib = Library("library.db", model="ViT-B-32::openai", create=True)
     lib.index(["~/Pictures"])
     lib.search("beach -people", top_k=20)   # [Hit(path, score), ...], highest cosine first
+    lib.search("beach", filters=make_filters(after="2024-06-01", camera="pixel"), offset=20)
 
 Reads are thread-safe: every thread gets its own SQLite connection, and the cached matrix is swapped
 whole when the database's generation changes (another process indexing, say).
@@ -24,14 +25,19 @@ import numpy as np
 from clipworks.errors import UsageError, status
 from clipworks.library.ann import ANN_MIN_ROWS, AnnDtype, AnnIndex, AnnMode, check_ann_options, sync_ann, wants_ann
 from clipworks.library.indexer import IndexReport
+from clipworks.library.metadata import Filters, make_filters
 from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine_terms, parse_query, query_texts
 from clipworks.library.store import SCHEMA_VERSION, ModelRow, Store
 from clipworks.models.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from clipworks.library.interchange import ExportReport
+    from clipworks.library.metadata import Facets, Metadata, SortKey
 
-__all__ = ["SCHEMA_VERSION", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "parse_query"]
+__all__ = [
+    "SCHEMA_VERSION", "Filters", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "make_filters",
+    "parse_query",
+]  # fmt: skip
 
 
 @dataclass
@@ -73,6 +79,7 @@ class Library:
         self.ann_mode: AnnMode = ann
         self.ann_dtype: AnnDtype = ann_dtype
         self._ann: tuple[tuple[int, int], AnnIndex] | None = None
+        self._facets: tuple[ExactIndex, Facets] | None = None  # the filterable metadata of that index's rows
 
         self.path = Path(db).expanduser() if db is not None else db_path()
         self._model_arg = model
@@ -239,26 +246,100 @@ class Library:
         negatives: Sequence[str] = (),
         top_k: int = 10,
         threshold: float | None = None,
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
     ) -> list[Hit]:
-        """Ranked (path, cosine) hits for a text query (``"beach -people 2:sunset"``), images, or both."""
+        """Ranked (path, cosine) hits for a text query (``"beach -people 2:sunset"``), images, or both.
+
+        ``filters`` (`metadata.make_filters`) choose the photos before they are ranked; ``offset`` skips
+        that many of the best (the next page); ``sort="date"`` shows the page newest first (see `ranked`)."""
         words = query.split() if isinstance(query, str) else list(query or [])
         terms = parse_query(words, negatives=negatives, images=[str(i) for i in images])
-        return self.search_vector(self.query_vector(terms), top_k=top_k, threshold=threshold)
+        return self.search_vector(self.query_vector(terms), top_k=top_k, threshold=threshold, filters=filters,
+                                  offset=offset, sort=sort)  # fmt: skip
 
     def search_vector(
-        self, vector: np.ndarray, *, top_k: int = 10, threshold: float | None = None, exclude: Sequence[int] = ()
+        self,
+        vector: np.ndarray,
+        *,
+        top_k: int = 10,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
     ) -> list[Hit]:
+        ranked = self.ranked(vector, top_k=top_k, threshold=threshold, exclude=exclude, filters=filters,
+                             offset=offset, sort=sort)  # fmt: skip
+        names = self.store.paths_of(i for i, _ in ranked)
+        return [Hit(names[i], s) for i, s in ranked if i in names]
+
+    def ranked(
+        self,
+        vector: np.ndarray,
+        *,
+        top_k: int = 10,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
+    ) -> list[tuple[int, float]]:
+        """(file id, cosine) of the photos ranked ``offset`` to ``offset + top_k`` by score among those
+        ``filters`` let through (chosen in SQL first, then ranked: never the top hits thinned out).
+        ``sort="date"`` orders that page by capture time, newest first (photos of unknown time last), so
+        pages still follow the ranking and together list each match once."""
+        from clipworks.library.metadata import SORT_KEYS, parse_choice
+
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, not {top_k}")
-        ids, scores = self.searcher().top_k(vector, top_k, threshold, exclude)
-        names = self.store.paths_of(ids)
-        return [Hit(names[int(i)], float(s)) for i, s in zip(ids, scores, strict=True) if int(i) in names]
+        if offset < 0:
+            raise UsageError(f"--offset must be 0 or more, not {offset}")
+        parse_choice(sort, SORT_KEYS, "--sort")
+        searcher = self.searcher()
+        rows = self.filtered_rows(filters) if filters else None
+        ids, scores = searcher.top_k(vector, offset + top_k, threshold, exclude, rows)
+        out = [(int(i), float(s)) for i, s in zip(ids[offset:], scores[offset:], strict=True)]
+        if sort == "date":
+            taken = {i: m.local_time for i, m in self.metadata([i for i, _ in out]).items()}
+            out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
+        return out
 
-    def similar(self, path: str | Path, *, top_k: int = 10, threshold: float | None = None) -> list[Hit]:
+    def filtered_rows(self, filters: Filters) -> np.ndarray:
+        """The rows of the current search index that ``filters`` let through, ascending."""
+        from clipworks.library.metadata import Facets
+
+        exact = self.vectors()
+        with self._lock:
+            if self._facets is None or self._facets[0] is not exact:
+                with self.store.snapshot() as db:
+                    self._facets = (exact, Facets.load(db, exact.ids))
+            facets = self._facets[1]
+        folder_rows = exact.rows_of(filters.folder_ids(self.store.conn)) if filters.folder is not None else None
+        return filters.rows(facets, folder_rows)
+
+    def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
+        """File id -> what indexing read of that photo (ids not read yet are left out)."""
+        from clipworks.library.metadata import metadata_of
+
+        return metadata_of(self.store.conn, ids)
+
+    def similar(
+        self,
+        path: str | Path,
+        *,
+        top_k: int = 10,
+        threshold: float | None = None,
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
+    ) -> list[Hit]:
         """Photos most like ``path`` (itself left out)."""
         vector = self.image_vector(path)
         row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
-        return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[row.id] if row else [])
+        return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[row.id] if row else [],
+                                  filters=filters, offset=offset, sort=sort)  # fmt: skip
 
     def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
         """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``)."""

@@ -48,6 +48,9 @@ EXPANSION_SEARCH = 128  # efSearch
 OVERSAMPLE = 4
 MIN_CANDIDATES = 64
 SIGNATURE_TOLERANCE = 1e-4
+# A filter letting through at most this fraction of the photos is answered by an exact scan of just those:
+# cheaper than that fraction of a full scan, and a graph walk would meet few allowed nodes (poor recall).
+FILTER_EXACT_FRACTION = 0.2
 _SIGNATURE_SEED = 20261202
 
 
@@ -96,21 +99,33 @@ class AnnIndex:
         self.graph = graph
         self.labels = labels  # graph node -> file id
         self.ids: np.ndarray = exact.ids
+        self._node_rows: np.ndarray | None = None  # graph node -> row of its file in ``ids`` (-1: gone)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def top_k(
-        self, query: np.ndarray, k: int, threshold: float | None = None, exclude: Sequence[int] = ()
+        self,
+        query: np.ndarray,
+        k: int,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+        rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.ids) == 0 or k <= 0:
+        if len(self.ids) == 0 or k <= 0 or (rows is not None and len(rows) == 0):
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if rows is not None and len(rows) <= FILTER_EXACT_FRACTION * len(self.ids):
+            return self.exact.top_k(query, k, threshold, exclude, rows)
         query = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
         want = min(self.graph.ntotal, max(k * OVERSAMPLE + len(exclude), MIN_CANDIDATES))
-        _, nodes = self.graph.search(query, want)
+        if rows is None:
+            _, nodes = self.graph.search(query, want)
+        else:  # the walk itself skips nodes the filter refuses, so the candidates are all allowed ones
+            _, nodes = self.graph.search(query, want, params=self._allowing(rows))
         keys = np.unique(self.labels[nodes[0][nodes[0] >= 0]])  # a re-embedded photo may have two nodes
-        rows = np.searchsorted(self.ids, keys)
-        rows = rows[(rows < len(self.ids)) & (self.ids[np.minimum(rows, len(self.ids) - 1)] == keys)]  # live only
+        found = np.searchsorted(self.ids, keys)
+        live = (found < len(self.ids)) & (self.ids[np.minimum(found, len(self.ids) - 1)] == keys)
+        rows = found[live] if rows is None else np.intersect1d(found[live], rows)  # live (and allowed) only
         if exclude:
             rows = rows[~np.isin(self.ids[rows], np.asarray(exclude, np.int64))]
         scores = np.asarray(self.exact.matrix[rows] @ query[0], np.float32)  # rows ascending: mmap-friendly
@@ -120,6 +135,22 @@ class AnnIndex:
             keep = scores >= threshold
             ids, scores = ids[keep], scores[keep]
         return ids, scores
+
+    def _allowing(self, rows: np.ndarray) -> Any:
+        """faiss search parameters admitting only the graph nodes of ``rows``' files (their newest node,
+        and dead ones of the same file, which the re-ranking drops or re-scores anyway)."""
+        faiss = _faiss()
+        if self._node_rows is None:
+            at = np.searchsorted(self.ids, self.labels)
+            inside = np.minimum(at, len(self.ids) - 1)
+            self._node_rows = np.where(self.ids[inside] == self.labels, inside, -1)
+        allowed = np.zeros(len(self.ids) + 1, bool)  # the extra last slot stands for nodes of no live row
+        allowed[rows] = True
+        bits = np.packbits(allowed[self._node_rows], bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(self.labels), faiss.swig_ptr(bits))
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=EXPANSION_SEARCH)
+        params._keep = (bits, selector)  # faiss holds raw pointers to both: they must live as long as params
+        return params
 
 
 def _paths(folder: Path, library_id: int, model_id: int) -> tuple[Path, Path, Path, Path]:

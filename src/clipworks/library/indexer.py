@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from clipworks.errors import status
+from clipworks.library.metadata import UNREAD, UPDATE_METADATA, Metadata, extract_metadata
 from clipworks.library.scan import FileStat, SkippedFolder, excluded_path, file_hash, resolve_root, walk
 from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob, to_bytes
 from clipworks.models.fingerprint import model_fingerprint
@@ -63,13 +64,22 @@ def register_model(store: Store, clip: ClipModel) -> ModelRow:
     return store.ensure_model(name, weights, clip.embed_dim, str(clip.bundle.root))
 
 
-def _hash_if_readable(path: str) -> str | None:
-    """The pipeline's per-file hook: hashes each file in the decoder thread, just before it is decoded
-    (the bytes are then in cache). An unreadable file gets no hash; decoding it then fails naming it."""
+class FileFacts(NamedTuple):
+    """What the decoder thread learns of a file besides its pixels."""
+
+    hash: str | None
+    metadata: Metadata
+
+
+def _read_file(path: str) -> FileFacts:
+    """The pipeline's per-file hook, run in the decoder thread just before the file is decoded: the hash,
+    then the metadata from the header (both read bytes already in the page cache). An unreadable file
+    gets no hash; decoding it then fails naming it. Metadata never fails (see `extract_metadata`)."""
     try:
-        return file_hash(path)
+        digest = file_hash(path)
     except OSError:
-        return None
+        digest = None
+    return FileFacts(digest, extract_metadata(path))
 
 
 class Root(NamedTuple):
@@ -167,7 +177,7 @@ def reconcile(store: Store, roots: Sequence[Root], report: IndexReport) -> None:
             row = known[stat.path]
             db.execute(
                 f"UPDATE files SET size = ?, mtime_ns = ?, dev = ?, ino = ?, target = {TEXT_ARG}, hash = NULL, "
-                "error = NULL, "
+                "error = NULL, taken_source = NULL, "  # new content: its metadata is read again
                 "deleted_at = NULL, updated_at = ? WHERE id = ?",
                 (stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), t, row.id),
             )
@@ -302,6 +312,7 @@ def index_folders(
         todo = pending(store, model, [r.path for r in roots])
         _embed(store, clip, model, todo, report, batch_size=batch_size, workers=workers, progress=progress,
                on_batch=on_batch)  # fmt: skip
+        read_missing_metadata(store, [r.path for r in roots])
     report.seconds = time.perf_counter() - start
     return report
 
@@ -329,7 +340,7 @@ def _embed(
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     with tqdm(total=len(todo), unit="img", disable=disable, dynamic_ncols=True) as bar:
         batches = iter_embeddings(
-            clip, [p for _, p in todo], batch_size=batch_size, workers=workers, on_item=_hash_if_readable,
+            clip, [p for _, p in todo], batch_size=batch_size, workers=workers, on_item=_read_file,
             on_skip=lambda f: None, on_progress=bar.update,
         )  # fmt: skip
         for batch in batches:
@@ -341,11 +352,15 @@ def _embed(
                 )
                 db.executemany(
                     "UPDATE files SET hash = ?, error = NULL, updated_at = ? WHERE id = ?",
-                    [(digest, t, ids[p]) for p, digest in zip(batch.paths, batch.extras, strict=True)],
+                    [(facts.hash, t, ids[p]) for p, facts in zip(batch.paths, batch.extras, strict=True)],
+                )
+                db.executemany(
+                    UPDATE_METADATA,
+                    [(*facts.metadata.row(), ids[p]) for p, facts in zip(batch.paths, batch.extras, strict=True)],
                 )
                 db.executemany(
                     f"UPDATE files SET hash = ?, error = {TEXT_ARG}, updated_at = ? WHERE id = ?",
-                    [(f.extra, to_bytes(f.error), t, ids[f.path]) for f in batch.failures],
+                    [(f.extra.hash, to_bytes(f.error), t, ids[f.path]) for f in batch.failures],
                 )
             report.embedded += len(batch.paths)
             report.failed += len(batch.failures)
@@ -354,6 +369,25 @@ def _embed(
                 bar.write(f"warning: skipped {f.path}: {f.error}", file=sys.stderr)
             if on_batch:
                 on_batch(report.embedded)
+
+
+def read_missing_metadata(store: Store, roots: Sequence[str], chunk: int = 256) -> int:
+    """Read the metadata of embedded files that have none yet (indexed before schema 3, copies, imports
+    that now lie under a folder), a chunk per transaction; returns how many were read."""
+    done = 0
+    for root in roots:
+        low, high = prefix_range(root)
+        rows = store.conn.execute(
+            f"SELECT id, path, mtime_ns FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG} "
+            f"AND deleted_at IS NULL AND error IS NULL AND {UNREAD} ORDER BY path",
+            (to_bytes(low), to_bytes(high)),
+        ).fetchall()
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            with store.write() as db:
+                db.executemany(UPDATE_METADATA, [(*extract_metadata(p, m).row(), i) for i, p, m in part])
+            done += len(part)
+    return done
 
 
 def remove_root(store: Store, folder: str | Path) -> int:

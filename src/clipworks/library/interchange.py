@@ -9,11 +9,13 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError, UsageError
+from clipworks.library.metadata import METADATA_COLUMNS, Metadata, metadata_of
 from clipworks.library.store import TEXT_ARG, ModelRow, Store, from_bytes, now, read_only_uri, to_blob, to_bytes
 
 FORMATS = ("pkl", "npy", "parquet", "clipitems")
@@ -71,10 +73,22 @@ def export_vectors(store: Store, model: ModelRow, out: str | Path, fmt: str | No
     with store.snapshot():
         ids, matrix = store.live_vectors(model)
         names = store.paths_of(ids)
+        described = metadata_of(store.conn, ids) if kind == "parquet" else {}
     paths = [names[int(i)] for i in ids]
     if kind == "clipitems":
         return write_clipitems(out, paths, matrix)
-    return ExportReport(len(paths), write_embeddings(out, paths, matrix))
+    columns = metadata_columns(paths, [described.get(int(i)) for i in ids]) if kind == "parquet" else None
+    return ExportReport(len(paths), write_embeddings(out, paths, matrix, columns))
+
+
+def metadata_columns(paths: list[str], described: list[Metadata | None]) -> dict[str, list[Any]]:
+    """The Parquet columns of each photo's metadata (null where unknown or not read yet): the stored
+    columns, ``taken`` as ISO 8601 with its offset, and ``folder``."""
+    columns: dict[str, list[Any]] = {name: [getattr(m, name, None) for m in described] for name in METADATA_COLUMNS}
+    columns["taken"] = [m.taken_iso() if m else None for m in described]
+    # Parquet strings are UTF-8: a folder whose name is not shows U+FFFD there (``path_bytes`` is exact).
+    columns["folder"] = [to_bytes(os.path.dirname(p)).decode("utf-8", "replace") for p in paths]
+    return columns
 
 
 def check_robot_dim(model: str, dim: int) -> None:

@@ -103,13 +103,27 @@ def combine_terms(
     return ops.l2_normalize(query)
 
 
+# A filtered search gathers its rows when they are fewer than this fraction of all rows; above it one
+# sequential product over the whole matrix is cheaper than gathering scattered rows (memory-mapped).
+GATHER_FRACTION = 0.25
+GATHER_BLOCK = 65_536
+
+
 class VectorIndex(Protocol):
-    """What search needs of an index: exact here; an approximate one (FAISS, HNSW) would fit the same slot."""
+    """What search needs of an index: exact here; an approximate one (FAISS, HNSW) would fit the same slot.
+
+    ``rows`` (positions in ``ids``, ascending) limits the search to those rows *before* ranking: a filter
+    matching only poorly scoring photos still gets its ``k`` best among them."""
 
     ids: np.ndarray
 
     def top_k(
-        self, query: np.ndarray, k: int, threshold: float | None = None, exclude: Sequence[int] = ()
+        self,
+        query: np.ndarray,
+        k: int,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+        rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -126,21 +140,54 @@ class ExactIndex:
     def scores(self, query: np.ndarray) -> np.ndarray:
         return self.matrix @ np.asarray(query, np.float32)
 
+    def rows_of(self, file_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The rows (ascending) of those of ``file_ids`` that have a vector here."""
+        wanted = np.unique(np.asarray(file_ids, np.int64))
+        at = np.searchsorted(self.ids, wanted)
+        inside = at < len(self.ids)
+        at = at[inside]
+        return at[self.ids[at] == wanted[inside]]
+
+    def subset_scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Scores of ``rows`` only: gathered a block at a time when few, else read off one full product."""
+        query = np.asarray(query, np.float32)
+        if len(rows) >= GATHER_FRACTION * len(self.ids):
+            return self.scores(query)[rows]
+        parts = [np.asarray(self.matrix[rows[i : i + GATHER_BLOCK]]) @ query for i in range(0, len(rows), GATHER_BLOCK)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
     def top_k(
-        self, query: np.ndarray, k: int, threshold: float | None = None, exclude: Sequence[int] = ()
+        self,
+        query: np.ndarray,
+        k: int,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+        rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(file ids, scores) of the ``k`` best rows, highest first; rows below ``threshold`` left out."""
-        if len(self.ids) == 0 or k <= 0:
+        """(file ids, scores) of the ``k`` best rows (of ``rows`` when given), highest first; rows below
+        ``threshold`` left out."""
+        if len(self.ids) == 0 or k <= 0 or (rows is not None and len(rows) == 0):
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        scores = self.scores(query)
-        if exclude:
-            scores[np.isin(self.ids, np.asarray(exclude, np.int64))] = -np.inf
-        best, _ = ops.top_k(scores, k)
-        best = best[np.lexsort((self.ids[best], -scores[best]))]  # by score, ties by id: reproducible
-        best = best[np.isfinite(scores[best])]
-        if threshold is not None:
-            best = best[scores[best] >= threshold]
-        return self.ids[best], scores[best]
+        if rows is None:
+            ids, scores = self.ids, self.scores(query)
+        else:
+            ids, scores = self.ids[rows], self.subset_scores(query, rows)
+        return rank(ids, scores, k, threshold, exclude)
+
+
+def rank(
+    ids: np.ndarray, scores: np.ndarray, k: int, threshold: float | None = None, exclude: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of (ids, scores), by score then id (reproducible), without ``exclude`` and those
+    below ``threshold``. ``scores`` may be changed."""
+    if exclude:
+        scores[np.isin(ids, np.asarray(exclude, np.int64))] = -np.inf
+    best, _ = ops.top_k(scores, k)
+    best = best[np.lexsort((ids[best], -scores[best]))]
+    best = best[np.isfinite(scores[best])]
+    if threshold is not None:
+        best = best[scores[best] >= threshold]
+    return ids[best], scores[best]
 
 
 def cache_dir_for(db: Path) -> Path:

@@ -77,6 +77,26 @@ MIGRATIONS: list[str] = [
     ALTER TABLE roots ADD COLUMN follow_links INTEGER NOT NULL DEFAULT 0;
     INSERT INTO state (key, value) VALUES ('library_id', random() & 9223372036854775807);
     """,
+    # 3: what each photo says about itself (`clipworks.library.metadata`): capture time as UTC seconds plus
+    # the local offset, and whether EXIF or the file time gave it; position; camera; size; orientation;
+    # a video's duration; photo or video. NULL ``taken_source`` means not read yet: the next index run
+    # reads it. Search filters read these columns once per change into arrays (`metadata.Facets`), so they
+    # need no index of their own; the folder filter uses the path's.
+    """
+    ALTER TABLE files ADD COLUMN taken_at REAL;
+    ALTER TABLE files ADD COLUMN taken_offset INTEGER;
+    ALTER TABLE files ADD COLUMN taken_source TEXT;
+    ALTER TABLE files ADD COLUMN lat REAL;
+    ALTER TABLE files ADD COLUMN lon REAL;
+    ALTER TABLE files ADD COLUMN make TEXT;
+    ALTER TABLE files ADD COLUMN model TEXT;
+    ALTER TABLE files ADD COLUMN lens TEXT;
+    ALTER TABLE files ADD COLUMN width INTEGER;
+    ALTER TABLE files ADD COLUMN height INTEGER;
+    ALTER TABLE files ADD COLUMN orientation INTEGER;
+    ALTER TABLE files ADD COLUMN duration REAL;
+    ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'photo';
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 CHECKED_TABLES = ("roots", "files", "models", "state")  # what a writer checks first (see `Store._check`)

@@ -4,6 +4,9 @@ Routes (the library is ``request.app.state.clip.library``; without one every rou
 
 - ``GET /``: the page (``static/gallery.html``, no build step, nothing fetched from elsewhere);
 - ``GET /api/search?q=&k=``: text search in the library's query syntax (``+beach -people 2:cat``);
+  both searches take the filters ``after``, ``before``, ``camera``, ``folder``, ``near`` (``LAT,LON,KM``)
+  and ``type`` (photo or video), applied before ranking, ``sort`` (score or date) and paging: ``offset``,
+  or the ``next_cursor`` of the previous page as ``cursor``;
 - ``POST /api/search``: by example, as ``?id=`` of an indexed photo (its stored vector, nothing re-encoded),
   a JSON body ``{"image": base64 | "id": n | "path": indexed path, "q": text, "k": n}``, or a multipart
   upload (``image`` file, optional ``q`` and ``k`` fields); ``q`` adds text terms to the example;
@@ -21,6 +24,7 @@ library only supplies stored vectors and file rows.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -32,7 +36,7 @@ from typing import Annotated, Any, BinaryIO, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
+from clipworks.library.metadata import SORT_KEYS, Filters, make_filters, parse_choice
 from clipworks.library.search import combine_terms, parse_query, query_texts
 from clipworks.library.store import FileRow
 
@@ -80,6 +85,61 @@ class SearchBody(BaseModel):
     path: str | None = Field(default=None, description="An indexed photo's path (as the index stores it).")
     q: str | None = Field(default=None, max_length=2000, description="Text terms added to the example.")
     k: int = Field(default=DEFAULT_K, ge=1, le=MAX_K)
+
+
+class Page(NamedTuple):
+    """Which photos a search ranks (``filters``), in what order, and which page of them."""
+
+    filters: Filters
+    sort: str
+    offset: int
+    cursor: str | None  # stands for an offset, in one search only (see `cursor_key`)
+    key: str  # the filters and sort as asked
+
+
+def page_options(
+    after: Annotated[str | None, Query(max_length=40, description="Taken on or after: YYYY-MM-DD or ISO.")] = None,
+    before: Annotated[str | None, Query(max_length=40, description="Taken on or before (the whole day).")] = None,
+    camera: Annotated[str | None, Query(max_length=200, description="Camera make or model contains this.")] = None,
+    folder: Annotated[str | None, Query(max_length=4096, description="Under this indexed folder.")] = None,
+    near: Annotated[str | None, Query(max_length=80, description="Within KM of a point: LAT,LON,KM.")] = None,
+    type: Annotated[str | None, Query(description="photo or video.")] = None,
+    sort: Annotated[str, Query(description="score, or date (the same page, newest first).")] = "score",
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Skip this many of the best.")] = 0,
+    cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the page before.")] = None,
+) -> Page:
+    try:
+        filters = make_filters(after=after, before=before, camera=camera, folder=folder, near=near, kind=type)
+        parse_choice(sort, SORT_KEYS, "sort")
+    except UsageError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from e
+    key = json.dumps([after, before, camera, folder, near, type, sort])
+    return Page(filters, sort, offset, cursor, key)
+
+
+def cursor_key(page: Page, asked: Any, k: int) -> str:
+    return hashlib.sha1(json.dumps([page.key, asked, k], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encode_cursor(offset: int, key: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"o": offset, "s": key}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, key: str) -> int:
+    """The offset a cursor stands for; 400 for one that is garbage or from another search."""
+    try:
+        record = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        offset, owner = record["o"], record["s"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise HTTPException(status_code=400, detail="cursor is not one this API gave: start from the first page") from e
+    if owner != key:
+        raise HTTPException(status_code=400, detail="cursor belongs to another search: start from its first page")
+    if not isinstance(offset, int) or offset < 0:
+        raise HTTPException(status_code=400, detail="cursor is not one this API gave: start from the first page")
+    return offset
+
+
+PageOptions = Annotated[Page, Depends(page_options)]
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -170,18 +230,21 @@ def chunks(fh: BinaryIO, size: int) -> Iterator[bytes]:
         fh.close()
 
 
-def ranked(library: Any, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
-    """The ``k`` best photos for a unit query vector, as the JSON the page renders."""
+def ranked(library: Any, vector: np.ndarray, k: int, page: Page) -> list[dict[str, Any]]:
+    """The ``k`` best photos (of the page's filters and offset) for a unit query vector, as the JSON the
+    page renders, with what indexing read of each."""
     dim = library.model_row.dim
     if vector.shape != (dim,):
         raise HTTPException(
             status_code=500, detail=f"the served model makes {vector.shape[-1]}-d vectors; the library holds {dim}-d"
         )
-    ids, scores = library.vectors().top_k(vector, k)
-    paths = library.store.paths_of(ids)
+    hits = library.ranked(vector, top_k=k, filters=page.filters, offset=page.offset, sort=page.sort)
+    paths = library.store.paths_of(i for i, _ in hits)
+    described = library.metadata([i for i, _ in hits])
     out = []
-    for i, s in zip(ids.tolist(), scores.tolist(), strict=True):
+    for i, s in hits:
         if i in paths:
+            meta = described.get(i)
             out.append(
                 {
                     "id": i,
@@ -190,17 +253,25 @@ def ranked(library: Any, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
                     "score": round(float(s), 6),
                     "thumb": f"/thumb/{i}",
                     "original": f"/original/{i}",
+                    "taken": meta.taken_iso() if meta else None,
+                    "camera": meta.camera if meta else None,
+                    "position": [meta.lat, meta.lon] if meta and meta.lat is not None else None,
+                    "type": meta.kind if meta else None,
                 }
             )
     return out
 
 
 async def search(
-    request: Request, q: str | None, k: int, example: np.ndarray | None = None, asked: Any = None
+    request: Request, q: str | None, k: int, page: Page, example: np.ndarray | None = None, asked: Any = None
 ) -> dict[str, Any]:
     """Text terms (encoded on the batching worker) plus an optional example vector -> ranked photos."""
     t0 = time.perf_counter()
     library = library_of(request)
+    asked = asked if asked is not None else {"q": q}
+    key = cursor_key(page, asked, k)
+    if page.cursor is not None:
+        page = page._replace(offset=decode_cursor(page.cursor, key))
     state = request.app.state.clip
     words = (q or "").split()
     try:
@@ -213,10 +284,13 @@ async def search(
         vector = combine_terms(terms, text_vectors, lambda _: example)  # type: ignore[arg-type,return-value]
     except UsageError as e:
         raise HTTPException(status_code=400, detail=str(e)) from e
-    results = await run_in_threadpool(ranked, library, vector, k)
+    results = await run_in_threadpool(ranked, library, vector, k, page)
     return {
-        "query": asked if asked is not None else {"q": q},
+        "query": asked,
         "k": k,
+        "offset": page.offset,
+        # A full page may have more after it; a short one was the last.
+        "next_cursor": encode_cursor(page.offset + k, key) if len(results) == k else None,
         "model": library.model_row.name,
         "count": len(results),
         "ms": round((time.perf_counter() - t0) * 1000, 2),
@@ -317,15 +391,17 @@ def library_info(request: Request) -> dict[str, Any]:
 async def search_text(
     request: Request,
     q: Annotated[str, Query(min_length=1, max_length=2000, description="Query: `beach -people 2:sunset`.")],
+    page: PageOptions,
     k: TopK = DEFAULT_K,
 ) -> dict[str, Any]:
     """Photos ranked by cosine to a text query (plain words form one prompt; +x, -x, N:x are terms)."""
-    return await search(request, q, k)
+    return await search(request, q, k, page)
 
 
 @router.post("/api/search")
 async def search_example(
     request: Request,
+    page: PageOptions,
     id: Annotated[int | None, Query(ge=1, le=SQLITE_MAX, description="Search by this indexed photo.")] = None,
     k: Annotated[int | None, Query(ge=1, le=MAX_K)] = None,
 ) -> dict[str, Any]:
@@ -376,7 +452,7 @@ async def search_example(
         raise HTTPException(status_code=422, detail=f"k must be between 1 and {MAX_K}, not {top_k}")
     if q:
         asked["q"] = q
-    return await search(request, q, top_k, example=example, asked=asked)
+    return await search(request, q, top_k, page, example=example, asked=asked)
 
 
 @router.get("/thumb/{file_id}", responses={200: {"content": {"image/jpeg": {}}}})
