@@ -454,7 +454,7 @@ HOSTILE = [
     ("empty-class", "zebra has no images"),
     ("no-classes", "no class sub-folders"),
     ("classes-missing", "are not in --classes"),
-    ("classes-file-missing", "nowhere.txt: cannot read"),
+    ("classes-file-missing", "nowhere.txt: no such file"),
     ("empty-classes-file", "no labels in the file"),
     ("no-brace", "has no '{}'"),
     ("bad-compare", "'fp32,fp8'"),
