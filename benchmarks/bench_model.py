@@ -22,7 +22,7 @@ from clipworks.export.exporter import CHECK_IMAGES
 from clipworks.export.optimize import fuse_attention
 from clipworks.export.precision import calibration_pixels, to_int8, to_int8_static
 from clipworks.models.bundle import load_bundle
-from clipworks.runtime.sessions import OrtSession
+from clipworks.runtime.sessions import CpuBackend, OrtSession, RuntimeSettings
 from common import WORK, bundle, machine
 
 
@@ -61,7 +61,8 @@ def main() -> None:
     vision = config["vision_cfg"]
     heads = vision["width"] // vision.get("head_width", 64)
     variants = build_variants(root, heads, WORK / f"model-graph-{args.arch}")
-    sessions = {name: OrtSession(path, device="cpu", threads=args.threads) for name, path in variants.items()}
+    backend = CpuBackend(RuntimeSettings(threads=args.threads))
+    sessions = {name: OrtSession(path, backend) for name, path in variants.items()}
     size = load_bundle(root).preprocess_cfg["size"]
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, *size), dtype=np.float32)
     for s in sessions.values():  # first runs allocate and pick kernels

@@ -18,7 +18,7 @@ from clipworks.export.precision import COSINE_FLOORS, calibration_pixels
 from clipworks.machine import Machine
 from clipworks.models.bundle import BundleMeta, graph_relpath, load_bundle, write_json
 from clipworks.runtime.encoder import resolve_precision
-from clipworks.runtime.sessions import BACKENDS, OrtSession
+from clipworks.runtime.sessions import BACKENDS, CpuBackend, OrtSession
 from conftest import MODEL_CONFIGS
 
 TINY_LAYERS = 2  # tests/model_configs/tiny-vit.json: two blocks in each tower
@@ -78,7 +78,7 @@ def test_fused_graph_matches_open_clip(fast_export: tuple[Path, list[str]], sour
     pixels = np.stack([transform(Image.open(p)).numpy() for p in photos])
     with torch.no_grad():
         reference = src.model.encode_image(torch.from_numpy(pixels)).numpy()
-    got = OrtSession(root / "visual" / "model.onnx", device="cpu").run(pixels)
+    got = OrtSession(root / "visual" / "model.onnx", CpuBackend()).run(pixels)
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=1, keepdims=True)
