@@ -105,7 +105,14 @@ def extract_metadata(path: str, mtime_ns: int | None = None) -> Metadata:
     try:
         with Image.open(path) as image:
             size = image.size
-            tags = image.getexif()
+            if image.format == "PNG":
+                # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels;
+                # a chunk before them is already in info, which is where cameras and editors put it.
+                tags = Image.Exif()
+                if image.info.get("exif"):
+                    tags.load(image.info["exif"])
+            else:
+                tags = image.getexif()
             ifd0 = dict(tags)
             exif = _sub_ifd(tags, ExifTags.IFD.Exif)
             gps = _sub_ifd(tags, ExifTags.IFD.GPSInfo)
