@@ -23,16 +23,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from clipworks.atomic import atomic_path, atomic_write_text
 from clipworks.errors import UsageError
 from clipworks.extras import require
-
-if TYPE_CHECKING:
-    from clipworks.library.search import ExactIndex
+from clipworks.library.search import ExactIndex, rank
 
 AnnMode = Literal["auto", "on", "off"]
 AnnDtype = Literal["f32", "f16", "i8"]
@@ -123,18 +121,10 @@ class AnnIndex:
         else:  # the walk itself skips nodes the filter refuses, so the candidates are all allowed ones
             _, nodes = self.graph.search(query, want, params=self._allowing(rows))
         keys = np.unique(self.labels[nodes[0][nodes[0] >= 0]])  # a re-embedded photo may have two nodes
-        found = np.searchsorted(self.ids, keys)
-        live = (found < len(self.ids)) & (self.ids[np.minimum(found, len(self.ids) - 1)] == keys)
-        rows = found[live] if rows is None else np.intersect1d(found[live], rows)  # live (and allowed) only
-        if exclude:
-            rows = rows[~np.isin(self.ids[rows], np.asarray(exclude, np.int64))]
+        live = self.exact.rows_of(keys)  # candidates whose photo is still in the library
+        rows = live if rows is None else np.intersect1d(live, rows)  # ... and allowed by the filter
         scores = np.asarray(self.exact.matrix[rows] @ query[0], np.float32)  # rows ascending: mmap-friendly
-        order = np.lexsort((self.ids[rows], -scores))[:k]  # by score, ties by id: as the exact index
-        ids, scores = self.ids[rows[order]], scores[order]
-        if threshold is not None:
-            keep = scores >= threshold
-            ids, scores = ids[keep], scores[keep]
-        return ids, scores
+        return rank(self.ids[rows], scores, k, threshold, exclude)  # ordered as the exact index orders
 
     def _allowing(self, rows: np.ndarray) -> Any:
         """faiss search parameters admitting only the graph nodes of ``rows``' files (their newest node,
