@@ -18,11 +18,12 @@ into an Immich database must come from Immich's pixels, or they drift from the o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -34,10 +35,12 @@ from clipworks.errors import BadBundle, BadImage, UsageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "RAW_EXTENSIONS",
     "ImageSource",
     "PreprocessConfig",
     "decode",
     "is_image_path",
+    "is_raw_path",
     "load_image",
     "load_image_immich",
     "load_thumbnail",
@@ -51,6 +54,12 @@ ResizeMode = Literal["shortest", "longest", "squash"]
 PixelProfile = Literal["open_clip", "immich"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".gif"})
+# Camera RAW files, read through rawpy (LibRaw) when the `raw` extra is installed (`raw_supported`).
+RAW_EXTENSIONS: frozenset[str] = frozenset({".arw", ".cr2", ".cr3", ".nef", ".orf", ".raf", ".rw2", ".dng"})
+# A RAW's embedded preview stands for the file when its shorter side has at least this many pixels (or the
+# `draft_size` asked for): enough for every CLIP input size in the registry. Camera previews are mostly
+# full size; a smaller one is passed over for a demosaic of the sensor data.
+RAW_PREVIEW_MIN_SIDE = 512
 
 # open_clip's defaults (open_clip.constants), used for keys a preprocess_cfg.json leaves out.
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -68,6 +77,21 @@ _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 def is_image_path(path: str | os.PathLike[str]) -> bool:
     """True when the path's extension is one of IMAGE_EXTENSIONS (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_raw_path(path: str | os.PathLike[str]) -> bool:
+    """True when the path's extension is one of RAW_EXTENSIONS (case-insensitive)."""
+    return Path(path).suffix.lower() in RAW_EXTENSIONS
+
+
+@functools.cache
+def raw_supported() -> bool:
+    """Whether rawpy is installed, so that RAW files decode (``pip install clipworks[raw]``)."""
+    try:
+        import rawpy  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -220,15 +244,13 @@ def _open(
     finish: Callable[[Image.Image, str], Image.Image] | None = None,
 ) -> Image.Image:
     """Decode one file under the pixel limit; `finish` turns the loaded image into RGB (default: upright, then
-    `_to_rgb`)."""
+    `_to_rgb`). A RAW path goes to `_open_raw`, and so does anything else Pillow cannot identify that LibRaw
+    can (an upload's bytes, the server's ``/proc/self/fd/N`` of an indexed RAW)."""
+    if path is not None and is_raw_path(path):
+        return _open_raw(fp, name, draft_size, limit)
     try:
         with Image.open(fp) as im:
-            w, h = im.size
-            if limit is not None and w * h > limit:
-                raise BadImage(
-                    f"{name}: {w}x{h} is {w * h} pixels, over the limit of {limit}"
-                    " (a decompression bomb?); raise max_pixels if you trust the file"
-                )
+            _check_pixels(name, *im.size, limit)
             # MpoImageFile (camera JPEGs with a preview) subclasses JpegImageFile and drafts the same way.
             if draft_size and isinstance(im, JpegImagePlugin.JpegImageFile):
                 im.draft("RGB", (draft_size, draft_size))
@@ -255,11 +277,100 @@ def _open(
     except UnidentifiedImageError as e:
         if path is not None and _is_empty(path):
             raise BadImage(f"{name}: file is empty (0 bytes); re-copy or skip it") from e
+        if raw_supported():
+            if isinstance(fp, io.BytesIO):
+                fp.seek(0)
+            with contextlib.suppress(BadImage):  # no RAW either: Pillow's word below
+                return _open_raw(fp, name, draft_size, limit)
         raise BadImage(f"{name}: not an image format Pillow can read; skip it or convert it to JPEG or PNG") from e
     except Exception as e:
         # Pillow's plugins fail on malformed files with many exception types (OSError for truncation,
         # SyntaxError, struct.error, IndexError, ZeroDivisionError ...); all mean "this file is unusable".
         raise BadImage(f"{name}: cannot decode image ({_one_line(e)}); the file may be truncated or corrupt") from e
+
+
+def _check_pixels(name: str, w: int, h: int, limit: int | None) -> None:
+    if limit is not None and w * h > limit:
+        raise BadImage(
+            f"{name}: {w}x{h} is {w * h} pixels, over the limit of {limit}"
+            " (a decompression bomb?); raise max_pixels if you trust the file"
+        )
+
+
+# -- camera RAW ---------------------------------------------------------------------------------------------
+
+# LibRaw's `sizes.flip` -> the transpose that makes the picture upright (as its own demosaic output is).
+_RAW_FLIPS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
+
+
+def _open_raw(fp: str | io.BytesIO, name: str, draft_size: int | None, limit: int | None) -> Image.Image:
+    """A camera RAW as an upright RGB image: its embedded preview when one is large enough (as rclip does:
+    decoding a JPEG costs a fraction of a demosaic), else LibRaw's half-size demosaic with the camera's white
+    balance. The sensor size is checked against the pixel limit before any pixels are read."""
+    if not raw_supported():
+        raise BadImage(f"{name}: a camera RAW file; install the raw extra (pip install 'clipworks[raw]') to read it")
+    try:
+        with _raw_reader(fp) as raw:
+            sizes = raw.sizes
+            _check_pixels(name, sizes.width, sizes.height, limit)
+            preview = _raw_preview(raw, name, draft_size, limit)
+            if preview is not None:
+                return preview
+            rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
+        return Image.fromarray(rgb)
+    except BadImage:
+        raise
+    except FileNotFoundError as e:
+        raise BadImage(f"{name}: no such file; check the path") from e
+    except PermissionError as e:
+        raise BadImage(f"{name}: permission denied; check the file's permissions") from e
+    except Exception as e:  # LibRawError and its kin, MemoryError from a huge allocation
+        detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else _one_line(e)
+        raise BadImage(
+            f"{name}: cannot decode RAW file ({detail}); the file may be truncated or corrupt, "
+            "or from a camera this LibRaw does not know"
+        ) from e
+
+
+@contextlib.contextmanager
+def _raw_reader(fp: str | io.BytesIO) -> Iterator[Any]:
+    """rawpy's reader of a path or bytes. LibRaw opens a path itself (reading only what it needs) but takes
+    UTF-8 names only; a file under any other name is read into memory for it, as bytes are."""
+    import rawpy
+
+    if isinstance(fp, str):
+        try:
+            fp.encode("utf-8")
+        except UnicodeEncodeError:
+            with open(fp, "rb") as fh:
+                fp = io.BytesIO(fh.read())
+    with rawpy.imread(fp) as raw:
+        yield raw
+
+
+def _raw_preview(raw: Any, name: str, draft_size: int | None, limit: int | None) -> Image.Image | None:
+    """The embedded preview, upright, when its shorter side has `draft_size` (else `RAW_PREVIEW_MIN_SIDE`)
+    pixels; else None."""
+    import rawpy
+
+    min_side = draft_size or RAW_PREVIEW_MIN_SIDE
+    try:
+        thumb = raw.extract_thumb()
+    except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+        return None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        with Image.open(io.BytesIO(thumb.data)) as header:  # the header only: size and orientation
+            if min(header.size) < min_side:
+                return None
+            self_oriented = header.getexif().get(0x0112, 1) not in (0, 1)
+        image = _open(io.BytesIO(thumb.data), f"{name} (embedded preview)", draft_size, limit, path=None)
+    else:  # a bitmap: (height, width, 3) uint8
+        if min(thumb.data.shape[:2]) < min_side:
+            return None
+        image, self_oriented = _from_array(thumb.data, name), False
+    # Previews mostly carry no orientation of their own; the RAW's (LibRaw's flip) says how to hold them.
+    flip = _RAW_FLIPS.get(raw.sizes.flip)
+    return image.transpose(flip) if flip is not None and not self_oriented else image
 
 
 def _is_empty(path: str) -> bool:

@@ -15,6 +15,7 @@ local zone of this machine at that time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -96,26 +97,19 @@ class Metadata:
 
 def extract_metadata(path: str, mtime_ns: int | None = None) -> Metadata:
     """The metadata of the image at ``path``; never raises (a file that cannot be opened gets its file time)."""
-    from PIL import ExifTags, Image
+    from PIL import ExifTags
+
+    from clipworks.imaging import is_raw_path
 
     size: tuple[int, int] | None = None
     ifd0: Any = {}
     exif: Any = {}
     gps: Any = {}
     try:
-        with Image.open(path) as image:
-            size = image.size
-            if image.format == "PNG":
-                # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels;
-                # a chunk before them is already in info, which is where cameras and editors put it.
-                tags = Image.Exif()
-                if image.info.get("exif"):
-                    tags.load(image.info["exif"])
-            else:
-                tags = image.getexif()
-            ifd0 = dict(tags)
-            exif = _sub_ifd(tags, ExifTags.IFD.Exif)
-            gps = _sub_ifd(tags, ExifTags.IFD.GPSInfo)
+        tags, size = _raw_tags(path) if is_raw_path(path) else _image_tags(path)
+        ifd0 = dict(tags)
+        exif = _sub_ifd(tags, ExifTags.IFD.Exif)
+        gps = _sub_ifd(tags, ExifTags.IFD.GPSInfo)
     except Exception:  # Pillow raises many kinds on bad bytes; decoding then reports the file, not this
         pass
     taken = _exif_time(exif.get(DATE_TIME_ORIGINAL), exif.get(OFFSET_TIME_ORIGINAL))
@@ -142,6 +136,48 @@ def extract_metadata(path: str, mtime_ns: int | None = None) -> Metadata:
         orientation=orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else None,
         duration=None,
     )
+
+
+def _image_tags(path: str) -> tuple[Any, tuple[int, int]]:
+    """The EXIF tags and pixel size of an image Pillow opens (its header only)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels;
+            # a chunk before them is already in info, which is where cameras and editors put it.
+            tags = Image.Exif()
+            if image.info.get("exif"):
+                tags.load(image.info["exif"])
+        else:
+            tags = image.getexif()
+        return tags, image.size
+
+
+# Most camera RAWs (DNG, CR2, NEF, ARW, ...) are TIFF files whose first IFD and Exif IFD lie near the start.
+RAW_HEADER_BYTES = 1 << 20
+
+
+def _raw_tags(path: str) -> tuple[Any, tuple[int, int] | None]:
+    """A camera RAW's EXIF tags, read as the TIFF structure at its start (tags pointing past the first MiB
+    are dropped), and the size of the picture LibRaw develops (upright), when rawpy is installed."""
+    from PIL import Image
+
+    from clipworks.imaging import raw_supported
+
+    tags = Image.Exif()
+    with open(path, "rb") as fh:
+        head = fh.read(RAW_HEADER_BYTES)
+    with contextlib.suppress(Exception):  # CR3, RAF, ORF and RW2 are no plain TIFF: no tags, the size still
+        tags.load(head)
+    size = None
+    if raw_supported():
+        import rawpy  # type: ignore[import-untyped]
+
+        with contextlib.suppress(Exception), rawpy.imread(path) as raw:  # opening reads no pixels
+            sizes = raw.sizes
+            size = (sizes.height, sizes.width) if sizes.flip in (5, 6) else (sizes.width, sizes.height)
+    return tags, size
 
 
 def _sub_ifd(tags: Any, ifd: int) -> dict[int, Any]:

@@ -1,5 +1,6 @@
 """The one walk over image folders (the library's index and ``embed images`` alike): recursive, hidden names
-skipped, exclude globs, symlinks by policy, loops visited once, one set of image extensions.
+skipped, exclude globs, symlinks by policy, loops visited once, one set of image extensions, and a camera RAW
+beside a developed copy of the same name (``IMG_1.CR2`` and ``IMG_1.JPG``) found once, as the copy.
 
 Only ``stat`` is read here (size and mtime tell a changed file); content hashes are computed lazily, for
 the few new files that might be a moved or copied one (a stored file of the same size exists).
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from clipworks.errors import UsageError
-from clipworks.imaging import IMAGE_EXTENSIONS
+from clipworks.imaging import IMAGE_EXTENSIONS, RAW_EXTENSIONS, raw_supported
 
 HASH_CHUNK = 1 << 20
 
@@ -48,7 +49,8 @@ class SkippedFolder:
 
 @functools.cache
 def image_extensions() -> frozenset[str]:
-    """The image extensions, plus HEIC/HEIF when pillow-heif is installed and AVIF when Pillow reads it.
+    """The image extensions, plus HEIC/HEIF when pillow-heif is installed, AVIF when Pillow reads it and
+    the camera RAW ones when rawpy is (`clipworks.imaging.RAW_EXTENSIONS`).
 
     Registering pillow-heif's opener here is what lets the decoder open the HEIC files the walk finds.
     """
@@ -67,7 +69,21 @@ def image_extensions() -> frozenset[str]:
             extensions.add(".avif")
     except Exception:  # an old Pillow without the feature name
         pass
+    if raw_supported():
+        extensions |= RAW_EXTENSIONS
     return frozenset(extensions)
+
+
+def developed_stems(names: Sequence[str], extensions: frozenset[str]) -> frozenset[str]:
+    """The stems of the ``names`` that are images but no RAW: a RAW of one of these stems is the same
+    picture, already developed (rclip's rule: the camera's or the editor's JPEG is what the photographer
+    kept). The stem is compared as written, the extension in any case (``.JPG``, ``.jpg``)."""
+    stems = set()
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in extensions and ext.lower() not in RAW_EXTENSIONS:
+            stems.add(stem)
+    return frozenset(stems)
 
 
 def resolve_root(folder: str | Path) -> str:
@@ -130,13 +146,17 @@ def walk(
             skip(SkippedFolder(folder, "unreadable", e.strerror or str(e)))
             continue
         subfolders: list[tuple[str, str, str]] = []
-        for entry in entries:
+        # Only names the walk itself yields count as developed copies, so that one of a pair is always found
+        # (an excluded or hidden JPEG leaves its RAW to stand for the picture).
+        kept = [
+            e for e in entries
+            if not e.name.startswith(".")
+            and not (excludes and excluded(f"{rel_folder}/{e.name}" if rel_folder else e.name, e.name, excludes))
+        ]  # fmt: skip
+        developed = developed_stems([e.name for e in kept], extensions)
+        for entry in kept:
             name = entry.name
-            if name.startswith("."):
-                continue
             rel = f"{rel_folder}/{name}" if rel_folder else name
-            if excludes and excluded(rel, name, excludes):
-                continue
             try:
                 link = entry.is_symlink()
                 if entry.is_dir():
@@ -150,8 +170,11 @@ def walk(
                     else:
                         skip(SkippedFolder(entry.path, "outside", real))
                     continue
-                if os.path.splitext(name)[1].lower() not in extensions or not entry.is_file():
+                stem, ext = os.path.splitext(name)
+                if ext.lower() not in extensions or not entry.is_file():
                     continue  # is_file() follows a link and is true for regular files only: no FIFOs, devices
+                if ext.lower() in RAW_EXTENSIONS and stem in developed:
+                    continue
                 st = entry.stat()
                 real = os.path.realpath(entry.path) if link else os.path.join(real_folder, name)
             except OSError:  # a broken link, a file removed while walking
