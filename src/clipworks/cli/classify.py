@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from clipworks.cli.common import MODEL_DEFAULT, DeviceOpt, ModelOpt, PrecisionOpt, ThreadsOpt, info, load_model
+from clipworks.cli.index import DbOpt, open_library, write_sidecar_files
 from clipworks.display import quote_path
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.imaging import is_image_path
@@ -97,6 +98,26 @@ def interrogate(
     ] = None,
     category_template: Annotated[str, typer.Option(help="Template for category labels.")] = "a photo of a {}.",
     cache: Annotated[bool, typer.Option(help="Read and write cached tag embeddings.")] = True,
+    write_tags: Annotated[
+        bool,
+        typer.Option(
+            "--write-tags",
+            help="Store each image's tags and scores in the library (--db), in place of "
+            "the tags it had: `search --tag TAG` filters by them. Images must be indexed already.",
+        ),
+    ] = False,
+    db: DbOpt = None,
+    sidecar: Annotated[
+        str | None,
+        typer.Option(
+            "--sidecar",
+            help="Write the tags next to each image: txt (photo.txt, one comma-separated "
+            "caption, as training sets use) or xmp (photo.jpg.xmp keywords, merged into one that exists).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace .txt sidecars that exist (default: keep them).")
+    ] = False,
     as_json: JsonOpt = False,
     model: ModelOpt = MODEL_DEFAULT,
     device: DeviceOpt = "auto",
@@ -105,9 +126,13 @@ def interrogate(
 ) -> None:
     """Caption images with the tags whose cosine reaches --threshold (else the best tag), best first."""
     from clipworks import zeroshot
+    from clipworks.library.sidecars import sidecar_format
 
     if tags_file is not None and vocabulary is not None:
         raise UsageError("give --tags-file or --vocabulary, not both")
+    if sidecar is not None:
+        sidecar_format(sidecar)  # a bad name fails before the model loads
+    library = open_library(db, None) if write_tags else None
     tags = zeroshot.load_labels_file(tags_file) if tags_file else zeroshot.vocabulary(vocabulary or "imagenet1k")
     cats = zeroshot.load_categories(categories) if categories else None
     clip = load_model(model, device, precision, threads)
@@ -118,6 +143,17 @@ def interrogate(
     paths, emb = _embed(clip, images)
     found = index.interrogate(emb, threshold, top)
     structured = zeroshot.CategorySet.build(clip, cats, template=category_template).evaluate(emb) if cats else None
+    if library is not None:
+        missing = library.write_tags(
+            [(p, [(t.tag, t.score) for t in it.tags]) for p, it in zip(paths, found, strict=True)]
+        )
+        info(f"stored the tags of {len(paths) - len(missing)} images in {library.path}")
+        for path in missing:
+            info(f"warning: {quote_path(path)} is not in the library, so its tags were not stored: index it first")
+    if sidecar is not None:
+        write_sidecar_files(
+            [(p, [t.tag for t in it.tags]) for p, it in zip(paths, found, strict=True)], sidecar, overwrite
+        )
     out = []
     for i, (path, it) in enumerate(zip(paths, found, strict=True)):
         item: dict[str, Any] = {"image": path, **it.to_dict()}

@@ -175,3 +175,33 @@ def import_(
     report = open_library(db, model, create=True, need_model=True).import_file(file, fmt)
     missing = f" ({report.missing} of the paths are not on this machine)" if report.missing else ""
     info(f"imported {report.imported} vectors from {file}{missing}")
+
+
+def write_sidecar_files(items: list[tuple[str, list[str]]], fmt: str, overwrite: bool) -> None:
+    """Write the sidecars and say what became of them; a refused one is named with the reason."""
+    from clipworks.display import quote_path
+    from clipworks.library.sidecars import write_sidecars
+
+    report = write_sidecars(items, fmt, overwrite=overwrite)
+    kept = f", kept {len(report.kept)} that exist (--overwrite replaces them)" if report.kept else ""
+    info(f"wrote {len(report.written)} .{fmt} sidecars{kept}")
+    for target, why in report.refused:
+        info(f"warning: left {quote_path(str(target))} as it was: {why}")
+
+
+@app.command()
+def sidecars(
+    fmt: Annotated[
+        str, typer.Option("--format", help="xmp (photo.jpg.xmp keywords, merged) or txt (photo.txt).")
+    ] = "xmp",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace .txt sidecars that exist.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Write the tags stored by `interrogate --write-tags` next to every tagged photo, for photo tools
+    (darktable, digiKam) or training sets to read."""
+    from clipworks.library import Library
+    from clipworks.library.sidecars import sidecar_format
+
+    sidecar_format(fmt, "--format")
+    tagged = Library(db).store.tagged_files()
+    write_sidecar_files([(path, [tag for tag, _ in tags]) for path, tags in tagged], fmt, overwrite)

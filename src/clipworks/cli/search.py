@@ -50,19 +50,28 @@ FolderOpt = Annotated[Path | None, typer.Option("--folder", help="Only photos un
 NearOpt = Annotated[
     str | None, typer.Option("--near", help="Only photos taken within KM kilometres of LAT,LON: --near 48.86,2.35,5.")
 ]
+TagOpt = Annotated[
+    str | None, typer.Option("--tag", help="Only photos given this tag by `interrogate --write-tags` (any case).")
+]
 TypeOpt = Annotated[str | None, typer.Option("--type", help="Only photos or only videos: photo or video.")]
 SortOpt = Annotated[str, typer.Option("--sort", help="score (best first), or date: the same best hits, newest first.")]
 OffsetOpt = Annotated[int, typer.Option("--offset", help="Skip this many of the best hits (the next page).")]
 
 
 def filters_of(
-    after: str | None, before: str | None, camera: str | None, folder: Path | None, near: str | None, kind: str | None
+    after: str | None,
+    before: str | None,
+    camera: str | None,
+    folder: Path | None,
+    near: str | None,
+    kind: str | None,
+    tag: str | None,
 ) -> Filters:
     """The search filters from their flags; a bad value stops with one line naming its flag."""
     from clipworks.library.metadata import make_filters
 
     return make_filters(after=after, before=before, camera=camera, folder=None if folder is None else str(folder),
-                        near=near, kind=kind, names=lambda field: f"--{field}")  # fmt: skip
+                        near=near, kind=kind, tag=tag, names=lambda field: f"--{field}")  # fmt: skip
 
 
 def render(hits: Sequence[Hit], as_json: bool, results: Path | None) -> None:
@@ -106,6 +115,7 @@ def search(
     folder: FolderOpt = None,
     near: NearOpt = None,
     kind: TypeOpt = None,
+    tag: TagOpt = None,
     sort: SortOpt = "score",
     offset: OffsetOpt = 0,
 ) -> None:
@@ -115,7 +125,7 @@ def search(
 
     if not query and not image:
         raise UsageError("give a text query, --image PATH, or both")
-    filters = filters_of(after, before, camera, folder, near, kind)
+    filters = filters_of(after, before, camera, folder, near, kind, tag)
     library = open_library(db, model, device=device, precision=precision, ann=ann, ann_dtype=ann_dtype)
     hits = library.search(query or [], images=[str(i) for i in image or []], negatives=negative or [],
                           top_k=top_k, threshold=threshold, filters=filters, offset=offset,
@@ -139,11 +149,12 @@ def similar(
     folder: FolderOpt = None,
     near: NearOpt = None,
     kind: TypeOpt = None,
+    tag: TagOpt = None,
     sort: SortOpt = "score",
     offset: OffsetOpt = 0,
 ) -> None:
     """List the photos most like one photo: near-duplicates first, then visually similar ones."""
-    filters = filters_of(after, before, camera, folder, near, kind)
+    filters = filters_of(after, before, camera, folder, near, kind, tag)
     hits = open_library(db, model, ann=ann, ann_dtype=ann_dtype).similar(
         path,
         top_k=top_k,

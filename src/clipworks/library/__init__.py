@@ -316,14 +316,32 @@ class Library:
                 with self.store.snapshot() as db:
                     self._facets = (exact, Facets.load(db, exact.ids))
             facets = self._facets[1]
-        folder_rows = exact.rows_of(filters.folder_ids(self.store.conn)) if filters.folder is not None else None
-        return filters.rows(facets, folder_rows)
+        return filters.rows(facets, [exact.rows_of(ids) for ids in filters.chosen_ids(self.store)])
 
     def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
         """File id -> what indexing read of that photo (ids not read yet are left out)."""
         from clipworks.library.metadata import metadata_of
 
         return metadata_of(self.store.conn, ids)
+
+    def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
+        """File id -> the (tag, score) pairs stored for it, best first (ids without tags are left out)."""
+        return self.store.tags_of(ids)
+
+    def write_tags(self, tagged: Sequence[tuple[str | Path, Sequence[tuple[str, float]]]]) -> list[str]:
+        """Store each photo's (tag, score) pairs in place of its old ones; returns the paths that are not
+        in the library (nothing is stored for those: index them first)."""
+        ids: dict[int, Sequence[tuple[str, float]]] = {}
+        missing = []
+        for path, tags in tagged:
+            row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
+            if row is None or row.deleted_at is not None:
+                missing.append(str(path))
+            else:
+                ids[row.id] = tags
+        if ids:
+            self.store.replace_tags(ids)
+        return missing
 
     def similar(
         self,

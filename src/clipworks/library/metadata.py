@@ -28,7 +28,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from clipworks.errors import UsageError
-from clipworks.library.store import TEXT_ARG, prefix_range, to_bytes
+from clipworks.library.store import TEXT_ARG, Store, prefix_range, to_bytes
 
 MediaKind = Literal["photo", "video"]
 MEDIA_KINDS: tuple[MediaKind, ...] = ("photo", "video")
@@ -271,7 +271,8 @@ class Filters:
     ``after`` and ``before`` bound the capture time, both inclusive (`parse_date` turns a plain date for
     ``before`` into the end of that day, so ``2024-06-01`` to ``2024-06-30`` is all of June).
     ``camera`` matches make or model as a case-insensitive substring; ``folder`` holds every photo under
-    that folder, at any depth. They select rows of the search index before it ranks them (`rows`).
+    that folder, at any depth; ``tag`` holds the photos given that tag (``interrogate --write-tags``, ASCII
+    case aside). They select rows of the search index before it ranks them (`rows`).
     """
 
     after: TimeBound | None = None
@@ -280,13 +281,15 @@ class Filters:
     folder: str | None = None
     near: Near | None = None
     kind: MediaKind | None = None
+    tag: str | None = None
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.after, self.before, self.camera, self.folder, self.near, self.kind))
+        fields = (self.after, self.before, self.camera, self.folder, self.near, self.kind, self.tag)
+        return any(v is not None for v in fields)
 
-    def rows(self, facets: Facets, folder_rows: np.ndarray | None = None) -> np.ndarray:
-        """The rows (ascending) of a search index these filters let through, from its `Facets`;
-        ``folder_rows`` are the rows under ``folder`` (`folder_ids` finds them by the path index)."""
+    def rows(self, facets: Facets, chosen: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """The rows (ascending) of a search index these filters let through, from its `Facets`; each of
+        ``chosen`` holds the rows one filter found in SQL (`chosen_ids` lists their file ids)."""
         keep = np.ones(len(facets.taken_at), bool)
         for bound, compare in ((self.after, np.greater_equal), (self.before, np.less_equal)):
             if bound is not None:  # an unknown time (NaN) compares false: such a photo never matches
@@ -296,9 +299,9 @@ class Filters:
             keep &= np.isin(facets.camera, [code for code, name in enumerate(facets.cameras) if needle in name])
         if self.kind is not None:
             keep &= facets.video == (self.kind == "video")
-        if folder_rows is not None:
+        for rows in chosen:
             inside = np.zeros(len(keep), bool)
-            inside[folder_rows] = True
+            inside[rows] = True
             keep &= inside
         if self.near is not None:
             (low, high), lon_ranges = bounding_box(self.near)
@@ -312,12 +315,17 @@ class Filters:
             keep[candidates[far]] = False
         return np.flatnonzero(keep)
 
-    def folder_ids(self, conn: Any) -> list[int]:
-        """The present files under ``folder``, by a range scan of the path index."""
-        assert self.folder is not None
-        low, high = prefix_range(self.folder)
-        sql = f"SELECT id FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG} AND deleted_at IS NULL"
-        return [i for (i,) in conn.execute(sql, (to_bytes(low), to_bytes(high)))]
+    def chosen_ids(self, store: Store) -> list[list[int]]:
+        """For each filter given that SQL answers by an index rather than the facets (``folder``: a range
+        of the path index; ``tag``: the tag index), the present files it lets through."""
+        chosen = []
+        if self.folder is not None:
+            low, high = prefix_range(self.folder)
+            sql = f"SELECT id FROM files WHERE path >= {TEXT_ARG} AND path < {TEXT_ARG} AND deleted_at IS NULL"
+            chosen.append([i for (i,) in store.conn.execute(sql, (to_bytes(low), to_bytes(high)))])
+        if self.tag is not None:
+            chosen.append(store.ids_tagged(self.tag))
+        return chosen
 
 
 @dataclass(frozen=True)
@@ -446,6 +454,7 @@ def make_filters(
     folder: str | None = None,
     near: str | None = None,
     kind: str | None = None,
+    tag: str | None = None,
     names: Callable[[str], str] = lambda field: field,
 ) -> Filters:
     """`Filters` from the text a user typed; ``names`` gives each field the name errors use (``--after``)."""
@@ -453,8 +462,9 @@ def make_filters(
     high = parse_date(before, end=True, name=names("before")) if before is not None else None
     if low is not None and high is not None and low.utc == high.utc and low.seconds > high.seconds:
         raise UsageError(f"{names('after')} {after} is later than {names('before')} {before}: nothing can match")
-    if camera is not None and not camera.strip():
-        raise UsageError(f"{names('camera')} must not be empty")
+    for field, text in (("camera", camera), ("tag", tag)):
+        if text is not None and not text.strip():
+            raise UsageError(f"{names(field)} must not be empty")
     return Filters(
         after=low,
         before=high,
@@ -463,6 +473,7 @@ def make_filters(
         folder=os.path.realpath(os.path.expanduser(folder)) if folder is not None else None,
         near=parse_near(near, name=names("near")) if near is not None else None,
         kind=parse_choice(kind, MEDIA_KINDS, names("type")) if kind is not None else None,  # type: ignore[arg-type]
+        tag=tag.strip() if tag is not None else None,
     )
 
 

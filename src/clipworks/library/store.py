@@ -13,7 +13,7 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +96,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE files ADD COLUMN orientation INTEGER;
     ALTER TABLE files ADD COLUMN duration REAL;
     ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'photo';
+    """,
+    # 4: tags a model gave each photo (``interrogate --write-tags``) with their cosine; a search filter
+    # (``--tag``) and XMP keywords read them. A photo's tags are replaced whole by each run that tags it.
+    # Tags compare without regard to ASCII case, through the index.
+    """
+    CREATE TABLE tags (
+        file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+        tag TEXT NOT NULL,
+        score REAL NOT NULL,
+        PRIMARY KEY (file_id, tag)
+    ) WITHOUT ROWID;
+    CREATE INDEX tags_tag ON tags(tag COLLATE NOCASE);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -486,6 +498,49 @@ class Store:
     def file_by_id(self, file_id: int) -> FileRow | None:
         row = self.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
         return FileRow(*row) if row else None
+
+    # -- tags --------------------------------------------------------------------------------------
+    def replace_tags(self, tags: Mapping[int, Sequence[tuple[str, float]]]) -> None:
+        """Give each file id its (tag, score) list in place of the tags it had, in one transaction."""
+        with self.write() as db:
+            db.executemany("DELETE FROM tags WHERE file_id = ?", [(i,) for i in tags])
+            db.executemany(
+                "INSERT OR REPLACE INTO tags (file_id, tag, score) VALUES (?, ?, ?)",
+                [(i, tag, float(score)) for i, pairs in tags.items() for tag, score in pairs],
+            )
+
+    def tags_of(self, ids: Iterable[int]) -> dict[int, list[tuple[str, float]]]:
+        """File id -> its (tag, score) pairs, best first; ids without tags are left out."""
+        ids = [int(i) for i in ids]
+        out: dict[int, list[tuple[str, float]]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT file_id, tag, score FROM tags WHERE file_id IN ({marks}) ORDER BY file_id, score DESC, tag",
+                chunk,
+            )
+            for file_id, tag, score in rows:
+                out.setdefault(file_id, []).append((tag, score))
+        return out
+
+    def ids_tagged(self, tag: str) -> list[int]:
+        """The present files tagged ``tag`` (ASCII case aside)."""
+        rows = self.conn.execute(
+            "SELECT t.file_id FROM tags t JOIN files f ON f.id = t.file_id "
+            "WHERE t.tag = ? COLLATE NOCASE AND f.deleted_at IS NULL",
+            (tag,),
+        )
+        return [i for (i,) in rows]
+
+    def tagged_files(self) -> list[tuple[str, list[tuple[str, float]]]]:
+        """(path, its tags best first) of every present file with tags, in path order."""
+        rows = self.conn.execute(
+            "SELECT f.id, f.path FROM files f WHERE f.deleted_at IS NULL "
+            "AND EXISTS (SELECT 1 FROM tags t WHERE t.file_id = f.id) ORDER BY f.path"
+        ).fetchall()
+        tags = self.tags_of(i for i, _ in rows)
+        return [(path, tags[i]) for i, path in rows]
 
     def follow_links(self, root: str) -> bool:
         row = self.conn.execute(f"SELECT follow_links FROM roots WHERE path = {TEXT_ARG}", (to_bytes(root),)).fetchone()

@@ -4,9 +4,10 @@ Routes (the library is ``request.app.state.clip.library``; without one every rou
 
 - ``GET /``: the page (``static/gallery.html``, no build step, nothing fetched from elsewhere);
 - ``GET /api/search?q=&k=``: text search in the library's query syntax (``+beach -people 2:cat``);
-  both searches take the filters ``after``, ``before``, ``camera``, ``folder``, ``near`` (``LAT,LON,KM``)
-  and ``type`` (photo or video), applied before ranking, ``sort`` (score or date) and paging: ``offset``,
-  or the ``next_cursor`` of the previous page as ``cursor``;
+  both searches take the filters ``after``, ``before``, ``camera``, ``folder``, ``near`` (``LAT,LON,KM``),
+  ``type`` (photo or video) and ``tag`` (stored by ``interrogate --write-tags``), applied before ranking,
+  ``sort`` (score or date) and paging: ``offset``, or the ``next_cursor`` of the previous page as ``cursor``;
+  each hit lists its stored ``tags`` with their scores;
 - ``POST /api/search``: by example, as ``?id=`` of an indexed photo (its stored vector, nothing re-encoded),
   a JSON body ``{"image": base64 | "id": n | "path": indexed path, "q": text, "k": n}``, or a multipart
   upload (``image`` file, optional ``q`` and ``k`` fields); ``q`` adds text terms to the example;
@@ -104,16 +105,19 @@ def page_options(
     folder: Annotated[str | None, Query(max_length=4096, description="Under this indexed folder.")] = None,
     near: Annotated[str | None, Query(max_length=80, description="Within KM of a point: LAT,LON,KM.")] = None,
     type: Annotated[str | None, Query(description="photo or video.")] = None,
+    tag: Annotated[
+        str | None, Query(max_length=200, description="Given this tag (`interrogate --write-tags`).")
+    ] = None,
     sort: Annotated[str, Query(description="score, or date (the same page, newest first).")] = "score",
     offset: Annotated[int, Query(ge=0, le=1_000_000, description="Skip this many of the best.")] = 0,
     cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the page before.")] = None,
 ) -> Page:
     try:
-        filters = make_filters(after=after, before=before, camera=camera, folder=folder, near=near, kind=type)
+        filters = make_filters(after=after, before=before, camera=camera, folder=folder, near=near, kind=type, tag=tag)
         parse_choice(sort, SORT_KEYS, "sort")
     except UsageError as e:
         raise HTTPException(status_code=400, detail=str(e)) from e
-    key = json.dumps([after, before, camera, folder, near, type, sort])
+    key = json.dumps([after, before, camera, folder, near, type, tag, sort])
     return Page(filters, sort, offset, cursor, key)
 
 
@@ -241,6 +245,7 @@ def ranked(library: Any, vector: np.ndarray, k: int, page: Page) -> list[dict[st
     hits = library.ranked(vector, top_k=k, filters=page.filters, offset=page.offset, sort=page.sort)
     paths = library.store.paths_of(i for i, _ in hits)
     described = library.metadata([i for i, _ in hits])
+    tags = library.tags([i for i, _ in hits])
     out = []
     for i, s in hits:
         if i in paths:
@@ -257,6 +262,7 @@ def ranked(library: Any, vector: np.ndarray, k: int, page: Page) -> list[dict[st
                     "camera": meta.camera if meta else None,
                     "position": [meta.lat, meta.lon] if meta and meta.lat is not None else None,
                     "type": meta.kind if meta else None,
+                    "tags": [{"tag": tag, "score": round(score, 6)} for tag, score in tags.get(i, [])],
                 }
             )
     return out
