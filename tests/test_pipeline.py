@@ -367,7 +367,8 @@ def test_embed_images_and_the_library_walk_find_the_same_files(tmp_path: Path, m
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    names = [f"a{ext}" for ext in sorted(image_extensions())] + ["b.HEIC", "c.avif", "d.AVIF", "e.txt", "f.mp4"]
+    # A stem per extension: a RAW beside a JPEG of its name is walked as the JPEG only (test_library_raw.py).
+    names = [f"{ext[1:]}{ext}" for ext in sorted(image_extensions())] + ["b.HEIC", "c.avif", "d.AVIF", "e.txt", "f.mp4"]
     for name in names:
         (folder / name).write_bytes(b"x")
         (folder / "sub" / name).write_bytes(b"x")

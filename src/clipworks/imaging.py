@@ -88,7 +88,7 @@ def is_raw_path(path: str | os.PathLike[str]) -> bool:
 def raw_supported() -> bool:
     """Whether rawpy is installed, so that RAW files decode (``pip install clipworks[raw]``)."""
     try:
-        import rawpy  # type: ignore[import-untyped]  # noqa: F401
+        import rawpy  # noqa: F401
     except ImportError:
         return False
     return True
@@ -266,12 +266,8 @@ def _open(
             return rgb
     except BadImage:
         raise
-    except FileNotFoundError as e:
-        raise BadImage(f"{name}: no such file; check the path") from e
-    except IsADirectoryError as e:
-        raise BadImage(f"{name}: is a directory, not an image file") from e
-    except PermissionError as e:
-        raise BadImage(f"{name}: permission denied; check the file's permissions") from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise _unopenable(name, e) from e
     except Image.DecompressionBombError as e:
         raise BadImage(f"{name}: {_one_line(e)}; raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
     except UnidentifiedImageError as e:
@@ -287,6 +283,15 @@ def _open(
         # Pillow's plugins fail on malformed files with many exception types (OSError for truncation,
         # SyntaxError, struct.error, IndexError, ZeroDivisionError ...); all mean "this file is unusable".
         raise BadImage(f"{name}: cannot decode image ({_one_line(e)}); the file may be truncated or corrupt") from e
+
+
+def _unopenable(name: str, e: OSError) -> BadImage:
+    """Why a file could not be opened at all, whatever would have decoded it."""
+    if isinstance(e, FileNotFoundError):
+        return BadImage(f"{name}: no such file; check the path")
+    if isinstance(e, IsADirectoryError):
+        return BadImage(f"{name}: is a directory, not an image file")
+    return BadImage(f"{name}: permission denied; check the file's permissions")
 
 
 def _check_pixels(name: str, w: int, h: int, limit: int | None) -> None:
@@ -320,10 +325,8 @@ def _open_raw(fp: str | io.BytesIO, name: str, draft_size: int | None, limit: in
         return Image.fromarray(rgb)
     except BadImage:
         raise
-    except FileNotFoundError as e:
-        raise BadImage(f"{name}: no such file; check the path") from e
-    except PermissionError as e:
-        raise BadImage(f"{name}: permission denied; check the file's permissions") from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise _unopenable(name, e) from e
     except Exception as e:  # LibRawError and its kin, MemoryError from a huge allocation
         detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else _one_line(e)
         raise BadImage(

@@ -172,7 +172,7 @@ def _raw_tags(path: str) -> tuple[Any, tuple[int, int] | None]:
         tags.load(head)
     size = None
     if raw_supported():
-        import rawpy  # type: ignore[import-untyped]
+        import rawpy
 
         with contextlib.suppress(Exception), rawpy.imread(path) as raw:  # opening reads no pixels
             sizes = raw.sizes
