@@ -91,7 +91,7 @@ def with_tag(written, tag: str) -> set[str]:
 def test_tag_filter_through_cli_and_api(tagged, written, capsys) -> None:
     tag = next(iter(written.values()))[0][0]
     want = with_tag(written, tag)
-    assert 0 < len(want) < len(written) or len(want) == len(written)
+    assert want  # the first photo's best tag names at least that photo
     assert (
         main(["search", "a", "photo", "--db", str(tagged["db"]), "--tag", tag.upper(), "--top-k", "50", "--json"]) == 0
     )
@@ -107,22 +107,24 @@ def test_tag_filter_through_cli_and_api(tagged, written, capsys) -> None:
 def test_gallery_hits_list_tags_and_filter_by_them(model, tagged, written, tmp_path) -> None:
     tag = next(iter(written.values()))[0][0]
     settings = ServiceSettings(tags=["dog"], tags_cache_dir=tmp_path / "tags")
-    with Library(tagged["db"], model) as library, serve_app(
-        create_app(settings, model=model, library=library, routers=[gallery.router])
-    ) as url:  # fmt: skip
-        body = httpx.get(f"{url}/api/search", params={"q": "a photo", "k": 50}).json()
+    # A generous timeout: on a loaded machine the first query waits for the text tower to load.
+    with (
+        Library(tagged["db"], model) as library,
+        serve_app(create_app(settings, model=model, library=library, routers=[gallery.router])) as url,
+        httpx.Client(timeout=120) as client,
+    ):
+        body = client.get(f"{url}/api/search", params={"q": "a photo", "k": 50}).json()
         for hit in body["results"]:
             assert [(t["tag"], t["score"]) for t in hit["tags"]] == [
                 (t, pytest.approx(s, abs=1e-6)) for t, s in sorted(written[hit["path"]], key=lambda p: -p[1])
             ]
-        r = httpx.get(f"{url}/api/search", params={"q": "a photo", "k": 2, "tag": tag})
-        first = r.json()
-        assert {h["name"] for h in first["results"]} <= with_tag(written, tag)
+        everything = client.get(f"{url}/api/search", params={"q": "a photo", "k": 50, "tag": tag.upper()}).json()
+        assert {h["name"] for h in everything["results"]} == with_tag(written, tag)
+        first = client.get(f"{url}/api/search", params={"q": "a photo", "k": 1, "tag": tag}).json()
+        assert first["next_cursor"] is not None or len(everything["results"]) == 1
         if first["next_cursor"]:  # the cursor belongs to this filter: another tag refuses it
-            other = httpx.get(
-                f"{url}/api/search", params={"q": "a photo", "k": 2, "tag": "sky", "cursor": first["next_cursor"]}
-            )
-            assert other.status_code == 400
+            params = {"q": "a photo", "k": 1, "tag": "sky", "cursor": first["next_cursor"]}
+            assert client.get(f"{url}/api/search", params=params).status_code == 400
 
 
 def subjects(xmp: Path) -> tuple[list[str], list[str], ET.Element]:
