@@ -1,8 +1,8 @@
 """Camera RAW files made by the tests: DNGs (TIFF structure, DNG 1.4 tags) holding a real photo as Bayer sensor
 data, with or without an embedded JPEG preview, which LibRaw (rawpy) then reads like a camera's.
 
-Written here rather than with pidng because pidng cannot write the preview IFD with a SubIFD (its IFD-typed
-tag fails on bytes), and a preview is what most real RAWs carry.
+Written here rather than with pidng because pidng 4.0.9 cannot write a preview IFD pointing to a SubIFD (its IFD-typed
+tag mixes str and bytes: TypeError), and a preview is what most real RAWs carry.
 """
 
 from __future__ import annotations
