@@ -1,4 +1,5 @@
-"""Helpers shared by the library tests: folders of real photos and their distinct variants."""
+"""Helpers shared by the library tests: folders of real photos, their distinct variants, and the EXIF a
+camera would have written into them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,53 @@ import shutil
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
+from PIL.TiffImagePlugin import IFDRational
+
+
+class Shot(NamedTuple):
+    name: str
+    taken: str | None  # EXIF DateTimeOriginal
+    offset: str | None  # EXIF OffsetTimeOriginal
+    position: tuple[float, float] | None
+    make: str | None
+    model: str | None
+    lens: str | None = None
+
+
+def rational(value: float) -> IFDRational:
+    return IFDRational(round(value * 10_000), 10_000)
+
+
+def dms(value: float) -> tuple[IFDRational, IFDRational, IFDRational]:
+    value = abs(value)
+    degrees, minutes = int(value), int(value * 60) % 60
+    return IFDRational(degrees, 1), IFDRational(minutes, 1), rational(value * 3600 - degrees * 3600 - minutes * 60)
+
+
+def exif_of(shot: Shot) -> Image.Exif:
+    exif = Image.Exif()
+    if shot.make:
+        exif[0x010F] = shot.make
+    if shot.model:
+        exif[0x0110] = shot.model
+    exif[0x0112] = 1
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    if shot.taken:
+        sub[0x9003] = shot.taken
+    if shot.offset:
+        sub[0x9011] = shot.offset
+    if shot.lens:
+        sub[0xA434] = shot.lens
+    if shot.position:
+        lat, lon = shot.position
+        gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        gps[1], gps[2] = ("N" if lat >= 0 else "S"), dms(lat)
+        gps[3], gps[4] = ("E" if lon >= 0 else "W"), dms(lon)
+    return exif
 
 
 def copy_photos(photos: list[Path], folder: Path) -> Path:

@@ -26,18 +26,7 @@ from clipworks.library.store import MIGRATIONS, SCHEMA_VERSION
 from clipworks.models.fingerprint import model_fingerprint
 from clipworks.service import ServiceSettings, create_app, gallery
 from conftest import serve_app
-from library_helpers import file_ids, stored_vectors
-
-
-class Shot(NamedTuple):
-    name: str
-    taken: str | None  # EXIF DateTimeOriginal
-    offset: str | None  # EXIF OffsetTimeOriginal
-    position: tuple[float, float] | None
-    make: str | None
-    model: str | None
-    lens: str | None = None
-
+from library_helpers import Shot, dms, exif_of, file_ids, stored_vectors
 
 SHOTS = [
     Shot("tokyo.jpg", "2023:07:14 18:30:05", "+09:00", (35.6586, 139.7454), "Canon", "EOS R5", "RF24-70mm F2.8 L"),
@@ -52,38 +41,6 @@ SHOTS = [
 ]
 PLAIN_MTIME = datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
 ALL = {s.name.split("/")[-1] for s in SHOTS}
-
-
-def rational(value: float) -> IFDRational:
-    return IFDRational(round(value * 10_000), 10_000)
-
-
-def dms(value: float) -> tuple[IFDRational, IFDRational, IFDRational]:
-    value = abs(value)
-    degrees, minutes = int(value), int(value * 60) % 60
-    return IFDRational(degrees, 1), IFDRational(minutes, 1), rational(value * 3600 - degrees * 3600 - minutes * 60)
-
-
-def exif_of(shot: Shot) -> Image.Exif:
-    exif = Image.Exif()
-    if shot.make:
-        exif[0x010F] = shot.make
-    if shot.model:
-        exif[0x0110] = shot.model
-    exif[0x0112] = 1
-    sub = exif.get_ifd(ExifTags.IFD.Exif)
-    if shot.taken:
-        sub[0x9003] = shot.taken
-    if shot.offset:
-        sub[0x9011] = shot.offset
-    if shot.lens:
-        sub[0xA434] = shot.lens
-    if shot.position:
-        lat, lon = shot.position
-        gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
-        gps[1], gps[2] = ("N" if lat >= 0 else "S"), dms(lat)
-        gps[3], gps[4] = ("E" if lon >= 0 else "W"), dms(lon)
-    return exif
 
 
 def write_shots(photos: list[Path], root: Path) -> Path:
