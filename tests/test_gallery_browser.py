@@ -3,7 +3,8 @@ infinite scroll), filters, the viewer (arrows, keys, date, camera, place), simil
 told in words, a transparent PNG on a checkerboard, a phone's layout and a video moment playing from its time.
 
 One browser for the module. Each state is saved as a screenshot, for a person to look at, in
-``$CLIPWORKS_SCREENSHOTS`` or a temporary folder; the run prints which."""
+``$CLIPWORKS_SCREENSHOTS`` (``screenshots/`` in the checkout is git-ignored for it) or a temporary folder; the run
+prints which."""
 
 from __future__ import annotations
 
