@@ -3,6 +3,7 @@ camera would have written into them."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import sqlite3
@@ -55,6 +56,24 @@ def exif_of(shot: Shot) -> Image.Exif:
         gps[1], gps[2] = ("N" if lat >= 0 else "S"), dms(lat)
         gps[3], gps[4] = ("E" if lon >= 0 else "W"), dms(lon)
     return exif
+
+
+def write_shots(photos: list[Path], root: Path, shots: Sequence[Shot], file_time: float | None = None) -> Path:
+    """Each shot as a real photo under ``root`` with its EXIF (the photos cycled, flipped on the second
+    round so no two files are the same); a shot without EXIF gets ``file_time`` as its mtime."""
+    for i, shot in enumerate(shots):
+        target = root / shot.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(photos[i % len(photos)]).convert("RGB")
+        if i >= len(photos):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if shot.taken or shot.make:
+            image.save(target, exif=exif_of(shot))
+        else:
+            image.save(target)
+            if file_time is not None:
+                os.utime(target, (file_time, file_time))
+    return root
 
 
 def copy_photos(photos: list[Path], folder: Path) -> Path:

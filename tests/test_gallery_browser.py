@@ -22,7 +22,7 @@ from browser_helpers import browser
 from clipworks.library import Library, make_filters
 from clipworks.service import ServiceSettings, create_app, gallery
 from conftest import serve_app
-from library_helpers import Shot, exif_of, file_ids, make_variants
+from library_helpers import Shot, exif_of, file_ids, make_variants, write_shots
 
 PARIS, TOKYO = (48.8584, 2.2945), (35.6586, 139.7454)
 # Newest first, as the timeline shows them; the copy is the same photo as the first, in another folder.
@@ -45,14 +45,7 @@ MOMENT = 1.5  # seconds into the test video
 
 def write_library_folder(photos: list[Path], root: Path) -> None:
     sources = photos[:6]
-    originals = [s for s in SHOTS if not s.name.startswith("copies/")]
-    for i, shot in enumerate(originals):
-        target = root / shot.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image = Image.open(sources[i % len(sources)]).convert("RGB")
-        if i >= len(sources):
-            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-        image.save(target, exif=exif_of(shot))
+    write_shots(sources, root, [s for s in SHOTS if not s.name.startswith("copies/")])
     (root / "copies").mkdir()
     shutil.copy(root / "2024" / "eiffel.jpg", root / "copies" / "eiffel.jpg")
     for path, taken in zip(make_variants(sources, root / "2023", 4), VARIANT_DATES, strict=True):
