@@ -1,15 +1,79 @@
-"""Helpers shared by the library tests: folders of real photos and their distinct variants."""
+"""Helpers shared by the library tests: folders of real photos, their distinct variants, and the EXIF a
+camera would have written into them."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
+from PIL.TiffImagePlugin import IFDRational
+
+
+class Shot(NamedTuple):
+    name: str
+    taken: str | None  # EXIF DateTimeOriginal
+    offset: str | None  # EXIF OffsetTimeOriginal
+    position: tuple[float, float] | None
+    make: str | None
+    model: str | None
+    lens: str | None = None
+
+
+def rational(value: float) -> IFDRational:
+    return IFDRational(round(value * 10_000), 10_000)
+
+
+def dms(value: float) -> tuple[IFDRational, IFDRational, IFDRational]:
+    value = abs(value)
+    degrees, minutes = int(value), int(value * 60) % 60
+    return IFDRational(degrees, 1), IFDRational(minutes, 1), rational(value * 3600 - degrees * 3600 - minutes * 60)
+
+
+def exif_of(shot: Shot) -> Image.Exif:
+    exif = Image.Exif()
+    if shot.make:
+        exif[0x010F] = shot.make
+    if shot.model:
+        exif[0x0110] = shot.model
+    exif[0x0112] = 1
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    if shot.taken:
+        sub[0x9003] = shot.taken
+    if shot.offset:
+        sub[0x9011] = shot.offset
+    if shot.lens:
+        sub[0xA434] = shot.lens
+    if shot.position:
+        lat, lon = shot.position
+        gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        gps[1], gps[2] = ("N" if lat >= 0 else "S"), dms(lat)
+        gps[3], gps[4] = ("E" if lon >= 0 else "W"), dms(lon)
+    return exif
+
+
+def write_shots(photos: list[Path], root: Path, shots: Sequence[Shot], file_time: float | None = None) -> Path:
+    """Each shot as a real photo under ``root`` with its EXIF (the photos cycled, flipped on the second
+    round so no two files are the same); a shot without EXIF gets ``file_time`` as its mtime."""
+    for i, shot in enumerate(shots):
+        target = root / shot.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(photos[i % len(photos)]).convert("RGB")
+        if i >= len(photos):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if shot.taken or shot.make:
+            image.save(target, exif=exif_of(shot))
+        else:
+            image.save(target)
+            if file_time is not None:
+                os.utime(target, (file_time, file_time))
+    return root
 
 
 def copy_photos(photos: list[Path], folder: Path) -> Path:

@@ -26,18 +26,7 @@ from clipworks.library.store import MIGRATIONS, SCHEMA_VERSION
 from clipworks.models.fingerprint import model_fingerprint
 from clipworks.service import ServiceSettings, create_app, gallery
 from conftest import serve_app
-from library_helpers import file_ids, stored_vectors
-
-
-class Shot(NamedTuple):
-    name: str
-    taken: str | None  # EXIF DateTimeOriginal
-    offset: str | None  # EXIF OffsetTimeOriginal
-    position: tuple[float, float] | None
-    make: str | None
-    model: str | None
-    lens: str | None = None
-
+from library_helpers import Shot, dms, exif_of, file_ids, stored_vectors, write_shots
 
 SHOTS = [
     Shot("tokyo.jpg", "2023:07:14 18:30:05", "+09:00", (35.6586, 139.7454), "Canon", "EOS R5", "RF24-70mm F2.8 L"),
@@ -54,53 +43,6 @@ PLAIN_MTIME = datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
 ALL = {s.name.split("/")[-1] for s in SHOTS}
 
 
-def rational(value: float) -> IFDRational:
-    return IFDRational(round(value * 10_000), 10_000)
-
-
-def dms(value: float) -> tuple[IFDRational, IFDRational, IFDRational]:
-    value = abs(value)
-    degrees, minutes = int(value), int(value * 60) % 60
-    return IFDRational(degrees, 1), IFDRational(minutes, 1), rational(value * 3600 - degrees * 3600 - minutes * 60)
-
-
-def exif_of(shot: Shot) -> Image.Exif:
-    exif = Image.Exif()
-    if shot.make:
-        exif[0x010F] = shot.make
-    if shot.model:
-        exif[0x0110] = shot.model
-    exif[0x0112] = 1
-    sub = exif.get_ifd(ExifTags.IFD.Exif)
-    if shot.taken:
-        sub[0x9003] = shot.taken
-    if shot.offset:
-        sub[0x9011] = shot.offset
-    if shot.lens:
-        sub[0xA434] = shot.lens
-    if shot.position:
-        lat, lon = shot.position
-        gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
-        gps[1], gps[2] = ("N" if lat >= 0 else "S"), dms(lat)
-        gps[3], gps[4] = ("E" if lon >= 0 else "W"), dms(lon)
-    return exif
-
-
-def write_shots(photos: list[Path], root: Path) -> Path:
-    for i, shot in enumerate(SHOTS):
-        target = root / shot.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image = Image.open(photos[i % len(photos)]).convert("RGB")
-        if i >= len(photos):
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if shot.taken or shot.make:
-            image.save(target, exif=exif_of(shot))
-        else:
-            image.save(target)
-            os.utime(target, (PLAIN_MTIME, PLAIN_MTIME))
-    return root
-
-
 @pytest.fixture(scope="module")
 def model(vit_bundle):
     import clipworks
@@ -110,7 +52,7 @@ def model(vit_bundle):
 
 @pytest.fixture(scope="module")
 def library(model, photos, tmp_path_factory) -> Library:
-    root = write_shots(photos, tmp_path_factory.mktemp("meta") / "photos")
+    root = write_shots(photos, tmp_path_factory.mktemp("meta") / "photos", SHOTS, PLAIN_MTIME)
     lib = Library(root.parent / "lib.db", model, create=True)
     lib.index([root], batch_size=4)
     yield lib
@@ -353,6 +295,21 @@ def test_a_filter_selects_before_ranking(library, ann) -> None:
         lib.close()
 
 
+def test_recent_lists_newest_first_pages_filters_and_counts_months(library) -> None:
+    """The timeline: no query, newest first by the wall clock where taken, paged, filtered like a search."""
+    by_id = {i: Path(p).name for p, i in file_ids(library.path).items()}
+    newest = ["paris.jpg", "tokyo.jpg", "newyork.jpg", "naive.jpg", "plain.jpg", "taveuni.jpg", "fiji.jpg"]
+    everything = library.recent(top_k=50)
+    assert [by_id[i] for i in everything] == newest
+    assert library.recent(top_k=3, offset=3) == everything[3:6]
+    canon = make_filters(camera="canon")
+    assert [by_id[i] for i in library.recent(top_k=50, filters=canon)] == ["tokyo.jpg", "taveuni.jpg", "fiji.jpg"]
+    assert library.month_counts(canon) == [("2023-07", 1), ("2019-05", 2)]
+    assert sum(n for _, n in library.month_counts()) == len(newest)
+    with pytest.raises(UsageError, match="offset"):
+        library.recent(offset=-1)
+
+
 def test_offset_pages_partition_the_ranking_and_date_sort_keeps_each_page(library) -> None:
     everything = library.search("a red fruit", top_k=50)
     pages = [library.search("a red fruit", top_k=3, offset=o) for o in range(0, len(everything), 3)]
@@ -450,7 +407,7 @@ def test_cli_folder_offset_and_date_sort(library, capsys) -> None:
 
 
 def test_migration_of_a_schema_2_library_keeps_every_row_and_vector(model, photos, tmp_path) -> None:
-    root = write_shots(photos, tmp_path / "photos").resolve()
+    root = write_shots(photos, tmp_path / "photos", SHOTS, PLAIN_MTIME).resolve()
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db)
     for script in MIGRATIONS[:2]:
@@ -498,7 +455,7 @@ def test_migration_of_a_schema_2_library_keeps_every_row_and_vector(model, photo
 
 
 def test_a_changed_photo_gets_its_metadata_read_again(model, photos, tmp_path) -> None:
-    root = write_shots(photos, tmp_path / "photos")
+    root = write_shots(photos, tmp_path / "photos", SHOTS, PLAIN_MTIME)
     lib = Library(tmp_path / "lib.db", model, create=True)
     try:
         lib.index([root])

@@ -206,17 +206,26 @@ def load_image(source: ImageSource, *, draft_size: int | None = None, max_pixels
     raise BadImage(f"{name}: unsupported image source; pass a path, bytes, a PIL image or a numpy array")
 
 
-def load_thumbnail(source: ImageSource, size: int, *, max_pixels: int | None = None) -> Image.Image:
+def load_thumbnail(
+    source: ImageSource, size: int, *, max_pixels: int | None = None, alpha: bool = False
+) -> Image.Image:
     """`source` decoded as `load_image` does (same refusals, same `max_pixels` limit checked before decoding)
     and shrunk to fit in `size` x `size` pixels, aspect ratio kept, never enlarged: a new RGB image.
 
     JPEGs decode at reduced scale (libjpeg's DCT scaling) and other formats are reduced by a whole factor
     before the final LANCZOS filter, so the cost is one decode at most and the output is for people, not
-    for models (use `decode` for those).
+    for models (use `decode` for those). With `alpha`, a file (path or bytes) with transparency comes back
+    RGBA instead: dropping alpha, as models see it, shows people whatever colour the clear pixels hold.
     """
     if not (isinstance(size, int) and size >= 1):
         raise UsageError(f"thumbnail size {size!r} must be a positive integer")
-    image = load_image(source, draft_size=size, max_pixels=max_pixels)
+    if alpha and isinstance(source, str | os.PathLike | bytes | bytearray | memoryview):
+        name = _describe(source)
+        limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+        fp = name if isinstance(source, str | os.PathLike) else io.BytesIO(source)
+        image = _open(fp, name, size, limit, path=name if isinstance(fp, str) else None, finish=_for_display)
+    else:
+        image = load_image(source, draft_size=size, max_pixels=max_pixels)
     if image is source:
         image = image.copy()  # Image.thumbnail works in place; the caller's image stays as it was
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -399,6 +408,17 @@ def _upright(im: Image.Image, *, in_place: bool) -> Image.Image:
     except Exception:
         # A damaged EXIF block should not cost the picture: show it as stored.
         return im
+
+
+def _for_display(im: Image.Image, name: str) -> Image.Image:
+    """Upright; RGBA when the image has transparency (an alpha band or a transparent palette entry), else RGB."""
+    im = _upright(im, in_place=True)
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        try:
+            return im.convert("RGBA")
+        except (ValueError, OSError):
+            pass  # a mode Pillow cannot give alpha to: shown without it, as models see it
+    return _to_rgb(im, name)
 
 
 def _to_rgb(im: Image.Image, name: str, *, scale_wide_grey: bool = True) -> Image.Image:

@@ -306,8 +306,8 @@ class Library:
             out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
         return out
 
-    def filtered_rows(self, filters: Filters) -> np.ndarray:
-        """The rows of the current search index that ``filters`` let through, ascending."""
+    def facets(self) -> Facets:
+        """The filterable metadata of the current search index's rows (loaded once per change)."""
         from clipworks.library.metadata import Facets
 
         exact = self.vectors()
@@ -315,8 +315,55 @@ class Library:
             if self._facets is None or self._facets[0] is not exact:
                 with self.store.snapshot() as db:
                     self._facets = (exact, Facets.load(db, exact.ids))
-            facets = self._facets[1]
+            return self._facets[1]
+
+    def filtered_rows(self, filters: Filters) -> np.ndarray:
+        """The rows of the current search index that ``filters`` let through, ascending."""
+        exact = self.vectors()
+        facets = self.facets()
         return filters.rows(facets, [exact.rows_of(ids) for ids in filters.chosen_ids(self.store)])
+
+    def recent(self, *, top_k: int = 50, filters: Filters | None = None, offset: int = 0) -> list[int]:
+        """File ids of the searchable photos newest first, ``offset`` to ``offset + top_k`` of those
+        ``filters`` let through: a timeline, no query needed. Capture time is compared as the wall clock
+        where each photo was taken (as date filters do), photos of one time in id order; those of unknown time last."""
+        if top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, not {top_k}")
+        if offset < 0:
+            raise UsageError(f"--offset must be 0 or more, not {offset}")
+        exact = self.vectors()
+        order = self.facets().newest_first
+        if filters:
+            keep = np.zeros(len(exact), bool)
+            keep[self.filtered_rows(filters)] = True
+            order = order[keep[order]]
+        return [int(i) for i in exact.ids[order[offset : offset + top_k]]]
+
+    def month_counts(self, filters: Filters | None = None) -> list[tuple[str, int]]:
+        """(``YYYY-MM``, photos) of each month that ``filters`` let photos through in, newest first
+        (by the wall clock where taken; photos of unknown time are not counted)."""
+        facets = self.facets()
+        local = facets.local if not filters else facets.local[self.filtered_rows(filters)]
+        local = local[np.isfinite(local)]
+        months, counts = np.unique(local.astype("datetime64[s]").astype("datetime64[M]"), return_counts=True)
+        return [(str(m), int(c)) for m, c in zip(months[::-1], counts[::-1], strict=True)]
+
+    def collapse_duplicates(self, ids: Sequence[int], threshold: float = 0.95) -> dict[int, int]:
+        """Each of ``ids`` (searchable photos, in the order shown) -> the id of the first one before it (or
+        itself) whose cosine to it is at least ``threshold``: near-duplicates fold into the first shown."""
+        from clipworks.library.search import first_near_duplicate
+
+        if not -1.0 <= threshold <= 1.0:
+            raise UsageError(f"--threshold must be a cosine between -1 and 1, not {threshold}")
+        ids = [int(i) for i in ids]
+        first = first_near_duplicate(self.vectors().vectors_of(ids), threshold)
+        return {i: ids[j] for i, j in zip(ids, first.tolist(), strict=True)}
+
+    def cameras(self) -> list[tuple[str, int]]:
+        """("make model", photos) of each camera in the library, most photos first: what ``camera`` can name."""
+        from clipworks.library.metadata import camera_counts
+
+        return camera_counts(self.store.conn)
 
     def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
         """File id -> what indexing read of that photo (ids not read yet are left out)."""

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
+from functools import cached_property
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -342,6 +343,13 @@ class Facets:
     camera: np.ndarray  # index into ``cameras``, -1 for none
     cameras: tuple[str, ...]  # each distinct "make model", lower-cased
 
+    @cached_property
+    def newest_first(self) -> np.ndarray:
+        """Every row, newest wall-clock capture time first, unknown times last; rows of one time (a copy, a
+        burst) in row order, so the first one indexed leads."""
+        rows = np.arange(len(self.local))
+        return np.lexsort((rows, -np.nan_to_num(self.local), np.isnan(self.local)))
+
     @classmethod
     def load(cls, conn: Any, ids: np.ndarray) -> Facets:
         """The facets of the files ``ids`` (ascending), read in one snapshot ``conn`` holds. The rows are
@@ -495,3 +503,13 @@ def metadata_of(conn: Any, ids: Sequence[int]) -> dict[int, Metadata]:
         )
         out.update((row[0], Metadata(*row[1:])) for row in rows)
     return out
+
+
+def camera_counts(conn: Any) -> list[tuple[str, int]]:
+    """("make model", present photos) of each camera the library's photos name, most photos first."""
+    rows = conn.execute(
+        "SELECT trim(COALESCE(make, '') || ' ' || COALESCE(model, '')) AS camera, COUNT(*) FROM files "
+        "WHERE deleted_at IS NULL AND NOT " + UNREAD + " GROUP BY camera HAVING camera != '' "
+        "ORDER BY COUNT(*) DESC, camera"
+    )
+    return [(name, count) for name, count in rows]

@@ -77,7 +77,10 @@ def parse_query(words: Sequence[str] = (), *, negatives: Sequence[str] = (), ima
         if term.weight == 0:
             raise UsageError(f"query term {term.value!r} has weight 0")
     if not any(t.weight > 0 for t in terms):
-        raise UsageError("a query needs at least one positive term (text or --image); negatives only subtract")
+        raise UsageError(
+            "a query needs at least one positive term to look for (a text or an example image); "
+            "a minus term only takes away"
+        )
     return terms
 
 
@@ -147,6 +150,14 @@ class ExactIndex:
         inside = at < len(self.ids)
         at = at[inside]
         return at[self.ids[at] == wanted[inside]]
+
+    def vectors_of(self, file_ids: Sequence[int]) -> np.ndarray:
+        """The rows of ``file_ids`` (each must have a vector here), in that order."""
+        wanted = np.asarray(file_ids, np.int64)
+        at = np.searchsorted(self.ids, wanted)
+        if len(wanted) and (at.max() >= len(self.ids) or not np.array_equal(self.ids[at], wanted)):
+            raise UsageError("some of those photos have no vector in the library: index them first")
+        return np.asarray(self.matrix[at], np.float32).reshape(len(wanted), self.matrix.shape[1])
 
     def subset_scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of ``rows`` only: gathered a block at a time when few, else read off one full product."""
@@ -290,3 +301,22 @@ def duplicate_groups(index: ExactIndex, threshold: float, block: int = 1024) -> 
     out = [[(int(index.ids[i]), float(best[i])) for i in members] for members in groups.values()]
     out.sort(key=lambda g: (-len(g), g[0][0]))
     return out
+
+
+def first_near_duplicate(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """For each row of unit ``vectors`` (in the order they are shown), the first earlier row kept as shown
+    whose cosine to it is at least ``threshold``, else the row itself. Greedy over one page (a page is a
+    few hundred rows: one small Gram matrix), unlike `duplicate_groups` over the whole library."""
+    n = len(vectors)
+    gram = vectors @ vectors.T
+    first = np.arange(n)
+    shown: list[int] = []
+    for i in range(n):
+        if shown:
+            scores = gram[i, shown]
+            best = int(np.argmax(scores))
+            if scores[best] >= threshold:
+                first[i] = shown[best]
+                continue
+        shown.append(i)
+    return first

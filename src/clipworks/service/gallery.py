@@ -3,16 +3,20 @@
 Routes (the library is ``request.app.state.clip.library``; without one every route answers 404):
 
 - ``GET /``: the page (``static/gallery.html``, no build step, nothing fetched from elsewhere);
+- ``GET /api/timeline?k=``: the most recent photos, no query needed, newest first by capture time, each
+  with its ``month`` (``YYYY-MM``) to group by; the first page also counts the photos of every month;
 - ``GET /api/search?q=&k=``: text search in the library's query syntax (``+beach -people 2:cat``);
-  both searches take the filters ``after``, ``before``, ``camera``, ``folder``, ``near`` (``LAT,LON,KM``),
-  ``type`` (photo or video) and ``tag`` (stored by ``interrogate --write-tags``), applied before ranking,
-  ``sort`` (score or date) and paging: ``offset``, or the ``next_cursor`` of the previous page as ``cursor``;
-  each hit lists its stored ``tags`` with their scores;
+  the timeline and both searches take the filters ``after``, ``before``, ``camera``, ``folder``, ``near``
+  (``LAT,LON,KM``), ``type`` (photo or video) and ``tag`` (stored by ``interrogate --write-tags``), applied
+  before ranking, ``sort`` (score or date; the timeline is always by date), ``dedupe`` (fold near-duplicates
+  of a page into the first one shown) and paging: ``offset``, or the ``next_cursor`` of the previous page as
+  ``cursor``; each hit lists its stored ``tags`` with their scores;
 - ``POST /api/search``: by example, as ``?id=`` of an indexed photo (its stored vector, nothing re-encoded),
   a JSON body ``{"image": base64 | "id": n | "path": indexed path, "q": text, "k": n}``, or a multipart
   upload (``image`` file, optional ``q`` and ``k`` fields); ``q`` adds text terms to the example;
-- ``GET /api/library``: how many photos and which model;
-- ``GET /thumb/{id}`` and ``GET /original/{id}``: a cached JPEG thumbnail and the file itself.
+- ``GET /api/library``: how many photos, which model, and the cameras and folders the filters can name;
+- ``GET /thumb/{id}`` and ``GET /original/{id}``: a cached thumbnail (JPEG; WebP keeping the alpha of an
+  image with transparency) and the file itself.
 
 Files are named by their database id only: a client never hands the server a path to read (``path`` in
 a search body is looked up in the index and refused when it is not there). A file is served only when it
@@ -31,6 +35,7 @@ import json
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NamedTuple
@@ -64,8 +69,12 @@ router = APIRouter(tags=["gallery"], default_response_class=PathsJSONResponse)
 
 PAGE = Path(__file__).with_name("static") / "gallery.html"
 NO_LIBRARY = "no photo library is served: start the server with `clipworks serve --db PATH`"
-THUMB_SIZES = (128, 256, 512)
+THUMB_SIZES = (128, 256, 512, 1600)  # 1600: the viewer's large photo, sharp on a phone's 3x screen too
+THUMB_TYPES = {".jpg": "image/jpeg", ".webp": "image/webp"}
 DEFAULT_K = 24
+TIMELINE_K = 60
+# Cosine above which two photos of one page count as the same shot (bursts, edits, copies) for ``dedupe``.
+DUPLICATE_COSINE = 0.95
 MAX_K = 500
 # A photo given as an example is one term of the query; its name here only has to be no valid text term.
 EXAMPLE = "<example>"
@@ -93,6 +102,7 @@ class Page(NamedTuple):
 
     filters: Filters
     sort: str
+    dedupe: bool
     offset: int
     cursor: str | None  # stands for an offset, in one search only (see `cursor_key`)
     key: str  # the filters and sort as asked
@@ -109,6 +119,7 @@ def page_options(
         str | None, Query(max_length=200, description="Given this tag (`interrogate --write-tags`).")
     ] = None,
     sort: Annotated[str, Query(description="score, or date (the same page, newest first).")] = "score",
+    dedupe: Annotated[bool, Query(description="Fold near-duplicates on a page into the first one shown.")] = False,
     offset: Annotated[int, Query(ge=0, le=1_000_000, description="Skip this many of the best.")] = 0,
     cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the page before.")] = None,
 ) -> Page:
@@ -117,8 +128,8 @@ def page_options(
         parse_choice(sort, SORT_KEYS, "sort")
     except UsageError as e:
         raise HTTPException(status_code=400, detail=str(e)) from e
-    key = json.dumps([after, before, camera, folder, near, type, tag, sort])
-    return Page(filters, sort, offset, cursor, key)
+    key = json.dumps([after, before, camera, folder, near, type, tag, sort, dedupe])
+    return Page(filters, sort, dedupe, offset, cursor, key)
 
 
 def cursor_key(page: Page, asked: Any, k: int) -> str:
@@ -234,38 +245,80 @@ def chunks(fh: BinaryIO, size: int) -> Iterator[bytes]:
         fh.close()
 
 
-def ranked(library: Any, vector: np.ndarray, k: int, page: Page) -> list[dict[str, Any]]:
-    """The ``k`` best photos (of the page's filters and offset) for a unit query vector, as the JSON the
-    page renders, with what indexing read of each."""
+def ranked(library: Any, vector: np.ndarray, k: int, page: Page) -> list[tuple[int, float | None]]:
+    """The ``k`` best (file id, cosine) of the page's filters and offset for a unit query vector."""
     dim = library.model_row.dim
     if vector.shape != (dim,):
         raise HTTPException(
             status_code=500, detail=f"the served model makes {vector.shape[-1]}-d vectors; the library holds {dim}-d"
         )
-    hits = library.ranked(vector, top_k=k, filters=page.filters, offset=page.offset, sort=page.sort)
-    paths = library.store.paths_of(i for i, _ in hits)
-    described = library.metadata([i for i, _ in hits])
-    tags = library.tags([i for i, _ in hits])
+    return library.ranked(vector, top_k=k, filters=page.filters, offset=page.offset, sort=page.sort)
+
+
+def recent(library: Any, k: int, page: Page) -> list[tuple[int, float | None]]:
+    """The page's ``k`` most recent photos (no score: nothing was asked)."""
+    return [(i, None) for i in library.recent(top_k=k, filters=page.filters, offset=page.offset)]
+
+
+def described(library: Any, hits: list[tuple[int, float | None]], page: Page) -> list[dict[str, Any]]:
+    """Hits as the JSON the page renders, with what indexing read of each and its stored tags; with
+    ``dedupe``, a photo whose cosine to one shown before it on the page is above `DUPLICATE_COSINE` is left
+    out and counted on that one (``duplicates``). Pages are folded one at a time: a near-duplicate on the next
+    page is shown again."""
+    ids = [i for i, _ in hits]
+    paths = library.store.paths_of(ids)
+    metadata = library.metadata(ids)
+    tags = library.tags(ids)
+    first = library.collapse_duplicates(ids, DUPLICATE_COSINE) if page.dedupe else {i: i for i in ids}
+    folded = Counter(first[i] for i in ids if first[i] != i)
     out = []
     for i, s in hits:
-        if i in paths:
-            meta = described.get(i)
+        if i in paths and first[i] == i:
+            meta = metadata.get(i)
             out.append(
                 {
                     "id": i,
                     "path": paths[i],
                     "name": os.path.basename(paths[i]),
-                    "score": round(float(s), 6),
+                    "score": None if s is None else round(float(s), 6),
                     "thumb": f"/thumb/{i}",
+                    "preview": f"/thumb/{i}?size={THUMB_SIZES[-1]}",
                     "original": f"/original/{i}",
                     "taken": meta.taken_iso() if meta else None,
+                    "month": meta.taken_iso()[:7] if meta and meta.taken_at is not None else None,
                     "camera": meta.camera if meta else None,
+                    "lens": meta.lens if meta else None,
+                    "size": [meta.width, meta.height] if meta and meta.width else None,
                     "position": [meta.lat, meta.lon] if meta and meta.lat is not None else None,
                     "type": meta.kind if meta else None,
                     "tags": [{"tag": tag, "score": round(score, 6)} for tag, score in tags.get(i, [])],
+                    "duplicates": folded.get(i, 0),
                 }
             )
     return out
+
+
+def respond(
+    library: Any, hits: list[tuple[int, float | None]], k: int, page: Page, key: str, asked: Any, t0: float
+) -> dict[str, Any]:
+    results = described(library, hits, page)
+    return {
+        "query": asked,
+        "k": k,
+        "offset": page.offset,
+        # A full page may have more after it; a short one was the last. Folded duplicates count as shown.
+        "next_cursor": encode_cursor(page.offset + k, key) if len(hits) == k else None,
+        "model": library.model_row.name,
+        "count": len(results),
+        "hidden": len(hits) - len(results),
+        "ms": round((time.perf_counter() - t0) * 1000, 2),
+        "results": results,
+    }
+
+
+def paged(page: Page, key: str) -> Page:
+    """The page with its cursor, if any, turned into the offset it stands for."""
+    return page if page.cursor is None else page._replace(offset=decode_cursor(page.cursor, key))
 
 
 async def search(
@@ -276,8 +329,7 @@ async def search(
     library = library_of(request)
     asked = asked if asked is not None else {"q": q}
     key = cursor_key(page, asked, k)
-    if page.cursor is not None:
-        page = page._replace(offset=decode_cursor(page.cursor, key))
+    page = paged(page, key)
     state = request.app.state.clip
     words = (q or "").split()
     try:
@@ -290,18 +342,8 @@ async def search(
         vector = combine_terms(terms, text_vectors, lambda _: example)  # type: ignore[arg-type,return-value]
     except UsageError as e:
         raise HTTPException(status_code=400, detail=str(e)) from e
-    results = await run_in_threadpool(ranked, library, vector, k, page)
-    return {
-        "query": asked,
-        "k": k,
-        "offset": page.offset,
-        # A full page may have more after it; a short one was the last.
-        "next_cursor": encode_cursor(page.offset + k, key) if len(results) == k else None,
-        "model": library.model_row.name,
-        "count": len(results),
-        "ms": round((time.perf_counter() - t0) * 1000, 2),
-        "results": results,
-    }
+    hits = await run_in_threadpool(ranked, library, vector, k, page)
+    return await run_in_threadpool(respond, library, hits, k, page, key, asked, t0)
 
 
 def stored_vector(library: Any, file_id: int) -> np.ndarray:
@@ -337,18 +379,26 @@ def thumbs_dir(library: Any) -> Path:
     return cache_dir() / "thumbs" / key
 
 
-def render_thumbnail(source: str, target: Path, size: int) -> None:
-    """Fit ``source`` in ``size`` px and write it as a JPEG. A file indexing refuses (over the pixel limit,
-    unreadable) is refused here too, before it is decoded: 415 with the reason."""
+def render_thumbnail(source: str, target: Path, size: int) -> Path:
+    """Fit ``source`` in ``size`` px and write it at ``target`` as a JPEG, or beside it as a WebP keeping the
+    alpha of an image with transparency (the page shows that on a checkerboard); returns the file written.
+    A file indexing refuses (over the pixel limit, unreadable) is refused here too, before it is decoded:
+    415 with the reason."""
     from clipworks.errors import BadImage
     from clipworks.imaging import load_thumbnail
 
     try:
-        image = load_thumbnail(source, size)
+        image = load_thumbnail(source, size, alpha=True)
     except BadImage as e:
         raise HTTPException(status_code=415, detail=f"no thumbnail: {e}") from e
+    if image.mode == "RGBA":
+        target = target.with_suffix(".webp")
+        with atomic_path(target) as tmp:
+            image.save(tmp, "WEBP", quality=85)
+        return target
     with atomic_path(target) as tmp:  # whole or not at all: a reader never sees half a thumbnail
         image.save(tmp, "JPEG", quality=85, optimize=True)
+    return target
 
 
 def thumbnail(library: Any, file_id: int, fh: BinaryIO, st: os.stat_result, size: int) -> Path:
@@ -356,15 +406,16 @@ def thumbnail(library: Any, file_id: int, fh: BinaryIO, st: os.stat_result, size
     gets a new one."""
     folder = thumbs_dir(library)
     target = folder / f"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}.jpg"
-    if target.is_file():
-        return target
+    for made in (target.with_suffix(suffix) for suffix in THUMB_TYPES):
+        if made.is_file():
+            return made
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        render_thumbnail(open_file_path(fh), target, size)
+        target = render_thumbnail(open_file_path(fh), target, size)
     except OSError as e:
         raise HTTPException(status_code=415, detail=f"photo {file_id} cannot be decoded for a thumbnail ({e})") from e
-    for stale in folder.glob(f"{file_id}-{size}-*.jpg"):
-        if stale != target:
+    for stale in folder.glob(f"{file_id}-{size}-*"):
+        if stale != target and stale.suffix in THUMB_TYPES:
             stale.unlink(missing_ok=True)
     return target
 
@@ -388,9 +439,32 @@ def library_info(request: Request) -> dict[str, Any]:
     """How many photos the gallery searches, and with which model."""
     library = library_of(request)
     try:
-        return {"photos": len(library.vectors()), "model": library.model_row.name}
+        return {
+            "photos": len(library.vectors()),
+            "model": library.model_row.name,
+            "cameras": [{"name": name, "count": count} for name, count in library.cameras()],
+            "folders": [root for root, _ in library.store.roots()],
+        }
     except UsageError as e:
         raise HTTPException(status_code=409, detail=str(e)) from e
+
+
+@router.get("/api/timeline")
+async def timeline(request: Request, page: PageOptions, k: TopK = TIMELINE_K) -> dict[str, Any]:
+    """The most recent photos, newest first (no query), paged; the first page counts each month's photos."""
+    t0 = time.perf_counter()
+    library = library_of(request)
+    key = cursor_key(page, {"timeline": True}, k)
+    page = paged(page, key)
+    try:
+        hits = await run_in_threadpool(recent, library, k, page)
+        body = await run_in_threadpool(respond, library, hits, k, page, key, {"timeline": True}, t0)
+        if page.offset == 0:
+            months = await run_in_threadpool(library.month_counts, page.filters)
+            body["months"] = [{"month": month, "count": count} for month, count in months]
+    except UsageError as e:
+        raise HTTPException(status_code=409, detail=str(e)) from e
+    return body
 
 
 @router.get("/api/search")
@@ -461,13 +535,13 @@ async def search_example(
     return await search(request, q, top_k, page, example=example, asked=asked)
 
 
-@router.get("/thumb/{file_id}", responses={200: {"content": {"image/jpeg": {}}}})
+@router.get("/thumb/{file_id}", responses={200: {"content": {"image/jpeg": {}, "image/webp": {}}}})
 def thumb(
     request: Request,
     file_id: FileId,
     size: Annotated[int, Query(description=f"Longest side in pixels, one of {THUMB_SIZES}.")] = 256,
 ) -> Response:
-    """A JPEG thumbnail of an indexed photo, made once and cached on disk."""
+    """A thumbnail of an indexed photo (JPEG, or WebP with alpha), made once and cached on disk."""
     if size not in THUMB_SIZES:
         raise HTTPException(status_code=422, detail=f"size must be one of {', '.join(map(str, THUMB_SIZES))}")
     library = library_of(request)
@@ -477,7 +551,8 @@ def thumb(
         headers = {"ETag": etag, "Cache-Control": "private, max-age=300"}
         if etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
-        return FileResponse(thumbnail(library, file_id, fh, st, size), media_type="image/jpeg", headers=headers)
+        made = thumbnail(library, file_id, fh, st, size)
+        return FileResponse(made, media_type=THUMB_TYPES[made.suffix], headers=headers)
 
 
 @router.get("/original/{file_id}")
