@@ -10,7 +10,7 @@ exactly what it will see.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,17 @@ DEFAULT_PROMPT_SET = "imagenet1k"
 
 @dataclass
 class CalibrationSet:
-    """``visual``: (N, 3, H, W) float32; ``textual``: (M, L) int32 token ids of ``prompts``."""
+    """``visual``: (N, 3, H, W) float32; ``textual``: (M, L) int32 token ids of ``prompts`` (after ``tokenize``)."""
 
     visual: np.ndarray
-    textual: np.ndarray
     prompts: list[str]
     images_source: str
     prompts_source: str
+    textual: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+
+    def tokenize(self, tokenizer: TextTokenizer) -> None:
+        """Token ids of the prompts from the bundle's own tokenizer, padded to the static text length."""
+        self.textual = tokenizer.encode(self.prompts, pad_to=tokenizer.context_length).astype(np.int32)
 
     def batches(self, tower: str, batch: int) -> list[np.ndarray]:
         """Samples shaped as the static graph's input: ``batch`` rows each, the last filled by repeating rows."""
@@ -47,9 +51,8 @@ class CalibrationSet:
         return out
 
 
-def build_calibration_set(
+def read_calibration_set(
     preprocess_cfg: dict[str, Any],
-    tokenizer: TextTokenizer,
     *,
     images: Sequence[Path],
     images_source: str,
@@ -57,15 +60,17 @@ def build_calibration_set(
     texts_file: Path | None = None,
     log: Callable[[str], None] = status,
 ) -> CalibrationSet:
-    """Up to ``size`` photos of ``images`` (unreadable ones skipped with a warning) and ``size`` prompts."""
+    """Up to ``size`` photos of ``images`` (unreadable ones skipped with a warning) and ``size`` prompts.
+
+    Read before the (slow) graph export, so a folder of broken photos or a missing prompt file fails at once.
+    """
     if size < 1:
         raise UsageError(f"--calib-size must be at least 1, not {size}")
     pixels = calibration_pixels(images, preprocess_cfg, limit=size, log=log)
     if len(pixels) < size:
         log(f"calibrating on {len(pixels)} photos: {images_source} has no more readable ones (asked {size})")
     prompts, prompts_source = _prompts(texts_file, size)
-    ids = tokenizer.encode(prompts, pad_to=tokenizer.context_length).astype(np.int32)
-    return CalibrationSet(pixels.astype(np.float32), ids, prompts, images_source, prompts_source)
+    return CalibrationSet(pixels.astype(np.float32), prompts, images_source, prompts_source)
 
 
 def _prompts(texts_file: Path | None, size: int) -> tuple[list[str], str]:

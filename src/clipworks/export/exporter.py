@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from clipworks.errors import ExportCheckFailed, UsageError, status
-from clipworks.export.calibration import DEFAULT_CALIBRATION_SIZE, build_calibration_set
+from clipworks.export.calibration import DEFAULT_CALIBRATION_SIZE, CalibrationSet, read_calibration_set
 from clipworks.export.graphs import DEFAULT_OPSET, export_towers
 from clipworks.export.hf_text import is_hf_tokenizer, write_hf_tokenizer_files
 from clipworks.export.optimize import optimize_towers
@@ -97,13 +97,13 @@ def export_model(
     out = Path(out).expanduser()
     log(f"loading {model} ({pretrained}) with open_clip")
     src = load_source_model(model, pretrained, seed=seed)
+    calibration = _read_calibration(src, calib_images, calib_size, calib_texts, log) if edge else None
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         report = _build(src, work, wanted, batch, opset, check_images, calib_images, fuse_attention, log, edge)
-        if edge is not None:
-            calibration = _EdgeCalibration(calib_images, calib_size, calib_texts)
+        if edge is not None and calibration is not None:
             report.checks.update(_finish_target(src, work, edge, batch or 1, calibration, compare_with, log))
         _replace_dir(work, out)
     finally:
@@ -181,11 +181,16 @@ def _build(
     return ExportReport(work, src.arch, src.pretrained, precisions, checks)
 
 
-@dataclass
-class _EdgeCalibration:
-    images: Sequence[Path] | None
-    size: int
-    texts: Path | None
+def _read_calibration(
+    src: SourceModel, images: Sequence[Path] | None, size: int, texts: Path | None, log: Callable[[str], None]
+) -> CalibrationSet:
+    if images is None:
+        log("warning: calibrating on the sample photos shipped with clipworks; pass --calib-images with photos "
+            "like the ones the device will see")  # fmt: skip
+    paths = list(images) if images is not None else sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
+    source = f"{len(paths)} given files" if images is not None else "the sample photos shipped with clipworks"
+    return read_calibration_set(src.preprocess_cfg, images=paths, images_source=source, size=size, texts_file=texts,
+                                log=log)  # fmt: skip
 
 
 def _finish_target(
@@ -193,7 +198,7 @@ def _finish_target(
     work: Path,
     edge: Target,
     batch: int,
-    calibration: _EdgeCalibration,
+    calibration: CalibrationSet,
     compare_with: Path | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -208,7 +213,7 @@ def _finish_target(
         batch=batch,
         image_size=(int(src.preprocess_cfg["size"][0]), int(src.preprocess_cfg["size"][1])),
         context_length=bundle.context_length,
-        calibration=None,  # type: ignore[arg-type]  # filled below, once the graphs passed
+        calibration=calibration,
         model_name=f"{src.arch}::{src.pretrained}",
     )
     for tower in ("visual", "textual"):
@@ -226,16 +231,7 @@ def _finish_target(
         checks["dynamic"] = compare_bundles(work, compare_with)
         log(f"check {edge.name} vs dynamic {compare_with}: max |diff| image {checks['dynamic']['visual_max_abs_diff']:.2e}, "
             f"text {checks['dynamic']['textual_max_abs_diff']:.2e} (normalised; limit {FP32_TOLERANCE:.0e})  ok")  # fmt: skip
-    tokenizer = family_for_config(src.model_config).tokenizer(bundle)
-    given = calibration.images is not None
-    images = list(calibration.images) if given else sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
-    if not given:
-        log("warning: calibrating on the sample photos shipped with clipworks; pass --calib-images with photos "
-            "like the ones the device will see")  # fmt: skip
-    job.calibration = build_calibration_set(
-        src.preprocess_cfg, tokenizer, images=images, size=calibration.size, texts_file=calibration.texts,
-        images_source=f"{len(images)} given files" if given else "the sample photos shipped with clipworks", log=log,
-    )  # fmt: skip
+    calibration.tokenize(family_for_config(src.model_config).tokenizer(bundle))
     edge.write(job)
     log(f"wrote {edge.compiler} files in {edge.name}/: see {edge.name}/COMPILE.md for the commands to run next")
     meta_path = work / "clipworks.json"
