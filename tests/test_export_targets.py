@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import MODEL_CONFIGS
 
 from clipworks.cli.main import main
 from clipworks.export.targets import ALWAYS_FORBIDDEN, TARGETS
@@ -22,6 +21,7 @@ from clipworks.imaging import PreprocessConfig, load_image, preprocess
 from clipworks.models.bundle import load_bundle
 from clipworks.models.family import family_for_config
 from clipworks.ops import l2_normalize
+from conftest import MODEL_CONFIGS
 
 CALIB_SIZE = 4  # photos and prompts in each pack: enough to read every format back, cheap to write
 PROMPTS = ["a photo of a red bicycle", "two dogs on a beach", "# a comment line, skipped", "", "a bowl of ramen"]
@@ -56,7 +56,8 @@ def exported(tmp_path_factory, calib_inputs):
             out = tmp_path_factory.mktemp("targets") / f"{model}-{target}"
             export_model(
                 str(MODEL_CONFIGS / f"{model}.json"), out, pretrained="random", precisions=("fp32",), target=target,
-                calib_images=collect_image_files([folder]), calib_size=CALIB_SIZE, calib_texts=texts, log=lambda _: None,
+                calib_images=collect_image_files([folder]), calib_size=CALIB_SIZE, calib_texts=texts,
+                log=lambda _: None,
             )  # fmt: skip
             made[model, target] = out
         return made[model, target]
@@ -241,7 +242,7 @@ def _one_error_line(err: str, *named: str) -> None:
     [
         pytest.param(["--target", "coral"], ["coral", *TARGETS], id="unknown-target"),
         pytest.param(["--target", "axera", "--calib-size", "0"], ["--calib-size"], id="calib-size-0"),
-        pytest.param(["--target", "rknn", "--calib-images", "{empty}"], ["no images found", "empty"], id="empty-folder"),
+        pytest.param(["--target", "rknn", "--calib-images", "{empty}"], ["no images", "empty"], id="empty-folder"),
         pytest.param(["--target", "axera", "--precision", "int8"], ["--precision"], id="int8-with-target"),
         pytest.param(["--calib-texts", "{tmp}/p.txt"], ["--target"], id="texts-without-target"),
     ],
@@ -249,7 +250,9 @@ def _one_error_line(err: str, *named: str) -> None:
 def test_user_errors_before_any_export_are_one_line(capsys, tmp_path, extra, named) -> None:
     (tmp_path / "empty").mkdir()
     args = [a.format(tmp=tmp_path, empty=tmp_path / "empty") for a in extra]
-    code = main(["export", str(MODEL_CONFIGS / "tiny-vit.json"), "--pretrained", "random", "-o", str(tmp_path / "o"), *args])
+    code = main(
+        ["export", str(MODEL_CONFIGS / "tiny-vit.json"), "--pretrained", "random", "-o", str(tmp_path / "o"), *args]
+    )
     _, err = capsys.readouterr()
     assert code == 2, err
     _one_error_line(err, *named)

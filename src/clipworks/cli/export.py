@@ -25,7 +25,8 @@ def export(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default: the model cache).")] = None,
     pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint path, or 'random'.")] = "openai",
     precision: Annotated[
-        str | None, typer.Option(help="Comma-separated: fp32,fp16,int8,int8-static (default fp32,int8; fp32 with --target).")
+        str | None,
+        typer.Option(help="Comma-separated: fp32,fp16,int8,int8-static (default fp32,int8; fp32 with --target)."),
     ] = None,
     batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size for static-shape runtimes.")] = "dynamic",
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer; --target sets its compiler's own).")] = 18,
@@ -35,8 +36,10 @@ def export(
     ] = None,
     calib_images: Annotated[
         Path | None,
-        typer.Option(help="Folder of your own photos to calibrate int8-static or a --target's compiler "
-                     "(default: bundled samples)."),
+        typer.Option(
+            help="Folder of your own photos to calibrate int8-static or a --target's compiler "
+            "(default: bundled samples)."
+        ),
     ] = None,
     target: Annotated[
         str | None,
@@ -49,13 +52,17 @@ def export(
     calib_size: Annotated[int, typer.Option(help="Photos and prompts in a --target's calibration pack.")] = 50,
     calib_texts: Annotated[
         Path | None,
-        typer.Option(help="File of prompts, one a line, to calibrate a --target's text tower "
-                     "(default: the shipped ImageNet class names in their prompt templates)."),
+        typer.Option(
+            help="File of prompts, one a line, to calibrate a --target's text tower "
+            "(default: the shipped ImageNet class names in their prompt templates)."
+        ),
     ] = None,
     compare_with: Annotated[
         Path | None,
-        typer.Option(help="A dynamic bundle of the same weights (a plain export) the --target graphs must match "
-                     "in ONNX Runtime within 1e-4."),
+        typer.Option(
+            help="A dynamic bundle of the same weights (a plain export) the --target graphs must match "
+            "in ONNX Runtime within 1e-4."
+        ),
     ] = None,
     fuse_attention: Annotated[
         bool,

@@ -85,5 +85,7 @@ def _prompts(texts_file: Path | None, size: int) -> tuple[list[str], str]:
     classes, templates = shipped_set(DEFAULT_PROMPT_SET)
     # Spread over the whole list (not its first `size` fish) and cycle through the templates.
     step = max(1, len(classes) // size)
-    prompts = [apply_template(templates[i % len(templates)], [classes[(i * step) % len(classes)]])[0] for i in range(size)]
+    prompts = [
+        apply_template(templates[i % len(templates)], [classes[(i * step) % len(classes)]])[0] for i in range(size)
+    ]
     return prompts, f"the shipped {DEFAULT_PROMPT_SET} class names in its prompt templates"

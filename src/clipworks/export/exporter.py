@@ -229,8 +229,9 @@ def _finish_target(
     checks: dict[str, Any] = {"target": edge.rules()}
     if compare_with is not None:
         checks["dynamic"] = compare_bundles(work, compare_with)
-        log(f"check {edge.name} vs dynamic {compare_with}: max |diff| image {checks['dynamic']['visual_max_abs_diff']:.2e}, "
-            f"text {checks['dynamic']['textual_max_abs_diff']:.2e} (normalised; limit {FP32_TOLERANCE:.0e})  ok")  # fmt: skip
+        diff = checks["dynamic"]
+        log(f"check {edge.name} vs dynamic {compare_with}: max |diff| image {diff['visual_max_abs_diff']:.2e}, "
+            f"text {diff['textual_max_abs_diff']:.2e} (normalised; limit {FP32_TOLERANCE:.0e})  ok")  # fmt: skip
     calibration.tokenize(family_for_config(src.model_config).tokenizer(bundle))
     edge.write(job)
     log(f"wrote {edge.compiler} files in {edge.name}/: see {edge.name}/COMPILE.md for the commands to run next")

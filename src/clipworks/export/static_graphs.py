@@ -127,7 +127,9 @@ def relabel_opset(graph: Any, opset: int) -> None:
         known = onnx.defs.get_schema(node.op_type, opset).attributes
         for name in [a for a in attrs if a not in known]:  # allowzero (Reshape 14), select_last_index (ArgMax 12)
             if attrs[name] != 0:
-                raise ExportCheckFailed(f"{node.name}: {node.op_type} with {name}={attrs[name]} has no opset {opset} form")
+                raise ExportCheckFailed(
+                    f"{node.name}: {node.op_type} with {name}={attrs[name]} has no opset {opset} form"
+                )
         kept = [a for a in node.attribute if a.name in known]  # newer attributes at their default value 0: dropped
         del node.attribute[:]
         node.attribute.extend(kept)

@@ -155,7 +155,8 @@ class Target:
             "checked against open_clip (1e-4 on normalised embeddings) and against this target's rules.",
             "",
             f"Calibration ({self.calibration_format}): {len(cal.visual)} photos from {cal.images_source}, "
-            f"preprocessed exactly as clipworks does at run time; {len(cal.prompts)} prompts from {cal.prompts_source}.",
+            "preprocessed exactly as clipworks does at run time; "
+            f"{len(cal.prompts)} prompts from {cal.prompts_source}.",
         ]
         if host:
             lines += ["", f"The {' and '.join(host)} tower runs on the host CPU with ONNX Runtime "
@@ -236,7 +237,8 @@ class RknnToolkit2(Target):
     opset = 17  # RKNN-Toolkit2 2.x lists its ONNX support against opset 19, LayerNormalization included
     calibration_format = "dataset_<tower>.txt listing one .npy sample per line (image samples NHWC)"
     sources = (
-        "RKNN-Toolkit2 ONNX operator list: https://github.com/airockchip/rknn-toolkit2 doc/RKNNToolKit2_OP_Support-v2.1.0.md",
+        "RKNN-Toolkit2 ONNX operator list: "
+        "https://github.com/airockchip/rknn-toolkit2 doc/RKNNToolKit2_OP_Support-v2.1.0.md",
         "npy calibration samples must be NHWC: https://github.com/rockchip-linux/rknn-toolkit/issues/421",
     )
     # Marked "Not Supported" in RKNN-Toolkit2's ONNX operator list.
@@ -290,7 +292,8 @@ class TpuMlir(Target):
     sources = (
         "TPU-MLIR user interface (model_transform, run_calibration, model_deploy): "
         "https://github.com/sophgo/tpu-mlir docs/developer_manual/source_en/03_user_interface.rst",
-        "npz/npy/image calibration folders: https://github.com/sophgo/tpu-mlir docs/quick_start/source_en/07_quantization.rst",
+        "npz/npy/image calibration folders: "
+        "https://github.com/sophgo/tpu-mlir docs/quick_start/source_en/07_quantization.rst",
     )
 
     def write_pack(self, job: TargetJob) -> None:
@@ -307,7 +310,8 @@ class TpuMlir(Target):
             cmds += [
                 f"model_transform.py --model_name clip_{t} --model_def {job.graph(t)} "
                 f"--input_shapes [[{job.dims(t, ',')}]] --mlir clip_{t}.mlir",
-                f"run_calibration.py clip_{t}.mlir --dataset calibration/{t} --input_num {count} -o clip_{t}_cali_table",
+                f"run_calibration.py clip_{t}.mlir --dataset calibration/{t} --input_num {count} "
+                f"-o clip_{t}_cali_table",
                 f"model_deploy.py --mlir clip_{t}.mlir --quantize INT8 --calibration_table clip_{t}_cali_table "
                 f"--chip bm1684x --model clip_{t}_int8.bmodel",
                 f"bmrt_test --bmodel clip_{t}_int8.bmodel   # latency at batch {job.batch}",
@@ -333,13 +337,16 @@ class HailoDfc(Target):
     )
 
     def write_pack(self, job: TargetJob) -> None:
-        job.write_bytes("calibration/visual.npy", _npy_bytes(np.ascontiguousarray(job.calibration.visual.transpose(0, 2, 3, 1))))
+        job.write_bytes(
+            "calibration/visual.npy", _npy_bytes(np.ascontiguousarray(job.calibration.visual.transpose(0, 2, 3, 1)))
+        )
 
     def next_steps(self, job: TargetJob) -> str:
         return (
             "```sh\n"
             f"hailo parser onnx {job.graph('visual')} --hw-arch hailo8   # writes model.har\n"
-            "hailo optimize model.har --hw-arch hailo8 --calib-set-path calibration/visual.npy   # model_optimized.har\n"
+            "hailo optimize model.har --hw-arch hailo8 --calib-set-path calibration/visual.npy"
+            "   # model_optimized.har\n"
             "hailo compiler model_optimized.har --hw-arch hailo8   # model.hef\n"
             "```\n(Hailo-8L: `--hw-arch hailo8l`.) The calibration set is already normalised: add no normalization "
             "layer in the model script."
@@ -415,7 +422,9 @@ class TensorRt(Target):
         return "```sh\n" + "\n".join(cmds) + "\ntrtexec --loadEngine=clip_visual.plan   # latency\n```"
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (Pulsar2(), RknnToolkit2(), TpuMlir(), HailoDfc(), HorizonBpu(), TensorRt())}
+TARGETS: dict[str, Target] = {
+    t.name: t for t in (Pulsar2(), RknnToolkit2(), TpuMlir(), HailoDfc(), HorizonBpu(), TensorRt())
+}
 
 
 def get_target(name: str) -> Target:
