@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -12,11 +13,14 @@ from typing import Any
 import numpy as np
 
 from clipworks.errors import ExportCheckFailed, UsageError, status
+from clipworks.export.calibration import DEFAULT_CALIBRATION_SIZE, CalibrationSet, read_calibration_set
 from clipworks.export.graphs import DEFAULT_OPSET, export_towers
 from clipworks.export.hf_text import is_hf_tokenizer, write_hf_tokenizer_files
 from clipworks.export.optimize import optimize_towers
 from clipworks.export.precision import COSINE_FLOORS, calibration_pixels, lower
 from clipworks.export.source import RANDOM, SourceModel, load_source_model, load_source_tokenizer
+from clipworks.export.static_graphs import export_static_towers
+from clipworks.export.targets import Target, TargetJob, get_target
 from clipworks.models.bundle import PRECISIONS, Bundle, BundleMeta, graph_relpath, write_json
 from clipworks.models.family import TextTokenizer, family_for_config
 from clipworks.ops import l2_normalize
@@ -55,6 +59,10 @@ def export_model(
     check_images: Sequence[Path] | None = None,
     calib_images: Sequence[Path] | None = None,
     fuse_attention: bool = False,
+    target: str | None = None,
+    calib_size: int = DEFAULT_CALIBRATION_SIZE,
+    calib_texts: Path | None = None,
+    compare_with: Path | None = None,
     log: Callable[[str], None] = status,
 ) -> ExportReport:
     """Export, verify against open_clip, and only then move the bundle into place at ``out``.
@@ -64,21 +72,39 @@ def export_model(
     Off by default: the plain graphs run on every runtime (Immich's providers, NPU compilers), and on an
     AVX2-only CPU the fused ones measured no faster (benchmarks/RESULTS.md, "Model graph").
     ``calib_images`` calibrate ``int8-static`` (default: the check photos).
+
+    ``target`` (``clipworks.export.targets``: axera, rknn, sophgo, hailo, horizon, tensorrt): static fp32 graphs
+    that keep that compiler's rules, plus ``out/<target>/`` with the calibration pack built from ``calib_images``
+    (``calib_size`` of them) and ``calib_texts`` (a file of prompts; default: shipped class names in templates),
+    the compiler configs and the commands to run next. ``compare_with``: a dynamic bundle of the same weights whose
+    fp32 graphs the new ones must match in ONNX Runtime within 1e-4.
     """
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise UsageError(f"unknown precision {bad[0]!r}: choose from {', '.join(PRECISIONS)}")
     if batch is not None and batch < 1:
         raise UsageError(f"--batch must be 'dynamic' or a positive integer, not {batch}")
+    edge = get_target(target) if target is not None else None
+    if edge is not None:
+        if list(precisions) not in (["fp32"], []):
+            raise UsageError(f"--target {edge.name} writes fp32 graphs: {edge.compiler} quantises them itself from "
+                             "the calibration pack; leave out --precision")  # fmt: skip
+        if calib_size < 1:
+            raise UsageError(f"--calib-size must be at least 1, not {calib_size}")
+        batch = batch or 1
+        opset = edge.opset
     wanted = ["fp32", *[p for p in precisions if p != "fp32"]]
     out = Path(out).expanduser()
     log(f"loading {model} ({pretrained}) with open_clip")
     src = load_source_model(model, pretrained, seed=seed)
+    calibration = _read_calibration(src, calib_images, calib_size, calib_texts, log) if edge else None
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        report = _build(src, work, wanted, batch, opset, check_images, calib_images, fuse_attention, log)
+        report = _build(src, work, wanted, batch, opset, check_images, calib_images, fuse_attention, log, edge)
+        if edge is not None and calibration is not None:
+            report.checks.update(_finish_target(src, work, edge, batch or 1, calibration, compare_with, log))
         _replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -97,14 +123,17 @@ def _build(
     calib_images: Sequence[Path] | None,
     fuse_attention: bool,
     log: Callable[[str], None],
+    edge: Target | None = None,
 ) -> ExportReport:
     size = tuple(src.preprocess_cfg["size"])
     context_length = int(src.model_config["text_cfg"]["context_length"])
     log(f"exporting {src.arch} to ONNX (opset {opset}, batch {batch or 'dynamic'})")
-    dynamic_text = export_towers(
-        src.model, size, context_length, work / graph_relpath("visual", "fp32"),
-        work / graph_relpath("textual", "fp32"), opset=opset, batch=batch,
-    )  # fmt: skip
+    graph_paths = (work / graph_relpath("visual", "fp32"), work / graph_relpath("textual", "fp32"))
+    if edge is not None:
+        export_static_towers(src.model, size, context_length, *graph_paths, opset=opset, batch=batch or 1)
+        dynamic_text = False
+    else:
+        dynamic_text = export_towers(src.model, size, context_length, *graph_paths, opset=opset, batch=batch)
     write_json(work / "config.json", src.model_config)
     write_json(work / "visual" / "preprocess_cfg.json", src.preprocess_cfg)
     family = family_for_config(src.model_config)
@@ -150,6 +179,107 @@ def _build(
     meta_dict["dynamic_text_length"] = dynamic_text
     write_json(work / "clipworks.json", meta_dict)
     return ExportReport(work, src.arch, src.pretrained, precisions, checks)
+
+
+def _read_calibration(
+    src: SourceModel, images: Sequence[Path] | None, size: int, texts: Path | None, log: Callable[[str], None]
+) -> CalibrationSet:
+    if images is None:
+        log("warning: calibrating on the sample photos shipped with clipworks; pass --calib-images with photos "
+            "like the ones the device will see")  # fmt: skip
+    paths = list(images) if images is not None else sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
+    source = f"{len(paths)} given files" if images is not None else "the sample photos shipped with clipworks"
+    return read_calibration_set(src.preprocess_cfg, images=paths, images_source=source, size=size, texts_file=texts,
+                                log=log)  # fmt: skip
+
+
+def _finish_target(
+    src: SourceModel,
+    work: Path,
+    edge: Target,
+    batch: int,
+    calibration: CalibrationSet,
+    compare_with: Path | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Check the static graphs against the target's rules (and a dynamic bundle), then write ``work/<target>/``."""
+    import onnx
+
+    from clipworks.models.bundle import load_bundle
+
+    bundle = load_bundle(work)
+    job = TargetJob(
+        folder=work / edge.name,
+        batch=batch,
+        image_size=(int(src.preprocess_cfg["size"][0]), int(src.preprocess_cfg["size"][1])),
+        context_length=bundle.context_length,
+        calibration=calibration,
+        model_name=f"{src.arch}::{src.pretrained}",
+    )
+    for tower in ("visual", "textual"):
+        path = work / graph_relpath(tower, "fp32")
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportCheckFailed(f"the {edge.name} {tower} graph fails onnx.checker: {str(e)[:300]}") from e
+        problems = edge.violations(onnx.load(str(path), load_external_data=False), tower, job)  # type: ignore[arg-type]
+        if problems:
+            raise ExportCheckFailed(f"the {tower} graph breaks {edge.compiler}'s rules: {'; '.join(problems)}; "
+                                    "please report the model")  # fmt: skip
+    checks: dict[str, Any] = {"target": edge.rules()}
+    if compare_with is not None:
+        checks["dynamic"] = compare_bundles(work, compare_with)
+        diff = checks["dynamic"]
+        log(f"check {edge.name} vs dynamic {compare_with}: max |diff| image {diff['visual_max_abs_diff']:.2e}, "
+            f"text {diff['textual_max_abs_diff']:.2e} (normalised; limit {FP32_TOLERANCE:.0e})  ok")  # fmt: skip
+    calibration.tokenize(family_for_config(src.model_config).tokenizer(bundle))
+    edge.write(job)
+    log(f"wrote {edge.compiler} files in {edge.name}/: see {edge.name}/COMPILE.md for the commands to run next")
+    meta_path = work / "clipworks.json"
+    meta = json.loads(meta_path.read_text())
+    meta["target"] = edge.name
+    meta["checks"].update(checks)
+    write_json(meta_path, meta)
+    return checks
+
+
+def compare_bundles(static: Path, dynamic: Path) -> dict[str, float]:
+    """Max abs difference of normalised fp32 embeddings between two bundles of the same weights, in ONNX Runtime.
+
+    Both run the check photos and prompts, at the static bundle's batch and text length (a dynamic graph takes
+    any); over ``FP32_TOLERANCE`` is an ``ExportCheckFailed``.
+    """
+    from clipworks.models.bundle import load_bundle
+    from clipworks.runtime.sessions import CpuBackend, OrtSession
+
+    a, b = load_bundle(static), load_bundle(dynamic)
+    if a.meta.source_sha256 != b.meta.source_sha256:
+        raise UsageError(f"{dynamic} was exported from other weights than this export; compare bundles of one model")
+    sessions = {
+        name: {t: OrtSession(x.graph(t, "fp32"), CpuBackend()) for t in ("visual", "textual")}  # type: ignore[arg-type]
+        for name, x in (("static", a), ("dynamic", b))
+    }
+    static_visual, static_text = sessions["static"]["visual"], sessions["static"]["textual"]
+    from clipworks.imaging import PreprocessConfig, load_image, preprocess
+
+    cfg = PreprocessConfig.from_dict(a.preprocess_cfg)
+    photos = sorted(p for p in CHECK_IMAGES.iterdir() if p.suffix == ".jpg")
+    pixels = np.stack([preprocess(load_image(p), cfg) for p in photos])
+    pixels = np.resize(pixels, (static_visual.input_shape[0], *pixels.shape[1:]))
+    tokenizer = family_for_config(a.config).tokenizer(a)
+    prompts = [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] for i in range(static_text.input_shape[0])]
+    ids = tokenizer.encode(prompts, pad_to=a.context_length)
+    result = {}
+    for tower, feed in (("visual", pixels), ("textual", ids)):
+        got = [l2_normalize(sessions[name][tower].run(feed)) for name in ("static", "dynamic")]
+        result[f"{tower}_max_abs_diff"] = float(np.abs(got[0] - got[1]).max())
+    for tower in ("visual", "textual"):
+        if not result[f"{tower}_max_abs_diff"] <= FP32_TOLERANCE:
+            raise ExportCheckFailed(
+                f"the static {tower} graph differs from the dynamic one in {dynamic} by "
+                f"{result[f'{tower}_max_abs_diff']:.2e} (limit {FP32_TOLERANCE:.0e}); please report the model"
+            )
+    return result
 
 
 def _write_tokenizer_files(source_tokenizer: Any, textual_dir: Path, context_length: int) -> None:

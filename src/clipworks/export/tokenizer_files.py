@@ -7,6 +7,7 @@ Here, under ``export/``, because it reads open_clip's own vocabulary tables; the
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,10 @@ def write_tokenizer_files(textual_dir: Path, context_length: int = 77) -> None:
             f"writing tokenizer files needs open_clip ({e.name} is not installed): "
             "pip install 'clipworks[export]', or pull a ready bundle with `clipworks models pull`"
         ) from e
-    # open_clip's own tables, so the ids are its ids by construction; only the special names are renamed.
-    simple = SimpleTokenizer()
-    rename = {OPEN_CLIP_SOT: SOT, OPEN_CLIP_EOT: EOT}
-    vocab = {rename.get(token, token): token_id for token, token_id in simple.encoder.items()}
-    merges = [f"{a} {b}" for (a, b), _ in sorted(simple.bpe_ranks.items(), key=lambda item: item[1])]
-    if vocab.get(SOT) != simple.sot_token_id or vocab.get(EOT) != simple.eot_token_id:
-        raise ClipworksError(f"open_clip's tokenizer has unexpected special tokens: {simple.all_special_ids}")
-
+    del SimpleTokenizer  # imported above only to fail early with the install hint
     textual_dir = Path(textual_dir)
     textual_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(textual_dir / "tokenizer.json", _tokenizer_json(vocab, merges, vocab[SOT], vocab[EOT]))
+    (textual_dir / "tokenizer.json").write_text(_tokenizer_json_text(), encoding="utf-8")
     special = {name: _added_token(content) for name, content in (("bos", SOT), ("eos", EOT), ("unk", EOT))}
     _write_json(
         textual_dir / "tokenizer_config.json",
@@ -57,6 +51,22 @@ def write_tokenizer_files(textual_dir: Path, context_length: int = 77) -> None:
     )
     special_map = {"bos_token": special["bos"], "eos_token": special["eos"], "pad_token": EOT}
     _write_json(textual_dir / "special_tokens_map.json", {**special_map, "unk_token": special["unk"]})
+
+
+@cache
+def _tokenizer_json_text() -> str:
+    """``tokenizer.json``'s text, built once a process: the vocabulary is open_clip's, the same for every export
+    (building and writing its 49,408 entries and merges cost seconds each time)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    # open_clip's own tables, so the ids are its ids by construction; only the special names are renamed.
+    simple = SimpleTokenizer()
+    rename = {OPEN_CLIP_SOT: SOT, OPEN_CLIP_EOT: EOT}
+    vocab = {rename.get(token, token): token_id for token, token_id in simple.encoder.items()}
+    merges = [f"{a} {b}" for (a, b), _ in sorted(simple.bpe_ranks.items(), key=lambda item: item[1])]
+    if vocab.get(SOT) != simple.sot_token_id or vocab.get(EOT) != simple.eot_token_id:
+        raise ClipworksError(f"open_clip's tokenizer has unexpected special tokens: {simple.all_special_ids}")
+    return json.dumps(_tokenizer_json(vocab, merges, vocab[SOT], vocab[EOT]), indent=2, ensure_ascii=False) + "\n"
 
 
 def _added_token(content: str) -> dict[str, Any]:
