@@ -4,8 +4,11 @@
 
     lib = Library("library.db", model="ViT-B-32::openai", create=True)
     lib.index(["~/Pictures"])
-    lib.search("beach -people", top_k=20)   # [Hit(path, score), ...], highest cosine first
+    lib.search("beach -people", top_k=20)   # [Hit(path, score, time), ...], highest cosine first
     lib.search("beach", filters=make_filters(after="2024-06-01", camera="pixel"), offset=20)
+
+A video is searched as its moments (`clipworks.library.videos`): a hit in one has the video's path and
+``time``, the seconds into it; a photo's ``time`` is None.
 
 Reads are thread-safe: every thread gets its own SQLite connection, and the cached matrix is swapped
 whole when the database's generation changes (another process indexing, say).
@@ -49,8 +52,10 @@ class LibraryStatus:
     deleted: int  # gone from disk
     excluded: int  # still on disk but matched by an exclude now: out of search, row and vectors kept
     errors: list[tuple[str, str]]
-    models: list[tuple[ModelRow, int, int]]  # (model, vectors of present files, files waiting for one)
+    models: list[tuple[ModelRow, int, int]]  # (model, vectors of present files and moments, files waiting)
     search_index: str = "exact"  # what answers queries, in words
+    videos: int = 0  # present videos
+    moments: int = 0  # their moments, over all models
 
 
 class Library:
@@ -79,7 +84,8 @@ class Library:
         self.ann_mode: AnnMode = ann
         self.ann_dtype: AnnDtype = ann_dtype
         self._ann: tuple[tuple[int, int], AnnIndex] | None = None
-        self._facets: tuple[ExactIndex, Facets] | None = None  # the filterable metadata of that index's rows
+        # The filterable metadata of that index's rows, and the file of each row.
+        self._facets: tuple[ExactIndex, Facets, np.ndarray] | None = None
 
         self.path = Path(db).expanduser() if db is not None else db_path()
         self._model_arg = model
@@ -229,6 +235,10 @@ class Library:
         return combine_terms(terms, text_vectors, self.image_vector)
 
     def image_vector(self, path: str | Path) -> np.ndarray:
+        from clipworks.video.frames import is_video
+
+        if is_video(path):
+            raise UsageError(f"{path} is a video: search by a photo, or find its moments by text")
         row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
         if row is not None:
             stored = self.store.vector(self.model_row, row.id)
@@ -250,7 +260,7 @@ class Library:
         offset: int = 0,
         sort: SortKey = "score",
     ) -> list[Hit]:
-        """Ranked (path, cosine) hits for a text query (``"beach -people 2:sunset"``), images, or both.
+        """Ranked (path, cosine, time) hits for a text query (``"beach -people 2:sunset"``), images, or both.
 
         ``filters`` (`metadata.make_filters`) choose the photos before they are ranked; ``offset`` skips
         that many of the best (the next page); ``sort="date"`` shows the page newest first (see `ranked`)."""
@@ -272,8 +282,8 @@ class Library:
     ) -> list[Hit]:
         ranked = self.ranked(vector, top_k=top_k, threshold=threshold, exclude=exclude, filters=filters,
                              offset=offset, sort=sort)  # fmt: skip
-        names = self.store.paths_of(i for i, _ in ranked)
-        return [Hit(names[i], s) for i, s in ranked if i in names]
+        found = self.store.targets(self.model_row, (i for i, _ in ranked))
+        return [Hit(found[i].path, s, found[i].time) for i, s in ranked if i in found]
 
     def ranked(
         self,
@@ -286,7 +296,8 @@ class Library:
         offset: int = 0,
         sort: SortKey = "score",
     ) -> list[tuple[int, float]]:
-        """(file id, cosine) of the photos ranked ``offset`` to ``offset + top_k`` by score among those
+        """(search key, cosine) of the photos and video moments ranked ``offset`` to ``offset + top_k`` by
+        score (a key is a photo's file id, or a moment: see `store.files_of`) among those
         ``filters`` let through (chosen in SQL first, then ranked: never the top hits thinned out).
         ``sort="date"`` orders that page by capture time, newest first (photos of unknown time last), so
         pages still follow the ranking and together list each match once."""
@@ -302,21 +313,31 @@ class Library:
         ids, scores = searcher.top_k(vector, offset + top_k, threshold, exclude, rows)
         out = [(int(i), float(s)) for i, s in zip(ids[offset:], scores[offset:], strict=True)]
         if sort == "date":
-            taken = {i: m.local_time for i, m in self.metadata([i for i, _ in out]).items()}
+            from clipworks.library.store import files_of
+
+            keys = [i for i, _ in out]
+            files = dict(zip(keys, files_of(np.asarray(keys, np.int64)).tolist(), strict=True))
+            times = {i: m.local_time for i, m in self.metadata(list(files.values())).items()}
+            taken = {key: times.get(file_id) for key, file_id in files.items()}
             out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
         return out
 
     def filtered_rows(self, filters: Filters) -> np.ndarray:
-        """The rows of the current search index that ``filters`` let through, ascending."""
+        """The rows of the current search index that ``filters`` let through, ascending. A video's moments
+        are filtered by the video's metadata."""
         from clipworks.library.metadata import Facets
+        from clipworks.library.store import files_of
 
         exact = self.vectors()
         with self._lock:
             if self._facets is None or self._facets[0] is not exact:
+                files = files_of(exact.ids)
                 with self.store.snapshot() as db:
-                    self._facets = (exact, Facets.load(db, exact.ids))
-            facets = self._facets[1]
-        folder_rows = exact.rows_of(filters.folder_ids(self.store.conn)) if filters.folder is not None else None
+                    self._facets = (exact, Facets.load(db, files), files)
+            _, facets, files = self._facets
+        folder_rows = None
+        if filters.folder is not None:
+            folder_rows = np.flatnonzero(np.isin(files, np.asarray(filters.folder_ids(self.store.conn), np.int64)))
         return filters.rows(facets, folder_rows)
 
     def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
@@ -342,12 +363,15 @@ class Library:
                                   filters=filters, offset=offset, sort=sort)  # fmt: skip
 
     def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
-        """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``)."""
+        """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``). Video moments
+        are left out: the moments of one shot are alike by nature, not copies."""
         from clipworks.library.search import duplicate_groups
 
         if not -1.0 <= threshold <= 1.0:
             raise UsageError(f"--threshold must be a cosine between -1 and 1, not {threshold}")
-        groups = duplicate_groups(self.vectors(), threshold)
+        exact = self.vectors()
+        photos = int(np.searchsorted(exact.ids, 1))  # moment keys are negative: they sort first
+        groups = duplicate_groups(ExactIndex(exact.ids[photos:], exact.matrix[photos:]), threshold)
         names = self.store.paths_of(i for g in groups for i, _ in g)
         return [[Hit(names[i], s) for i, s in g] for g in groups]
 
@@ -386,11 +410,16 @@ class Library:
             models = []
             for row in store.models():
                 vectors = db.execute(
-                    "SELECT COUNT(*) FROM embeddings e JOIN files f ON f.id = e.file_id "
-                    "WHERE e.model_id = ? AND f.deleted_at IS NULL",
+                    "SELECT (SELECT COUNT(*) FROM embeddings e JOIN files f ON f.id = e.file_id "
+                    "WHERE e.model_id = ?1 AND f.deleted_at IS NULL) + (SELECT COUNT(*) FROM moments m "
+                    "JOIN files f ON f.id = m.file_id WHERE m.model_id = ?1 AND f.deleted_at IS NULL)",
                     (row.id,),
                 ).fetchone()[0]
                 models.append((row, vectors, len(pending(store, row, [r for r, _, _ in roots]))))
+            videos, moments = db.execute(
+                "SELECT COUNT(*), coalesce(SUM((SELECT COUNT(*) FROM moments m WHERE m.file_id = f.id)), 0) "
+                "FROM files f WHERE f.deleted_at IS NULL AND f.kind = 'video'"
+            ).fetchone()
         return LibraryStatus(
             self.path,
             store.version,
@@ -401,6 +430,8 @@ class Library:
             errors,
             models,
             self._search_index_summary(models),
+            videos,
+            moments,
         )
 
     def _search_index_summary(self, models: list[tuple[ModelRow, int, int]]) -> str:
