@@ -194,9 +194,9 @@ def test_thumbnail_made_once_then_cached(client, library, cache_home, monkeypatc
     made: list[int] = []
     render = gallery.render_thumbnail
 
-    def counting(source, target, size):  # type: ignore[no-untyped-def]
+    def counting(source, target, size, at=None):  # type: ignore[no-untyped-def]
         made.append(size)
-        render(source, target, size)
+        render(source, target, size, at)
 
     monkeypatch.setattr(gallery, "render_thumbnail", counting)
     path, file_id = next(iter(ids_of(library).items()))
@@ -275,7 +275,7 @@ def test_page_and_library_info(client, library) -> None:
     assert 'id="q"' in r.text and "/api/search" in r.text
     assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from elsewhere
     info = client.get("/api/library").json()
-    assert info == {"photos": len(ids_of(library)), "model": library.model_row.name}
+    assert info == {"photos": len(ids_of(library)), "moments": 0, "model": library.model_row.name}
 
 
 def test_api_key_applies_to_the_gallery(model, library, tmp_path) -> None:

@@ -215,6 +215,32 @@ def iter_frames(path: str | Path, sampling: Sampling | None = None, *, threads: 
         container.close()
 
 
+def frame_at(path: str | Path, seconds: float) -> Any:
+    """The frame shown ``seconds`` into the video (times as `iter_frames` gives them), as a PIL image: a
+    seek to the key frame before it, then decoding up to it. Past the end, the last frame."""
+    import av
+
+    path = Path(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        start = _start(container)
+        target = Fraction(seconds).limit_denominator(1_000_000) + start
+        container.seek(max(0, int(target / stream.time_base)), stream=stream, backward=True)
+        shown = None
+        for frame in container.decode(stream):
+            if shown is not None and frame.pts is not None and frame.pts * stream.time_base > target:
+                break
+            shown = frame
+        if shown is None:
+            raise BadVideo(f"{path} holds no frame at {seconds} s")
+        return shown.to_image()
+    except av.error.FFmpegError as e:
+        raise BadVideo(f"{path}: decoding failed ({_one_line(e)})") from e
+    finally:
+        container.close()
+
+
 def _start(container: Any) -> Fraction:
     # The ffmpeg command line shifts timestamps so that the file starts at 0 (no -copyts).
     return Fraction(container.start_time or 0, 1_000_000)
