@@ -1,6 +1,10 @@
 """Vectors in and out of the library: Sophgo ``embeddings.pkl``, ``.npy`` + paths, Parquet, and the
 ``ClipItems`` SQLite table of D-Robotics' (Horizon Robotics') hobot_clip ROS node ``clip_manage`` (image
-rows ``type=1``, ``url`` the path, ``feature`` 512 raw native float32)."""
+rows ``type=1``, ``url`` the path, ``feature`` 512 raw native float32).
+
+A video moment is exported as ``video.mp4#t=SECONDS`` (a media-fragment URI, what a player starts at), with
+the seconds also in Parquet's ``time`` column; a ClipItems database gets photos only, since clip_manage
+shows every row as an image."""
 
 from __future__ import annotations
 
@@ -71,13 +75,20 @@ def export_vectors(store: Store, model: ModelRow, out: str | Path, fmt: str | No
     elif out.suffix.lower() != f".{kind}":
         raise UsageError(f"--format {kind} writes a .{kind} file; name the output {out.with_suffix('.' + kind)}")
     with store.snapshot():
-        ids, matrix = store.live_vectors(model)
-        names = store.paths_of(ids)
-        described = metadata_of(store.conn, ids) if kind == "parquet" else {}
-    paths = [names[int(i)] for i in ids]
+        keys, matrix = store.live_vectors(model)
+        if kind == "clipitems":
+            photos = int(np.searchsorted(keys, 1))  # moment keys are negative: they sort first
+            keys, matrix = keys[photos:], matrix[photos:]
+        found = store.targets(model, keys)
+        described = metadata_of(store.conn, [t.file_id for t in found.values()]) if kind == "parquet" else {}
+    targets = [found[int(k)] for k in keys]
+    paths = [t.path if t.time is None else f"{t.path}#t={t.time:.3f}" for t in targets]
     if kind == "clipitems":
         return write_clipitems(out, paths, matrix)
-    columns = metadata_columns(paths, [described.get(int(i)) for i in ids]) if kind == "parquet" else None
+    columns = None
+    if kind == "parquet":
+        columns = metadata_columns([t.path for t in targets], [described.get(t.file_id) for t in targets])
+        columns["time"] = [t.time for t in targets]
     return ExportReport(len(paths), write_embeddings(out, paths, matrix, columns))
 
 

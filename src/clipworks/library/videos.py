@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clipworks.display import one_line, quote_path
+from clipworks.display import one_line
 from clipworks.errors import BadImage, UsageError
 from clipworks.library.indexer import IndexReport, read_file_facts
 from clipworks.library.metadata import UPDATE_METADATA
@@ -82,7 +82,8 @@ def embed_videos(
                     )
                 report.failed += 1
                 report.failures.append((path, str(e)))
-                bar.write(f"warning: skipped {quote_path(path)}: {one_line(str(e))}", file=sys.stderr)
+                # Both errors name the file already.
+                bar.write(f"warning: skipped {one_line(str(e))}", file=sys.stderr)
                 bar.update(1)
                 continue
             with store.write() as db:
