@@ -246,3 +246,66 @@ def test_gallery_serves_videos_with_byte_ranges(client, library, media) -> None:
     broken = file_of(library, "broken.mp4")
     for url in (f"/original/{broken}", "/original/999999", "/original/..%2F..%2Fetc%2Fpasswd", "/original/-1"):
         assert client.get(url).status_code in (404, 422), url
+
+
+def test_video_files_change_honestly(model, tmp_path, capsys) -> None:
+    """Unchanged: no work. Copied or moved: moments follow without sampling. Changed: replaced. Another
+    --video-every: sampled again. Removed: out of search. Corrupt: named on one line, the rest indexed."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    video = make_video(root / "a.mp4", [(RED, CUT_AT), (BLUE, 6.0 - CUT_AT)])
+    db = tmp_path / "lib.db"
+    with Library(db, model, create=True) as lib:
+        assert lib.index([root]).moments == 4  # the default: every 2 s, and the cut
+        again = lib.index([root])
+        assert (again.unchanged, again.embedded, again.moments) == (1, 0, 0)
+
+        shutil.copy(video, root / "copy.mp4")
+        copied = lib.index([root])
+        assert (copied.copied, copied.embedded) == (1, 0)
+        assert moments_of(db)["copy.mp4"] == moments_of(db)["a.mp4"] == [0.0, 2.0, CUT_AT, 4.0]
+        (root / "copy.mp4").rename(root / "moved.mp4")
+        moved = lib.index([root])
+        assert (moved.moved, moved.embedded) == (1, 0) and "moved.mp4" in moments_of(db)
+
+        make_video(video, [(GREEN, 1.0), (RED, 1.5)])  # edited: a new cut, shorter
+        changed = lib.index([root])
+        assert (changed.changed, changed.embedded, changed.moments) == (1, 1, 3)
+        assert moments_of(db)["a.mp4"] == [0.0, 1.0, 2.0]
+        assert lib.metadata([lib.store.file_by_path(str(video)).id])[
+            lib.store.file_by_path(str(video)).id
+        ].duration == (pytest.approx(2.5, abs=0.15))
+
+        resampled = lib.index([root], video_every=1.0)
+        assert (resampled.embedded, resampled.moments) == (2, 3 + 7)  # a.mp4: 0, 1 (also its cut), 2; moved: 0-5 + cut
+        assert moments_of(db)["moved.mp4"] == [0.0, 1.0, 2.0, 3.0, CUT_AT, 4.0, 5.0]
+        assert lib.index([root], video_every=1.0).embedded == 0
+
+        (root / "moved.mp4").unlink()
+        removed = lib.index([root])
+        assert removed.deleted == 1 and set(moments_of(db)) == {"a.mp4"}
+        assert {Path(h.path).name for h in lib.search("x", top_k=50)} == {"a.mp4"}
+
+    (root / "bad.mov").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)  # a header, then garbage
+    Image.new("RGB", (40, 30), RED).save(root / "red.png")
+    assert main(["index", "add", str(root), "--db", str(db), "--model", str(model.bundle.root)]) == 0
+    err = capsys.readouterr().err
+    [warning] = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert str(root / "bad.mov") in warning and "1 failed" in err and "1 embedded" in err
+    with Library(db) as lib:
+        assert {Path(h.path).name for h in lib.search("x", top_k=50)} == {"a.mp4", "red.png"}
+        assert moments_of(db)["a.mp4"] == [0.0, 1.0, 2.0]  # nothing stored was lost
+    assert main(["index", "add", str(root), "--db", str(db), "--video-every", "0"]) != 0
+    assert "--video-every must be at least" in capsys.readouterr().err
+
+
+def test_moments_of_a_real_clip_follow_the_interval_and_ignore_an_exposure_jump(test_data) -> None:
+    """ActivityNet's dog-walk clip has no cut; its camera's exposure jumps at 10.27 s (histogram distance
+    0.27): below `CUT_THRESHOLD`, so only the regular moments are taken."""
+    from clipworks.video.frames import Moments, Sampling, iter_frames
+
+    clip = test_data / "videos" / "v_ZNVhz7ctTq0.mp4"
+    times = [f.timestamp_ms / 1000 for f in iter_frames(clip, Sampling(None, 0.0, moments=Moments(2.0)))]
+    assert times == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
+    lower = [f.timestamp_ms / 1000 for f in iter_frames(clip, Sampling(None, 0.0, moments=Moments(5.0, 0.2)))]
+    assert lower == [0.0, 5.0, 10.0, pytest.approx(10.267, abs=1e-3)]  # a lower threshold takes the jump

@@ -40,7 +40,8 @@ VIDEO_EXTENSIONS = frozenset(
 CUT_THRESHOLD = 0.4
 CUT_SIDE = 32
 CUT_BINS = 16
-# A flash or a strobe changes every frame: at most one shot-change moment per this many seconds.
+# A flash or a strobe changes every frame: at most one shot-change moment per this many seconds (a regular
+# moment just before a cut still shows the shot before it, so it does not count).
 MIN_CUT_GAP_S = 0.5
 
 
@@ -279,7 +280,7 @@ def _moments(container: Any, stream: Any, policy: Moments) -> Iterator[SampledFr
     """One pass over every decoded frame: a moment at each ``every_s`` slot and at each shot change."""
     index = 0
     next_slot = 0.0
-    last_taken = -math.inf
+    last_cut = -math.inf
     previous: np.ndarray | None = None
     for seen in _every_frame_presented(container, stream):
         t = seen.timestamp_ms / 1000
@@ -287,13 +288,13 @@ def _moments(container: Any, stream: Any, policy: Moments) -> Iterator[SampledFr
         if policy.cut_threshold is not None:
             histogram = colour_histogram(seen.frame)
             cut = previous is not None and shot_change(previous, histogram) >= policy.cut_threshold
-            cut = cut and t - last_taken >= MIN_CUT_GAP_S
+            cut = cut and t - last_cut >= MIN_CUT_GAP_S
             previous = histogram
         regular = t >= next_slot - 1e-9  # a frame on the slot, give or take float rounding of its time
         if regular or cut:
             yield SampledFrame(index, seen.timestamp_ms, seen.frame)
             index += 1
-            last_taken = t
+            last_cut = t if cut else last_cut
         if regular:
             next_slot = (math.floor(t / policy.every_s + 1e-9) + 1) * policy.every_s
 
