@@ -272,9 +272,8 @@ def test_video_files_change_honestly(model, tmp_path, capsys) -> None:
         changed = lib.index([root])
         assert (changed.changed, changed.embedded, changed.moments) == (1, 1, 3)
         assert moments_of(db)["a.mp4"] == [0.0, 1.0, 2.0]
-        assert lib.metadata([lib.store.file_by_path(str(video)).id])[
-            lib.store.file_by_path(str(video)).id
-        ].duration == (pytest.approx(2.5, abs=0.15))
+        edited = lib.store.file_by_path(str(video)).id
+        assert lib.metadata([edited])[edited].duration == pytest.approx(2.5, abs=0.15)
 
         resampled = lib.index([root], video_every=1.0)
         assert (resampled.embedded, resampled.moments) == (2, 3 + 7)  # a.mp4: 0, 1 (also its cut), 2; moved: 0-5 + cut
