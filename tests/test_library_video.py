@@ -193,6 +193,27 @@ def test_cli_search_status_duplicates_with_videos(library, blue_photo, capsys) -
     assert "is a video" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", [".pkl", ".parquet"])
+def test_export_and_import_keep_moments(library, blue_photo, tmp_path, suffix) -> None:
+    """Moments leave as ``video#t=SECONDS`` (Parquet also has ``time``) and come back as moments."""
+    out = tmp_path / f"vectors{suffix}"
+    assert library.export(out).count == 3 + 6
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out).to_pydict()
+        rows = {(Path(p).name, t) for p, t in zip(table["path"], table["time"], strict=True)}
+        assert ("cut.mp4#t=3.300", CUT_AT) in rows and ("baboon.jpg", None) in rows
+    with Library(tmp_path / "copy.db", library.clip, create=True) as copy:
+        assert copy.import_file(out).imported == 3 + 6
+        want = library.search(images=[blue_photo], top_k=20)
+        got = copy.search(images=[blue_photo], top_k=20)
+        assert places(got) == places(want) and [h.score for h in got] == pytest.approx([h.score for h in want])
+        assert places(copy.search(images=[blue_photo], top_k=20, filters=make_filters(kind="video"))) == [
+            p for p in places(want) if p[1] is not None
+        ]
+
+
 @pytest.fixture(scope="module")
 def client(model, library, tmp_path_factory):
     settings = ServiceSettings(tags=["dog"], tags_cache_dir=tmp_path_factory.mktemp("tags"))
