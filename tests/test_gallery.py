@@ -193,9 +193,9 @@ def test_thumbnail_made_once_then_cached(client, library, cache_home, monkeypatc
     made: list[int] = []
     render = gallery.render_thumbnail
 
-    def counting(source, target, size):  # type: ignore[no-untyped-def]
+    def counting(source, target, size, at=None):  # type: ignore[no-untyped-def]
         made.append(size)
-        return render(source, target, size)
+        return render(source, target, size, at)
 
     monkeypatch.setattr(gallery, "render_thumbnail", counting)
     path, file_id = next(iter(ids_of(library).items()))
@@ -274,7 +274,7 @@ def test_page_and_library_info(client, library) -> None:
     assert 'id="q"' in r.text and "/api/search" in r.text
     assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from elsewhere
     info = client.get("/api/library").json()
-    assert (info["photos"], info["model"]) == (len(ids_of(library)), library.model_row.name)
+    assert (info["photos"], info["moments"], info["model"]) == (len(ids_of(library)), 0, library.model_row.name)
     assert info["folders"] == [root for root, _ in library.store.roots()]
 
 

@@ -363,7 +363,7 @@ def test_cli_index_search_results_similar_duplicates(tmp_path: Path, folder: Pat
 
     assert main(["search", "a", "dog", "-people", "--not", "cars", *base, "--top-k", "5", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == 5 and set(hits[0]) == {"path", "score"}
+    assert len(hits) == 5 and set(hits[0]) == {"path", "score", "time"} and hits[0]["time"] is None
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
     results = tmp_path / "results"

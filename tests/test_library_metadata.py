@@ -322,8 +322,8 @@ def test_offset_pages_partition_the_ranking_and_date_sort_keeps_each_page(librar
 
 
 def test_type_video_selects_rows_marked_video(library, tmp_path) -> None:
-    """Videos are not walked yet; a row marked as one (as a video indexer will write it) is what
-    ``type=video`` selects, and ``type=photo`` leaves out."""
+    """The stored kind is what ``type=video`` selects and ``type=photo`` leaves out (videos indexed as moments
+    are in test_library_video.py)."""
     db = tmp_path / "copy.db"
     conn = sqlite3.connect(db)
     with sqlite3.connect(library.path) as source:

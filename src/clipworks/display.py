@@ -43,3 +43,13 @@ def one_line(message: str) -> str:
     if message.isprintable():
         return message
     return _escaped(message, {c: e for c, e in _NAMED.items() if c in "\n\t\r"})
+
+
+def clock(seconds: float, *, decimals: int = 1, hour_digits: int = 2) -> str:
+    """A position in a video the way players show it: ``00:01:23.4`` (``decimals`` digits of seconds)."""
+    scale = 10**decimals
+    units = round(seconds * scale)
+    hours, rest = divmod(units, 3600 * scale)
+    minutes, rest = divmod(rest, 60 * scale)
+    width = 3 + decimals if decimals else 2
+    return f"{hours:0{hour_digits}d}:{minutes:02d}:{rest / scale:0{width}.{decimals}f}"

@@ -10,7 +10,7 @@ import typer
 
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info
 
-app = typer.Typer(help="Index folders of photos into a searchable SQLite library.", no_args_is_help=True)
+app = typer.Typer(help="Index folders of photos and videos into a searchable SQLite library.", no_args_is_help=True)
 
 DbOpt = Annotated[
     Path | None,
@@ -49,7 +49,7 @@ def open_library(db: Path | None, model: str | None, *, create: bool = False, ne
 
 @app.command()
 def add(
-    folders: Annotated[list[Path], typer.Argument(help="Folders of photos (searched recursively).")],
+    folders: Annotated[list[Path], typer.Argument(help="Folders of photos and videos (searched recursively).")],
     db: DbOpt = None,
     exclude: Annotated[
         list[str] | None,
@@ -71,18 +71,28 @@ def add(
     threads: ThreadsOpt = None,
     ann: AnnOpt = "auto",
     ann_dtype: AnnDtypeOpt = "f16",
+    video_every: Annotated[
+        float | None,
+        typer.Option(
+            "--video-every",
+            help="Seconds between the moments taken from each video, besides one at every shot change "
+            "(default 2 for new videos; given, videos sampled at another interval are sampled again). "
+            "Leave videos out with --exclude '*.mp4'.",
+        ),
+    ] = None,
 ) -> None:
-    """Add folders to the library, or bring them up to date: only new and changed files are embedded."""
+    """Add folders to the library, or bring them up to date: only new and changed files are embedded. A photo
+    gets one vector; a video one per moment, a frame every --video-every seconds and one at each shot change."""
     library = open_library(db, model, create=True, need_model=True, device=device, precision=precision,
                            threads=threads, ann=ann, ann_dtype=ann_dtype)  # fmt: skip
     progress = {"embedded": 0}
     try:
         report = library.index(
             folders, excludes=exclude, follow_links=follow_links, batch_size=batch_size, workers=workers,
-            on_batch=lambda n: progress.update(embedded=n),
+            on_batch=lambda n: progress.update(embedded=n), video_every=video_every,
         )  # fmt: skip
     except KeyboardInterrupt:
-        info(f"interrupted: {progress['embedded']} images embedded and committed; run the same command to continue")
+        info(f"interrupted: {progress['embedded']} files embedded and committed; run the same command to continue")
         raise
     for folder in report.skipped_folders:
         if folder.kind == "unreadable":
@@ -115,7 +125,7 @@ def status(
             "files": state.files, "deleted": state.deleted, "excluded": state.excluded,
             "models": [{"name": m.name, "dim": m.dim, "vectors": v, "pending": w} for m, v, w in state.models],
             "errors": [{"path": p, "error": e} for p, e in state.errors],
-            "search_index": state.search_index,
+            "search_index": state.search_index, "videos": state.videos, "moments": state.moments,
         }, indent=2))  # fmt: skip
         return
     print(f"library {quote_path(str(state.path))} (schema {state.schema_version})")
@@ -123,6 +133,8 @@ def status(
         skip = f" (excluding {', '.join(map(quote_path, excludes))})" if excludes else ""
         print(f"  folder {quote_path(path)}: {count} files{skip}")
     print(f"  {state.files} files, {state.deleted} deleted, {state.excluded} excluded, {len(state.errors)} unreadable")
+    if state.videos:
+        print(f"  {state.videos} videos, searched as {state.moments} moments")
     for row, vectors, waiting in state.models:
         more = f", {waiting} waiting" if waiting else ""
         print(f"  model {row.name} ({row.dim}-d): {vectors} vectors{more}")

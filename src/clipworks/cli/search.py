@@ -1,7 +1,8 @@
 """``clipworks search``, ``clipworks similar`` and ``clipworks duplicates`` over the photo library.
 
 Text output is one photo a line, its name through ``clipworks.display.quote_path`` (a name with a newline,
-a control character or bytes that are not UTF-8 prints as one bash ``$'...'`` string); ``--json`` is JSON.
+a control character or bytes that are not UTF-8 prints as one bash ``$'...'`` string), a video moment as
+``clip.mp4 @ 00:01:23.4``; ``--json`` is JSON (a moment's ``time`` in seconds, null for a photo).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ QUERY_CONTEXT = {"ignore_unknown_options": True}
 
 TopKOpt = Annotated[int, typer.Option("--top-k", help="How many photos to list.")]
 ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Leave out photos below this cosine.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help='Print [{"path": ..., "score": ...}, ...].')]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help='Print [{"path": ..., "score": ..., "time": seconds or null}, ...].')
+]
 ResultsOpt = Annotated[
     Path | None,
     typer.Option(
@@ -75,19 +78,25 @@ def filters_of(
 
 
 def render(hits: Sequence[Hit], as_json: bool, results: Path | None) -> None:
+    from clipworks.display import clock
     from clipworks.library.results import write_results
 
     if results is not None:
+        if any(h.time is not None for h in hits):
+            from clipworks.errors import UsageError
+
+            raise UsageError("--results writes photos; some hits are video moments: add --type photo")
         report = write_results(results, [h.path for h in hits])
         copies = f" ({report.converted} as JPEG copies)" if report.converted else ""
         info(f"wrote {len(hits)} photos into {results}{copies}")
         for path in report.undecodable:
             info(f"warning: {quote_path(path)} cannot be decoded; its result is a link to it, as the robot makes")
     if as_json:
-        print(json.dumps([{"path": h.path, "score": round(h.score, 6)} for h in hits], indent=2))
+        print(json.dumps([{"path": h.path, "score": round(h.score, 6), "time": h.time} for h in hits], indent=2))
         return
     for hit in hits:
-        print(f"{hit.score:.4f}  {quote_path(hit.path)}")
+        at = "" if hit.time is None else f" @ {clock(hit.time)}"
+        print(f"{hit.score:.4f}  {quote_path(hit.path)}{at}")
 
 
 def search(
@@ -119,8 +128,8 @@ def search(
     sort: SortOpt = "score",
     offset: OffsetOpt = 0,
 ) -> None:
-    """Find photos by text, by example image, or both; scores are cosine similarities, highest first.
-    The filters choose which photos are ranked at all."""
+    """Find photos and moments in videos by text, by example image, or both; scores are cosine similarities,
+    highest first. The filters choose which photos and videos are ranked at all."""
     from clipworks.errors import UsageError
 
     if not query and not image:

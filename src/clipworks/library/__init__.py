@@ -4,8 +4,11 @@
 
     lib = Library("library.db", model="ViT-B-32::openai", create=True)
     lib.index(["~/Pictures"])
-    lib.search("beach -people", top_k=20)   # [Hit(path, score), ...], highest cosine first
+    lib.search("beach -people", top_k=20)   # [Hit(path, score, time), ...], highest cosine first
     lib.search("beach", filters=make_filters(after="2024-06-01", camera="pixel"), offset=20)
+
+A video is searched as its moments (`clipworks.library.videos`): a hit in one has the video's path and
+``time``, the seconds into it; a photo's ``time`` is None.
 
 Reads are thread-safe: every thread gets its own SQLite connection, and the cached matrix is swapped
 whole when the database's generation changes (another process indexing, say).
@@ -49,8 +52,10 @@ class LibraryStatus:
     deleted: int  # gone from disk
     excluded: int  # still on disk but matched by an exclude now: out of search, row and vectors kept
     errors: list[tuple[str, str]]
-    models: list[tuple[ModelRow, int, int]]  # (model, vectors of present files, files waiting for one)
+    models: list[tuple[ModelRow, int, int]]  # (model, vectors of present files and moments, files waiting)
     search_index: str = "exact"  # what answers queries, in words
+    videos: int = 0  # present videos
+    moments: int = 0  # their moments, over all models
 
 
 class Library:
@@ -79,7 +84,8 @@ class Library:
         self.ann_mode: AnnMode = ann
         self.ann_dtype: AnnDtype = ann_dtype
         self._ann: tuple[tuple[int, int], AnnIndex] | None = None
-        self._facets: tuple[ExactIndex, Facets] | None = None  # the filterable metadata of that index's rows
+        # The filterable metadata of that index's rows, and the file of each row.
+        self._facets: tuple[ExactIndex, Facets, np.ndarray] | None = None
 
         self.path = Path(db).expanduser() if db is not None else db_path()
         self._model_arg = model
@@ -229,6 +235,10 @@ class Library:
         return combine_terms(terms, text_vectors, self.image_vector)
 
     def image_vector(self, path: str | Path) -> np.ndarray:
+        from clipworks.video.frames import is_video
+
+        if is_video(path):
+            raise UsageError(f"{path} is a video: search by a photo, or find its moments by text")
         row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
         if row is not None:
             stored = self.store.vector(self.model_row, row.id)
@@ -250,7 +260,7 @@ class Library:
         offset: int = 0,
         sort: SortKey = "score",
     ) -> list[Hit]:
-        """Ranked (path, cosine) hits for a text query (``"beach -people 2:sunset"``), images, or both.
+        """Ranked (path, cosine, time) hits for a text query (``"beach -people 2:sunset"``), images, or both.
 
         ``filters`` (`metadata.make_filters`) choose the photos before they are ranked; ``offset`` skips
         that many of the best (the next page); ``sort="date"`` shows the page newest first (see `ranked`)."""
@@ -272,8 +282,8 @@ class Library:
     ) -> list[Hit]:
         ranked = self.ranked(vector, top_k=top_k, threshold=threshold, exclude=exclude, filters=filters,
                              offset=offset, sort=sort)  # fmt: skip
-        names = self.store.paths_of(i for i, _ in ranked)
-        return [Hit(names[i], s) for i, s in ranked if i in names]
+        found = self.store.targets(self.model_row, (i for i, _ in ranked))
+        return [Hit(found[i].path, s, found[i].time) for i, s in ranked if i in found]
 
     def ranked(
         self,
@@ -286,7 +296,8 @@ class Library:
         offset: int = 0,
         sort: SortKey = "score",
     ) -> list[tuple[int, float]]:
-        """(file id, cosine) of the photos ranked ``offset`` to ``offset + top_k`` by score among those
+        """(search key, cosine) of the photos and video moments ranked ``offset`` to ``offset + top_k`` by
+        score (a key is a photo's file id, or a moment: see `store.files_of`) among those
         ``filters`` let through (chosen in SQL first, then ranked: never the top hits thinned out).
         ``sort="date"`` orders that page by capture time, newest first (photos of unknown time last), so
         pages still follow the ranking and together list each match once."""
@@ -302,54 +313,74 @@ class Library:
         ids, scores = searcher.top_k(vector, offset + top_k, threshold, exclude, rows)
         out = [(int(i), float(s)) for i, s in zip(ids[offset:], scores[offset:], strict=True)]
         if sort == "date":
-            taken = {i: m.local_time for i, m in self.metadata([i for i, _ in out]).items()}
+            from clipworks.library.store import files_of
+
+            keys = [i for i, _ in out]
+            files = dict(zip(keys, files_of(np.asarray(keys, np.int64)).tolist(), strict=True))
+            times = {i: m.local_time for i, m in self.metadata(list(files.values())).items()}
+            taken = {key: times.get(file_id) for key, file_id in files.items()}
             out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
         return out
 
     def facets(self) -> Facets:
-        """The filterable metadata of the current search index's rows (loaded once per change)."""
+        """The filterable metadata of each row of the current search index (a video's moments carry the
+        video's), loaded once per change."""
+        return self._row_facets()[0]
+
+    def _row_facets(self) -> tuple[Facets, np.ndarray]:
+        """(`facets`, each row's file id: a photo's own, a moment's video)."""
         from clipworks.library.metadata import Facets
+        from clipworks.library.store import files_of
 
         exact = self.vectors()
         with self._lock:
             if self._facets is None or self._facets[0] is not exact:
+                files = files_of(exact.ids)
                 with self.store.snapshot() as db:
-                    self._facets = (exact, Facets.load(db, exact.ids))
-            return self._facets[1]
+                    self._facets = (exact, Facets.load(db, files), files)
+            _, facets, files = self._facets
+        return facets, files
 
     def filtered_rows(self, filters: Filters) -> np.ndarray:
-        """The rows of the current search index that ``filters`` let through, ascending."""
-        exact = self.vectors()
-        facets = self.facets()
-        return filters.rows(facets, [exact.rows_of(ids) for ids in filters.chosen_ids(self.store)])
+        """The rows of the current search index that ``filters`` let through, ascending. A video's moments
+        are filtered by the video's metadata and tags."""
+        facets, files = self._row_facets()
+        chosen = [np.flatnonzero(np.isin(files, np.asarray(ids, np.int64))) for ids in filters.chosen_ids(self.store)]
+        return filters.rows(facets, chosen)
+
+    def _timeline(self, filters: Filters | None) -> np.ndarray:
+        """The rows ``filters`` let through, newest first by capture time, one per file: a video is shown
+        once, at its first moment."""
+        facets, files = self._row_facets()
+        order = facets.newest_first
+        if filters:
+            keep = np.zeros(len(files), bool)
+            keep[self.filtered_rows(filters)] = True
+            order = order[keep[order]]
+        _, first = np.unique(files[order], return_index=True)
+        return order[np.sort(first)]
 
     def recent(self, *, top_k: int = 50, filters: Filters | None = None, offset: int = 0) -> list[int]:
-        """File ids of the searchable photos newest first, ``offset`` to ``offset + top_k`` of those
+        """Search keys of the photos and videos newest first, ``offset`` to ``offset + top_k`` of those
         ``filters`` let through: a timeline, no query needed. Capture time is compared as the wall clock
-        where each photo was taken (as date filters do), photos of one time in id order; those of unknown time last."""
+        where each was taken (as date filters do), those of one time in id order; those of unknown time last."""
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, not {top_k}")
         if offset < 0:
             raise UsageError(f"--offset must be 0 or more, not {offset}")
-        exact = self.vectors()
-        order = self.facets().newest_first
-        if filters:
-            keep = np.zeros(len(exact), bool)
-            keep[self.filtered_rows(filters)] = True
-            order = order[keep[order]]
-        return [int(i) for i in exact.ids[order[offset : offset + top_k]]]
+        rows = self._timeline(filters)
+        return [int(i) for i in self.vectors().ids[rows[offset : offset + top_k]]]
 
     def month_counts(self, filters: Filters | None = None) -> list[tuple[str, int]]:
-        """(``YYYY-MM``, photos) of each month that ``filters`` let photos through in, newest first
-        (by the wall clock where taken; photos of unknown time are not counted)."""
-        facets = self.facets()
-        local = facets.local if not filters else facets.local[self.filtered_rows(filters)]
+        """(``YYYY-MM``, photos and videos) of each month that ``filters`` let one through in, newest first
+        (by the wall clock where taken; those of unknown time are not counted)."""
+        local = self.facets().local[self._timeline(filters)]
         local = local[np.isfinite(local)]
         months, counts = np.unique(local.astype("datetime64[s]").astype("datetime64[M]"), return_counts=True)
         return [(str(m), int(c)) for m, c in zip(months[::-1], counts[::-1], strict=True)]
 
     def collapse_duplicates(self, ids: Sequence[int], threshold: float = 0.95) -> dict[int, int]:
-        """Each of ``ids`` (searchable photos, in the order shown) -> the id of the first one before it (or
+        """Each of ``ids`` (search keys, in the order shown) -> the key of the first one before it (or
         itself) whose cosine to it is at least ``threshold``: near-duplicates fold into the first shown."""
         from clipworks.library.search import first_near_duplicate
 
@@ -407,12 +438,15 @@ class Library:
                                   filters=filters, offset=offset, sort=sort)  # fmt: skip
 
     def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
-        """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``)."""
+        """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``). Video moments
+        are left out: the moments of one shot are alike by nature, not copies."""
         from clipworks.library.search import duplicate_groups
 
         if not -1.0 <= threshold <= 1.0:
             raise UsageError(f"--threshold must be a cosine between -1 and 1, not {threshold}")
-        groups = duplicate_groups(self.vectors(), threshold)
+        exact = self.vectors()
+        photos = int(np.searchsorted(exact.ids, 1))  # moment keys are negative: they sort first
+        groups = duplicate_groups(ExactIndex(exact.ids[photos:], exact.matrix[photos:]), threshold)
         names = self.store.paths_of(i for g in groups for i, _ in g)
         return [[Hit(names[i], s) for i, s in g] for g in groups]
 
@@ -451,11 +485,16 @@ class Library:
             models = []
             for row in store.models():
                 vectors = db.execute(
-                    "SELECT COUNT(*) FROM embeddings e JOIN files f ON f.id = e.file_id "
-                    "WHERE e.model_id = ? AND f.deleted_at IS NULL",
+                    "SELECT (SELECT COUNT(*) FROM embeddings e JOIN files f ON f.id = e.file_id "
+                    "WHERE e.model_id = ?1 AND f.deleted_at IS NULL) + (SELECT COUNT(*) FROM moments m "
+                    "JOIN files f ON f.id = m.file_id WHERE m.model_id = ?1 AND f.deleted_at IS NULL)",
                     (row.id,),
                 ).fetchone()[0]
                 models.append((row, vectors, len(pending(store, row, [r for r, _, _ in roots]))))
+            videos, moments = db.execute(
+                "SELECT COUNT(*), coalesce(SUM((SELECT COUNT(*) FROM moments m WHERE m.file_id = f.id)), 0) "
+                "FROM files f WHERE f.deleted_at IS NULL AND f.kind = 'video'"
+            ).fetchone()
         return LibraryStatus(
             self.path,
             store.version,
@@ -466,6 +505,8 @@ class Library:
             errors,
             models,
             self._search_index_summary(models),
+            videos,
+            moments,
         )
 
     def _search_index_summary(self, models: list[tuple[ModelRow, int, int]]) -> str:

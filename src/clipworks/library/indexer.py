@@ -22,7 +22,15 @@ from typing import Any, NamedTuple
 
 from clipworks.errors import status
 from clipworks.library.metadata import UNREAD, UPDATE_METADATA, Metadata, extract_metadata
-from clipworks.library.scan import FileStat, SkippedFolder, excluded_path, file_hash, resolve_root, walk
+from clipworks.library.scan import (
+    FileStat,
+    SkippedFolder,
+    excluded_path,
+    file_hash,
+    library_extensions,
+    resolve_root,
+    walk,
+)  # fmt: skip
 from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob, to_bytes
 from clipworks.models.fingerprint import model_fingerprint
 from clipworks.runtime.encoder import ClipModel
@@ -44,7 +52,8 @@ class IndexReport:
     restored: int = 0
     deleted: int = 0
     excluded: int = 0  # present on disk but now matched by an exclude: out of search, vectors kept
-    embedded: int = 0
+    embedded: int = 0  # photos and videos
+    moments: int = 0  # vectors of the videos embedded
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped_folders: list[SkippedFolder] = field(default_factory=list)
@@ -52,7 +61,9 @@ class IndexReport:
 
     def summary(self) -> str:
         parts = [f"{self.scanned} files: {self.unchanged} unchanged"]
-        for name in ("new", "changed", "moved", "copied", "restored", "deleted", "excluded", "embedded", "failed"):
+        for name in (
+            "new", "changed", "moved", "copied", "restored", "deleted", "excluded", "embedded", "moments", "failed",
+        ):  # fmt: skip
             value = getattr(self, name)
             if value:
                 parts.append(f"{value} {name}")
@@ -71,7 +82,7 @@ class FileFacts(NamedTuple):
     metadata: Metadata
 
 
-def _read_file(path: str) -> FileFacts:
+def read_file_facts(path: str) -> FileFacts:
     """The pipeline's per-file hook, run in the decoder thread just before the file is decoded: the hash,
     then the metadata from the header (both read bytes already in the page cache). An unreadable file
     gets no hash; decoding it then fails naming it. Metadata never fails (see `extract_metadata`)."""
@@ -133,7 +144,8 @@ def reconcile(store: Store, roots: Sequence[Root], report: IndexReport) -> None:
     """Bring the files table in line with what is on disk under ``roots``, in one transaction."""
     scanned: dict[str, FileStat] = {}
     for root in roots:
-        found = walk(root.path, root.excludes, follow_links=root.follow_links, on_skip=report.skipped_folders.append)
+        found = walk(root.path, root.excludes, follow_links=root.follow_links, on_skip=report.skipped_folders.append,
+                     extensions=library_extensions())  # fmt: skip
         scanned.update((stat.path, stat) for stat in found)
     report.scanned = len(scanned)
     known: dict[str, FileRow] = {}
@@ -182,6 +194,8 @@ def reconcile(store: Store, roots: Sequence[Root], report: IndexReport) -> None:
                 (stat.size, stat.mtime_ns, stat.dev, stat.ino, _stored(stat.target), t, row.id),
             )
             db.execute("DELETE FROM embeddings WHERE file_id = ?", (row.id,))
+            db.execute("DELETE FROM moments WHERE file_id = ?", (row.id,))  # a changed video is sampled again
+            db.execute("DELETE FROM videos WHERE file_id = ?", (row.id,))
         report.changed += len(changed)
         db.executemany(
             f"UPDATE files SET dev = ?, ino = ?, target = {TEXT_ARG}, deleted_at = NULL, updated_at = ? WHERE id = ?",
@@ -234,6 +248,13 @@ def _add_new(db: Any, stat: FileStat, vanished: dict[int, FileRow], report: Inde
             "WHERE file_id = ?",
             (cursor.lastrowid, source),
         )
+        # A copy of a video gets its moments too.
+        copied = (("moments", "model_id, ordinal, time, vector"), ("videos", "model_id, every_s, moments"))
+        for table, columns in copied:
+            db.execute(
+                f"INSERT INTO {table} (file_id, {columns}) SELECT ?, {columns} FROM {table} WHERE file_id = ?",
+                (cursor.lastrowid, source),
+            )
         db.execute(
             "UPDATE files SET error = (SELECT error FROM files WHERE id = ?) WHERE id = ?", (source, cursor.lastrowid)
         )
@@ -242,16 +263,22 @@ def _add_new(db: Any, stat: FileStat, vanished: dict[int, FileRow], report: Inde
         report.new += 1
 
 
-def pending(store: Store, model: ModelRow, roots: Sequence[str]) -> list[tuple[int, str]]:
-    """Present, decodable files under ``roots`` without a vector for ``model``, in path order."""
+def pending(
+    store: Store, model: ModelRow, roots: Sequence[str], video_every: float | None = None
+) -> list[tuple[int, str]]:
+    """Present, decodable files under ``roots`` that ``model`` has not embedded, in path order: photos
+    without a vector, videos not sampled (or, when ``video_every`` is given, sampled at another interval).
+    A photo never has a ``videos`` row nor a video an ``embeddings`` one, so one condition serves both."""
     out: list[tuple[int, str]] = []
     for root in roots:
         low, high = prefix_range(root)
         out += store.conn.execute(
             "SELECT f.id, f.path FROM files f LEFT JOIN embeddings e ON e.file_id = f.id AND e.model_id = ? "
+            "LEFT JOIN videos v ON v.file_id = f.id AND v.model_id = ? "
             f"WHERE f.path >= {TEXT_ARG} AND f.path < {TEXT_ARG} AND f.deleted_at IS NULL AND f.error IS NULL "
-            "AND e.file_id IS NULL ORDER BY f.path",
-            (model.id, to_bytes(low), to_bytes(high)),
+            "AND e.file_id IS NULL AND (v.file_id IS NULL OR v.every_s != coalesce(?, v.every_s)) "
+            "ORDER BY f.path",
+            (model.id, model.id, to_bytes(low), to_bytes(high), video_every),
         ).fetchall()
     return list(dict(out).items())
 
@@ -297,21 +324,34 @@ def index_folders(
     workers: int | None = None,
     progress: bool | None = None,
     on_batch: Callable[[int], None] | None = None,
+    video_every: float | None = None,
 ) -> IndexReport:
-    """Scan ``folders`` into the library and embed every file that lacks a vector for ``clip``.
+    """Scan ``folders`` into the library and embed every file that lacks a vector for ``clip``: a photo
+    gets one, a video one per moment (`clipworks.library.videos`).
 
     ``excludes`` and ``follow_links`` (follow symlinked folders out of a folder) are remembered per folder
-    when given. One run at a time per library: a second one waits for the first, then finds its work done.
+    when given. ``video_every`` (seconds between a video's regular moments) samples new videos at that
+    interval and those sampled at another one again; None samples new ones at `DEFAULT_VIDEO_EVERY_S`.
+    One run at a time per library: a second one waits for the first, then finds its work done.
     """
+    from clipworks.library.videos import DEFAULT_VIDEO_EVERY_S, check_video_every, embed_videos
+    from clipworks.video.frames import is_video
+
+    if video_every is not None:
+        check_video_every(video_every)
     start = time.perf_counter()
     report = IndexReport()
     with index_lock(store.path):
         model = register_model(store, clip)
         roots = add_roots(store, folders, excludes, follow_links)
         reconcile(store, roots, report)
-        todo = pending(store, model, [r.path for r in roots])
-        _embed(store, clip, model, todo, report, batch_size=batch_size, workers=workers, progress=progress,
+        todo = pending(store, model, [r.path for r in roots], video_every)
+        photos = [(i, p) for i, p in todo if not is_video(p)]
+        videos = [(i, p) for i, p in todo if is_video(p)]
+        _embed(store, clip, model, photos, report, batch_size=batch_size, workers=workers, progress=progress,
                on_batch=on_batch)  # fmt: skip
+        embed_videos(store, clip, model, videos, report, every_s=video_every or DEFAULT_VIDEO_EVERY_S,
+                     batch_size=batch_size, progress=progress, on_batch=on_batch)  # fmt: skip
         read_missing_metadata(store, [r.path for r in roots])
     report.seconds = time.perf_counter() - start
     return report
@@ -340,7 +380,7 @@ def _embed(
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     with tqdm(total=len(todo), unit="img", disable=disable, dynamic_ncols=True) as bar:
         batches = iter_embeddings(
-            clip, [p for _, p in todo], batch_size=batch_size, workers=workers, on_item=_read_file,
+            clip, [p for _, p in todo], batch_size=batch_size, workers=workers, on_item=read_file_facts,
             on_skip=lambda f: None, on_progress=bar.update,
         )  # fmt: skip
         for batch in batches:

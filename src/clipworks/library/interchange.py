@@ -1,10 +1,15 @@
 """Vectors in and out of the library: Sophgo ``embeddings.pkl``, ``.npy`` + paths, Parquet, and the
 ``ClipItems`` SQLite table of D-Robotics' (Horizon Robotics') hobot_clip ROS node ``clip_manage`` (image
-rows ``type=1``, ``url`` the path, ``feature`` 512 raw native float32)."""
+rows ``type=1``, ``url`` the path, ``feature`` 512 raw native float32).
+
+A video moment is exported as ``video.mp4#t=SECONDS`` (a media-fragment URI, what a player starts at), with
+the seconds also in Parquet's ``time`` column; a ClipItems database gets photos only, since clip_manage
+shows every row as an image."""
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library.metadata import METADATA_COLUMNS, Metadata, metadata_of
 from clipworks.library.store import TEXT_ARG, ModelRow, Store, from_bytes, now, read_only_uri, to_blob, to_bytes
+from clipworks.video.frames import is_video
 
 FORMATS = ("pkl", "npy", "parquet", "clipitems")
 CLIPITEMS_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -29,6 +35,8 @@ ROBOT_COLUMNS = frozenset({"id", "timestamp", "type", "name", "text", "url", "fe
 # clip_manage's cosine_similarity reads 512 floats of every image row, whatever the row holds.
 ROBOT_DIM = 512
 KEEP_ROBOT_DB = "it is left as it was; export to a new .db file or to the robot's own clip.db"
+# How a video moment is named in an interchange file: a media fragment (`export_vectors`).
+MOMENT_PATH = re.compile(r"(.+)#t=([0-9]+(?:\.[0-9]*)?)", re.S)
 
 
 @dataclass
@@ -71,13 +79,20 @@ def export_vectors(store: Store, model: ModelRow, out: str | Path, fmt: str | No
     elif out.suffix.lower() != f".{kind}":
         raise UsageError(f"--format {kind} writes a .{kind} file; name the output {out.with_suffix('.' + kind)}")
     with store.snapshot():
-        ids, matrix = store.live_vectors(model)
-        names = store.paths_of(ids)
-        described = metadata_of(store.conn, ids) if kind == "parquet" else {}
-    paths = [names[int(i)] for i in ids]
+        keys, matrix = store.live_vectors(model)
+        if kind == "clipitems":
+            photos = int(np.searchsorted(keys, 1))  # moment keys are negative: they sort first
+            keys, matrix = keys[photos:], matrix[photos:]
+        found = store.targets(model, keys)
+        described = metadata_of(store.conn, [t.file_id for t in found.values()]) if kind == "parquet" else {}
+    targets = [found[int(k)] for k in keys]
+    paths = [t.path if t.time is None else f"{t.path}#t={t.time:.3f}" for t in targets]  # see MOMENT_PATH
     if kind == "clipitems":
         return write_clipitems(out, paths, matrix)
-    columns = metadata_columns(paths, [described.get(int(i)) for i in ids]) if kind == "parquet" else None
+    columns = None
+    if kind == "parquet":
+        columns = metadata_columns([t.path for t in targets], [described.get(t.file_id) for t in targets])
+        columns["time"] = [t.time for t in targets]
     return ExportReport(len(paths), write_embeddings(out, paths, matrix, columns))
 
 
@@ -245,24 +260,55 @@ def import_vectors(store: Store, model: ModelRow, file: str | Path, fmt: str | N
     off = np.abs(norms - 1.0) > 1e-5
     matrix = np.where(off, matrix / np.maximum(norms, 1e-12), matrix).astype(np.float32)
     t = now()
-    missing = 0
+    missing: set[str] = set()
+    videos: dict[str, list[tuple[float, np.ndarray]]] = {}
     with store.write() as db:
         for raw, vector in zip(paths, matrix, strict=True):
-            path = os.path.abspath(os.path.expanduser(str(raw)))
-            try:
-                st = os.stat(path)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1
-                missing += 1
-            file_id = db.execute(
-                f"INSERT INTO files (path, size, mtime_ns, updated_at) VALUES ({TEXT_ARG}, ?, ?, ?) ON CONFLICT(path) "
-                "DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, hash = NULL, error = NULL, "
-                "deleted_at = NULL, updated_at = excluded.updated_at RETURNING id",
-                (to_bytes(path), size, mtime, t),
-            ).fetchone()[0]
+            moment = MOMENT_PATH.fullmatch(str(raw))
+            if moment is not None and is_video(moment.group(1)):
+                path = os.path.abspath(os.path.expanduser(moment.group(1)))
+                videos.setdefault(path, []).append((float(moment.group(2)), vector))
+                continue
+            file_id = _import_file(db, os.path.abspath(os.path.expanduser(str(raw))), t, missing)
             db.execute(
                 "INSERT OR REPLACE INTO embeddings (model_id, file_id, vector) VALUES (?, ?, ?)",
                 (model.id, file_id, to_blob(vector)),
             )
-    return ImportReport(len(paths), missing)
+        for path, moments in videos.items():  # a video's moments replace those it had, in time order
+            file_id = _import_file(db, path, t, missing)
+            db.execute("UPDATE files SET kind = 'video' WHERE id = ?", (file_id,))  # --type video finds it now
+            moments.sort(key=lambda m: m[0])
+            db.execute("DELETE FROM moments WHERE model_id = ? AND file_id = ?", (model.id, file_id))
+            db.executemany(
+                "INSERT INTO moments (model_id, file_id, ordinal, time, vector) VALUES (?, ?, ?, ?, ?)",
+                [(model.id, file_id, n, at, to_blob(v)) for n, (at, v) in enumerate(moments)],
+            )
+            # The interval it was sampled at is not in the file: 0 stands for unknown (--video-every resamples).
+            db.execute(
+                "INSERT OR REPLACE INTO videos (model_id, file_id, every_s, moments) VALUES (?, ?, 0, ?)",
+                (model.id, file_id, len(moments)),
+            )
+    return ImportReport(len(paths), sum(1 for raw in paths if _base(str(raw)) in missing))
+
+
+def _base(raw: str) -> str:
+    """The file a path of an interchange file names (a moment's video without its ``#t=``)."""
+    moment = MOMENT_PATH.fullmatch(raw)
+    path = moment.group(1) if moment is not None and is_video(moment.group(1)) else raw
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _import_file(db: Any, path: str, t: float, missing: set[str]) -> int:
+    """The id of the files row for ``path``, made or brought back; ``missing`` gets it if it is not here."""
+    try:
+        st = os.stat(path)
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:
+        size, mtime = -1, -1
+        missing.add(path)
+    return int(db.execute(
+        f"INSERT INTO files (path, size, mtime_ns, updated_at) VALUES ({TEXT_ARG}, ?, ?, ?) ON CONFLICT(path) "
+        "DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, hash = NULL, error = NULL, "
+        "deleted_at = NULL, updated_at = excluded.updated_at RETURNING id",
+        (to_bytes(path), size, mtime, t),
+    ).fetchone()[0])  # fmt: skip

@@ -59,7 +59,7 @@ class Metadata:
 
     taken_at: float | None  # UTC epoch seconds
     taken_offset: int | None  # seconds east of UTC of the local time it was taken in; None when unknown
-    taken_source: str  # "exif" or "file" (the modification time)
+    taken_source: str  # "exif", "container" (a video's creation_time) or "file" (the modification time)
     lat: float | None
     lon: float | None
     make: str | None
@@ -97,10 +97,15 @@ class Metadata:
 
 
 def extract_metadata(path: str, mtime_ns: int | None = None) -> Metadata:
-    """The metadata of the image at ``path``; never raises (a file that cannot be opened gets its file time)."""
+    """The metadata of the image or video at ``path``; never raises (a file that cannot be opened gets its
+    file time)."""
     from PIL import ExifTags
 
     from clipworks.imaging import is_raw_path
+    from clipworks.video.frames import is_video
+
+    if is_video(path):
+        return extract_video_metadata(path, mtime_ns)
 
     size: tuple[int, int] | None = None
     ifd0: Any = {}
@@ -179,6 +184,50 @@ def _raw_tags(path: str) -> tuple[Any, tuple[int, int] | None]:
             sizes = raw.sizes
             size = (sizes.height, sizes.width) if sizes.flip in (5, 6) else (sizes.width, sizes.height)
     return tags, size
+
+
+def extract_video_metadata(path: str, mtime_ns: int | None = None) -> Metadata:
+    """A video's duration and frame size from its container header (`clipworks.video.frames.probe`, nothing
+    decoded), and its capture time from the container's ``creation_time`` (UTC, as cameras and phones write
+    it; shown in this machine's zone, as a file time is), else the file time. A file PyAV cannot open gets
+    the file time only: sampling it then fails naming it."""
+    from clipworks.video.frames import BadVideo, probe
+
+    duration = width = height = None
+    taken: tuple[float, int | None] | None = None
+    try:
+        info = probe(path)
+        duration = info.duration if math.isfinite(info.duration) and info.duration > 0 else None
+        if 0 < info.width < 1 << 31 and 0 < info.height < 1 << 31:
+            width, height = info.width, info.height
+        taken = _container_time(info.created)
+    except BadVideo:
+        pass
+    source = "container"
+    if taken is None:
+        taken, source = _file_time(path, mtime_ns), "file"
+    return Metadata(
+        taken_at=None if taken is None else taken[0],
+        taken_offset=None if taken is None else taken[1],
+        taken_source=source,
+        lat=None, lon=None, make=None, model=None, lens=None,
+        width=width, height=height, orientation=None, duration=duration, kind="video",
+    )  # fmt: skip
+
+
+def _container_time(value: str | None) -> tuple[float, int | None] | None:
+    """(UTC seconds, this machine's offset then) of an ISO 8601 ``creation_time``; None for garbage or the
+    zero date (1904 or 1970) that encoders write when they know no time."""
+    if not value:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    seconds = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+    if stamp.year < 1980:
+        return None
+    return seconds, time.localtime(seconds).tm_gmtoff
 
 
 def _sub_ifd(tags: Any, ifd: int) -> dict[int, Any]:

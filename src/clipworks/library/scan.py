@@ -1,6 +1,7 @@
 """The one walk over image folders (the library's index and ``embed images`` alike): recursive, hidden names
-skipped, exclude globs, symlinks by policy, loops visited once, one set of image extensions, and a camera RAW
-beside a developed copy of the same name (``IMG_1.CR2`` and ``IMG_1.JPG``) found once, as the copy.
+skipped, exclude globs, symlinks by policy, loops visited once, one set of image extensions (the library
+adds the video ones: `library_extensions`), and a camera RAW beside a developed copy of the same name
+(``IMG_1.CR2`` and ``IMG_1.JPG``) found once, as the copy.
 
 Only ``stat`` is read here (size and mtime tell a changed file); content hashes are computed lazily, for
 the few new files that might be a moved or copied one (a stored file of the same size exists).
@@ -86,6 +87,13 @@ def developed_stems(names: Sequence[str], extensions: frozenset[str]) -> frozens
     return frozenset(stems)
 
 
+def library_extensions() -> frozenset[str]:
+    """What the library indexes: photos and videos."""
+    from clipworks.video.frames import VIDEO_EXTENSIONS
+
+    return image_extensions() | VIDEO_EXTENSIONS
+
+
 def resolve_root(folder: str | Path) -> str:
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -115,6 +123,7 @@ def walk(
     follow_links: bool = False,
     recursive: bool = True,
     on_skip: Callable[[SkippedFolder], None] | None = None,
+    extensions: frozenset[str] | None = None,
 ) -> Iterator[FileStat]:
     """Yield every image file under ``root`` with its size, mtime and identity; paths start with ``root``
     as given (the library passes resolved roots). Subfolders are entered only when ``recursive``.
@@ -123,9 +132,9 @@ def walk(
     as an image is the embedder's check). A symlinked folder is followed when its real folder lies inside
     ``root``, anywhere with ``follow_links``; either way each real folder is walked once, so links cannot
     loop, and linked folders come after the real tree. Folders that cannot be listed, and links not
-    followed, go to ``on_skip``.
+    followed, go to ``on_skip``. ``extensions`` (default: `image_extensions`) says which files count.
     """
-    extensions = image_extensions()
+    extensions = extensions or image_extensions()
     skip = on_skip or (lambda folder: None)
     seen_dirs: set[tuple[int, int]] = set()
     real_root = os.path.realpath(root)

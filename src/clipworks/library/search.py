@@ -25,8 +25,11 @@ from clipworks.library.store import ModelRow, Store
 
 
 class Hit(NamedTuple):
+    """A photo, or with ``time`` a moment that many seconds into a video."""
+
     path: str
     score: float
+    time: float | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
@@ -109,6 +109,29 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX tags_tag ON tags(tag COLLATE NOCASE);
     """,
+    # 5: videos. A video's vectors are its moments (`clipworks.video.frames.Moments`): one row per sampled
+    # frame, numbered in time order, with its time in seconds. ``videos`` says which model sampled which
+    # video and how often; a video's moments and that row are written in one transaction, so a video is
+    # either sampled whole or not at all, and the row is what tells an index run it is done.
+    """
+    CREATE TABLE moments (
+        model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+        file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+        ordinal INTEGER NOT NULL,
+        time REAL NOT NULL,
+        vector BLOB NOT NULL,
+        PRIMARY KEY (model_id, file_id, ordinal)
+    ) WITHOUT ROWID;
+    CREATE INDEX moments_file ON moments(file_id);
+    CREATE TABLE videos (
+        model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+        file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+        every_s REAL NOT NULL,
+        moments INTEGER NOT NULL,
+        PRIMARY KEY (model_id, file_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX videos_file ON videos(file_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 CHECKED_TABLES = ("roots", "files", "models", "state")  # what a writer checks first (see `Store._check`)
@@ -151,6 +174,29 @@ class FileRow:
 
 
 FILE_COLUMNS = "id, path, size, mtime_ns, hash, error, deleted_at, dev, ino, target"
+
+# Search keys: the rows of the search index (`Store.live_vectors`), one integer each. A photo's key is its
+# file id; a video moment's is negative and holds the video's file id and the moment's ordinal, so the file
+# of any key is arithmetic (`files_of`) and a filter on files selects moments without a look-up.
+MOMENT_SLOTS = 1 << 24  # moments per video a key can number: 93 days at one every 0.5 s
+
+
+def moment_key(file_id: int, ordinal: int) -> int:
+    return -(file_id * MOMENT_SLOTS + ordinal)
+
+
+def files_of(keys: np.ndarray) -> np.ndarray:
+    """The file id of each search key (a photo's own id, a moment's video)."""
+    keys = np.asarray(keys, np.int64)
+    return np.where(keys > 0, keys, -keys // MOMENT_SLOTS)
+
+
+class Target(NamedTuple):
+    """What a search key points at: a photo, or a moment ``time`` seconds into a video."""
+
+    file_id: int
+    path: str
+    time: float | None
 
 
 def to_blob(vector: np.ndarray) -> bytes:
@@ -467,12 +513,34 @@ class Store:
             out.update(self.conn.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk).fetchall())
         return out
 
+    def targets(self, model: ModelRow, keys: Iterable[int]) -> dict[int, Target]:
+        """Search key -> its photo or video moment (keys whose file or moment is gone are left out)."""
+        keys = [int(k) for k in keys]
+        names = self.paths_of(files_of(np.asarray(keys, np.int64)).tolist() if keys else [])
+        out: dict[int, Target] = {}
+        for key in keys:
+            if key > 0:
+                if key in names:
+                    out[key] = Target(key, names[key], None)
+                continue
+            file_id, ordinal = divmod(-key, MOMENT_SLOTS)
+            row = self.conn.execute(
+                "SELECT time FROM moments WHERE model_id = ? AND file_id = ? AND ordinal = ?",
+                (model.id, file_id, ordinal),
+            ).fetchone()
+            if row is not None and file_id in names:
+                out[key] = Target(file_id, names[file_id], float(row[0]))
+        return out
+
     def live_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]:
-        """(file ids, (N, D) float32) of every present file with a vector for ``model``, ordered by id."""
+        """(search keys, (N, D) float32) of every present photo and video moment with a vector for
+        ``model``, ordered by key: the moments first, then the photos by file id."""
         rows = self.conn.execute(
             "SELECT e.file_id, e.vector FROM embeddings e JOIN files f ON f.id = e.file_id "
-            "WHERE e.model_id = ? AND f.deleted_at IS NULL ORDER BY e.file_id",
-            (model.id,),
+            "WHERE e.model_id = ? AND f.deleted_at IS NULL UNION ALL "
+            f"SELECT -(m.file_id * {MOMENT_SLOTS} + m.ordinal), m.vector FROM moments m "
+            "JOIN files f ON f.id = m.file_id WHERE m.model_id = ? AND f.deleted_at IS NULL ORDER BY 1",
+            (model.id, model.id),
         ).fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return ids, self._matrix(model, [r[1] for r in rows])

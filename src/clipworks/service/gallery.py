@@ -18,6 +18,11 @@ Routes (the library is ``request.app.state.clip.library``; without one every rou
 - ``GET /thumb/{id}`` and ``GET /original/{id}``: a cached thumbnail (JPEG; WebP keeping the alpha of an
   image with transparency) and the file itself.
 
+A video is searched as its moments: such a hit has the video's ``id``, ``time`` (seconds into it), a
+``thumb`` of that frame (``/thumb/{id}?t=``) and ``play``, ``/original/{id}#t=`` (a media fragment a
+``<video>`` element starts at). ``/original`` answers HTTP Range requests (one range; ``Accept-Ranges:
+bytes``), which is how a browser seeks in a video without fetching all of it.
+
 Files are named by their database id only: a client never hands the server a path to read (``path`` in
 a search body is looked up in the index and refused when it is not there). A file is served only when it
 is the one the index recorded: opened once, without following a final symlink, checked by ``fstat`` (a
@@ -33,6 +38,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from collections import Counter
@@ -54,6 +60,7 @@ from clipworks.errors import UsageError
 from clipworks.library.metadata import SORT_KEYS, Filters, make_filters, parse_choice
 from clipworks.library.search import combine_terms, parse_query, query_texts
 from clipworks.library.store import FileRow
+from clipworks.video.frames import BadVideo
 
 
 class PathsJSONResponse(JSONResponse):
@@ -82,6 +89,12 @@ SQLITE_MAX = 2**63 - 1
 CHUNK = 1 << 16
 # Pillow's names for formats browsers know under another type (MPO: a JPEG with a second picture).
 MEDIA_TYPES = {"MPO": "image/jpeg"}
+# The containers PyAV (FFmpeg's demuxers) finds, by the demuxer's name, as browsers know them.
+VIDEO_TYPES = {
+    "mov,mp4,m4a,3gp,3g2,mj2": "video/mp4", "matroska,webm": "video/webm", "avi": "video/x-msvideo",
+    "mpeg": "video/mpeg", "mpegts": "video/mp2t", "ogg": "video/ogg", "asf": "video/x-ms-asf",
+}  # fmt: skip
+RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 FileId = Annotated[int, PathParam(ge=1, le=SQLITE_MAX, description="The photo's id in the library.")]
 TopK = Annotated[int, Query(ge=1, le=MAX_K, description="How many photos to return.")]
@@ -211,7 +224,8 @@ def open_recorded(library: Any, file_id: int) -> OpenPhoto:
 
 
 def media_type(fh: BinaryIO, file_id: int) -> str:
-    """The MIME type of the format Pillow finds in the file's header (the file is left at its start)."""
+    """The MIME type of the format Pillow finds in the file's header, else of the container PyAV finds (the
+    file is left at its start)."""
     from PIL import Image
 
     try:
@@ -220,11 +234,46 @@ def media_type(fh: BinaryIO, file_id: int) -> str:
     except Exception:  # Pillow raises many kinds for bytes that are no image; any of them means "do not serve"
         fmt = ""
     fh.seek(0)
-    found = MEDIA_TYPES.get(fmt) or Image.MIME.get(fmt)
+    found = MEDIA_TYPES.get(fmt) or Image.MIME.get(fmt) or video_type(fh)
     if not found:
         fh.close()
         raise HTTPException(status_code=404, detail=f"photo {file_id} is not an image the gallery can serve")
     return found
+
+
+def video_type(fh: BinaryIO) -> str | None:
+    """The MIME type of the video container in ``fh`` (left at its start), None for none PyAV opens."""
+    import av
+
+    try:
+        with av.open(fh) as container:
+            found = VIDEO_TYPES.get(container.format.name) if container.streams.video else None
+            codec = container.streams.video[0].codec_context.name if found else ""
+    except Exception:  # FFmpeg's errors for bytes it cannot read: not a video to serve
+        found = None
+    fh.seek(0)
+    if found == "video/webm" and codec not in ("vp8", "vp9", "av1"):
+        found = "video/x-matroska"  # Matroska holding what WebM does not allow
+    return found
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a single ``Range: bytes=`` request, None to send the whole file (no header,
+    or several ranges, which a server may answer whole); 416 for one outside the file."""
+    if not header or "," in header:
+        return None
+    m = RANGE.fullmatch(header.strip())
+    if m is None or not (m.group(1) or m.group(2)):
+        return None  # not a byte range this server knows: the whole file, as RFC 9110 allows
+    if m.group(1):
+        first = int(m.group(1))
+        last = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    else:  # the last N bytes
+        first, last = max(0, size - int(m.group(2))), size - 1
+    if first >= size or last < first:
+        raise HTTPException(status_code=416, detail=f"range {header} lies outside the file's {size} bytes",
+                            headers={"Content-Range": f"bytes */{size}"})  # fmt: skip
+    return first, last
 
 
 def open_file_path(fh: BinaryIO) -> str:
@@ -256,34 +305,39 @@ def ranked(library: Any, vector: np.ndarray, k: int, page: Page) -> list[tuple[i
 
 
 def recent(library: Any, k: int, page: Page) -> list[tuple[int, float | None]]:
-    """The page's ``k`` most recent photos (no score: nothing was asked)."""
+    """The page's ``k`` most recent photos and videos (no score: nothing was asked)."""
     return [(i, None) for i in library.recent(top_k=k, filters=page.filters, offset=page.offset)]
 
 
 def described(library: Any, hits: list[tuple[int, float | None]], page: Page) -> list[dict[str, Any]]:
-    """Hits as the JSON the page renders, with what indexing read of each and its stored tags; with
-    ``dedupe``, a photo whose cosine to one shown before it on the page is above `DUPLICATE_COSINE` is left
-    out and counted on that one (``duplicates``). Pages are folded one at a time: a near-duplicate on the next
-    page is shown again."""
-    ids = [i for i, _ in hits]
-    paths = library.store.paths_of(ids)
-    metadata = library.metadata(ids)
-    tags = library.tags(ids)
-    first = library.collapse_duplicates(ids, DUPLICATE_COSINE) if page.dedupe else {i: i for i in ids}
-    folded = Counter(first[i] for i in ids if first[i] != i)
+    """Hits (search keys: a photo, or a moment of a video) as the JSON the page renders, with what indexing
+    read of each file and its stored tags; with ``dedupe``, a hit whose cosine to one shown before it on the
+    page is above `DUPLICATE_COSINE` is left out and counted on that one (``duplicates``). Pages are folded
+    one at a time: a near-duplicate on the next page is shown again."""
+    keys = [key for key, _ in hits]
+    found = library.store.targets(library.model_row, keys)
+    files = [t.file_id for t in found.values()]
+    metadata = library.metadata(files)
+    tags = library.tags(files)
+    first = library.collapse_duplicates(keys, DUPLICATE_COSINE) if page.dedupe else {key: key for key in keys}
+    folded = Counter(first[key] for key in keys if first[key] != key)
     out = []
-    for i, s in hits:
-        if i in paths and first[i] == i:
+    for key, s in hits:
+        if key in found and first[key] == key:
+            i, path, at = found[key]
             meta = metadata.get(i)
             out.append(
                 {
                     "id": i,
-                    "path": paths[i],
-                    "name": os.path.basename(paths[i]),
+                    "path": path,
+                    "name": os.path.basename(path),
                     "score": None if s is None else round(float(s), 6),
-                    "thumb": f"/thumb/{i}",
-                    "preview": f"/thumb/{i}?size={THUMB_SIZES[-1]}",
+                    "thumb": f"/thumb/{i}" if at is None else f"/thumb/{i}?t={at:.3f}",
+                    "preview": f"/thumb/{i}?size={THUMB_SIZES[-1]}" + ("" if at is None else f"&t={at:.3f}"),
                     "original": f"/original/{i}",
+                    "time": at,  # seconds into the video; None for a photo
+                    "play": None if at is None else f"/original/{i}#t={at:.3f}",
+                    "duration": meta.duration if meta else None,
                     "taken": meta.taken_iso() if meta else None,
                     "month": meta.taken_iso()[:7] if meta and meta.taken_at is not None else None,
                     "camera": meta.camera if meta else None,
@@ -349,6 +403,9 @@ async def search(
 def stored_vector(library: Any, file_id: int) -> np.ndarray:
     live_file(library, file_id)
     vector = library.store.vector(library.model_row, file_id)
+    described = library.metadata([file_id]).get(file_id) if vector is None else None
+    if described is not None and described.kind == "video":
+        raise HTTPException(status_code=404, detail=f"file {file_id} is a video: search by text or by a photo")
     if vector is None:
         raise HTTPException(status_code=404, detail=f"photo {file_id} has no vector yet (it could not be read)")
     return vector
@@ -379,17 +436,24 @@ def thumbs_dir(library: Any) -> Path:
     return cache_dir() / "thumbs" / key
 
 
-def render_thumbnail(source: str, target: Path, size: int) -> Path:
-    """Fit ``source`` in ``size`` px and write it at ``target`` as a JPEG, or beside it as a WebP keeping the
-    alpha of an image with transparency (the page shows that on a checkerboard); returns the file written.
-    A file indexing refuses (over the pixel limit, unreadable) is refused here too, before it is decoded:
-    415 with the reason."""
+def render_thumbnail(source: str, target: Path, size: int, at: float | None = None) -> Path:
+    """Fit ``source`` in ``size`` px (with ``at``, the frame of the video ``source`` shown at that many
+    seconds) and write it at ``target`` as a JPEG, or beside it as a WebP keeping the alpha of an image with
+    transparency (the page shows that on a checkerboard); returns the file written. A file indexing refuses
+    (over the pixel limit, unreadable) is refused here too, before it is decoded: 415 with the reason."""
+    from PIL import Image
+
     from clipworks.errors import BadImage
     from clipworks.imaging import load_thumbnail
+    from clipworks.video.frames import frame_at
 
     try:
-        image = load_thumbnail(source, size, alpha=True)
-    except BadImage as e:
+        if at is None:
+            image = load_thumbnail(source, size, alpha=True)
+        else:
+            image = frame_at(source, at)
+            image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    except (BadImage, BadVideo) as e:
         raise HTTPException(status_code=415, detail=f"no thumbnail: {e}") from e
     if image.mode == "RGBA":
         target = target.with_suffix(".webp")
@@ -401,21 +465,23 @@ def render_thumbnail(source: str, target: Path, size: int) -> Path:
     return target
 
 
-def thumbnail(library: Any, file_id: int, fh: BinaryIO, st: os.stat_result, size: int) -> Path:
-    """The cached thumbnail, made on the first request from the open file; a changed file (size or mtime)
-    gets a new one."""
+def thumbnail(library: Any, file_id: int, fh: BinaryIO, st: os.stat_result, size: int, at: float | None = None) -> Path:
+    """The cached thumbnail (of the frame ``at`` seconds into a video), made on the first request from the
+    open file; a changed file (size or mtime) gets a new one."""
     folder = thumbs_dir(library)
-    target = folder / f"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}.jpg"
+    stem = f"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}"
+    moment = "" if at is None else f"-t{round(at * 1000)}"
+    target = folder / f"{stem}{moment}.jpg"
     for made in (target.with_suffix(suffix) for suffix in THUMB_TYPES):
         if made.is_file():
             return made
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        target = render_thumbnail(open_file_path(fh), target, size)
+        target = render_thumbnail(open_file_path(fh), target, size, at)
     except OSError as e:
         raise HTTPException(status_code=415, detail=f"photo {file_id} cannot be decoded for a thumbnail ({e})") from e
     for stale in folder.glob(f"{file_id}-{size}-*"):
-        if stale != target and stale.suffix in THUMB_TYPES:
+        if stale.suffix in THUMB_TYPES and not stale.name.startswith(stem):
             stale.unlink(missing_ok=True)
     return target
 
@@ -436,11 +502,14 @@ def page(request: Request) -> Response:
 
 @router.get("/api/library")
 def library_info(request: Request) -> dict[str, Any]:
-    """How many photos the gallery searches, and with which model."""
+    """How many photos and video moments the gallery searches, and with which model."""
     library = library_of(request)
     try:
+        keys = library.vectors().ids
+        moments = int(np.count_nonzero(keys < 0))  # moment keys are negative (`store.files_of`)
         return {
-            "photos": len(library.vectors()),
+            "photos": len(keys) - moments,
+            "moments": moments,
             "model": library.model_row.name,
             "cameras": [{"name": name, "count": count} for name, count in library.cameras()],
             "folders": [root for root, _ in library.store.roots()],
@@ -540,34 +609,51 @@ def thumb(
     request: Request,
     file_id: FileId,
     size: Annotated[int, Query(description=f"Longest side in pixels, one of {THUMB_SIZES}.")] = 256,
+    t: Annotated[float | None, Query(ge=0, le=1e7, description="For a video: the frame at these seconds.")] = None,
 ) -> Response:
-    """A thumbnail of an indexed photo (JPEG, or WebP with alpha), made once and cached on disk."""
+    """A thumbnail of an indexed photo (JPEG, or WebP with alpha), or of a video's frame at ``t`` (default:
+    its first), made once and cached on disk."""
     if size not in THUMB_SIZES:
         raise HTTPException(status_code=422, detail=f"size must be one of {', '.join(map(str, THUMB_SIZES))}")
     library = library_of(request)
     _, fh, st = open_recorded(library, file_id)
     with fh:
-        etag = f'"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}"'
+        video = library.metadata([file_id]).get(file_id)
+        at = (t or 0.0) if video is not None and video.kind == "video" else None
+        moment = "" if at is None else f"-t{round(at * 1000)}"
+        etag = f'"{file_id}-{size}-{st.st_mtime_ns}-{st.st_size}{moment}"'
         headers = {"ETag": etag, "Cache-Control": "private, max-age=300"}
         if etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
-        made = thumbnail(library, file_id, fh, st, size)
+        made = thumbnail(library, file_id, fh, st, size, at)
         return FileResponse(made, media_type=THUMB_TYPES[made.suffix], headers=headers)
 
 
 @router.get("/original/{file_id}")
 def original(request: Request, file_id: FileId) -> Response:
-    """The indexed photo itself, as the file the index recorded (see the module notes)."""
+    """The indexed photo or video itself, as the file the index recorded (see the module notes); one byte
+    range of it for a ``Range`` request (206), as a browser asks when it seeks in a video."""
     library = library_of(request)
     rec, fh, st = open_recorded(library, file_id)
-    kind = media_type(fh, file_id)
+    try:
+        kind = media_type(fh, file_id)
+        wanted = byte_range(request.headers.get("range"), st.st_size)
+    except BaseException:
+        fh.close()
+        raise
     name = os.path.basename(rec.path)
+    first, last = wanted or (0, st.st_size - 1)
     headers = {
-        "Content-Length": str(st.st_size),
+        "Content-Length": str(last - first + 1),
+        "Accept-Ranges": "bytes",
         "Content-Disposition": f"inline; filename*=utf-8''{quote(name, errors='replace')}",  # a non-UTF-8 name too
         "Cache-Control": "private, max-age=300",
         "X-Content-Type-Options": "nosniff",  # the type is the decoded format's; no browser guessing
     }
+    if wanted is not None:
+        headers["Content-Range"] = f"bytes {first}-{last}/{st.st_size}"
+        fh.seek(first)
     # The generator closes the file when the body is sent; the task when the client left before that.
-    body = chunks(fh, st.st_size)
-    return StreamingResponse(body, media_type=kind, headers=headers, background=BackgroundTask(fh.close))
+    body = chunks(fh, last - first + 1)
+    return StreamingResponse(body, status_code=206 if wanted else 200, media_type=kind, headers=headers,
+                             background=BackgroundTask(fh.close))  # fmt: skip

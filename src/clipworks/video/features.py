@@ -67,8 +67,10 @@ def iter_feature_batches(
     batch_size: int = 32,
     queue_size: int | None = None,
     cancel: threading.Event | None = None,
+    normalize: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(timestamps_ms, raw embeddings)`` per encoded batch, in frame order.
+    """Yield ``(timestamps_ms, raw embeddings)`` per encoded batch, in frame order (unit vectors with
+    ``normalize``, as the library stores them).
 
     One decode thread (the pipeline's): it opens, reads and closes the video itself, since PyAV's frame
     threads already decode in parallel and frames must come in order. A frame that fails is an error for
@@ -77,7 +79,7 @@ def iter_feature_batches(
     batches = iter_embeddings(
         model, iter_frames(path, sampling), batch_size=batch_size, workers=1,
         queue_size=queue_size or max(2 * batch_size, 8), decode=lambda frame: model.preprocess(frame.to_image()),
-        key=lambda frame: frame.timestamp_ms, normalize=False, skip=(), cancel=cancel,
+        key=lambda frame: frame.timestamp_ms, normalize=normalize, skip=(), cancel=cancel,
         name="clipworks-video",
     )  # fmt: skip
     for batch in batches:

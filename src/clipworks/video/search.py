@@ -20,10 +20,9 @@ class Moment:
     @property
     def clock(self) -> str:
         """``H:MM:SS.mmm``, the way video players show a position."""
-        ms = round(self.timestamp_ms)
-        h, rest = divmod(ms, 3_600_000)
-        m, rest = divmod(rest, 60_000)
-        return f"{h}:{m:02d}:{rest / 1000:06.3f}"
+        from clipworks.display import clock
+
+        return clock(self.timestamp_ms / 1000, decimals=3, hour_digits=1)
 
 
 def top_moments(
