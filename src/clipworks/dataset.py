@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from clipworks.display import one_line, quote_path
 from clipworks.errors import BadImage, ClipworksError, UsageError
@@ -452,14 +453,14 @@ def load_sample(sample: Sample, enable_text: bool) -> Sample:
         if sample.data is None:
             with _open(sample.image_path) as fh:
                 sample.data = fh.read()
-        from PIL import Image
-
         with Image.open(io.BytesIO(sample.data)) as image:
             sample.width, sample.height = image.size
     except MissingExtra:  # no package for the URLs' protocol: every sample would fail, so the job stops
         raise
     except ClipworksError as e:
         sample.error = str(e)
+    except UnidentifiedImageError:  # its message names a BytesIO's address, which no two runs share
+        sample.error = f"{sample}: not an image format Pillow can read; skip it or convert it to JPEG or PNG"
     except Exception as e:  # any unreadable file or image header is this sample's error
         sample.error = f"{sample}: {one_line(str(e)) or type(e).__name__}"
     return sample
