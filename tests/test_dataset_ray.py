@@ -121,6 +121,11 @@ def test_cli_engine_ray_resumes_tables_like_the_local_engine(capsys, cluster, vi
     assert "embedded 4 images into 1 shards, 2 finished shards skipped" in err
     assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
     assert keys(tmp_path / "ray", "metadata") == [f"{i:09d}" for i in range(11)]
+    # A table without an image column is found by a counting task on a worker: still one line, non-zero exit.
+    bad = write_table(tmp_path, "csv", [{"name": "x.jpg"}])
+    code, err = run(capsys, "embed", "dataset", bad, "--output-folder", tmp_path / "bad", "-m", vit_bundle,
+                    "--engine", "ray")  # fmt: skip
+    assert code != 0 and "Traceback" not in err and "has none of the columns" in err.strip().splitlines()[-1], err
 
 
 def test_without_ray_the_message_names_the_extra(monkeypatch, vit_bundle, tmp_path) -> None:

@@ -212,24 +212,12 @@ def decode_stage(batch: dict[str, np.ndarray], *, recipe: ModelRecipe) -> dict[s
 class EmbedStage:
     """A model actor: holds one loaded model and embeds the decoded rows of each batch it is given."""
 
-    @classmethod
-    def bound(cls, recipe: ModelRecipe, enable_text: bool) -> type[EmbedStage]:
-        """The class with its arguments built in: Ray keeps a class with its definition, so an actor restarted
-        after its machine died needs nothing from the object store (constructor arguments live there)."""
-
-        class Bound(cls):  # type: ignore[valid-type,misc]
-            def __init__(self) -> None:
-                super().__init__(recipe, enable_text)
-
-        return Bound
-
     def __init__(self, recipe: ModelRecipe, enable_text: bool) -> None:
         self.model = recipe.load()
         self.model.load_towers("visual", *(["textual"] if enable_text else []))
         self.enable_text = enable_text
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
         ok = [i for i, error in enumerate(batch["error"]) if not error]
         dim = self.model.embed_dim
         out = _passed_on(batch)
@@ -248,15 +236,16 @@ class EmbedStage:
 
 
 def _cause(error: BaseException) -> ClipworksError | None:
-    """The clipworks error a task raised, under Ray's wrappers (RayTaskError, Ray Data's UserCodeException)."""
+    """The clipworks error a task raised, under Ray's wrappers (``RayTaskError``, which also poses as an
+    instance of its cause's class, and Ray Data's ``UserCodeException``)."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, ClipworksError) and type(current).__module__.startswith("clipworks"):
+            return current
         cause = getattr(current, "cause", None)
-        if isinstance(cause, ClipworksError) and type(cause).__module__.startswith("clipworks"):
-            return cause
-        current = current.__cause__ or (cause if isinstance(cause, BaseException) else None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
     return None
 
 
@@ -321,13 +310,11 @@ def embed_dataset_ray(
                 sink.close()
             finally:
                 sink.discard()
-    except ClipworksError:
-        raise
     except Exception as e:
         cause = _cause(e)
-        if cause is not None:
-            raise cause from e
-        raise
+        if cause is None or cause is e:
+            raise
+        raise cause from None  # its one-line message; Ray's copy of the remote traceback is in Ray's logs
     result.seconds = time.perf_counter() - start
     return result
 
@@ -364,7 +351,11 @@ def _pipeline(
         )
         .map_batches(decode_stage, batch_size=batch_size, num_cpus=1, fn_kwargs={"recipe": recipe})
         .map_batches(
-            EmbedStage.bound(recipe, enable_text), batch_size=batch_size, concurrency=actors, **actor_resources
+            EmbedStage,
+            batch_size=batch_size,
+            concurrency=actors,
+            fn_constructor_args=(recipe, enable_text),
+            **actor_resources,
         )
     )
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
