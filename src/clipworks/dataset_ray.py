@@ -283,7 +283,9 @@ def embed_dataset_ray(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
     _ray()
-    model = recipe.load()  # the driver's copy names the job and its width; it never loads a session
+    # The driver's copy only names the job and its width (no session): on the CPU, as the driver of a GPU
+    # cluster may have no GPU itself.
+    model = load(recipe.name_or_path, "cpu")
     folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text)
     start = time.perf_counter()
     result = DatasetResult()
