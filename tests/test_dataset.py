@@ -294,7 +294,8 @@ def test_an_output_folder_of_another_model_or_setting_is_refused(model, rn_bundl
     [
         (["{dir}/nothing.tar"], "nothing.tar does not exist"),
         (["{dir}/shards/{{00000..00003}}.tar"], "00001.tar does not exist"),
-        (["{dir}/shards/00000.tar", "--engine", "ray"], "--engine 'ray' is not available"),
+        (["{dir}/shards/00000.tar", "--engine", "spark"], "--engine must be one of local, ray, not 'spark'"),
+        (["{dir}/shards/00000.tar", "--address", "auto"], "--address, --actors and --gpus-per-actor are for --engine"),
         (["{dir}/shards/00000.tar", "--input-format", "zip"], "--input-format must be one of"),
         (["{dir}/readme.md"], "cannot tell the format"),
         (["{dir}/shards/00000.tar", "--shard-size", "0"], "--shard-size must be at least 1"),

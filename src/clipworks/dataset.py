@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from clipworks.display import one_line, quote_path
 from clipworks.errors import BadImage, ClipworksError, UsageError
 from clipworks.extras import MissingExtra, require
 from clipworks.outputs import SHARD_DTYPE, ShardWriter, pyarrow_modules, shard_finished
-from clipworks.pipeline import Failure, iter_embeddings, warn
+from clipworks.pipeline import iter_embeddings, warn
 from clipworks.runtime.encoder import ClipModel
 
 INPUT_FORMATS = ("files", "webdataset", "parquet", "csv")
@@ -187,14 +188,14 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def read_webdataset(shards: Sequence[str], wanted: Callable[[int], bool]) -> Iterator[Sample]:
+def read_webdataset(shards: Sequence[str], wanted: Callable[[int], bool], start: int = 0) -> Iterator[Sample]:
     """Samples of WebDataset tars, streamed member by member (nothing is extracted to disk).
 
     The members of one sample are consecutive, as WebDataset's writer puts them; the members of a sample
     that is not ``wanted`` are passed over unread. A truncated or corrupt tar keeps the samples read before
     the damage, with a one-line warning naming it.
     """
-    index = 0
+    index = start
     for shard in shards:
         with _open(shard) as fh:
             members: dict[str, bytes] = {}
@@ -264,10 +265,10 @@ def _table_sample(index: int, row: dict[str, Any], image_col: str, caption_col: 
     return Sample(index, key, path, caption or None)
 
 
-def read_table(tables: Sequence[str], fmt: str, wanted: Callable[[int], bool], *, image_column: str | None = None,
-               caption_column: str | None = None) -> Iterator[Sample]:  # fmt: skip
+def read_table(tables: Sequence[str], fmt: str, wanted: Callable[[int], bool], start: int = 0, *,
+               image_column: str | None = None, caption_column: str | None = None) -> Iterator[Sample]:  # fmt: skip
     """Rows of Parquet or CSV tables, streamed a batch of rows at a time."""
-    index = 0
+    index = start
     for table in tables:
         rows = _parquet_rows(table) if fmt == "parquet" else _csv_rows(table)
         names = next(rows)
@@ -299,12 +300,12 @@ def _csv_rows(table: str) -> Iterator[Any]:
         yield from reader
 
 
-def read_folders(folders: Sequence[str], wanted: Callable[[int], bool]) -> Iterator[Sample]:
+def read_folders(folders: Sequence[str], wanted: Callable[[int], bool], start: int = 0) -> Iterator[Sample]:
     """Image files under each folder (the library's walk: one sorted order); ``NAME.txt`` beside
     ``NAME.jpg`` is its caption, as clip-retrieval's files reader pairs them."""
     from clipworks.library.scan import walk
 
-    index = 0
+    index = start
     for folder in folders:
         if not os.path.isdir(folder):
             raise UsageError(f"{folder} is not a folder (the files format reads folders of images)")
@@ -321,14 +322,63 @@ def read_folders(folders: Sequence[str], wanted: Callable[[int], bool]) -> Itera
             index += 1
 
 
-def read_samples(paths: Sequence[str], fmt: str, wanted: Callable[[int], bool] = lambda i: True,
+def read_samples(paths: Sequence[str], fmt: str, wanted: Callable[[int], bool] = lambda i: True, start: int = 0,
                  **columns: str | None) -> Iterator[Sample]:  # fmt: skip
-    """Every sample of the inputs in one fixed order; ``wanted(index)`` False: yield it without reading it."""
+    """Every sample of the inputs in one fixed order, numbered from ``start`` (the number of samples in the
+    inputs before these); ``wanted(index)`` False: yield it without reading it."""
     if fmt == "webdataset":
-        return read_webdataset(paths, wanted)
+        return read_webdataset(paths, wanted, start)
     if fmt in ("parquet", "csv"):
-        return read_table(paths, fmt, wanted, **columns)
-    return read_folders(paths, wanted)
+        return read_table(paths, fmt, wanted, start, **columns)
+    return read_folders(paths, wanted, start)
+
+
+# -- the shard plan: which samples of which input make each output shard ----------------------------------
+
+
+def shard_of(index: int, shard_size: int) -> int:
+    """The output shard of the sample at ``index`` in input order: the one partitioning rule of every engine."""
+    return index // shard_size
+
+
+@dataclass(frozen=True)
+class InputSlice:
+    """The samples ``[start, stop)`` of the input order that lie in ``path``, whose first sample is ``first``."""
+
+    path: str
+    first: int
+    start: int
+    stop: int
+
+
+def count_samples(path: str, fmt: str, **columns: str | None) -> int:
+    """How many samples one input holds (read as ``read_samples`` reads it, images passed over unread)."""
+    return sum(1 for _ in read_samples([path], fmt, lambda i: False, **columns))
+
+
+def plan_shards(paths: Sequence[str], counts: Sequence[int], shard_size: int) -> dict[int, list[InputSlice]]:
+    """Each output shard's slices of the inputs (``counts[i]`` samples in ``paths[i]``), by ``shard_of``."""
+    plan: dict[int, list[InputSlice]] = {}
+    first = 0
+    for path, count in zip(paths, counts, strict=True):
+        index = first
+        while index < first + count:
+            shard = shard_of(index, shard_size)
+            stop = min(first + count, (shard + 1) * shard_size)
+            plan.setdefault(shard, []).append(InputSlice(path, first, index, stop))
+            index = stop
+        first += count
+    return plan
+
+
+def read_slice(piece: InputSlice, fmt: str, **columns: str | None) -> Iterator[Sample]:
+    """The samples of one slice, numbered in the whole input order (the others passed over unread)."""
+    wanted = lambda i: piece.start <= i < piece.stop  # noqa: E731
+    for sample in read_samples([piece.path], fmt, wanted, piece.first, **columns):
+        if sample.index >= piece.stop:
+            return
+        if sample.index >= piece.start:
+            yield sample
 
 
 # -- the job -----------------------------------------------------------------------------------------
@@ -383,6 +433,103 @@ def check_shard_size(shard_size: int) -> None:
         raise UsageError(f"--shard-size must be at least 1, not {shard_size}")
 
 
+def open_job(model: ClipModel, paths: Sequence[str], fmt: str, output_folder: str | Path, *, shard_size: int,
+             enable_text: bool) -> Path:  # fmt: skip
+    """The checked output folder of a job (its ``job.json`` written or matched), before any engine starts."""
+    check_shard_size(shard_size)
+    pyarrow_modules("embedding a dataset")
+    folder = Path(output_folder).expanduser()
+    check_job(folder, _job_record(model, fmt, paths, shard_size, enable_text))
+    return folder
+
+
+def load_sample(sample: Sample, enable_text: bool) -> Sample:
+    """The image's bytes and size (the header only; decoding comes next), or the sample's error."""
+    if sample.error is None and enable_text and sample.caption is None:
+        sample.error = f"{sample} has no caption (--enable-text embeds every sample's caption)"
+    if sample.error is not None:
+        return sample
+    try:
+        if sample.data is None:
+            with _open(sample.image_path) as fh:
+                sample.data = fh.read()
+        with Image.open(io.BytesIO(sample.data)) as image:
+            sample.width, sample.height = image.size
+    except MissingExtra:  # no package for the URLs' protocol: every sample would fail, so the job stops
+        raise
+    except ClipworksError as e:
+        sample.error = str(e)
+    except UnidentifiedImageError:  # its message names a BytesIO's address, which no two runs share
+        sample.error = f"{sample}: not an image format Pillow can read; skip it or convert it to JPEG or PNG"
+    except Exception as e:  # any unreadable file or image header is this sample's error
+        sample.error = f"{sample}: {one_line(str(e)) or type(e).__name__}"
+    return sample
+
+
+def decode_sample(model: ClipModel, sample: Sample) -> np.ndarray:
+    """A loaded sample's pixels; its error (from reading or loading it) as ``BadImage``."""
+    if sample.error is not None:
+        raise BadImage(sample.error)
+    data, sample.data = sample.data, None  # the pixels replace the bytes: memory holds one of them
+    return model.preprocess(data)
+
+
+class ShardSink:
+    """Embedded rows and failures, in input order, into their output shards (``shard_of``) through
+    ``ShardWriter``: a shard is committed when the first row of a later one arrives, or by ``close()``.
+    Every engine writes through it, so their shards hold the same rows in the same order."""
+
+    def __init__(self, folder: Path, dim: int, shard_size: int, result: DatasetResult, *, text: bool) -> None:
+        self.folder, self.dim, self.shard_size, self.text, self.result = folder, dim, shard_size, text, result
+        self._writer: ShardWriter | None = None
+        self._last = -1
+
+    def add(self, rows: Sequence[dict[str, Any]], image_emb: np.ndarray, text_emb: np.ndarray | None = None) -> None:
+        """``rows``: dicts with ``index``, ``error`` (None: embedded) and the metadata columns, in increasing
+        ``index``; ``image_emb`` (and ``text_emb``) has one row for each (what a failed row has is unused)."""
+        for shard, group in itertools.groupby(range(len(rows)), key=lambda i: shard_of(rows[i]["index"],
+                                                                                        self.shard_size)):  # fmt: skip
+            writer = self._writer_for(shard)
+            embedded = []
+            for i in group:
+                if rows[i]["index"] <= self._last:
+                    raise ClipworksError(f"sample {rows[i]['index']} came twice or out of order; embed again")
+                self._last = rows[i]["index"]
+                if rows[i].get("error") is None:
+                    embedded.append(i)
+                else:
+                    writer.add_error(rows[i])
+                    self.result.failed += 1
+            if embedded:
+                writer.add([rows[i] for i in embedded], image_emb[embedded],
+                           text_emb[embedded] if text_emb is not None else None)  # fmt: skip
+                self.result.embedded += len(embedded)
+
+    def _writer_for(self, shard: int) -> ShardWriter:
+        if self._writer is not None and self._writer.index != shard:
+            self._commit()
+        if self._writer is None:
+            self._writer = ShardWriter(self.folder, shard, self.dim, text=self.text)
+        return self._writer
+
+    def _commit(self) -> None:
+        assert self._writer is not None
+        self._writer.commit()
+        self.result.shards_written.append(self._writer.index)
+        self._writer = None
+
+    def close(self) -> None:
+        """Commit the last shard."""
+        if self._writer is not None:
+            self._commit()
+
+    def discard(self) -> None:
+        """Interrupted: the unfinished shard leaves no file behind."""
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
+
+
 def embed_dataset(
     model: ClipModel,
     paths: Sequence[str],
@@ -399,16 +546,13 @@ def embed_dataset(
 ) -> DatasetResult:
     """Embed every sample of ``paths`` into ``output_folder`` in clip-retrieval's layout, one shard at a
     time (memory: one batch in flight plus one shard's metadata rows). Finished shards are kept."""
-    check_shard_size(shard_size)
-    pyarrow_modules("embedding a dataset")
-    folder = Path(output_folder).expanduser()
-    check_job(folder, _job_record(model, fmt, paths, shard_size, enable_text))
+    folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text)
     start = time.perf_counter()
     result = DatasetResult()
     done: dict[int, bool] = {}
 
     def wanted(index: int) -> bool:
-        shard = index // shard_size
+        shard = shard_of(index, shard_size)
         if shard not in done:
             done[shard] = shard_finished(folder, shard)
             if done[shard]:
@@ -417,81 +561,27 @@ def embed_dataset(
 
     samples = (s for s in read_samples(paths, fmt, wanted, image_column=image_column, caption_column=caption_column)
                if wanted(s.index))  # fmt: skip
-    writer: ShardWriter | None = None
-
-    def shard_for(index: int) -> ShardWriter:
-        nonlocal writer
-        shard = index // shard_size
-        if writer is not None and writer.index != shard:
-            writer.commit()
-            result.shards_written.append(writer.index)
-            writer = None
-        if writer is None:
-            writer = ShardWriter(folder, shard, model.embed_dim, text=enable_text)
-        return writer
-
-    def record_failure(failure: Failure) -> None:
-        sample: Sample = failure.extra
-        shard_for(sample.index).add_error({**sample.row(), "error": failure.error})
-        result.failed += 1
-
-    def load(sample: Sample) -> Sample:
-        """In the decode thread: the image's bytes and size (the header only; decoding comes next)."""
-        if sample.error is None and enable_text and sample.caption is None:
-            sample.error = f"{sample} has no caption (--enable-text embeds every sample's caption)"
-        if sample.error is not None:
-            return sample
-        try:
-            if sample.data is None:
-                with _open(sample.image_path) as fh:
-                    sample.data = fh.read()
-            from PIL import Image
-
-            with Image.open(io.BytesIO(sample.data)) as image:
-                sample.width, sample.height = image.size
-        except MissingExtra:  # no package for the URLs' protocol: every sample would fail, so the job stops
-            raise
-        except ClipworksError as e:
-            sample.error = str(e)
-        except Exception as e:  # any unreadable file or image header is this sample's error
-            sample.error = f"{sample}: {one_line(str(e)) or type(e).__name__}"
-        return sample
-
-    def decode(sample: Sample) -> np.ndarray:
-        if sample.error is not None:
-            raise BadImage(sample.error)
-        data, sample.data = sample.data, None  # the pixels replace the bytes: memory holds one of them
-        return model.preprocess(data)
-
+    sink = ShardSink(folder, model.embed_dim, shard_size, result, text=enable_text)
     try:
         for batch in iter_embeddings(
-            model, samples, batch_size=batch_size, workers=workers, decode=decode, key=lambda s: s,
-            on_item=load, on_skip=lambda f: None, on_progress=on_progress,
+            model, samples, batch_size=batch_size, workers=workers, decode=lambda s: decode_sample(model, s),
+            key=lambda s: s, on_item=lambda s: load_sample(s, enable_text), on_skip=lambda f: None,
+            on_progress=on_progress,
         ):  # fmt: skip
-            texts = _caption_embeddings(model, batch.keys) if enable_text else None
-            image_emb = batch.embeddings.astype(SHARD_DTYPE)
-            # Rows and failures (which come before the rows of their batch) go to their index's shard.
-            events: list[tuple[int, Any]] = [(f.extra.index, f) for f in batch.failures]
-            events = sorted(events + [(s.index, i) for i, s in enumerate(batch.keys)], key=lambda event: event[0])
-            for shard, group in itertools.groupby(events, key=lambda event: event[0] // shard_size):
-                target = shard_for(shard * shard_size)
-                rows = []
-                for _, event in group:
-                    if isinstance(event, Failure):
-                        record_failure(event)
-                    else:
-                        rows.append(event)
-                if rows:
-                    target.add([batch.keys[i].row() for i in rows], image_emb[rows],
-                               texts[rows] if texts is not None else None)  # fmt: skip
-            result.embedded += len(batch.keys)
-        if writer is not None:
-            writer.commit()
-            result.shards_written.append(writer.index)
-            writer = None
+            # The failures (which come before the rows of their batch) and the rows, in input order.
+            entries = [(f.extra, f.error) for f in batch.failures] + [(s, None) for s in batch.keys]
+            order = sorted(range(len(entries)), key=lambda i: entries[i][0].index)
+            image_emb = np.zeros((len(entries), model.embed_dim), SHARD_DTYPE)
+            image_emb[len(batch.failures) :] = batch.embeddings
+            text_emb = None
+            if enable_text:
+                text_emb = np.zeros_like(image_emb)
+                text_emb[len(batch.failures) :] = _caption_embeddings(model, batch.keys)
+            rows = [{**entries[i][0].row(), "index": entries[i][0].index, "error": entries[i][1]} for i in order]
+            sink.add(rows, image_emb[order], text_emb[order] if text_emb is not None else None)
+        sink.close()
     finally:
-        if writer is not None:  # interrupted: the unfinished shard leaves no file behind
-            writer.discard()
+        sink.discard()
     result.seconds = time.perf_counter() - start
     return result
 

@@ -67,7 +67,7 @@ def images(
     info("wrote " + ", ".join(quote_path(p) for p in written))
 
 
-ENGINES = ("local",)
+ENGINES = ("local", "ray")
 
 
 @app.command()
@@ -86,7 +86,19 @@ def dataset(
         str | None, typer.Option(help="files, webdataset, parquet or csv (default: from the first input's name).")
     ] = None,
     enable_text: Annotated[bool, typer.Option("--enable-text", help="Also embed each sample's caption.")] = False,
-    engine: Annotated[str, typer.Option(help="local: this machine.")] = "local",
+    engine: Annotated[
+        str, typer.Option(help="local: this process; ray: a Ray cluster (pip install 'clipworks[ray]').")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: the cluster to join (auto, or ray://HOST:10001); default: start Ray here."),
+    ] = None,
+    actors: Annotated[
+        int | None, typer.Option(help="--engine ray: model actors (default: one per GPU share, else per machine).")
+    ] = None,
+    gpus_per_actor: Annotated[
+        float, typer.Option(help="--engine ray: each model actor's share of a GPU (0.5: two a GPU; 0: CPU).")
+    ] = 0.0,
     shard_size: Annotated[int, typer.Option(help="Samples per output shard.")] = 100_000,
     image_column: Annotated[str | None, typer.Option(help="Table column of the image path or URL.")] = None,
     caption_column: Annotated[str | None, typer.Option(help="Table column of the caption.")] = None,
@@ -103,17 +115,34 @@ def dataset(
     from clipworks.dataset import check_shard_size, embed_dataset, resolve_inputs
 
     if engine not in ENGINES:
-        raise UsageError(f"--engine {engine!r} is not available (yet); use --engine local")
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine != "ray" and (address is not None or actors is not None or gpus_per_actor):
+        raise UsageError("--address, --actors and --gpus-per-actor are for --engine ray")
     check_shard_size(shard_size)
     paths, fmt = resolve_inputs(inputs, input_format)
-    clip = load_model(model, device, precision, threads)
-    info(f"{clip.name}: {len(paths)} {fmt} input(s), {clip.precision} on {clip.providers[0]}")
+    columns = {"image_column": image_column, "caption_column": caption_column}
     with tqdm(unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
-        result = embed_dataset(
-            clip, paths, fmt, output_folder, enable_text=enable_text, shard_size=shard_size,
-            batch_size=batch_size, workers=workers, image_column=image_column, caption_column=caption_column,
-            on_progress=bar.update,
-        )  # fmt: skip
+        if engine == "ray":
+            from clipworks.dataset_ray import ModelRecipe, RaySettings, embed_dataset_ray
+
+            # The workers load the model themselves: a bundle folder by its full path (their working folder
+            # is not this one), a registry name as given (each machine pulls it).
+            local_dir = Path(model).expanduser()
+            recipe = ModelRecipe(str(local_dir.resolve()) if local_dir.is_dir() else model, device, precision,
+                                 threads)  # fmt: skip
+            info(f"{model}: {len(paths)} {fmt} input(s) on Ray ({address or 'started here'})")
+            result = embed_dataset_ray(
+                recipe, paths, fmt, output_folder, settings=RaySettings(address, actors, gpus_per_actor),
+                enable_text=enable_text, shard_size=shard_size, batch_size=batch_size, on_progress=bar.update,
+                **columns,
+            )  # fmt: skip
+        else:
+            clip = load_model(model, device, precision, threads)
+            info(f"{clip.name}: {len(paths)} {fmt} input(s), {clip.precision} on {clip.providers[0]}")
+            result = embed_dataset(
+                clip, paths, fmt, output_folder, enable_text=enable_text, shard_size=shard_size,
+                batch_size=batch_size, workers=workers, on_progress=bar.update, **columns,
+            )  # fmt: skip
     info(result.summary())
     info(f"wrote {quote_path(output_folder)}")
 
