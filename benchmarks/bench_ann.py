@@ -8,7 +8,8 @@ a time, as a search box sends them; text encoding excluded) and recall@10 agains
 same float32 scores. ``faiss-ivfpq`` (coarse lists + 64-byte product codes) is the engine that fits 10M
 vectors in a few GB; HNSW keeps every vector in the graph (10M x 512 x f16 = 10 GB before its links).
 
-    python benchmarks/bench_ann.py --rows 1000000            # about 40 min on 2 loaded cores
+    python benchmarks/bench_ann.py --rows 1000000            # HNSW: ~20 min a build on 2 idle cores
+    python benchmarks/bench_ann.py --rows 1000000 --build-seconds 360  # measure a part, extrapolate
     python benchmarks/bench_ann.py --rows 100000 --engines faiss,usearch
     python benchmarks/bench_ann.py --rows 10000000 --engines faiss-ivfpq --settings 32:256,64:256
 
