@@ -10,7 +10,7 @@ import pytest
 
 from clipworks.cli.main import main
 from clipworks.library import Library
-from clipworks.library.ann import REBUILD_FRACTION, AnnIndex, sync_ann
+from clipworks.library.ann import EXPANSION_SEARCH, REBUILD_FRACTION, AnnIndex, sync_ann
 from clipworks.library.search import ExactIndex
 from clipworks.ops import l2_normalize
 from library_helpers import make_variants
@@ -91,6 +91,7 @@ def test_saved_index_is_reopened_not_rebuilt(tmp_path: Path, base: ExactIndex) -
     logs.clear()
     again = sync_ann(tmp_path, KEY, 1, base, "f16", logs.append)
     assert logs == [] and len(again) == len(base)
+    assert again.graph.hnsw.efSearch == EXPANSION_SEARCH  # today's beam, not the one saved in the file
     state = json.loads(next(tmp_path.glob("*.faiss.json")).read_text())
     assert state["generation"] == KEY[1] and state["count"] == len(base)
 
