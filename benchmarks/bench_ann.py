@@ -2,11 +2,16 @@
 
 Synthetic clustered unit vectors (512-d, like CLIP embeddings: neighbourhoods around many centres) are
 generated in blocks, so 10M fit the machine: the exact matrix is a memory-mapped float16 file on disk.
-For each engine: build time, index memory, p50/p95 query latency (one query at a time, as a search box
-sends them; text encoding excluded) and recall@10 against the exact top 10 of the same float32 scores.
+For each engine: build time and rate, index memory, and for each search setting (the walk's beam,
+efSearch, and how many candidates it hands to the exact re-ranking) p50/p95 query latency (one query at
+a time, as a search box sends them; text encoding excluded) and recall@10 against the exact top 10 of the
+same float32 scores. ``faiss-ivfpq`` (coarse lists + 64-byte product codes) is the engine that fits 10M
+vectors in a few GB; HNSW keeps every vector in the graph (10M x 512 x f16 = 10 GB before its links).
 
-    python benchmarks/bench_ann.py --rows 1000000            # about 15 min on 2 cores
+    python benchmarks/bench_ann.py --rows 1000000            # HNSW: ~20 min a build on 2 idle cores
+    python benchmarks/bench_ann.py --rows 1000000 --build-seconds 360  # measure a part, extrapolate
     python benchmarks/bench_ann.py --rows 100000 --engines faiss,usearch
+    python benchmarks/bench_ann.py --rows 10000000 --engines faiss-ivfpq --settings 32:256,64:256
 
 usearch is optional here (pip install usearch); clipworks itself depends on faiss-cpu only.
 """
@@ -15,15 +20,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from clipworks.library import ann
+from clipworks.library.search import ExactIndex
 from common import WORK, machine
 
 DIM = 512
+Search = Callable[[np.ndarray, int], np.ndarray]  # (query, candidates) -> row numbers (-1: none)
 
 
 def make_vectors(rows: int, seed: int = 0, clusters: int = 2000, block: int = 200_000) -> np.memmap:
@@ -42,15 +53,21 @@ def make_vectors(rows: int, seed: int = 0, clusters: int = 2000, block: int = 20
     return matrix
 
 
-def queries(count: int, matrix: np.memmap, seed: int = 1) -> np.ndarray:
-    """Perturbed library vectors: a query lands in a real neighbourhood, as a text query's vector does."""
+def queries(count: int, matrix: np.memmap, cosine: float, seed: int = 1) -> np.ndarray:
+    """Library vectors moved by isotropic noise until their cosine to it is about ``cosine``: 0.3 is as far
+    as a CLIP text prompt lies from its matching photos (the hard case for a graph walk: the query is far
+    from every node), 0.8 an image query ("more like this")."""
     rng = np.random.default_rng(seed)
     base = np.asarray(matrix[rng.integers(0, len(matrix), count)], np.float32)
-    q = base + 0.3 * rng.standard_normal(base.shape, dtype=np.float32)
+    sigma = np.sqrt((1 / cosine**2 - 1) / DIM)  # |noise|^2 = sigma^2 DIM against |base| = 1
+    q = base + sigma * rng.standard_normal(base.shape, dtype=np.float32)
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def exact_top10(matrix: np.memmap, qs: np.ndarray, block: int = 500_000) -> tuple[np.ndarray, float]:
+def exact_top10(matrix: np.memmap, qs: np.ndarray, name: str, block: int = 250_000) -> tuple[np.ndarray, float]:
+    cache = WORK / f"{Path(matrix.filename).stem}-first{len(matrix)}-truth-{name}-{len(qs)}.npy"
+    if cache.exists():  # measured when it was made
+        return np.load(cache), float("nan")
     best_s = np.full((len(qs), 10), -np.inf, np.float32)
     best_i = np.zeros((len(qs), 10), np.int64)
     for start in range(0, len(matrix), block):
@@ -60,6 +77,7 @@ def exact_top10(matrix: np.memmap, qs: np.ndarray, block: int = 500_000) -> tupl
         all_s, all_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, top + start], 1)
         keep = np.argsort(-all_s, axis=1)[:, :10]
         best_s, best_i = np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_i, keep, 1)
+    np.save(cache, best_i)
     # One exact query's latency, scanning the float16 matrix as a library without ANN would (one core's worth).
     t = time.perf_counter()
     for start in range(0, len(matrix), block):
@@ -71,46 +89,153 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_faiss(matrix: np.memmap, dtype: str):  # type: ignore[no-untyped-def]
+def add_in_blocks(add: Callable[[int, np.ndarray], None], matrix: np.memmap, block: int, limit_s: float) -> int:
+    """Adds ``matrix`` a block at a time; stops after ``limit_s`` seconds (HNSW builds slowly on a loaded
+    machine) and returns how many rows went in, so the rate can be measured on a part."""
+    t, added = time.perf_counter(), 0
+    while added < len(matrix) and time.perf_counter() - t < limit_s:
+        add(added, np.ascontiguousarray(matrix[added : added + block], np.float32))
+        added = min(added + block, len(matrix))
+        print(f"    {added:>10,} added, {added / (time.perf_counter() - t):,.0f}/s, load {os.getloadavg()[0]:.1f}",
+              flush=True)  # fmt: skip
+    return added
+
+
+def saved_size(index: Any) -> int:
+    """Bytes of the index as faiss writes it (what the library keeps beside the database), via a file:
+    ``serialize_index`` would hold a second copy in memory."""
     import faiss
 
+    path = WORK / "ann-size.faiss"
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size
+    path.unlink()
+    return size
+
+
+Built = tuple[Search, Callable[[int], None], int, Any, int]  # search, set beam, bytes, index, rows added
+
+
+def build_faiss(matrix: np.memmap, dtype: str, limit_s: float) -> Built:
+    """The library's own graph (``ann._new_graph``): same M, efConstruction and scalar quantiser."""
+
     graph = ann._new_graph(DIM, dtype, np.asarray(matrix[:: max(1, len(matrix) // 100_000)], np.float32))
-    ann._add(graph, matrix)
-    return graph, lambda q, k: graph.search(q.reshape(1, -1), k)[1][0], faiss.serialize_index(graph).nbytes
+    added = add_in_blocks(lambda _start, part: graph.add(part), matrix, 10_000, limit_s)
+
+    def set_beam(ef: int) -> None:
+        graph.hnsw.efSearch = ef
+
+    return lambda q, n: graph.search(q.reshape(1, -1), n)[1][0], set_beam, saved_size(graph), graph, added
 
 
-def build_usearch(matrix: np.memmap, dtype: str):  # type: ignore[no-untyped-def]
+def build_usearch(matrix: np.memmap, dtype: str, limit_s: float) -> Built:
     from usearch.index import Index
 
     graph = Index(ndim=DIM, metric="ip", dtype=dtype, connectivity=ann.CONNECTIVITY,
                   expansion_add=ann.EXPANSION_ADD, expansion_search=ann.EXPANSION_SEARCH)  # fmt: skip
-    for start in range(0, len(matrix), 100_000):
-        part = np.asarray(matrix[start : start + 100_000], np.float32)
-        graph.add(np.arange(start, start + len(part)), part, threads=0)
-    return graph, lambda q, k: np.asarray(graph.search(q, k).keys), graph.memory_usage
+    added = add_in_blocks(lambda start, part: graph.add(np.arange(start, start + len(part)), part, threads=0),
+                          matrix, 10_000, limit_s)  # fmt: skip
+
+    def set_beam(ef: int) -> None:
+        graph.expansion_search = ef
+
+    return lambda q, n: np.asarray(graph.search(q, n).keys), set_beam, graph.memory_usage, graph, added
 
 
-def run(engine: str, matrix: np.memmap, qs: np.ndarray, truth: np.ndarray, dtype: str, oversample: int) -> None:
-    gc.collect()
-    before = rss_mb()
+def build_ivfpq(matrix: np.memmap, _dtype: str, limit_s: float) -> Built:
+    """Coarse lists (k-means on a sample) holding 64-byte product codes: ~70 bytes a vector, fast adds."""
+    import faiss
+
+    lists = 4096 if len(matrix) >= 2_000_000 else 1024
+    index = faiss.index_factory(DIM, f"IVF{lists},PQ64", faiss.METRIC_INNER_PRODUCT)
+    sample = np.asarray(matrix[:: max(1, len(matrix) // (40 * lists))], np.float32)
     t = time.perf_counter()
-    _graph, search, size = (build_faiss if engine == "faiss" else build_usearch)(matrix, dtype)
-    build_s = time.perf_counter() - t
+    index.train(sample)
+    print(f"    trained on {len(sample):,} vectors in {time.perf_counter() - t:.0f} s", flush=True)
+    added = add_in_blocks(lambda _start, part: index.add(part), matrix, 250_000, limit_s)
+
+    def set_beam(nprobe: int) -> None:
+        index.nprobe = nprobe
+
+    return lambda q, n: index.search(q.reshape(1, -1), n)[1][0], set_beam, saved_size(index), index, added
+
+
+ENGINES = {"faiss": build_faiss, "usearch": build_usearch, "faiss-ivfpq": build_ivfpq}
+HNSW_SETTINGS = "64:64,128:64,128:128,256:128,256:256,512:256"
+SETTINGS = {"faiss": HNSW_SETTINGS, "usearch": HNSW_SETTINGS, "faiss-ivfpq": "8:128,16:256,32:256,64:512,128:512"}
+
+
+def measure(search: Search, matrix: np.memmap, qs: np.ndarray, truth: np.ndarray, candidates: int) -> tuple[float, ...]:
     latencies, found = [], 0
     for q, want in zip(qs, truth, strict=True):
         t = time.perf_counter()
-        candidates = search(q, max(10 * oversample, ann.MIN_CANDIDATES))
+        rows = search(q, candidates)
         # Exact re-ranking of the candidates from the full-precision matrix, as the library does.
-        candidates = np.sort(candidates[candidates >= 0])
-        scores = np.asarray(matrix[candidates], np.float32) @ q
-        top = candidates[np.argsort(-scores)[:10]]
+        rows = np.sort(rows[rows >= 0])
+        scores = np.asarray(matrix[rows], np.float32) @ q
+        top = rows[np.argsort(-scores)[:10]]
         latencies.append((time.perf_counter() - t) * 1000)
         found += len(set(top.tolist()) & set(want.tolist()))
     lat = np.array(latencies[10:])  # the first queries page the graph in
+    return float(np.percentile(lat, 50)), float(np.percentile(lat, 95)), found / (10 * len(qs))
+
+
+def library_path(graph: Any, matrix: np.memmap, qs: np.ndarray, truth: np.ndarray) -> None:
+    """The same graph through ``AnnIndex.top_k`` at the library's defaults (its own candidates and beam)."""
+    graph.hnsw.efSearch = ann.EXPANSION_SEARCH
+    index = ann.AnnIndex(ExactIndex(np.arange(len(matrix), dtype=np.int64), matrix), graph, np.arange(len(matrix)))
+    latencies, found = [], 0
+    for q, want in zip(qs, truth, strict=True):
+        t = time.perf_counter()
+        ids, _ = index.top_k(q, 10)
+        latencies.append((time.perf_counter() - t) * 1000)
+        found += len(set(ids.tolist()) & set(want.tolist()))
+    lat = np.array(latencies[10:])
+    print(f"  AnnIndex.top_k at the library defaults (efSearch {ann.EXPANSION_SEARCH}, "
+          f"candidates max(10 x {ann.OVERSAMPLE}, {ann.MIN_CANDIDATES})): p50 {np.percentile(lat, 50):.2f} ms  "
+          f"p95 {np.percentile(lat, 95):.2f} ms  recall@10 {found / (10 * len(qs)):.3f}", flush=True)  # fmt: skip
+
+
+def cpu_s() -> float:
+    return sum(os.times()[:2])  # user + system time of all this process' threads
+
+
+QuerySets = dict[str, np.ndarray]
+
+
+def run(engine: str, matrix: np.memmap, qsets: QuerySets, dtype: str, settings: str, limit_s: float) -> None:
+    gc.collect()
+    before = rss_mb()
+    print(f"{engine} ({dtype}): building over {len(matrix):,} vectors, load {os.getloadavg()[0]:.1f}", flush=True)
+    t, c = time.perf_counter(), cpu_s()
+    search, set_beam, size, graph, added = ENGINES[engine](matrix, dtype, limit_s)
+    build_s, build_cpu = time.perf_counter() - t, cpu_s() - c
     grown = rss_mb() - before
-    print(f"{engine:8s} {dtype:4s} build {build_s:7.1f} s  index {size / 2**20:7.0f} MiB (peak RSS +{grown:.0f} MiB)"
-          f"  p50 {np.percentile(lat, 50):6.2f} ms  p95 {np.percentile(lat, 95):6.2f} ms  "
-          f"recall@10 {found / (10 * len(qs)):.3f}")  # fmt: skip
+    # Under load the wall-clock rate says little; CPU seconds per vector are what an idle machine would spend.
+    print(f"{engine:11s} {dtype:4s} build {build_s:7.1f} s ({added / build_s:,.0f} vectors/s; CPU {build_cpu:,.0f} s, "
+          f"{added / build_cpu:,.0f} vectors per CPU-second)  index {size / 2**20:,.0f} MiB (peak RSS +{grown:,.0f} "
+          f"MiB)  load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    if added < len(matrix):
+        # Extrapolation, not a measurement: an HNSW insert costs about log(n), so the rest goes slower still.
+        growth = np.log(len(matrix)) / np.log(added)
+        idle_min = len(matrix) / (added / build_cpu) * growth / os.cpu_count() / 60  # type: ignore[operator]
+        print(f"  stopped after {limit_s:.0f} s at {added:,} of {len(matrix):,} vectors; EXTRAPOLATED: index "
+              f"{size / added * len(matrix) / 2**20:,.0f} MiB, full build {idle_min:,.0f} min on {os.cpu_count()} idle "
+              f"cores (CPU rate x log n growth {growth:.2f}); the queries below search the {added:,} added "
+              f"(recall against their exact top 10)", flush=True)  # fmt: skip
+        matrix = matrix[:added]
+    for name, qs in qsets.items():
+        truth, _ = exact_top10(matrix, qs, name)
+        print(f"  queries at {name} to a library vector:")
+        for setting in settings.split(","):
+            beam, candidates = (int(x) for x in setting.split(":"))
+            set_beam(beam)
+            p50, p95, recall = measure(search, matrix, qs, truth, candidates)
+            knob = "nprobe" if engine == "faiss-ivfpq" else "efSearch"
+            print(f"    {knob} {beam:4d} candidates {candidates:4d}: p50 {p50:6.2f} ms  p95 {p95:6.2f} ms  "
+                  f"recall@10 {recall:.3f}  load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+        if engine == "faiss":
+            library_path(graph, matrix, qs, truth)
 
 
 def main() -> None:
@@ -119,21 +244,30 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--engines", default="faiss,usearch")
     parser.add_argument("--dtype", default="f16", choices=["f32", "f16", "i8"])
-    parser.add_argument("--oversample", type=int, default=4)
+    parser.add_argument("--settings", help="Comma-separated beam:candidates pairs (beam = efSearch, or nprobe for "
+                        "IVF; default: SETTINGS for each engine).")  # fmt: skip
+    parser.add_argument("--build-seconds", type=float, default=float("inf"),
+                        help="Stop adding after this long; measure the part built, extrapolate the rest.")  # fmt: skip
+    parser.add_argument("--query-cosines", default="0.3,0.8", help="How near each query set lies to the library.")
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     print(machine())
+    print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()), flush=True)
     t = time.perf_counter()
     matrix = make_vectors(args.rows)
-    qs = queries(args.queries, matrix)
-    print(f"{args.rows} x {DIM} clustered unit vectors ready in {time.perf_counter() - t:.0f} s")
-    truth, exact_ms = exact_top10(matrix, qs)
-    print(f"exact scan: {exact_ms:.1f} ms for one query over {args.rows} float16 rows (single thread)")
+    qsets = {f"cosine {c}": queries(args.queries, matrix, float(c)) for c in args.query_cosines.split(",")}
+    print(f"{args.rows:,} x {DIM} clustered unit vectors ready in {time.perf_counter() - t:.0f} s", flush=True)
+    for name, qs in qsets.items():
+        t = time.perf_counter()
+        _, exact_ms = exact_top10(matrix, qs, name)
+        print(f"exact top 10 of {len(qs)} queries at {name} in {time.perf_counter() - t:.0f} s; one exact query: "
+              f"{exact_ms:.1f} ms over {args.rows:,} float16 rows (single thread)", flush=True)  # fmt: skip
     for engine in args.engines.split(","):
         try:
-            run(engine, matrix, qs, truth, args.dtype, args.oversample)
+            run(engine, matrix, qsets, args.dtype, args.settings or SETTINGS[engine], args.build_seconds)
         except ImportError as e:
             print(f"{engine}: not installed ({e.name})")
+        gc.collect()
 
 
 if __name__ == "__main__":

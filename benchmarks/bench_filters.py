@@ -6,11 +6,14 @@
    cameras, a folder per day, 5% videos), written straight into a clipworks library file. Selective and
    broad filters, each against the unfiltered search in the same run; the query vector is given (text
    encoding is the same with or without filters: see bench_library.py).
-2. Metadata extraction per photo (`extract_metadata`, the indexer's per-file hook after the hash) on
-   1600x1200 JPEGs carrying real EXIF, against decoding the same photo (`load_image`), which is only a
-   part of what indexing spends per photo: extraction below 5% of decoding is below 5% of indexing.
+2. Metadata extraction per photo (`extract_metadata`, the indexer's per-file hook after the hash) against
+   the whole of indexing per photo (`Library.index`, what `clipworks index add` runs, with the default
+   architecture ViT-B-32, random weights) in the same run, on real photos (the shipped check photos,
+   Debian's opencv-doc samples) and on 1600x1200 JPEGs made from them carrying a phone's EXIF.
 
-    python benchmarks/bench_filters.py --sizes 100000
+    python benchmarks/bench_filters.py --sizes 100000,1000000
+    CLIPWORKS_HOME=/tmp/scalebench/home python benchmarks/bench_filters.py --skip search  # after exporting
+                                                                # ViT-B-32 --pretrained random there
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from common import WORK, machine, photo_set
+from common import ROOT, WORK, machine, opencv_photos, photo_set
 
 DIM = 512
 CITIES = 40
@@ -175,30 +179,75 @@ def with_exif(paths: list[Path]) -> list[Path]:
     return out
 
 
-def extraction_cost(count: int, rounds: int) -> dict[str, float]:
-    from clipworks.imaging import load_image
+def photo_sets(count: int) -> dict[str, list[Path]]:
+    """Real photos as they come (the shipped check photos, Debian's opencv-doc samples: small, most without
+    EXIF) and phone-sized JPEGs made from them carrying a phone's EXIF."""
+    return {
+        "shipped check photos": sorted((ROOT / "src" / "clipworks" / "data" / "check_images").glob("*.jpg")),
+        "opencv-doc samples": opencv_photos(),
+        "1600x1200 with EXIF": with_exif(photo_set(count)),
+    }
+
+
+def extraction_ms(paths: list[Path], rounds: int) -> tuple[float, float]:
+    """``extract_metadata`` per photo, bytes in the page cache as after the indexer's hash: p50 wall ms and
+    mean CPU ms of the calling thread (CPU time barely moves with the machine's load; wall time does)."""
     from clipworks.library.metadata import extract_metadata
 
-    paths = [str(p) for p in with_exif(photo_set(count))]
-    for p in paths:  # in the page cache, as after the indexer's hash
-        Path(p).read_bytes()
-    assert extract_metadata(paths[0]).taken_source == "exif"
-    extract, decode = [], []
+    for p in paths:
+        p.read_bytes()
+    wall, cpu = [], 0.0
     for _ in range(rounds):
         for p in paths:
-            t0 = time.perf_counter()
-            extract_metadata(p)
-            t1 = time.perf_counter()
-            load_image(p)
-            t2 = time.perf_counter()
-            extract.append(t1 - t0)
-            decode.append(t2 - t1)
-    return {
-        "photos": len(paths),
-        "extract_p50_ms": pct(extract, 50),
-        "decode_p50_ms": pct(decode, 50),
-        "extract_pct_of_decode": 100 * float(np.median(extract) / np.median(decode)),
-    }
+            t0, c0 = time.perf_counter(), time.thread_time()
+            extract_metadata(str(p))
+            cpu += time.thread_time() - c0
+            wall.append(time.perf_counter() - t0)
+    return pct(wall, 50), 1000 * cpu / len(wall)
+
+
+def indexing_ms(clip: object, paths: list[Path], name: str) -> tuple[float, float]:
+    """``Library.index`` (what ``clipworks index add`` runs: scan, hash, metadata, decode, embed, store) into
+    a new library, per photo: wall ms and CPU ms of the whole process (all its threads)."""
+    from clipworks.library import Library
+
+    folder = WORK / "index-photos" / name.replace(" ", "-")
+    shutil.rmtree(folder.parent / "db", ignore_errors=True)
+    (folder.parent / "db").mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        if not (folder / p.name).exists():
+            shutil.copyfile(p, folder / p.name)
+    with Library(folder.parent / "db" / "library.db", clip, create=True, ann="off") as lib:
+        t0, c0 = time.perf_counter(), sum(os.times()[:2])
+        report = lib.index([folder], progress=False)
+        wall, cpu = time.perf_counter() - t0, sum(os.times()[:2]) - c0
+    assert report.embedded == len(paths), report
+    return 1000 * wall / len(paths), 1000 * cpu / len(paths)
+
+
+def extraction_share(count: int, rounds: int, model: str) -> dict[str, dict[str, float]]:
+    """Metadata extraction against the whole of indexing per photo, each photo set in the same run."""
+    from clipworks import load
+
+    clip = load(model, threads=2)
+    clip.encode_images([Image.new("RGB", (224, 224))])  # sessions made and warmed outside the timings
+    out = {}
+    for name, paths in photo_sets(count).items():
+        before = extraction_ms(paths, rounds)
+        index_wall, index_cpu = indexing_ms(clip, paths, name)
+        after = extraction_ms(paths, rounds)  # either side of the indexing: the load moves meanwhile
+        wall, cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        out[name] = {
+            "photos": len(paths),
+            "extract_p50_ms": wall,
+            "extract_cpu_ms": cpu,
+            "index_ms": index_wall,
+            "index_cpu_ms": index_cpu,
+            "share_wall_pct": 100 * wall / index_wall,
+            "share_cpu_pct": 100 * cpu / index_cpu,
+        }
+    return out
 
 
 def main() -> None:
@@ -207,6 +256,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--photos", type=int, default=32, help="JPEGs of 1600x1200 for the extraction cost.")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="ViT-B-32::random", help="Model indexing embeds with.")
     parser.add_argument("--skip", default="", help="Comma-separated parts to skip: search,extract")
     parser.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = parser.parse_args()
@@ -215,11 +265,14 @@ def main() -> None:
     print("load average at start: {:.1f} {:.1f} {:.1f}\n".format(*os.getloadavg()), flush=True)
     results: dict[str, object] = {"machine": machine()}
     if "extract" not in skip:
-        r = extraction_cost(args.photos, args.rounds)
-        results["extraction"] = r
-        print(f"metadata extraction, {r['photos']} JPEGs of 1600x1200 with EXIF (p50 of {args.rounds} rounds)")
-        print(f"  extract_metadata {r['extract_p50_ms']:.3f} ms, decode {r['decode_p50_ms']:.1f} ms: "
-              f"{r['extract_pct_of_decode']:.2f}% of decoding alone\n")  # fmt: skip
+        shares = extraction_share(args.photos, args.rounds, args.model)
+        results["extraction"] = shares
+        print(f"metadata extraction against indexing with {args.model}, per photo (load {os.getloadavg()[0]:.1f})")
+        for name, r in shares.items():
+            print(f"  {name:22s} {r['photos']:3d} photos: extract p50 {r['extract_p50_ms']:.2f} ms (CPU "
+                  f"{r['extract_cpu_ms']:.2f} ms), index {r['index_ms']:.0f} ms (CPU {r['index_cpu_ms']:.0f} ms): "
+                  f"{r['share_wall_pct']:.2f}% of indexing's wall, {r['share_cpu_pct']:.2f}% of its CPU")  # fmt: skip
+        print(flush=True)
     if "search" not in skip:
         for size in (int(s) for s in args.sizes.split(",")):
             r = filtered_latency(size, args.queries)
