@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clipworks.cli.main import main
+from clipworks.decoders import describe_fast
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library import SCHEMA_VERSION, Library
 from clipworks.library.scan import image_extensions, walk
@@ -360,6 +361,12 @@ def test_cli_index_search_results_similar_duplicates(tmp_path: Path, folder: Pat
     assert main(["index", "status", *base, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["files"] == n and status["models"][0]["vectors"] == n and status["schema_version"] == SCHEMA_VERSION
+    # Indexing decodes "fast" by default; the model row says so, with the decoders and the precision.
+    assert status["models"][0]["precision"] == "fp32"
+    assert status["models"][0]["decode"] == f"fast ({describe_fast()})"
+    assert main(["index", "add", str(folder), *base, "--preprocess", "exact"]) == 0  # nothing new: nothing recorded
+    assert main(["index", "status", *base]) == 0
+    assert f"{n} vectors; precision fp32, decode fast (JPEG " in capsys.readouterr().out
 
     assert main(["search", "a", "dog", "-people", "--not", "cars", *base, "--top-k", "5", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
