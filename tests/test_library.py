@@ -417,3 +417,17 @@ def test_db_path_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     assert db_path() == tmp_path / ".local" / "share" / "clipworks" / "library.db"
     monkeypatch.setenv("CLIPWORKS_DB", "~/x.db")
     assert db_path() == tmp_path / "x.db"
+
+
+def test_the_model_row_lists_every_precision_and_decode_that_made_its_vectors(tmp_path: Path):
+    from clipworks.library.store import Store
+
+    store = Store(tmp_path / "lib.db", create=True)
+    row = store.ensure_model("m", "w", 4, None)
+    assert row.produced_by() == "precision and decode not recorded"  # vectors from before schema 4, imports
+    for precision, decode in (("fp32", "fast (JPEG simplejpeg)"), ("fp32", "exact"), ("int8", "exact")):
+        store.record_production(row.id, precision, decode)
+    row = store.find_model("m", "w")
+    assert (row.precision, row.decode) == ("fp32; int8", "fast (JPEG simplejpeg); exact")
+    assert row.produced_by() == "precision fp32; int8, decode fast (JPEG simplejpeg); exact"
+    store.close()
