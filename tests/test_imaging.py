@@ -730,6 +730,18 @@ def test_fast_jpeg_decodes_scaled_and_upright(tmp_path: Path, fast_decoders: str
     assert np.abs(np.asarray(fast, np.float32) - expected).mean() < 3
 
 
+def test_simplejpeg_gives_pillow_drafts_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """simplejpeg is asked for draft()'s scale, so "fast" pixels do not depend on which is installed."""
+    for photo in real_photos()[:3]:
+        big = io.BytesIO()
+        Image.open(photo).convert("RGB").resize((1000, 700), Image.Resampling.BICUBIC).save(big, "JPEG", quality=90)
+        for data in (photo.read_bytes(), big.getvalue()):
+            with monkeypatch.context() as m:
+                m.setattr(decoders, "FAST_DECODERS", [])
+                drafted = np.asarray(load_image(data, draft_size=224))
+            assert np.array_equal(np.asarray(load_image(data, draft_size=224)), drafted)
+
+
 def make_odd(kind: str, path: Path) -> Path:
     """Files whose colour handling differs between decoders, each made from a natural picture."""
     base = natural(300, 200, seed=7)

@@ -2,7 +2,8 @@
 
 Measured on one core (benchmarks/bench_decode.py, RESULTS.md): libjpeg-turbo's DCT scaling through
 simplejpeg decodes a 12 MP JPEG straight to 1/8 size, a little faster than Pillow's own ``draft()`` (the same
-scaling inside Pillow's chunked decoder) and than OpenCV's ``IMREAD_REDUCED_*``; OpenCV's libwebp decodes a
+scaling inside Pillow's chunked decoder, to the same pixels: simplejpeg is asked for draft's scale) and than
+OpenCV's ``IMREAD_REDUCED_*``; OpenCV's libwebp decodes a
 WebP in half Pillow's time (Pillow goes through its animation decoder and RGBA) and its libpng a PNG a little
 faster. Each is optional: without simplejpeg a JPEG is drafted by Pillow, without OpenCV PNG and WebP are
 Pillow's.
@@ -58,9 +59,10 @@ class FastDecoder:
     def accepts(self, im: Image.Image) -> bool:
         return im.mode in self.modes.get(im.format or "", frozenset()) and getattr(im, "n_frames", 1) == 1
 
-    def decode(self, data: bytes, min_side: int) -> np.ndarray | None:
+    def decode(self, data: bytes, min_side: int, size: tuple[int, int]) -> np.ndarray | None:
         """HxWx3 uint8 RGB as stored (orientation not applied), at least ``min_side`` on both sides where the
-        format can decode reduced; None when this decoder cannot read the data."""
+        format can decode reduced; ``size`` is the stored (width, height) from the header. None when this
+        decoder cannot read the data."""
         raise NotImplementedError
 
 
@@ -69,12 +71,17 @@ class SimpleJpegDecoder(FastDecoder):
     module = "simplejpeg"
     modes: ClassVar[dict[str, frozenset[str]]] = {"JPEG": frozenset({"RGB", "L"}), "MPO": frozenset({"RGB", "L"})}
 
-    def decode(self, data: bytes, min_side: int) -> np.ndarray | None:
+    def decode(self, data: bytes, min_side: int, size: tuple[int, int]) -> np.ndarray | None:
         import simplejpeg
 
-        # The largest libjpeg-turbo scale (1/8 .. 7/8) that keeps both sides at least min_side; accurate
-        # integer DCT and upsampling (fastdct/fastupsample saved little and moved pixels more, RESULTS.md).
-        return simplejpeg.decode_jpeg(data, "RGB", min_height=min_side, min_width=min_side)
+        # Pillow's draft() scale (1/2, 1/4 or 1/8, at most the image over min_side on both axes), so "fast"
+        # gives the same pixels whether simplejpeg is installed or not, and a photo too small to scale decodes
+        # exactly; libjpeg-turbo's other scales (3/8, 7/8 ...) moved small photos for little gain. Accurate
+        # integer DCT and upsampling: fastdct/fastupsample saved little and moved pixels more (RESULTS.md).
+        width, height = size
+        most = min(width // min_side, height // min_side)
+        factor = next((f for f in (8, 4, 2) if f <= most), 1)
+        return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // factor), min_width=-(-width // factor))
 
 
 class OpenCVDecoder(FastDecoder):
@@ -87,7 +94,7 @@ class OpenCVDecoder(FastDecoder):
         "WEBP": frozenset({"RGB", "RGBA"}),
     }
 
-    def decode(self, data: bytes, min_side: int) -> np.ndarray | None:
+    def decode(self, data: bytes, min_side: int, size: tuple[int, int]) -> np.ndarray | None:
         import cv2
 
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # orientation is applied once, from Pillow's header
@@ -113,7 +120,7 @@ def decode_fast(im: Image.Image, min_side: int) -> Image.Image | None:
         return None
     try:
         fp.seek(0)
-        pixels = decoder.decode(fp.read(), min_side)
+        pixels = decoder.decode(fp.read(), min_side, im.size)
     except Exception:
         return None  # Pillow decodes it again and words the error, if there is one
     if pixels is None:
