@@ -10,7 +10,7 @@ Each repetition runs every configuration once, in turn, so the machine's load (o
 them alike; wall time and the CPU time of the child process (user + system, all threads) are per image.
 
     python benchmarks/bench_index.py --rclip /work/rclip-venv/bin/rclip --reps 3
-    python benchmarks/bench_index.py --configs   # clipworks' core budget: threads, spinning, decoders
+    python benchmarks/bench_index.py --configs   # the pipeline's core budget: threads, spinning, decoders
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--rclip", help="rclip executable (in its own venv); omit to time clipworks only")
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--configs", action="store_true", help="also time clipworks' thread/spinning variants")
+    parser.add_argument("--configs", action="store_true", help="time the pipeline's thread/spinning variants instead")
     args = parser.parse_args()
 
     bundle = common.bundle("ViT-B-32-256", "fp32")
@@ -148,6 +148,7 @@ def main() -> None:
     }
     if args.configs:
         core_budget(bundle, photos, args.reps)
+        return
     if args.rclip:
         datadir = rclip_datadir(bundle)
         # rclip indexes the current folder, then answers the query; -f -t 1 keeps the answer to one line.

@@ -4,9 +4,9 @@ Measured on one core (benchmarks/bench_decode.py, RESULTS.md): libjpeg-turbo's D
 simplejpeg decodes a 12 MP JPEG straight to 1/8 size, a little faster than Pillow's own ``draft()`` (the same
 scaling inside Pillow's chunked decoder, to the same pixels: simplejpeg is asked for draft's scale) and than
 OpenCV's ``IMREAD_REDUCED_*``; OpenCV's libwebp decodes a
-WebP in half Pillow's time (Pillow goes through its animation decoder and RGBA) and its libpng a PNG a little
-faster. Each is optional: without simplejpeg a JPEG is drafted by Pillow, without OpenCV PNG and WebP are
-Pillow's.
+WebP in half Pillow's time (Pillow goes through its animation decoder and RGBA). PNG stays with Pillow: OpenCV's
+libpng decoded faster, but the copies to hand its pixels over ate the gain. Each is optional: without simplejpeg
+a JPEG is drafted by Pillow, without OpenCV a WebP is Pillow's.
 
 A decoder only ever sees a file Pillow has already opened (its header read, the pixel limit checked) and
 whose colour mode it converts exactly as ``load_image`` would (``_MODES``); anything else, and any file a
@@ -87,12 +87,8 @@ class SimpleJpegDecoder(FastDecoder):
 class OpenCVDecoder(FastDecoder):
     name = "opencv"
     module = "cv2"
-    # RGBA: IMREAD_COLOR drops alpha without compositing, as Pillow's convert('RGB') does. Palette, 16-bit grey
-    # and grey+alpha images stay with Pillow, whose conversions load_image defines.
-    modes: ClassVar[dict[str, frozenset[str]]] = {
-        "PNG": frozenset({"RGB", "RGBA", "L"}),
-        "WEBP": frozenset({"RGB", "RGBA"}),
-    }
+    # RGBA: IMREAD_COLOR drops alpha without compositing, as Pillow's convert('RGB') does.
+    modes: ClassVar[dict[str, frozenset[str]]] = {"WEBP": frozenset({"RGB", "RGBA"})}
 
     def decode(self, data: bytes, min_side: int, size: tuple[int, int]) -> np.ndarray | None:
         import cv2
@@ -143,8 +139,8 @@ def _orientation(im: Image.Image) -> int:
 
 
 def describe_fast() -> str:
-    """Which decoders "fast" uses here, per format: ``JPEG simplejpeg, PNG opencv, ...``."""
-    formats = {"JPEG": "pillow-draft", "PNG": "pillow", "WEBP": "pillow"}
+    """Which decoders "fast" uses here, per format: ``JPEG simplejpeg, WEBP opencv`` (Pillow for the rest)."""
+    formats = {"JPEG": "pillow-draft", "WEBP": "pillow"}
     for decoder in reversed(FAST_DECODERS):  # the first in the list wins, as in decode_fast
         if decoder.available():
             formats.update({fmt: decoder.name for fmt in decoder.modes if fmt in formats})
