@@ -3,13 +3,13 @@
 Measured on one core (benchmarks/bench_decode.py, RESULTS.md): libjpeg-turbo's DCT scaling through
 simplejpeg decodes a 12 MP JPEG straight to 1/8 size, a little faster than Pillow's own ``draft()`` (the same
 scaling inside Pillow's chunked decoder, to the same pixels: simplejpeg is asked for draft's scale) and than
-OpenCV's ``IMREAD_REDUCED_*``; OpenCV's libwebp decodes a
-WebP in half Pillow's time (Pillow goes through its animation decoder and RGBA). PNG stays with Pillow: OpenCV's
-libpng decoded faster, but the copies to hand its pixels over ate the gain. Each is optional: without simplejpeg
-a JPEG is drafted by Pillow, without OpenCV a WebP is Pillow's.
+OpenCV's ``IMREAD_REDUCED_*``. PNG and WebP stay with Pillow: OpenCV decodes both faster on its own, but a
+file must first be opened by Pillow (format, size and pixel limit from the header) and Pillow's WebP open
+already decodes the picture, so handing over to OpenCV measured slower for both. Without simplejpeg a JPEG
+is drafted by Pillow. A new decoder is one ``FastDecoder`` subclass in ``FAST_DECODERS``.
 
 A decoder only ever sees a file Pillow has already opened (its header read, the pixel limit checked) and
-whose colour mode it converts exactly as ``load_image`` would (``_MODES``); anything else, and any file a
+whose colour mode it converts exactly as ``load_image`` would (``modes``); anything else, and any file a
 decoder fails on, goes to Pillow, so errors and their messages are Pillow's. EXIF orientation is applied
 from the metadata Pillow read with the header (a PNG's eXIf chunk must precede its pixels; reading one after
 them would mean decoding the file twice).
@@ -84,23 +84,7 @@ class SimpleJpegDecoder(FastDecoder):
         return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // factor), min_width=-(-width // factor))
 
 
-class OpenCVDecoder(FastDecoder):
-    name = "opencv"
-    module = "cv2"
-    # RGBA: IMREAD_COLOR drops alpha without compositing, as Pillow's convert('RGB') does.
-    modes: ClassVar[dict[str, frozenset[str]]] = {"WEBP": frozenset({"RGB", "RGBA"})}
-
-    def decode(self, data: bytes, min_side: int, size: tuple[int, int]) -> np.ndarray | None:
-        import cv2
-
-        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # orientation is applied once, from Pillow's header
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-        if bgr is None or bgr.dtype != np.uint8:
-            return None
-        return np.ascontiguousarray(bgr[:, :, ::-1])
-
-
-FAST_DECODERS: list[FastDecoder] = [SimpleJpegDecoder(), OpenCVDecoder()]
+FAST_DECODERS: list[FastDecoder] = [SimpleJpegDecoder()]
 
 
 def _decoder_for(im: Image.Image) -> FastDecoder | None:
@@ -139,8 +123,8 @@ def _orientation(im: Image.Image) -> int:
 
 
 def describe_fast() -> str:
-    """Which decoders "fast" uses here, per format: ``JPEG simplejpeg, WEBP opencv`` (Pillow for the rest)."""
-    formats = {"JPEG": "pillow-draft", "WEBP": "pillow"}
+    """Which decoder "fast" uses here for the formats it speeds up: ``JPEG simplejpeg`` (Pillow for the rest)."""
+    formats = {"JPEG": "pillow-draft"}
     for decoder in reversed(FAST_DECODERS):  # the first in the list wins, as in decode_fast
         if decoder.available():
             formats.update({fmt: decoder.name for fmt in decoder.modes if fmt in formats})

@@ -165,8 +165,7 @@ def load_image(source: ImageSource, *, draft_size: int | None = None, max_pixels
 
     `draft_size` asks for the fastest decode (`clipworks.decoders`): a JPEG decodes at a reduced scale
     (libjpeg-turbo's DCT scaling, through simplejpeg when installed, else Pillow's `draft`), never below
-    `draft_size` on its shorter side, and WebP through OpenCV when installed: much faster for large photos,
-    slightly different pixels.
+    `draft_size` on its shorter side: much faster for large photos, slightly different pixels.
     `max_pixels` (default `PIL.Image.MAX_IMAGE_PIXELS`) rejects larger files before decoding them; Pillow
     refuses anything over twice its own `MAX_IMAGE_PIXELS` regardless. A PIL image that is already RGB and
     upright is returned as is, not copied.
@@ -519,7 +518,7 @@ def decode(
 
 def describe_decode(cfg: PreprocessConfig, mode: Literal["exact", "fast"]) -> str:
     """What `decode(..., cfg, mode)` does here, in words a library records with its vectors:
-    ``exact``, ``fast (JPEG simplejpeg, WEBP opencv)`` or ``immich`` (which has one mode)."""
+    ``exact``, ``fast (JPEG simplejpeg)`` or ``immich`` (which has one mode)."""
     if cfg.profile == "immich":
         return "immich"
     return "exact" if mode == "exact" else f"fast ({describe_fast()})"
