@@ -44,10 +44,19 @@ def rclip_datadir(bundle: Path) -> Path:
         if dest.exists():
             continue
         graph = onnx.load(str(bundle / tower / "model.onnx"))
-        old = graph.graph.input[0].name
-        graph.graph.input[0].name = "input"
+        first = graph.graph.input[0]
+        old = first.name
+        first.name = "input"
         for node in graph.graph.node:
             node.input[:] = ["input" if name == old else name for name in node.input]
+        if first.type.tensor_type.elem_type == onnx.TensorProto.INT32:
+            # rclip's tokenizer gives int64 token ids; our text graph takes int32: cast at the door.
+            first.type.tensor_type.elem_type = onnx.TensorProto.INT64
+            graph.graph.node.insert(
+                0, onnx.helper.make_node("Cast", ["input"], ["input_int32"], to=onnx.TensorProto.INT32)
+            )
+            for node in graph.graph.node[1:]:
+                node.input[:] = ["input_int32" if name == "input" else name for name in node.input]
         onnx.save(graph, str(dest))
     vocab = out / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
     vocab.parent.mkdir(exist_ok=True)
