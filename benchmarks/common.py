@@ -52,3 +52,36 @@ def bundle(arch: str = "ViT-B-32", precisions: str = "fp32,int8") -> Path:
     if not (out / "clipworks.json").is_file():
         export_model(arch, out, pretrained="random", precisions=precisions.split(","))
     return out
+
+
+def mixed_photo_set(count: int = 200) -> list[Path]:
+    """``count`` files like a phone's camera roll: JPEGs from 0.3 to 12 MP (some EXIF-rotated), PNGs and WebPs,
+    made from the real sample photos with a little sensor-like noise (upscaled photos alone compress, and so
+    decode, unrealistically well)."""
+    import numpy as np
+    from PIL import Image
+
+    # (width, height, format, EXIF orientation): cycled; a camera roll is mostly JPEG.
+    kinds = [
+        (4000, 3000, "JPEG", 1), (1600, 1200, "JPEG", 1), (3000, 2000, "JPEG", 6), (1600, 1200, "JPEG", 1),
+        (1024, 768, "JPEG", 1), (2048, 1536, "JPEG", 8), (1600, 1200, "JPEG", 1), (1200, 900, "PNG", 1),
+        (1600, 1200, "WEBP", 1), (640, 480, "JPEG", 1),
+    ]  # fmt: skip
+    folder = WORK / f"mixed-{count}"
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = opencv_photos()
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        width, height, fmt, orientation = kinds[i % len(kinds)]
+        dest = folder / f"{i:04d}.{ {'JPEG': 'jpg', 'PNG': 'png', 'WEBP': 'webp'}[fmt] }"
+        if not dest.exists():
+            image = Image.open(sources[i % len(sources)]).convert("RGB").resize((width, height), Image.BICUBIC)
+            noisy = np.asarray(image, np.int16) + rng.normal(0, 3, (height, width, 3)).astype(np.int16)
+            image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            options = {"quality": 90} if fmt in ("JPEG", "WEBP") else {}
+            image.save(dest, fmt, exif=exif.tobytes(), **options)
+        out.append(dest)
+    return out

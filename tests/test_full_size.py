@@ -48,7 +48,8 @@ def test_real_shape_parity_with_open_clip(full_size, photos: list[Path]) -> None
 
 
 def test_fast_preprocess_stays_close_to_exact(full_size, photos: list[Path], tmp_path: Path) -> None:
-    """fast decodes JPEGs at reduced size; report how far that moves pixels and embeddings."""
+    """fast decodes JPEGs at reduced size; report how far that moves pixels and embeddings. Indexing
+    defaults to fast on the strength of the ViT's cosine staying at 0.999 or more here."""
     from clipworks.imaging import PreprocessConfig, decode
 
     arch, out, _ = full_size
@@ -64,4 +65,4 @@ def test_fast_preprocess_stays_close_to_exact(full_size, photos: list[Path], tmp
     print(f"\n{arch}: fast vs exact mean |pixel diff| {pixel_error:.4f} (normalised units), "
           f"embedding cosine min {cosine.min():.5f} mean {cosine.mean():.5f}")  # fmt: skip
     assert pixel_error < 0.05
-    assert cosine.min() > 0.98
+    assert cosine.min() >= (0.999 if arch.startswith("ViT") else 0.98)

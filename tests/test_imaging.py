@@ -24,6 +24,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 import clipworks.imaging
+from clipworks import decoders
+from clipworks.decoders import describe_fast
 from clipworks.errors import BadBundle, BadImage, UsageError
 from clipworks.imaging import (
     EXACT_RESIZE_LIMIT,
@@ -31,6 +33,7 @@ from clipworks.imaging import (
     OPENAI_STD,
     PreprocessConfig,
     decode,
+    describe_decode,
     is_image_path,
     load_image,
     load_thumbnail,
@@ -687,6 +690,110 @@ def test_fast_mode_is_exact_for_non_jpeg(synthetic: dict[str, Path]) -> None:
     cfg = PreprocessConfig()
     for name in ("portrait_png", "panorama_tiff", "small_webp"):
         assert np.array_equal(decode(synthetic[name], cfg, "fast"), decode(synthetic[name], cfg, "exact"))
+
+
+@pytest.fixture(params=["installed", "pillow only"])
+def fast_decoders(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each "fast" test runs with the optional decoder (simplejpeg: CI installs it) and as on a machine
+    without it, where its import fails."""
+    if request.param == "pillow only":
+        monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import raises ImportError
+    return request.param
+
+
+def test_fast_decoders_are_named_and_fall_back_to_pillow(fast_decoders: str) -> None:
+    expected = {
+        "installed": "JPEG simplejpeg",
+        "pillow only": "JPEG pillow-draft",
+    }
+    assert describe_fast() == expected[fast_decoders]
+    assert describe_decode(PreprocessConfig(), "fast") == f"fast ({expected[fast_decoders]})"
+    assert describe_decode(PreprocessConfig(), "exact") == "exact"
+    assert describe_decode(PreprocessConfig(profile="immich"), "fast") == "immich"
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_fast_jpeg_decodes_scaled_and_upright(tmp_path: Path, fast_decoders: str, orientation: int) -> None:
+    """DCT scaling (simplejpeg or Pillow's draft) keeps the EXIF orientation: red is on top when shown."""
+    stored = Image.new("RGB", (2000, 1500), RED)
+    stored.paste(BLUE, (1000, 0, 2000, 1500))  # stored: red left, blue right
+    upright = stored.transpose(decoders._TRANSPOSE[orientation]) if orientation != 1 else stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "camera.jpg"
+    stored.save(path, exif=exif, quality=90)
+    fast, exact = load_image(path, draft_size=224), load_image(path)
+    assert exact.size == upright.size
+    assert fast.size == (upright.width // 4, upright.height // 4)  # 1/4: the smallest scale keeping 224
+    expected = np.asarray(upright.resize(fast.size, Image.Resampling.BOX), np.float32)
+    assert np.abs(np.asarray(fast, np.float32) - expected).mean() < 3
+
+
+def test_simplejpeg_gives_pillow_drafts_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """simplejpeg is asked for draft()'s scale, so "fast" pixels do not depend on which is installed."""
+    for photo in real_photos()[:3]:
+        big = io.BytesIO()
+        Image.open(photo).convert("RGB").resize((1000, 700), Image.Resampling.BICUBIC).save(big, "JPEG", quality=90)
+        for data in (photo.read_bytes(), big.getvalue()):
+            with monkeypatch.context() as m:
+                m.setattr(decoders, "FAST_DECODERS", [])
+                drafted = np.asarray(load_image(data, draft_size=224))
+            assert np.array_equal(np.asarray(load_image(data, draft_size=224)), drafted)
+
+
+def make_odd(kind: str, path: Path) -> Path:
+    """Files whose colour handling differs between decoders, each made from a natural picture."""
+    base = natural(300, 200, seed=7)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make = {
+        "rgb.png": lambda: base.save(path),
+        "rgba.png": lambda: rgba.save(path),
+        "grey.png": lambda: base.convert("L").save(path),
+        "grey16.png": lambda: Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257).save(path),
+        "palette.png": lambda: base.quantize(64).save(path),
+        "rotated.png": lambda: base.save(path, exif=exif.tobytes()),
+        "lossy.webp": lambda: base.save(path, quality=80),
+        "rgba.webp": lambda: rgba.save(path, lossless=True),
+        "rotated.webp": lambda: base.save(path, quality=90, exif=exif.tobytes()),
+        "grey.jpg": lambda: base.convert("L").save(path, quality=90),
+        "cmyk.jpg": lambda: base.convert("CMYK").save(path, quality=90),
+        "rotated.jpg": lambda: base.save(path, quality=90, exif=exif.tobytes()),
+        "progressive.jpg": lambda: base.save(path, quality=90, progressive=True),
+    }
+    make[kind]()
+    return path
+
+
+ODD_FILES = ["rgb.png", "rgba.png", "grey.png", "grey16.png", "palette.png", "rotated.png", "lossy.webp",
+             "rgba.webp", "rotated.webp", "grey.jpg", "cmyk.jpg", "rotated.jpg", "progressive.jpg"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ODD_FILES)
+def test_fast_decode_of_odd_files_matches_exact(tmp_path: Path, fast_decoders: str, kind: str) -> None:
+    """PNG and WebP decode to exactly load_image's pixels through any decoder; JPEGs too where no DCT scaling
+    applies (these are 300x200), whichever decoder reads them and however they are stored."""
+    path = make_odd(kind, tmp_path / kind)
+    exact = np.asarray(load_image(path))
+    fast = np.asarray(load_image(path, draft_size=224))
+    assert fast.shape == exact.shape == ((300, 200, 3) if "rotated" in kind else (200, 300, 3))
+    assert np.array_equal(fast, exact)
+
+
+def test_fast_decode_error_versus_exact_is_reported_and_bounded(fast_decoders: str) -> None:
+    """The pixel error of "fast" on camera-size JPEGs made from the sample photos (the embedding error is
+    measured on a full-size ViT in test_full_size.py)."""
+    cfg = PreprocessConfig()
+    worst_mean = 0.0
+    for photo in real_photos():
+        big = io.BytesIO()
+        Image.open(photo).convert("RGB").resize((1200, 900), Image.Resampling.BICUBIC).save(big, "JPEG", quality=92)
+        diff = np.abs(decode(big.getvalue(), cfg, "fast") - decode(big.getvalue(), cfg, "exact"))
+        print(f"{fast_decoders}: {photo.name} at 1200x900: fast vs exact mean {diff.mean():.4f}, max {diff.max():.3f}")
+        worst_mean = max(worst_mean, float(diff.mean()))
+    assert worst_mean < 0.05  # about 3 grey levels; measured 0.01-0.02
 
 
 def test_decode_is_thread_safe(synthetic: dict[str, Path]) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clipworks.cli.main import main
+from clipworks.decoders import describe_fast
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library import SCHEMA_VERSION, Library
 from clipworks.library.scan import image_extensions, walk
@@ -360,6 +361,12 @@ def test_cli_index_search_results_similar_duplicates(tmp_path: Path, folder: Pat
     assert main(["index", "status", *base, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["files"] == n and status["models"][0]["vectors"] == n and status["schema_version"] == SCHEMA_VERSION
+    # Indexing decodes "fast" by default; the model row says so, with the decoders and the precision.
+    assert status["models"][0]["precision"] == "fp32"
+    assert status["models"][0]["decode"] == f"fast ({describe_fast()})"
+    assert main(["index", "add", str(folder), *base, "--preprocess", "exact"]) == 0  # nothing new: nothing recorded
+    assert main(["index", "status", *base]) == 0
+    assert f"{n} vectors; precision fp32, decode fast (JPEG " in capsys.readouterr().out
 
     assert main(["search", "a", "dog", "-people", "--not", "cars", *base, "--top-k", "5", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
@@ -410,3 +417,17 @@ def test_db_path_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     assert db_path() == tmp_path / ".local" / "share" / "clipworks" / "library.db"
     monkeypatch.setenv("CLIPWORKS_DB", "~/x.db")
     assert db_path() == tmp_path / "x.db"
+
+
+def test_the_model_row_lists_every_precision_and_decode_that_made_its_vectors(tmp_path: Path):
+    from clipworks.library.store import Store
+
+    store = Store(tmp_path / "lib.db", create=True)
+    row = store.ensure_model("m", "w", 4, None)
+    assert row.produced_by() == "precision and decode not recorded"  # vectors from before schema 6, imports
+    for precision, decode in (("fp32", "fast (JPEG simplejpeg)"), ("fp32", "exact"), ("int8", "exact")):
+        store.record_production(row.id, precision, decode)
+    row = store.find_model("m", "w")
+    assert (row.precision, row.decode) == ("fp32; int8", "fast (JPEG simplejpeg); exact")
+    assert row.produced_by() == "precision fp32; int8, decode fast (JPEG simplejpeg); exact"
+    store.close()

@@ -387,3 +387,18 @@ def test_embed_images_and_the_library_walk_find_the_same_files(tmp_path: Path, m
     assert {p.suffix.lower() for p in found} == set(image_extensions())
     if os.geteuid() != 0:  # root lists any folder
         assert "skipped folder photos/locked" in capsys.readouterr().err
+
+
+def test_the_pipeline_stops_ort_threads_spinning_unless_told(vit_bundle: Path, photos) -> None:
+    """Decoder threads share the cores with ONNX Runtime's: its threads must not spin between ops there.
+    A model used alone keeps spinning, and an explicit setting is kept either way."""
+    from clipworks.runtime.sessions import RuntimeSettings
+
+    key = "session.intra_op.allow_spinning"
+    alone = clipworks.load(vit_bundle)
+    alone.encode_images(photos[:1])
+    assert alone.visual.applied_options()["session_config"][key] == "1"
+    for runtime, expected in ((None, "0"), (RuntimeSettings(allow_spinning=True), "1")):
+        model = clipworks.load(vit_bundle, runtime=runtime)
+        assert [len(b.keys) for b in iter_embeddings(model, photos[:2], batch_size=2, workers=2)] == [2]
+        assert model.visual.applied_options()["session_config"][key] == expected

@@ -31,6 +31,7 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from clipworks.decoders import decode_fast, describe_fast
 from clipworks.errors import BadBundle, BadImage, UsageError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ImageSource",
     "PreprocessConfig",
     "decode",
+    "describe_decode",
     "is_image_path",
     "is_raw_path",
     "load_image",
@@ -185,7 +187,8 @@ def load_image(source: ImageSource, *, draft_size: int | None = None, max_pixels
     rather than clipped at 255 (integers: 0-255 kept, up to 65535 divided by 257, else stretched; floats:
     0-1 times 255, 0-255 kept, else stretched).
 
-    `draft_size` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), never below
+    `draft_size` asks for the fastest decode (`clipworks.decoders`): a JPEG decodes at a reduced scale
+    (libjpeg-turbo's DCT scaling, through simplejpeg when installed, else Pillow's `draft`), never below
     `draft_size` on its shorter side: much faster for large photos, slightly different pixels.
     `max_pixels` (default `PIL.Image.MAX_IMAGE_PIXELS`) rejects larger files before decoding them; Pillow
     refuses anything over twice its own `MAX_IMAGE_PIXELS` regardless. A PIL image that is already RGB and
@@ -260,6 +263,8 @@ def _open(
     try:
         with Image.open(fp) as im:
             _check_pixels(name, *im.size, limit)
+            if draft_size and finish is None and (fast := decode_fast(im, draft_size)) is not None:
+                return fast
             # MpoImageFile (camera JPEGs with a preview) subclasses JpegImageFile and drafts the same way.
             if draft_size and isinstance(im, JpegImagePlugin.JpegImageFile):
                 im.draft("RGB", (draft_size, draft_size))
@@ -632,7 +637,8 @@ def decode(
 ) -> np.ndarray:
     """Load and preprocess one image: float32 (3, height, width). Safe to call from many threads.
 
-    "exact" matches open_clip; "fast" lets JPEGs decode at reduced scale first (see `load_image`).
+    "exact" matches open_clip; "fast" decodes through the fastest installed decoder, JPEGs at reduced scale
+    (see `load_image`; its error versus "exact" is measured in tests/test_imaging.py).
     With `cfg.profile` "immich" both modes decode at full size, as Immich does (`load_image_immich`).
     """
     if mode not in ("exact", "fast"):
@@ -642,6 +648,14 @@ def decode(
     # The larger target side: a non-square target may need that many pixels along the image's shorter side.
     draft = max(cfg.size) if mode == "fast" else None
     return preprocess(load_image(source, draft_size=draft, max_pixels=max_pixels), cfg)
+
+
+def describe_decode(cfg: PreprocessConfig, mode: Literal["exact", "fast"]) -> str:
+    """What `decode(..., cfg, mode)` does here, in words a library records with its vectors:
+    ``exact``, ``fast (JPEG simplejpeg)`` or ``immich`` (which has one mode)."""
+    if cfg.profile == "immich":
+        return "immich"
+    return "exact" if mode == "exact" else f"fast ({describe_fast()})"
 
 
 # -- Immich's machine-learning service (profile "immich") ---------------------------------------------------

@@ -335,6 +335,9 @@ def iter_embeddings(
     if window < 1:
         raise UsageError(f"--queue-size must be at least 1, not {queue_size}")
     report = on_skip or (lambda f: warn(f"skipped {quote_path(f.path)}: {one_line(f.error)}"))
+    share = getattr(model, "share_cores_with_decoders", None)  # callers may pass any object with the encoders
+    if share is not None:
+        share()
     preprocess = decode or (lambda source: model.preprocess(source, mode))
 
     def decode_one(source: Any) -> _Decoded:

@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from clipworks.cli.common import MODEL_DEFAULT, DeviceOpt, ModelOpt, PrecisionOpt, ThreadsOpt, info, load_model
+from clipworks.cli.common import (
+    MODEL_DEFAULT,
+    DeviceOpt,
+    ModelOpt,
+    PrecisionOpt,
+    ThreadsOpt,
+    check_preprocess,
+    info,
+    load_model,
+)
 from clipworks.errors import UsageError
 
 
@@ -46,8 +55,7 @@ def bench(
     share of it, with the CPU's features (AVX2, AVX-512, VNNI, AMX) and the provider used."""
     from clipworks.bench import format_report, photo_files, run_bench
 
-    if preprocess not in ("exact", "fast"):
-        raise UsageError(f"--preprocess must be exact or fast, not {preprocess!r}")
+    check_preprocess(preprocess)
     if images < 1 or seconds <= 0:
         raise UsageError("--images must be at least 1 and --seconds above 0")
     sizes = _batch_sizes(batch_sizes)

@@ -35,6 +35,17 @@ PromptFileModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, tensorrt, openvino or coreml.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or int8 (auto: fp16 on a GPU, else fp32).")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")]
+
+
+def check_preprocess(preprocess: str) -> str:
+    """``--preprocess`` is a decode mode: exact or fast."""
+    if preprocess not in ("exact", "fast"):
+        from clipworks.errors import UsageError
+
+        raise UsageError(f"--preprocess must be exact or fast, not {preprocess!r}")
+    return preprocess
+
+
 MODEL_DEFAULT = DEFAULT_MODEL
 
 

@@ -15,6 +15,7 @@ from clipworks.cli.common import (
     PrecisionOpt,
     PromptFileModelOpt,
     ThreadsOpt,
+    check_preprocess,
     greedy_list_command,
     info,
     load_model,
@@ -51,8 +52,7 @@ def images(
     from clipworks.outputs import EmbeddingWriter, check_output_path
     from clipworks.pipeline import collect_image_files, embed_files
 
-    if preprocess not in ("exact", "fast"):
-        raise UsageError(f"--preprocess must be exact or fast, not {preprocess!r}")
+    check_preprocess(preprocess)
     out = check_output_path(output)
     files = collect_image_files(inputs)
     clip = load_model(model, device, precision, threads, preprocess)

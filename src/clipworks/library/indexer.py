@@ -33,7 +33,7 @@ from clipworks.library.scan import (
 )  # fmt: skip
 from clipworks.library.store import TEXT_ARG, FileRow, ModelRow, Store, now, prefix_range, to_blob, to_bytes
 from clipworks.models.fingerprint import model_fingerprint
-from clipworks.runtime.encoder import ClipModel
+from clipworks.runtime.encoder import ClipModel, PreprocessMode
 
 
 def _stored(text: str | None) -> bytes | None:
@@ -322,6 +322,7 @@ def index_folders(
     follow_links: bool | None = None,
     batch_size: int = 32,
     workers: int | None = None,
+    decode: PreprocessMode = "fast",
     progress: bool | None = None,
     on_batch: Callable[[int], None] | None = None,
     video_every: float | None = None,
@@ -333,6 +334,8 @@ def index_folders(
     when given. ``video_every`` (seconds between a video's regular moments) samples new videos at that
     interval and those sampled at another one again; None samples new ones at `DEFAULT_VIDEO_EVERY_S`.
     One run at a time per library: a second one waits for the first, then finds its work done.
+    ``decode`` "fast" (the default: its embedding cosine to "exact" measured at 0.999 or more, RESULTS.md)
+    or "exact" (open_clip's pixels) for photos; the model row records it and the precision (``index status``).
     """
     from clipworks.library.videos import DEFAULT_VIDEO_EVERY_S, check_video_every, embed_videos
     from clipworks.video.frames import is_video
@@ -348,8 +351,8 @@ def index_folders(
         todo = pending(store, model, [r.path for r in roots], video_every)
         photos = [(i, p) for i, p in todo if not is_video(p)]
         videos = [(i, p) for i, p in todo if is_video(p)]
-        _embed(store, clip, model, photos, report, batch_size=batch_size, workers=workers, progress=progress,
-               on_batch=on_batch)  # fmt: skip
+        _embed(store, clip, model, photos, report, batch_size=batch_size, workers=workers, decode=decode,
+               progress=progress, on_batch=on_batch)  # fmt: skip
         embed_videos(store, clip, model, videos, report, every_s=video_every or DEFAULT_VIDEO_EVERY_S,
                      batch_size=batch_size, progress=progress, on_batch=on_batch)  # fmt: skip
         read_missing_metadata(store, [r.path for r in roots])
@@ -366,21 +369,25 @@ def _embed(
     *,
     batch_size: int,
     workers: int | None,
+    decode: PreprocessMode,
     progress: bool | None,
     on_batch: Callable[[int], None] | None,
 ) -> None:
     """Embed ``todo`` (file id, path) in batches, each committed with its hashes and decode errors."""
     from tqdm import tqdm
 
+    from clipworks.imaging import describe_decode
     from clipworks.pipeline import iter_embeddings
 
     if not todo:
         return
+    # Recorded before the first vector is written, so an interrupted run leaves no unexplained vectors.
+    store.record_production(model.id, clip.precision, describe_decode(clip.preprocess_cfg, decode))
     ids = {path: file_id for file_id, path in todo}
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     with tqdm(total=len(todo), unit="img", disable=disable, dynamic_ncols=True) as bar:
         batches = iter_embeddings(
-            clip, [p for _, p in todo], batch_size=batch_size, workers=workers, on_item=read_file_facts,
+            clip, [p for _, p in todo], batch_size=batch_size, workers=workers, mode=decode, on_item=read_file_facts,
             on_skip=lambda f: None, on_progress=bar.update,
         )  # fmt: skip
         for batch in batches:

@@ -132,6 +132,13 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX videos_file ON videos(file_id);
     """,
+    # 6: what produced each model's vectors: the graph's precision and the decode mode (with its decoders),
+    # each a "; "-joined list of every value an index run used, so a library indexed partly "exact" and
+    # partly "fast" says so. NULL: vectors from before schema 6 or imported.
+    """
+    ALTER TABLE models ADD COLUMN precision TEXT;
+    ALTER TABLE models ADD COLUMN decode TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 CHECKED_TABLES = ("roots", "files", "models", "state")  # what a writer checks first (see `Store._check`)
@@ -144,6 +151,14 @@ class ModelRow:
     fingerprint: str
     dim: int
     source: str | None
+    precision: str | None = None  # every precision that produced vectors here, "; "-joined (schema 6)
+    decode: str | None = None  # every decode mode (and its decoders) that did
+
+    def produced_by(self) -> str:
+        """``precision fp32, decode fast (JPEG simplejpeg, ...)``, or that it was not recorded."""
+        if self.precision is None and self.decode is None:
+            return "precision and decode not recorded"
+        return f"precision {self.precision or 'not recorded'}, decode {self.decode or 'not recorded'}"
 
 
 @dataclass(frozen=True)
@@ -451,16 +466,25 @@ class Store:
         return int(self.conn.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0])
 
     # -- models ------------------------------------------------------------------------------------
+    _MODEL_COLUMNS = "id, name, fingerprint, dim, source, precision, decode"
+
     def models(self) -> list[ModelRow]:
-        rows = self.conn.execute("SELECT id, name, fingerprint, dim, source FROM models ORDER BY id").fetchall()
+        rows = self.conn.execute(f"SELECT {self._MODEL_COLUMNS} FROM models ORDER BY id").fetchall()
         return [ModelRow(*r) for r in rows]
 
     def find_model(self, name: str, fingerprint: str) -> ModelRow | None:
         row = self.conn.execute(
-            "SELECT id, name, fingerprint, dim, source FROM models WHERE name = ? AND fingerprint = ?",
+            f"SELECT {self._MODEL_COLUMNS} FROM models WHERE name = ? AND fingerprint = ?",
             (name, fingerprint),
         ).fetchone()
         return ModelRow(*row) if row else None
+
+    def record_production(self, model_id: int, precision: str, decode: str) -> None:
+        """Add ``precision`` and ``decode`` to what the model's vectors were made with (kept once each)."""
+        with self.write() as db:
+            row = db.execute("SELECT precision, decode FROM models WHERE id = ?", (model_id,)).fetchone()
+            merged = [_add_to_list(old, new) for old, new in zip(row, (precision, decode), strict=True)]
+            db.execute("UPDATE models SET precision = ?, decode = ? WHERE id = ?", (*merged, model_id))
 
     def ensure_model(self, name: str, fingerprint: str, dim: int, source: str | None) -> ModelRow:
         found = self.find_model(name, fingerprint)
@@ -621,3 +645,8 @@ def now() -> float:
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _add_to_list(joined: str | None, value: str) -> str:
+    values = joined.split("; ") if joined else []
+    return "; ".join(values if value in values else [*values, value])

@@ -94,6 +94,14 @@ class ClipModel:
         self._visual: OrtSession | None = None
         self._textual: tuple[OrtSession, TextTokenizer] | None = None
 
+    def share_cores_with_decoders(self) -> None:
+        """The pipeline's call before its first batch: image decoders will run in threads beside the model, so
+        ONNX Runtime's threads must not spin between ops on the cores they need. Changes nothing once the image
+        tower is loaded or when ``RuntimeSettings.allow_spinning`` was set either way."""
+        with self._lock:
+            if self._visual is None and self.backend.settings.allow_spinning is None:
+                self.backend.settings = replace(self.backend.settings, allow_spinning=False)
+
     # -- facts -------------------------------------------------------------------------------------
     @property
     def name(self) -> str:

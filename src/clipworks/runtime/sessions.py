@@ -52,8 +52,9 @@ class RuntimeSettings:
 
     threads: int | None = None  # intra-op threads (CPU work of any backend); None: every core we may use
     # ORT's pool threads spin between ops, which is fastest alone but steals the cores image decoders need
-    # when decoding runs in threads beside the model: turn it off there.
-    allow_spinning: bool = True
+    # when decoding runs in threads beside the model. None: on, except in the decode -> encode pipeline
+    # (``ClipModel.share_cores_with_decoders``), where spinning cost 1.3x the CPU time for no speed (RESULTS.md).
+    allow_spinning: bool | None = None
     arena: bool = True  # CPU memory arena: faster reuse of buffers at the price of memory held between runs
     fp16: bool | None = None  # None: on for accelerators (fp16 graphs on CUDA, fp16 kernels in TensorRT)
     io_binding: bool | None = None  # None: on where inputs cross to device memory (CUDA, TensorRT)
@@ -114,7 +115,7 @@ class Backend:
 
     def session_config(self) -> dict[str, str]:
         """Session configuration entries (``SessionOptions.add_session_config_entry``)."""
-        return {"session.intra_op.allow_spinning": _flag(self.settings.allow_spinning, "1", "0")}
+        return {"session.intra_op.allow_spinning": _flag(self.settings.allow_spinning is not False, "1", "0")}
 
     def session_options(self) -> ort.SessionOptions:
         import onnxruntime as ort
