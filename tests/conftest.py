@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,19 +33,58 @@ def photos() -> list[Path]:
     return found
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test run.
+
+    Under pytest-xdist each worker has its own session, so each would export every tiny model again: the first
+    worker to ask builds the folder (under a lock in the run's shared temp folder) and the others wait and reuse it.
+    Without xdist this is a folder of the session's own temp folder, built at the first request.
+    """
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder (pytest-N), above the workers' own (pytest-N/popen-gwK)
+    root = base / "built-once"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build raises
+        if not done.exists():
+            if folder.exists():  # a worker whose build failed left this behind
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 def _export(tmp_path_factory: pytest.TempPathFactory, config: str, precisions: tuple[str, ...], **kw) -> Path:
     from clipworks.export import export_model
 
-    out = tmp_path_factory.mktemp("bundles") / config
-    export_model(str(MODEL_CONFIGS / f"{config}.json"), out, pretrained="random", precisions=precisions,
-                 log=lambda _: None, **kw)  # fmt: skip
-    return out
+    key = "-".join([config, *precisions, *(f"{k}{v}" for k, v in sorted(kw.items()))])
+    folder = built_once(
+        tmp_path_factory, key,
+        lambda d: export_model(str(MODEL_CONFIGS / f"{config}.json"), d / config, pretrained="random",
+                               precisions=precisions, log=lambda _: None, **kw),
+    )  # fmt: skip
+    return folder / config
 
 
 @pytest.fixture(scope="session")
 def vit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ViT (2 layers, 128 wide) with all three precisions."""
     return _export(tmp_path_factory, "tiny-vit", ("fp32", "fp16", "int8"))
+
+
+# The fixed batch of ``static_vit_bundle``: 5 photos through it are one full chunk and one padded one.
+STATIC_BATCH = 4
+
+
+@pytest.fixture(scope="session")
+def static_vit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ViT exported with a fixed batch of 4 (fp32): ``bench`` and the runtime's padded chunks use it."""
+    return _export(tmp_path_factory, "tiny-vit", ("fp32",), batch=STATIC_BATCH)
 
 
 @pytest.fixture(scope="session")
@@ -61,22 +101,18 @@ def siglip2_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from tiny_tokenizers import gemma_bpe
 
-    root = tmp_path_factory.mktemp("siglip2")
-    config = json.loads((MODEL_CONFIGS / "tiny-siglip2.json").read_text())
-    config["text_cfg"]["hf_tokenizer_name"] = str(gemma_bpe(root / "tokenizer"))
-    path = root / "tiny-siglip2.json"
-    path.write_text(json.dumps(config))
-    return path
+    def build(root: Path) -> None:
+        config = json.loads((MODEL_CONFIGS / "tiny-siglip2.json").read_text())
+        config["text_cfg"]["hf_tokenizer_name"] = str(gemma_bpe(root / "tokenizer"))
+        (root / "tiny-siglip2.json").write_text(json.dumps(config))
+
+    return built_once(tmp_path_factory, "siglip2-config", build) / "tiny-siglip2.json"
 
 
 @pytest.fixture(scope="session")
 def siglip2_bundle(tmp_path_factory: pytest.TempPathFactory, siglip2_config: Path) -> Path:
     """The tiny SigLIP 2 exported in fp32 (family "siglip", a logit_bias, Gemma tokenizer files)."""
-    from clipworks.export import export_model
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny-siglip2"
-    export_model(str(siglip2_config), out, pretrained="random", precisions=("fp32",), log=lambda _: None)
-    return out
+    return _export_config(tmp_path_factory, siglip2_config)
 
 
 @pytest.fixture(scope="session")
@@ -134,10 +170,12 @@ def xlm_roberta_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     XLM-RoBERTa text tower, mean pooling, MLP projection, CLIP's softmax) with a 2-layer XLM-R and its tokenizer."""
     from tiny_towers import build_xlm_roberta, point_at
 
-    root = tmp_path_factory.mktemp("xlm-roberta")
-    return point_at(
-        MODEL_CONFIGS / "tiny-xlm-roberta.json", build_xlm_roberta(root / "hf"), root / "tiny-xlm-roberta.json"
-    )
+    def build(root: Path) -> None:
+        point_at(
+            MODEL_CONFIGS / "tiny-xlm-roberta.json", build_xlm_roberta(root / "hf"), root / "tiny-xlm-roberta.json"
+        )
+
+    return built_once(tmp_path_factory, "xlm-roberta-config", build) / "tiny-xlm-roberta.json"
 
 
 @pytest.fixture(scope="session")
@@ -146,8 +184,10 @@ def nllb_siglip_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tower, first-token pooling, linear projection, SigLIP's sigmoid with a bias) with a 2-layer NLLB and tokenizer."""
     from tiny_towers import build_nllb, point_at
 
-    root = tmp_path_factory.mktemp("nllb-siglip")
-    return point_at(MODEL_CONFIGS / "tiny-nllb-siglip.json", build_nllb(root / "hf"), root / "tiny-nllb-siglip.json")
+    def build(root: Path) -> None:
+        point_at(MODEL_CONFIGS / "tiny-nllb-siglip.json", build_nllb(root / "hf"), root / "tiny-nllb-siglip.json")
+
+    return built_once(tmp_path_factory, "nllb-siglip-config", build) / "tiny-nllb-siglip.json"
 
 
 @pytest.fixture(scope="session")
@@ -161,11 +201,13 @@ def mobileclip_config() -> Path:
 
 
 def _export_config(tmp_path_factory: pytest.TempPathFactory, config: Path) -> Path:
+    """``config`` (a path, as the fixtures above write them) exported in fp32."""
     from clipworks.export import export_model
 
-    out = tmp_path_factory.mktemp("bundles") / config.stem
-    export_model(str(config), out, pretrained="random", log=lambda _: None)
-    return out
+    def build(folder: Path) -> None:
+        export_model(str(config), folder / config.stem, pretrained="random", log=lambda _: None)
+
+    return built_once(tmp_path_factory, f"{config.stem}-fp32", build) / config.stem
 
 
 @pytest.fixture(scope="session")

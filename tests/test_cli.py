@@ -137,10 +137,18 @@ def test_prompt_file_of_another_dimension_is_refused_when_matched(capsys, vit_bu
         match(clipworks.load(vit_bundle).encode_images(photos[:1]), hailo)
 
 
-def test_export_command_and_models_info(capsys, tmp_path) -> None:
+def test_export_command_from_a_checkpoint_file_and_models_info(capsys, tmp_path, source_model) -> None:
+    """A user's OpenAI-format checkpoint (as video_features' CLIP-custom.pth), which open_clip rebuilds from the
+    state dict alone (its own choice of layers): the command exports it and checks it against open_clip."""
+    import torch
+
+    from clipworks.models.bundle import load_bundle
+
+    checkpoint = tmp_path / "CLIP-custom.pth"
+    torch.save(source_model("tiny-vit").model.state_dict(), checkpoint)
     out = tmp_path / "bundle"
     code, _, err = run(
-        capsys, "export", MODEL_CONFIGS / "tiny-rn.json", "--out", out, "--pretrained", "random",
+        capsys, "export", MODEL_CONFIGS / "tiny-vit.json", "--out", out, "--pretrained", checkpoint,
         "--precision", "fp32",
     )  # fmt: skip
     assert code == 0, err
@@ -148,6 +156,7 @@ def test_export_command_and_models_info(capsys, tmp_path) -> None:
     info = json.loads(stdout)
     assert info["embed_dim"] == 32 and info["visual_precisions"] == ["fp32"]
     assert info["checks"]["fp32"]["visual_max_abs_diff"] <= 1e-4
+    assert load_bundle(out).meta.pretrained == "CLIP-custom"
 
 
 def test_models_list(capsys) -> None:

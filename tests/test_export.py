@@ -12,7 +12,7 @@ from clipworks.errors import ExportCheckFailed, ModelNotFound, UsageError
 from clipworks.export import export_model
 from clipworks.export.exporter import FP32_TOLERANCE
 from clipworks.models.bundle import load_bundle
-from conftest import MODEL_CONFIGS
+from conftest import MODEL_CONFIGS, STATIC_BATCH
 
 
 @pytest.mark.parametrize("fixture", ["vit_bundle", "rn_bundle"])
@@ -87,32 +87,27 @@ def test_bad_export_arguments(tmp_path: Path, model, pretrained, precisions, err
         export_model(model, tmp_path / "x", pretrained=pretrained, precisions=precisions, log=lambda _: None)
 
 
-def test_export_from_checkpoint_files(tmp_path: Path, source_model) -> None:
-    """An open_clip state dict and an OpenAI-format file (as video_features' CLIP-custom.pth) both export."""
+def test_export_loads_an_open_clip_checkpoint_file(tmp_path: Path, source_model) -> None:
+    """open_clip's layout is loaded into the model the config builds: the very model (weights and all) whose
+    export ``vit_bundle`` checks, so loading it is what this format adds. An OpenAI-format file, which open_clip
+    rebuilds from the state dict, is exported end to end by the command (test_cli)."""
     import torch
 
+    from clipworks.export.source import load_source_model
+
     src = source_model("tiny-vit")
-    for name, payload in (
-        ("openclip.pt", {"state_dict": src.model.state_dict()}),
-        ("CLIP-custom.pth", src.model.state_dict()),
-    ):
-        torch.save(payload, tmp_path / name)
-        out = tmp_path / f"bundle-{name}"
-        report = export_model(
-            str(MODEL_CONFIGS / "tiny-vit.json"), out, pretrained=str(tmp_path / name), log=lambda _: None
-        )
-        assert report.checks["fp32"]["visual_max_abs_diff"] <= FP32_TOLERANCE
-        assert load_bundle(out).meta.pretrained == Path(name).stem
+    torch.save({"state_dict": src.model.state_dict()}, tmp_path / "openclip.pt")
+    loaded = load_source_model(str(MODEL_CONFIGS / "tiny-vit.json"), str(tmp_path / "openclip.pt"))
+    assert (loaded.pretrained, loaded.source_sha256) == ("openclip", src.source_sha256)
+    assert type(loaded.model) is type(src.model)
 
 
-def test_static_batch_export_runs_through_the_runtime(tmp_path: Path, vit_bundle: Path, photos) -> None:
+def test_static_batch_export_runs_through_the_runtime(static_vit_bundle: Path, vit_bundle: Path, photos) -> None:
     import clipworks
 
-    out = tmp_path / "static"
-    export_model(str(MODEL_CONFIGS / "tiny-vit.json"), out, pretrained="random", batch=4, log=lambda _: None)
-    static = clipworks.load(out)
+    static = clipworks.load(static_vit_bundle)
     dynamic = clipworks.load(vit_bundle)
-    assert static.visual.static_batch == 4
+    assert static.visual.static_batch == STATIC_BATCH == 4
     images = photos[:5]  # 5 rows through a batch-4 graph: one full chunk and one padded chunk
     np.testing.assert_allclose(static.encode_images(images), dynamic.encode_images(images), atol=1e-5)
     texts = ["a dog", "a photo of a cat on a sofa", "", "x", "fruit"]
