@@ -515,7 +515,7 @@ def test_gallery_with_a_key_in_headless_chromium(keyed_serve_url, library, tmp_p
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from test_gallery import browser
+    from browser_helpers import browser
 
     driver = browser(tmp_path / "chrome-profile")
     try:
@@ -525,18 +525,21 @@ def test_gallery_with_a_key_in_headless_chromium(keyed_serve_url, library, tmp_p
         box.send_keys("wrong", Keys.ENTER)
         wait.until(lambda d: "not this server" in d.find_element(By.ID, "error").text)
         driver.find_element(By.ID, "key").send_keys(KEY, Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) > 0)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .tile")) > 0)
         assert driver.current_url == keyed_serve_url + "/?q=a+dog"  # back where the login started
-        want = [h.path for h in library.search("a dog", top_k=24)]
-        shown = [c.find_element(By.CLASS_NAME, "name").get_attribute("title")
-                 for c in driver.find_elements(By.CSS_SELECTOR, "#results .card")]  # fmt: skip
+        ids = {path: i for i, path in library.store.paths_of(library.vectors().ids).items()}
+        want = [ids[h.path] for h in library.search("a dog", top_k=60)]  # the page's first page holds 60
+        shown = [int(t.get_attribute("data-id")) for t in driver.find_elements(By.CSS_SELECTOR, "#results .tile")]
         assert shown == want
         # Thumbnails are <img> loads: they carry the cookie, as no header could.
         loaded = "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
         wait.until(lambda d: d.execute_script(loaded))
         # A search by photo is a POST from the page: same origin, so the guard lets it through.
-        driver.find_elements(By.CSS_SELECTOR, "#results .card .pick")[1].click()
-        wait.until(lambda d: "like" in d.find_element(By.ID, "status").text)
+        driver.execute_script("document.querySelectorAll('#results .tile .similar')[1].click()")
+        wait.until(lambda d: d.find_element(By.ID, "title").text == "Similar photos")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .tile"))
+        first = driver.find_element(By.CSS_SELECTOR, "#results .tile").get_attribute("data-score")
+        assert float(first) == pytest.approx(1.0, abs=1e-4)  # the example itself: the POST was answered
         cookies = driver.get_cookies()
         assert len(cookies) == 1 and cookies[0]["httpOnly"] and cookies[0]["sameSite"] == "Strict"
         assert driver.execute_script("return document.cookie") == ""  # scripts cannot read it
