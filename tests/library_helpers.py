@@ -15,6 +15,10 @@ import numpy as np
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
+# The test videos: SIDE-pixel squares at FPS frames a second.
+FPS = 10
+SIDE = 64
+
 
 class Shot(NamedTuple):
     name: str
@@ -138,3 +142,36 @@ def library_of_dim(db: Path, paths: Sequence[str], dim: int, seed: int = 0) -> d
         import_vectors(store, store.ensure_model(f"random-{dim}", f"random-{dim}-{seed}", dim, None), pkl)
     pkl.unlink()
     return dict(zip(paths, vectors, strict=True))
+
+
+def scene_frame(colour: tuple[int, int, int], n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One frame of a scene: a flat colour with a bar moving across it (motion inside the shot) and noise."""
+    image = np.empty((SIDE, SIDE, 3), np.uint8)
+    image[:] = colour
+    x = (n * 3) % SIDE
+    image[:, x : x + 6] = 255 - np.asarray(colour, np.uint8)
+    if rng is not None:
+        image = np.clip(image.astype(int) + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+    return image
+
+
+def make_video(path: Path, scenes: list[tuple[tuple[int, int, int], float]], codec: str = "mpeg4") -> Path:
+    """A real encoded video of ``scenes`` (colour, seconds) at `FPS`, written with PyAV (``libvpx`` in a
+    ``.webm`` for one Chromium plays without proprietary codecs)."""
+    rng = np.random.default_rng(0)
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=FPS)
+        stream.width = stream.height = SIDE
+        stream.pix_fmt = "yuv420p"
+        n = 0
+        for colour, seconds in scenes:
+            for _ in range(round(seconds * FPS)):
+                frame = av.VideoFrame.from_ndarray(scene_frame(colour, n, rng), format="rgb24")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+                n += 1
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

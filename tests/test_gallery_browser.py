@@ -15,14 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.responses import FileResponse
 from PIL import Image
 
 from browser_helpers import browser
 from clipworks.library import Library, make_filters
 from clipworks.service import ServiceSettings, create_app, gallery
 from conftest import serve_app
-from library_helpers import Shot, exif_of, file_ids, make_variants, write_shots
+from library_helpers import Shot, exif_of, file_ids, make_variants, make_video, write_shots
+from raw_helpers import write_dng
 
 PARIS, TOKYO = (48.8584, 2.2945), (35.6586, 139.7454)
 # Newest first, as the timeline shows them; the copy is the same photo as the first, in another folder.
@@ -37,10 +37,14 @@ SHOTS = [
 ]
 VARIANT_DATES = ["2023:12:24 18:00:00", "2023:12:20 12:00:00", "2023:12:11 12:00:00", "2023:12:02 12:00:00"]
 LOGO_TIME = 1699185600.0  # 2023-11-05 12:00 UTC: the PNG has no EXIF, its file time counts
+# Neither the WebM nor the DNG carries a capture date: their file times count, both in May 2024.
+VIDEO_TIME, RAW_TIME = 1715947200.0, 1715515200.0  # 2024-05-17 12:00 and 2024-05-12 12:00 UTC
+ITEMS = 14  # twelve photos, the DNG, the video (shown once, at its first moment)
 PAGE = 5  # the page size the tests ask for (?k=5): three pages of twelve photos
 DESKTOP = {"width": 1280, "height": 700, "deviceScaleFactor": 1, "mobile": False}
 PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True}
-MOMENT = 1.5  # seconds into the test video
+# The video: red, then a hard cut to blue, sampled every 2 s and at the cut (moments 0, 2, 2.5 and 4).
+VIDEO_SCENES = [((200, 40, 40), 2.5), ((40, 60, 200), 2.5)]
 
 
 def write_library_folder(photos: list[Path], root: Path) -> None:
@@ -58,23 +62,13 @@ def write_library_folder(photos: list[Path], root: Path) -> None:
     ImageDraw.Draw(logo).ellipse((40, 40, 200, 200), fill=(220, 40, 40, 255))
     logo.save(root / "2023" / "logo.png")
     os.utime(root / "2023" / "logo.png", (LOGO_TIME, LOGO_TIME))
-
-
-def write_video(path: Path, seconds: int = 4, fps: int = 10) -> None:
-    """A tiny VP8 WebM (what Chromium plays without proprietary codecs): a colour a second."""
-    import av
-    import numpy as np
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libvpx", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for n in range(seconds * fps):
-            rgb = np.zeros((48, 64, 3), np.uint8)
-            rgb[..., n // fps % 3] = 200
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    # A VP8 WebM (what Chromium plays without proprietary codecs) and a camera RAW with its JPEG preview.
+    (root / "clips").mkdir()
+    make_video(root / "clips" / "walk.webm", VIDEO_SCENES, codec="libvpx")
+    os.utime(root / "clips" / "walk.webm", (VIDEO_TIME, VIDEO_TIME))
+    (root / "raw").mkdir()
+    write_dng(root / "raw" / "harbour.dng", photos[-1], preview=640, make="Sony", model="ILCE-7M4")
+    os.utime(root / "raw" / "harbour.dng", (RAW_TIME, RAW_TIME))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +83,8 @@ def library(model, photos, tmp_path_factory) -> Library:
     root = tmp_path_factory.mktemp("browser") / "photos"
     write_library_folder(photos, root)
     lib = Library(root.parent / "lib.db", model, create=True)
-    lib.index([root], batch_size=8)
+    lib.index([root], batch_size=8, video_every=2.0)
+    lib.write_tags([(root / "2024" / "market.jpg", [("dog", 0.91)]), (root / "2023" / "logo.png", [("dog", 0.34)])])
     yield lib
     lib.close()
 
@@ -97,12 +92,8 @@ def library(model, photos, tmp_path_factory) -> Library:
 @pytest.fixture(scope="module")
 def server(model, library, tmp_path_factory):
     folder = tmp_path_factory.mktemp("svc")
-    video = folder / "moment.webm"
-    write_video(video)
     settings = ServiceSettings(tags=["dog", "cat"], tags_cache_dir=folder / "tags")
     app = create_app(settings, model=model, library=library, routers=[gallery.router])
-    # A stand-in for the video moments' media route (FileResponse answers Range requests, as that one must).
-    app.add_api_route("/test-media/moment.webm", lambda: FileResponse(video, media_type="video/webm"))
     with pytest.MonkeyPatch.context() as env, serve_app(app) as url:
         env.setenv("CLIPWORKS_HOME", str(folder / "cache"))  # the thumbnails' cache
         yield url
@@ -161,59 +152,134 @@ def snap(driver, shots: Path, name: str) -> None:  # type: ignore[no-untyped-def
     driver.save_screenshot(str(shots / f"{name}.png"))
 
 
+def root_of(library: Library) -> Path:
+    return Path(library.path).parent / "photos"
+
+
 def ids_by_name(library: Library) -> dict[str, int]:
-    root = Path(library.path).parent / "photos"
-    return {str(Path(p).relative_to(root)): i for p, i in file_ids(library.path).items()}
+    return {str(Path(p).relative_to(root_of(library))): i for p, i in file_ids(library.path).items()}
+
+
+def timeline(library: Library, **filters: str) -> list[int]:
+    """The library's whole timeline under ``filters`` as the tiles carry it: file ids (a video's, not its
+    first moment's search key)."""
+    from clipworks.library.store import files_of
+
+    keys = library.recent(top_k=100, filters=make_filters(**filters) if filters else None)
+    return [int(i) for i in files_of(keys)]
+
+
+def hit_ids(library: Library, hits: list) -> list[int]:  # type: ignore[type-arg]
+    """The file ids of library hits (a video's moments name the video), as the tiles carry them."""
+    ids = ids_by_name(library)
+    return [ids[str(Path(h.path).relative_to(root_of(library)))] for h in hits]
 
 
 def test_timeline_opens_on_the_newest_photos_grouped_by_month(page, library, shots) -> None:
     driver = page()
-    everything = library.recent(top_k=100)
-    assert len(everything) == 12
+    everything = timeline(library)
+    assert len(everything) == ITEMS
     wait(
         driver,
         lambda d: not d.execute_script("return document.querySelector('#more .spinner')") or len(tile_ids(d)) > PAGE,
     )
     shown = tile_ids(driver)
-    assert shown == everything[: len(shown)] and PAGE <= len(shown) < 12  # pages enough to fill the screen
+    assert shown == everything[: len(shown)] and PAGE <= len(shown) < ITEMS  # pages enough to fill the screen
     headings = driver.execute_script("return [...document.querySelectorAll('.month h2')].map(h => h.textContent)")
     assert headings[:2] == ["August 20243 items", "July 20242 items"]
     assert driver.find_element("id", "title").text == "Photos"
-    assert "12 items" in driver.find_element("id", "status").text
+    assert f"{ITEMS} items" in driver.find_element("id", "status").text
     snap(driver, shots, "01-timeline")
 
 
 def test_infinite_scroll_loads_every_page_once(page, library, shots) -> None:
     driver = page()
     before = len(tile_ids(driver))
-    assert before < 12
-    for _ in range(3):
+    assert before < ITEMS
+    for _ in range(4):
         driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
         wait(driver, lambda d, n=before: len(tile_ids(d)) > n or "That is all" in d.find_element("id", "more").text)
         before = len(tile_ids(driver))
     wait(driver, lambda d: "That is all" in d.find_element("id", "more").text)
-    assert tile_ids(driver) == library.recent(top_k=100)
+    assert tile_ids(driver) == timeline(library)
     months = driver.execute_script("return [...document.querySelectorAll('.month')].map(m => m.dataset.month)")
-    assert months == ["2024-08", "2024-07", "2024-06", "2023-12", "2023-11"]  # a month split by a page is one
+    # A month split by a page is one.
+    assert months == ["2024-08", "2024-07", "2024-06", "2024-05", "2023-12", "2023-11"]
     snap(driver, shots, "02-timeline-scrolled")
 
 
-def test_a_filter_narrows_the_timeline(page, library, shots) -> None:
+def set_field(driver, name: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """A filter control set as a person would leave it (typed, picked or cleared), then its change event."""
+    field = driver.find_element("css selector", f"#filter-form [name={name}]")
+    if field.tag_name == "input" and field.get_attribute("type") not in ("date",):
+        field.clear()
+        if value:
+            field.send_keys(value)
+    else:  # a date picker or a select: its value as the picker would set it
+        driver.execute_script("arguments[0].value = arguments[1]", field, value)
+    driver.execute_script("arguments[0].dispatchEvent(new Event('change', {bubbles: true}))", field)
+
+
+def shown_everything(driver, want: list[int]) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the grid holds exactly ``want``, scrolling on until the last page is in (no spinner below)."""
+    if tile_ids(driver) == want and not driver.find_elements("css selector", "#more .spinner"):
+        return True
+    driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    return False
+
+
+def test_each_filter_narrows_the_timeline(page, library, shots) -> None:
     driver = page()
     driver.find_element("id", "filters-button").click()
-    box = driver.find_element("css selector", "#filter-form input[name=camera]")
-    box.send_keys("iphone")
-    driver.execute_script("arguments[0].dispatchEvent(new Event('change', {bubbles: true}))", box)
-    want = library.recent(top_k=100, filters=make_filters(camera="iphone"))
-    assert 0 < len(want) < 12
-    wait(driver, lambda d: tile_ids(d) == want)
-    assert "camera=iphone" in driver.current_url
-    assert driver.find_element("id", "filter-count").text == "1"
-    chips = driver.find_elements("css selector", "#active .chip")
-    assert [c.text for c in chips] == ["camera iphone"]
-    snap(driver, shots, "03-filtered")
-    chips[0].click()  # removing the chip brings every photo back
-    wait(driver, lambda d: tile_ids(d)[:PAGE] == library.recent(top_k=PAGE))
+    photos = root_of(library)
+    steps = [  # (control, what is entered, the URL parameter, the chip, the same filter through the API)
+        ("after", "2024-07-01", "after=2024-07-01", "after 2024-07-01", {"after": "2024-07-01"}),
+        ("before", "2023-12-15", "before=2023-12-15", "before 2023-12-15", {"before": "2023-12-15"}),
+        ("camera", "iphone", "camera=iphone", "camera iphone", {"camera": "iphone"}),
+        ("folder", str(photos / "2023"), "folder=", "in 2023", {"folder": str(photos / "2023")}),
+        ("near", "48.8566, 2.3522, 10", "near=", "near 48.8566,2.3522,10", {"near": "48.8566, 2.3522, 10"}),
+        ("type", "video", "type=video", "Videos only", {"kind": "video"}),
+        ("type", "photo", "type=photo", "Photos only", {"kind": "photo"}),
+        ("tag", "dog", "tag=dog", "tag dog", {"tag": "dog"}),
+    ]
+    everything = timeline(library)
+    for n, (name, value, param, chip, api) in enumerate(steps):
+        want = timeline(library, **api)
+        assert 0 < len(want) < ITEMS, name  # the step narrows, and leaves something to see
+        set_field(driver, name, value)
+        wait(driver, lambda d, w=want: shown_everything(d, w))
+        assert param in driver.current_url
+        assert driver.find_element("id", "filter-count").text == "1"
+        assert [c.text for c in driver.find_elements("css selector", "#active .chip")] == [chip]
+        snap(driver, shots, f"03-filter-{n}-{name}")
+        set_field(driver, name, "")
+        wait(driver, lambda d: tile_ids(d)[:PAGE] == everything[:PAGE])
+
+    # Two at once, and a chip removes its own.
+    set_field(driver, "camera", "canon")
+    set_field(driver, "before", "2024-07-31")
+    both = timeline(library, camera="canon", before="2024-07-31")
+    wait(driver, lambda d: shown_everything(d, both))
+    assert both and driver.find_element("id", "filter-count").text == "2"
+    driver.find_element("css selector", "#active .chip[data-filter=before]").click()
+    canon = timeline(library, camera="canon")
+    wait(driver, lambda d: shown_everything(d, canon))
+    driver.find_element("css selector", "#active .chip[data-filter=camera]").click()
+    wait(driver, lambda d: tile_ids(d)[:PAGE] == everything[:PAGE])
+
+    # The order of matches: a search, best match first, then its pages newest first.
+    from selenium.webdriver.common.keys import Keys
+
+    driver.find_element("id", "q").send_keys("a photo", Keys.ENTER)
+    by_score = hit_ids(library, library.search("a photo", top_k=PAGE))
+    wait(driver, lambda d: tile_ids(d)[:PAGE] == by_score)
+    set_field(driver, "sort", "date")
+    by_date = hit_ids(library, library.search("a photo", top_k=PAGE, sort="date"))
+    assert by_date != by_score and sorted(by_date) == sorted(by_score)  # the same matches, another order
+    wait(driver, lambda d: tile_ids(d)[:PAGE] == by_date)
+    assert "sort=date" in driver.current_url
+    assert [c.text for c in driver.find_elements("css selector", "#active .chip")] == ["Newest first"]
+    snap(driver, shots, "03-filter-sorted")
 
 
 def test_the_viewer_opens_steps_and_tells_when_where_and_with_what(page, library, shots) -> None:
@@ -261,9 +327,8 @@ def test_similar_photos_from_the_viewer(page, library, shots) -> None:
     wait(driver, lambda d: d.find_element("id", "v-name").text == "seine.jpg")
     driver.find_element("id", "v-similar").click()
     wait(driver, lambda d: d.current_url.endswith(f"id={ids['2024/seine.jpg']}&k={PAGE}"))
-    want = library.search(images=[Path(library.path).parent / "photos" / "2024" / "seine.jpg"], top_k=PAGE)
-    root = Path(library.path).parent / "photos"
-    wait(driver, lambda d: tile_ids(d)[:PAGE] == [ids[str(Path(h.path).relative_to(root))] for h in want])
+    want = hit_ids(library, library.search(images=[root_of(library) / "2024" / "seine.jpg"], top_k=PAGE))
+    wait(driver, lambda d: tile_ids(d)[:PAGE] == want)
     assert driver.find_element("id", "title").text == "Similar photos"
     assert "like seine.jpg" in driver.find_element("id", "example").text
     score = driver.find_element("css selector", ".tile").get_attribute("data-score")
@@ -277,10 +342,8 @@ def test_text_search_then_a_negative_only_query_is_told_in_words(page, library, 
     driver = page()
     box = driver.find_element("id", "q")
     box.send_keys("a photo of a dog", Keys.ENTER)
-    want = library.search("a photo of a dog", top_k=PAGE)
-    root = Path(library.path).parent / "photos"
-    ids = ids_by_name(library)
-    wait(driver, lambda d: tile_ids(d)[:PAGE] == [ids[str(Path(h.path).relative_to(root))] for h in want])
+    want = hit_ids(library, library.search("a photo of a dog", top_k=PAGE))
+    wait(driver, lambda d: tile_ids(d)[:PAGE] == want)
     assert driver.find_element("id", "title").text == "\u201ca photo of a dog\u201d"
 
     box = driver.find_element("id", "q")
@@ -359,58 +422,55 @@ def test_a_phone_gets_three_columns_and_a_stacked_viewer(page, driver, shots) ->
     snap(driver, shots, "10-phone-viewer")
 
 
-# The gallery's contract for a video moment (the moments API fills it in): the hit is a video, ``time`` is the
-# moment in seconds and ``play`` the file with that moment as a media fragment (``/original/ID#t=S``). Until
-# this branch indexes videos, the browser adds such a hit to the timeline's answer, so the page's handling of
-# that answer is what is tested here.
-INJECT = """
-const real = window.fetch;
-window.fetch = async (url, options) => {
-  const response = await real(url, options);
-  if (!String(url).startsWith("/api/timeline") || !String(url).includes("type=video")) return response;
-  const body = await response.json();
-  body.results = [HIT, ...body.results];
-  body.next_cursor = null;
-  return new Response(JSON.stringify(body), {status: 200, headers: {"content-type": "application/json"}});
-};
-"""
+def minutes(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def test_a_video_moment_plays_from_its_time(page, driver, library, shots) -> None:
-    import json
-
-    poster = library.recent(top_k=1)[0]
-    hit = {
-        "id": 999_999, "path": "/videos/moment.webm", "name": "moment.webm", "score": None, "type": "video",
-        "time": MOMENT, "play": f"/test-media/moment.webm#t={MOMENT}", "thumb": f"/thumb/{poster}",
-        "preview": f"/thumb/{poster}?size=512", "original": "/test-media/moment.webm", "taken": "2024-08-04T12:00:00",
-        "month": "2024-08", "camera": None, "position": None, "duplicates": 0,
-    }  # fmt: skip
-    script = driver.execute_cdp_cmd(
-        "Page.addScriptToEvaluateOnNewDocument", {"source": INJECT.replace("HIT", json.dumps(hit))}
+    videos = make_filters(kind="video")
+    # A query whose best video moment lies inside the video, so that playing from 0 would not pass.
+    query, best = next(
+        (q, hits[0])
+        for q in ("a photo of a dog", "a red car", "the sea", "a blue wall", "a crowd", "a painting")
+        if (hits := library.search(q, top_k=1, filters=videos)) and hits[0].time > 1.0
     )
-    try:
-        page("&type=video")
-        tile = driver.find_element("css selector", ".tile[data-id='999999']")
-        assert tile.find_element("css selector", ".play").text == "0:01"
-        tile.click()
-        wait(
-            driver,
-            lambda d: d.execute_script(
-                "const v = document.querySelector('#media video'); return v && v.readyState >= 1"
-            ),
-        )
-        played = "const v = document.querySelector('#media video'); return v.played.length && v.played.start(0)"
-        wait(driver, lambda d: d.execute_script(played) is not None)
-        assert driver.execute_script(played) == pytest.approx(MOMENT, abs=0.15)  # played from the moment on
-        wait(
-            driver,
-            lambda d: d.execute_script("return document.querySelector('#media video').currentTime") > MOMENT + 0.3,
-        )
-        assert "moment at 0:01" in driver.find_element("id", "v-facts").text
-        driver.save_screenshot(str(shots / "11-video-moment.png"))
-    finally:
-        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+    assert best.path.endswith("walk.webm")
+    ids = ids_by_name(library)
+    page(f"&type=video&q={query.replace(' ', '+')}")
+    tile = driver.find_element("css selector", ".tile")
+    assert int(tile.get_attribute("data-id")) == ids["clips/walk.webm"]
+    assert tile.find_element("css selector", ".play").text == minutes(best.time)
+    tile.click()
+    video = "document.querySelector('#media video')"
+    wait(driver, lambda d: d.execute_script(f"const v = {video}; return v && v.readyState >= 1"))
+    source = driver.execute_script(f"return {video}.src")
+    assert source.endswith(f"/original/{ids['clips/walk.webm']}#t={best.time:.3f}")
+    played = f"const v = {video}; return v.played.length && v.played.start(0)"
+    wait(driver, lambda d: d.execute_script(played) is not None)
+    assert driver.execute_script(played) == pytest.approx(best.time, abs=0.15)  # played from the moment on
+    wait(driver, lambda d: d.execute_script(f"return {video}.currentTime") > best.time + 0.3)
+    assert f"moment at {minutes(best.time)}" in driver.find_element("id", "v-facts").text
+    driver.save_screenshot(str(shots / "11-video-moment.png"))
+
+
+def test_a_raw_shows_its_preview_and_downloads_the_original(page, driver, library, server, shots) -> None:
+    ids = ids_by_name(library)
+    raw = ids["raw/harbour.dng"]
+    driver = page("&camera=sony")
+    assert tile_ids(driver) == [raw]
+    wait(driver, images_loaded)  # the thumbnail is the RAW's preview, decoded through LibRaw
+    driver.find_element("css selector", ".tile").click()
+    wait(driver, lambda d: d.find_element("id", "v-name").text == "harbour.dng")
+    assert "Sony ILCE-7M4" in driver.find_element("id", "v-facts").text
+    link = driver.find_element("id", "v-original")
+    assert link.text == "Download RAW" and link.get_attribute("download") is not None
+    snap(driver, shots, "12-raw")
+    r = httpx.get(f"{server}/original/{raw}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/x-adobe-dng"
+    assert r.headers["content-disposition"] == "attachment; filename*=utf-8''harbour.dng"
+    assert r.content == (root_of(library) / "raw" / "harbour.dng").read_bytes()
+    with Image.open(io.BytesIO(httpx.get(f"{server}/thumb/{raw}?size=512").content)) as preview:
+        assert preview.format == "JPEG" and max(preview.size) == 512  # from the 640 px preview, not the sensor
 
 
 # -- the API the page stands on ------------------------------------------------------------------------
@@ -426,7 +486,7 @@ def test_timeline_api_pages_months_filters_and_duplicates(server, library) -> No
         cursor = body["next_cursor"]
         if cursor is None:
             break
-    assert [h["id"] for h in seen] == library.recent(top_k=100)
+    assert [h["id"] for h in seen] == timeline(library)
     taken = [h["taken"] for h in seen]
     assert taken == sorted(taken, reverse=True)  # newest first (all these wall-clock times share a format)
     assert first["months"][:3] == [{"month": "2024-08", "count": 3}, {"month": "2024-07", "count": 2},

@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -20,42 +19,11 @@ from PIL import Image
 from clipworks.cli.main import main
 from clipworks.library import Library, make_filters
 from clipworks.service import ServiceSettings, create_app, gallery
+from library_helpers import SIDE, make_video, scene_frame
 
-FPS = 10
-SIDE = 64
 RED, BLUE, GREEN = (200, 40, 40), (40, 60, 200), (40, 180, 60)
 CUT_AT = 3.3  # the hard cut of cut.mp4, between a red and a blue scene
 EVERY = 2.0
-
-
-def scene_frame(colour: tuple[int, int, int], n: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """One frame of a scene: a flat colour with a bar moving across it (motion inside the shot) and noise."""
-    image = np.empty((SIDE, SIDE, 3), np.uint8)
-    image[:] = colour
-    x = (n * 3) % SIDE
-    image[:, x : x + 6] = 255 - np.asarray(colour, np.uint8)
-    if rng is not None:
-        image = np.clip(image.astype(int) + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
-    return image
-
-
-def make_video(path: Path, scenes: list[tuple[tuple[int, int, int], float]], codec: str = "mpeg4") -> Path:
-    """A real encoded video of ``scenes`` (colour, seconds) at `FPS`, written with PyAV."""
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=FPS)
-        stream.width = stream.height = SIDE
-        stream.pix_fmt = "yuv420p"
-        n = 0
-        for colour, seconds in scenes:
-            for _ in range(round(seconds * FPS)):
-                frame = av.VideoFrame.from_ndarray(scene_frame(colour, n, rng), format="rgb24")
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-                n += 1
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")

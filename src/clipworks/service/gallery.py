@@ -27,9 +27,10 @@ Files are named by their database id only: a client never hands the server a pat
 a search body is looked up in the index and refused when it is not there). A file is served only when it
 is the one the index recorded: opened once, without following a final symlink, checked by ``fstat`` (a
 regular file of the recorded device, inode, size and mtime) and served from that open file, typed by the
-format Pillow decodes, never by the name. A photo changed since the last index run is not served until
-the next one records it. Texts and uploads are encoded by the service's single batching worker; the
-library only supplies stored vectors and file rows.
+format Pillow decodes, never by the name (except a camera RAW, which indexing could only have read through
+LibRaw: typed by its extension and sent as a download, since no browser shows one). A photo changed since the
+last index run is not served until the next one records it. Texts and uploads are encoded by the service's
+single batching worker; the library only supplies stored vectors and file rows.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ MEDIA_TYPES = {"MPO": "image/jpeg"}
 VIDEO_TYPES = {
     "mov,mp4,m4a,3gp,3g2,mj2": "video/mp4", "matroska,webm": "video/webm", "avi": "video/x-msvideo",
     "mpeg": "video/mpeg", "mpegts": "video/mp2t", "ogg": "video/ogg", "asf": "video/x-ms-asf",
+}  # fmt: skip
+# Camera RAW files, by extension, under the types photo tools register for them. No browser shows one, so
+# `/original` sends these as downloads; the page shows the RAW's preview (its thumbnails) instead.
+RAW_TYPES = {
+    ".arw": "image/x-sony-arw", ".cr2": "image/x-canon-cr2", ".cr3": "image/x-canon-cr3",
+    ".nef": "image/x-nikon-nef", ".orf": "image/x-olympus-orf", ".raf": "image/x-fuji-raf",
+    ".rw2": "image/x-panasonic-rw2", ".dng": "image/x-adobe-dng",
 }  # fmt: skip
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -335,6 +343,7 @@ def described(library: Any, hits: list[tuple[int, float | None]], page: Page) ->
                     "thumb": f"/thumb/{i}" if at is None else f"/thumb/{i}?t={at:.3f}",
                     "preview": f"/thumb/{i}?size={THUMB_SIZES[-1]}" + ("" if at is None else f"&t={at:.3f}"),
                     "original": f"/original/{i}",
+                    "raw": os.path.splitext(path)[1].lower() in RAW_TYPES,  # the original is a download
                     "time": at,  # seconds into the video; None for a photo
                     "play": None if at is None else f"/original/{i}#t={at:.3f}",
                     "duration": meta.duration if meta else None,
@@ -635,18 +644,22 @@ def original(request: Request, file_id: FileId) -> Response:
     range of it for a ``Range`` request (206), as a browser asks when it seeks in a video."""
     library = library_of(request)
     rec, fh, st = open_recorded(library, file_id)
+    # Indexing decoded a RAW through LibRaw (rec.error is None) and the file is unchanged since: its extension
+    # names its format. Pillow would take a DNG for a TIFF, which no browser shows either.
+    raw_type = RAW_TYPES.get(os.path.splitext(rec.path)[1].lower())
     try:
-        kind = media_type(fh, file_id)
+        kind = raw_type or media_type(fh, file_id)
         wanted = byte_range(request.headers.get("range"), st.st_size)
     except BaseException:
         fh.close()
         raise
     name = os.path.basename(rec.path)
     first, last = wanted or (0, st.st_size - 1)
+    disposition = "attachment" if raw_type else "inline"
     headers = {
         "Content-Length": str(last - first + 1),
         "Accept-Ranges": "bytes",
-        "Content-Disposition": f"inline; filename*=utf-8''{quote(name, errors='replace')}",  # a non-UTF-8 name too
+        "Content-Disposition": f"{disposition}; filename*=utf-8''{quote(name, errors='replace')}",  # any name
         "Cache-Control": "private, max-age=300",
         "X-Content-Type-Options": "nosniff",  # the type is the decoded format's; no browser guessing
     }
