@@ -136,7 +136,13 @@ def main() -> None:
     parser.add_argument("--configs", action="store_true", help="time the pipeline's thread/spinning variants instead")
     args = parser.parse_args()
 
-    bundle = common.bundle("ViT-B-32-256", "fp32")
+    from clipworks.models.bundle import DEFAULT_PRECISIONS, load_bundle
+    from clipworks.runtime.encoder import resolve_precision
+    from clipworks.runtime.sessions import open_backend
+
+    # The graphs a first-use export holds, so that the defaults run what they run for a user.
+    bundle = common.bundle("ViT-B-32-256", ",".join(DEFAULT_PRECISIONS))
+    auto = resolve_precision(load_bundle(bundle), "auto", open_backend("cpu"))
     photos = common.mixed_photo_set(args.photos)
     folder = photos[0].parent
     clipworks = [
@@ -152,8 +158,12 @@ def main() -> None:
         "off",
     ]
     runs: dict[str, tuple[list[str], dict[str, str]]] = {
-        "clipworks (defaults: fast decode, fp32 here)": (clipworks, {}),
-        "clipworks --preprocess exact": ([*clipworks, "--preprocess", "exact"], {}),
+        f"clipworks (defaults: fast decode, {auto} here)": (clipworks, {}),
+        "clipworks --precision fp32": ([*clipworks, "--precision", "fp32"], {}),
+        "clipworks --preprocess exact --precision fp32": (
+            [*clipworks, "--preprocess", "exact", "--precision", "fp32"],
+            {},
+        ),
     }
     if args.configs:
         core_budget(bundle, photos, args.reps)

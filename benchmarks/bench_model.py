@@ -3,7 +3,8 @@
 Five graphs of one tower, timed in interleaved rounds in one process (so a busy neighbour slows all of
 them alike): the graph torch exports, the same graph with fused attention (``clipworks.export.optimize``),
 today's dynamic int8 of each, and static int8 (QDQ) of the fused graph calibrated on the shipped photos.
-Cosines to the exported fp32 graph are measured on the same photos.
+Cosines to the exported fp32 graph are measured on the same photos, and so is how far each photo's vector moves
+between being encoded alone and in one batch with the others (dynamic int8 takes one scale per batch).
 
     python benchmarks/bench_model.py --batch 32 --threads 2 --rounds 5
 """
@@ -83,12 +84,17 @@ def main() -> None:
     print(f"{args.arch} image tower, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds")
     print(f"machine: {machine()}")
     base = {p: statistics.median(times[n]) for p, n in (("fp32", "fp32 exported"), ("int8", "int8 dynamic, exported"))}
-    print(f"{'graph':<24} {'ms/batch':>9} {'images/s':>9} {'vs today':>9} {'min cosine':>11}")
+    # "batch |diff|": how far a photo's vector moves between being encoded alone and with the others.
+    print(f"{'graph':<24} {'ms/batch':>9} {'images/s':>9} {'vs today':>9} {'min cosine':>11} {'batch |diff|':>13}")
     for name, runs in times.items():
         median = statistics.median(runs)
         today = base["int8" if name.startswith("int8") else "fp32"]
-        cosine = float(np.sum(reference * _unit(sessions[name].run(photos)), axis=1).min())
-        print(f"{name:<24} {median * 1e3:9.0f} {args.batch / median:9.1f} {today / median:8.2f}x {cosine:11.5f}")
+        together = _unit(sessions[name].run(photos))
+        alone = _unit(np.concatenate([sessions[name].run(photos[i : i + 1]) for i in range(len(photos))]))
+        cosine = float(np.sum(reference * together, axis=1).min())
+        moved = float(np.abs(together - alone).max())
+        print(f"{name:<24} {median * 1e3:9.0f} {args.batch / median:9.1f} {today / median:8.2f}x {cosine:11.5f}"
+              f" {moved:13.1e}")  # fmt: skip
     print(f"fused fp32 vs today's dynamic int8: {base['int8'] / statistics.median(times['fp32 fused']):.2f}x")
 
 

@@ -33,9 +33,13 @@ def cluster() -> Iterator[object]:
     actors and still has a CPU to decode with). On this machine only, with no dashboard and no usage reports."""
     from ray.cluster_utils import Cluster
 
-    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED",)}
+    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED", "RAY_TMPDIR")}
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp = tempfile.mkdtemp(prefix="cw-ray-")  # short: Ray's socket paths must fit 107 bytes
+    # Ray 2.60's Cluster writes the head's address under its default temp folder ($RAY_TMPDIR/ray), which
+    # only `ray start` creates: keep that file in this cluster's folder too.
+    os.environ["RAY_TMPDIR"] = temp
+    os.makedirs(os.path.join(temp, "ray"))
     # A killed node is found dead after 5 missed 1 s health checks (Ray's default waits about half a minute).
     checks = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
     head = {"num_cpus": 0, "include_dashboard": False, "object_store_memory": NODE_STORE, "temp_dir": temp,

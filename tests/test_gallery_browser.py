@@ -252,6 +252,15 @@ def test_each_filter_narrows_the_timeline(page, library, shots) -> None:
         assert driver.find_element("id", "filter-count").text == "1"
         assert [c.text for c in driver.find_elements("css selector", "#active .chip")] == [chip]
         snap(driver, shots, f"03-filter-{n}-{name}")
+        if name == "tag":  # the stored tags, with their scores, in the viewer too
+            driver.find_element("id", "filters-button").click()  # the panel folds away first
+            driver.find_element("css selector", ".tile").click()
+            wait(driver, lambda d: d.find_element("id", "v-name").text == "market.jpg")
+            (shown_tag,) = driver.find_elements("css selector", "#v-tags button")
+            assert shown_tag.text.startswith("dog") and shown_tag.find_element("css selector", ".pct").text == "91%"
+            driver.find_element("id", "close").click()
+            wait(driver, lambda d: not d.execute_script("return document.getElementById('viewer').open"))
+            driver.find_element("id", "filters-button").click()
         set_field(driver, name, "")
         wait(driver, lambda d: tile_ids(d)[:PAGE] == everything[:PAGE])
 

@@ -33,7 +33,13 @@ PromptFileModelOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, tensorrt, openvino or coreml.")]
-PrecisionOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or int8 (auto: fp16 on a GPU, else fp32).")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto, fp32, fp16, int8 or int8-static (auto: fp16 on a GPU, int8-static on a CPU with VNNI or AMX, "
+        "else fp32)."
+    ),
+]
 ThreadsOpt = Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")]
 
 

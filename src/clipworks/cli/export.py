@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from clipworks.errors import UsageError
+from clipworks.models.bundle import DEFAULT_PRECISIONS
 
 
 def _parse_batch(value: str) -> int | None:
@@ -26,7 +27,9 @@ def export(
     pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint path, or 'random'.")] = "openai",
     precision: Annotated[
         str | None,
-        typer.Option(help="Comma-separated: fp32,fp16,int8,int8-static (default fp32,int8; fp32 with --target)."),
+        typer.Option(
+            help="Comma-separated: fp32,fp16,int8,int8-static (default fp32,int8,int8-static; fp32 with --target)."
+        ),
     ] = None,
     batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size for static-shape runtimes.")] = "dynamic",
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer; --target sets its compiler's own).")] = 18,
@@ -89,7 +92,7 @@ def export(
     if edge is not None and calib_size < 1:
         raise UsageError(f"--calib-size must be at least 1, not {calib_size}")
     if precision is None:
-        precision = "fp32" if edge else "fp32,int8"
+        precision = "fp32" if edge else ",".join(DEFAULT_PRECISIONS)
     precisions = [p.strip() for p in precision.split(",") if p.strip()]
     if out is None:
         arch = model.replace("/", "-")

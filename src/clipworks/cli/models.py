@@ -9,6 +9,7 @@ import typer
 
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt
 from clipworks.errors import UsageError, status
+from clipworks.models.bundle import DEFAULT_PRECISIONS
 
 app = typer.Typer(help="List, pull and inspect model bundles.", no_args_is_help=True)
 
@@ -118,7 +119,9 @@ def _unlisted_cached_rows() -> list[dict[str, Any]]:
 def pull(
     name: Annotated[str, typer.Argument(help="Model name, e.g. ViT-B-32::openai or ViT-B/32.")],
     source: Annotated[str, typer.Option(help="auto (export if torch is installed, else hub), hub or export.")] = "auto",
-    precision: Annotated[str, typer.Option(help="Precisions to export (export source only).")] = "fp32,int8",
+    precision: Annotated[str, typer.Option(help="Precisions to export (export source only).")] = ",".join(
+        DEFAULT_PRECISIONS
+    ),
     force: Annotated[bool, typer.Option(help="Fetch again even if cached.")] = False,
 ) -> None:
     """Put a model into the cache: Immich's ONNX bundle from the hub, or an export of open_clip's weights.

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipworks.errors import status
-from clipworks.models.bundle import is_bundle_dir
+from clipworks.models.bundle import DEFAULT_PRECISIONS, is_bundle_dir
 from clipworks.models.registry import parse_model_name
 
 
@@ -28,7 +28,7 @@ class ExportSource:
         target: str,
         *,
         force: bool = False,
-        precisions: tuple[str, ...] = ("fp32", "int8"),
+        precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
         log: Callable[[str], None] = status,
     ) -> Path:
         from clipworks.export.exporter import export_model

@@ -25,6 +25,9 @@ from clipworks.errors import BadBundle
 Tower = Literal["visual", "textual"]
 # int8: dynamic (activation ranges found per batch); int8-static: QDQ with ranges fixed on calibration photos.
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+# What a bundle exported on first use holds: fp32, dynamic int8 for who asks for it, and static int8, the
+# graph `--precision auto` runs on a CPU with VNNI or AMX (runtime.encoder.resolve_precision says why).
+DEFAULT_PRECISIONS = ("fp32", "int8", "int8-static")
 META_FILE = "clipworks.json"
 BUNDLE_FORMAT = 1
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clipworks import settings
 from clipworks.errors import BadBundle, ModelNotFound, UsageError, status
-from clipworks.models.bundle import Bundle, is_bundle_dir, load_bundle
+from clipworks.models.bundle import DEFAULT_PRECISIONS, Bundle, is_bundle_dir, load_bundle
 from clipworks.models.hub import cached_snapshot, repo_cache_dir
 from clipworks.models.registry import RANDOM_TAG, SEPARATOR, ModelRef, parse_model_name
 from clipworks.models.sources import BundleSource, export_available, get_source, split_prefix
@@ -64,7 +64,7 @@ def _from_source(
     *,
     offline: bool,
     force: bool = False,
-    precisions: tuple[str, ...] = ("fp32", "int8"),
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
     log: Callable[[str], None] = status,
 ) -> Path:
     """``target`` of one named source: on disk already (unless ``force``), else fetched unless downloads are off."""
@@ -122,7 +122,7 @@ def pull(
     ref: ModelRef | str,
     *,
     source: str = "auto",
-    precisions: tuple[str, ...] = ("fp32", "int8"),
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
     force: bool = False,
     log: Callable[[str], None] = status,
 ) -> Path:

@@ -31,18 +31,22 @@ def resolve_precision(bundle: Bundle, precision: str, backend: Backend, machine:
     """``auto``: the fastest precision this machine runs without losing the bundle's checked accuracy.
 
     fp16 where the backend wants it (GPUs) and the bundle has it; on a CPU with int8 dot products (VNNI or
-    AMX) the bundle's int8 graph whose export check passed its cosine floor, static before dynamic; fp32
-    otherwise. Without VNNI/AMX int8 stays opt-in: on AVX2 alone it gains little and it moves vectors.
+    AMX) the bundle's static int8 graph when its export check passed its cosine floor; fp32 otherwise.
+    Without VNNI/AMX int8 stays opt-in: on AVX2 alone it gains little and it moves vectors.
+
+    Dynamic int8 is never chosen for the user: it quantises each batch's activations with one scale taken
+    over the whole batch, so a photo's vector depends on the photos beside it (ViT-B/32, alone against in a
+    batch of 8: cosine 0.99984, max |diff| 2.9e-3; RESULTS.md). Static int8 fixes its scales at export, so
+    the same input always gives the same vector, as fp32 does.
     """
     if precision != "auto":
         return precision
     have = bundle.available_precisions("visual")
     if backend.fp16:
         return "fp16" if "fp16" in have else "fp32"
-    if (machine or this_machine()).has_int8_dot_product:
-        for candidate in ("int8-static", "int8"):
-            if candidate in have and _passed_floor(bundle, candidate):
-                return candidate
+    fixed_int8 = "int8-static" in have and _passed_floor(bundle, "int8-static")
+    if fixed_int8 and (machine or this_machine()).has_int8_dot_product:
+        return "int8-static"
     return "fp32"
 
 

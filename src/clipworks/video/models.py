@@ -64,7 +64,7 @@ def openai_arch(state: dict[str, Any]) -> str:
 
 def export_custom(checkpoint: Path) -> Path:
     """Export the checkpoint once into the model cache, keyed by its checksum; later runs reuse it."""
-    from clipworks.models.bundle import is_bundle_dir
+    from clipworks.models.bundle import DEFAULT_PRECISIONS, is_bundle_dir
     from clipworks.settings import models_dir
 
     out = models_dir() / f"CLIP-custom__{file_sha256(checkpoint)[:16]}"
@@ -81,5 +81,5 @@ def export_custom(checkpoint: Path) -> Path:
         raise ClipworksError(
             "--model custom exports the checkpoint once and needs torch for it: pip install 'clipworks[export]'"
         ) from e
-    export_model(openai_arch(loaded), out, pretrained=str(checkpoint), precisions=("fp32", "int8"))
+    export_model(openai_arch(loaded), out, pretrained=str(checkpoint), precisions=DEFAULT_PRECISIONS)
     return out
