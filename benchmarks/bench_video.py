@@ -98,11 +98,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = parser.parse_args()
 
-    root = bundle(args.arch)
+    root = bundle(args.arch, "fp32,int8,int8-static")  # what a first-use export holds
     print(f"machine: {machine()}")
     print(f"model: {args.arch} (random weights), {args.threads} threads, batch 32")
     print(f"videos: {', '.join(v.name for v in VIDEOS)}\n")
-    runners = [Reference(args.arch, args.threads), Ours(root, args.threads, "fp32"), Ours(root, args.threads, "int8")]
+    runners = [
+        Reference(args.arch, args.threads),
+        Ours(root, args.threads, "auto"),  # what `clipworks video` runs by default (int8-static on VNNI/AMX)
+        Ours(root, args.threads, "fp32"),
+        Ours(root, args.threads, "int8"),
+    ]
     rows: dict[str, dict[str, float]] = {}
     for label, fps in (("--extraction-fps 1", 1.0), ("every frame", None)):
         # Interleaved per video, in a rotating order, so that load from other jobs falls on every runner alike.

@@ -47,10 +47,16 @@ def photo_set(count: int, size: tuple[int, int] = (1600, 1200)) -> list[Path]:
 def bundle(arch: str = "ViT-B-32", precisions: str = "fp32,int8") -> Path:
     """A full-size architecture with random weights (speed does not depend on the values)."""
     from clipworks.export import export_model
+    from clipworks.models.bundle import load_bundle
 
     out = WORK / f"{arch}__random"
-    if not (out / "clipworks.json").is_file():
-        export_model(arch, out, pretrained="random", precisions=precisions.split(","))
+    wanted = precisions.split(",")
+    if (out / "clipworks.json").is_file():
+        have = load_bundle(out).available_precisions("visual")
+        wanted = list(dict.fromkeys(have + wanted))  # export again only to add what is missing
+        if set(wanted) <= set(have):
+            return out
+    export_model(arch, out, pretrained="random", precisions=wanted)
     return out
 
 
