@@ -319,3 +319,52 @@ def test_library_errors_are_clipworks_errors(store_url) -> None:
         shared.search("x")
     with pytest.raises(ClipworksError, match="cannot open the library store"):
         PostgresStore(store_url.replace("?host=", "?host=/nonexistent"))
+
+
+# -- the HNSW index -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> tuple[Library, np.ndarray]:
+    """A SQLite library of 3000 random 64-d unit vectors (imported, as from another machine), in folders
+    ``a`` (the first 2970) and ``b`` (30): enough rows that Postgres ranks by the HNSW index."""
+    from library_helpers import library_of_dim
+
+    folder = tmp_path_factory.mktemp("many")
+    paths = [str(folder / ("a" if i < 2970 else "b") / f"{i:05d}.jpg") for i in range(3000)]
+    vectors = library_of_dim(folder / "many.db", paths, 64, seed=3)
+    lib = Library(folder / "many.db", ann="off")
+    yield lib, np.stack(list(vectors.values()))
+    lib.close()
+
+
+def test_hnsw_answers_unfiltered_searches_with_high_recall(many, store_url) -> None:
+    lib, vectors = many
+    push_library(lib.store, store_url)
+    queries = vectors[:20] + 0.5 * np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    with PostgresLibrary(store_url) as shared, PostgresLibrary(store_url, exact=True) as exact:
+        row = shared.model_row
+        plan = shared.store.conn.execute(
+            f"EXPLAIN SELECT key FROM {vectors_table(row.id)} ORDER BY embedding <#> %s LIMIT 10", (queries[0],)
+        ).fetchall()
+        assert any(f"{vectors_table(row.id)}_hnsw" in line for (line,) in plan), plan
+        found = 0
+        for query in queries:
+            want = [h.path for h in lib.search_vector(query, top_k=10)]
+            assert [h.path for h in exact.search_vector(query, top_k=10)] == want  # the sequential scan is exact
+            found += len(set(want) & {h.path for h in shared.search_vector(query, top_k=10)})
+    assert found / (10 * len(queries)) >= 0.95
+
+
+def test_a_narrow_filter_still_gets_k_hits_under_hnsw(many, store_url) -> None:
+    """pgvector 0.6 filters the index's ef_search candidates after the scan: a filter passing 1% of the rows
+    would leave almost none, so the search is ranked again exactly over the filtered rows."""
+    lib, vectors = many
+    push_library(lib.store, store_url)
+    only_b = make_filters(folder=str(Path(lib.path).parent / "b"))
+    with PostgresLibrary(store_url) as shared:
+        got = shared.search_vector(vectors[0], top_k=10, filters=only_b)
+    want = lib.search_vector(vectors[0], top_k=10, filters=only_b)
+    assert len(got) == 10 and [h.path for h in got] == [h.path for h in want]
+    assert all("/b/" in h.path for h in got)
