@@ -338,8 +338,15 @@ def many(tmp_path_factory) -> tuple[Library, np.ndarray]:
     lib.close()
 
 
-def test_hnsw_answers_unfiltered_searches_with_high_recall(many, store_url) -> None:
+def test_hnsw_answers_unfiltered_searches_with_high_recall(many, store_url, monkeypatch) -> None:
+    """A push of mostly new rows builds the graph once at the end (the threshold lowered to this library's
+    size): the index is there afterwards and answers."""
+    from clipworks.library import postgres
+
+    monkeypatch.setattr(postgres, "BULK_ROWS", 1000)
     lib, vectors = many
+    with PostgresStore(store_url) as store:  # the table and its index exist before the push drops the index
+        store.ensure_model(lib.model_row)
     push_library(lib.store, store_url)
     queries = vectors[:20] + 0.5 * np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)

@@ -44,6 +44,7 @@ SCHEMA_VERSION = 1
 # EXISTS (it is not atomic in Postgres). Any constant that no other application uses.
 SCHEMA_LOCK = 0x636C6970  # "clip"
 PUSH_CHUNK = 2_000  # SQLite files per Postgres transaction
+BULK_ROWS = 10_000  # a push adding at least this many vectors (and most of the table) builds HNSW once
 # The HNSW candidate list (hnsw.ef_search): at least 100 (pgvector's default 40 misses 7% of the top 10 of random
 # 64-d vectors; 100 recalls 95%+), and at most 1000 in pgvector: a deeper page than that is ranked exactly.
 EF_SEARCH_MIN, EF_SEARCH_MAX = 100, 1000
@@ -263,8 +264,7 @@ class PostgresStore:
                 f"embedding vector({int(model.dim)}) NOT NULL)"
             )
             cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_file ON {table} (file_id)")
-            # Inner product on unit vectors is the cosine, and cheaper than pgvector's cosine distance.
-            cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_hnsw ON {table} USING hnsw (embedding vector_ip_ops)")
+            _create_hnsw(cur, table)
 
         self._retrying(work)
         found = self.find_model(model.name, model.fingerprint)
@@ -284,17 +284,46 @@ class PostgresStore:
                 (target.id,),
             )
         }
+        # Rows added one at a time to an HNSW graph cost pgvector ~100 times what one build of the graph over
+        # them does (measured: 75 vs ~7,000 rows/s, RESULTS.md): a push that mostly adds rows drops the index
+        # and builds it once at the end. Searches meanwhile scan every row (right, only slower); a pusher
+        # that starts meanwhile builds it again first and then adds its rows to it, also right.
+        arriving = sum(source.conn.execute(
+            "SELECT (SELECT count(*) FROM embeddings WHERE model_id = ?1) + "
+            "(SELECT count(*) FROM moments WHERE model_id = ?1)", (model.id,)
+        ).fetchone())  # fmt: skip
+        present = self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        rebuild = arriving - present >= BULK_ROWS and arriving > 2 * present
+        if rebuild:
+            self.conn.execute(f"DROP INDEX IF EXISTS {table}_hnsw")
+        try:
+            self._push_chunks(source, model, target.id, table, digests, report, on_chunk)
+        finally:
+            if rebuild:
+                self._retrying(lambda cur: _create_hnsw(cur, table))
+        return report
+
+    def _push_chunks(
+        self,
+        source: Store,
+        model: ModelRow,
+        model_id: int,
+        table: str,
+        digests: dict[bytes, bytes],
+        report: PushReport,
+        on_chunk: Callable[[int], None],
+    ) -> None:
         last = 0
         while True:
             with source.snapshot() as db:
                 chunk = _read_chunk(db, model, last, PUSH_CHUNK)
             if not chunk:
-                return report
+                return
             last = chunk[-1].source_id
             changed = [f for f in chunk if digests.get(f.path) != f.digest]
             report.unchanged += len(chunk) - len(changed)
             if changed:
-                self._retrying(lambda cur, changed=changed: self._write_chunk(cur, target.id, table, changed))
+                self._retrying(lambda cur, changed=changed: self._write_chunk(cur, model_id, table, changed))
                 report.files += len(changed)
                 report.vectors += sum(len(f.vectors) for f in changed if f.deleted_at is None)
                 report.tags += sum(len(f.tags) for f in changed)
@@ -351,11 +380,13 @@ class PostgresStore:
         filters: Filters | None = None,
         offset: int = 0,
         exact: bool = False,
+        ef_search: int = EF_SEARCH_MIN,
     ) -> list[tuple[int, float]]:
         """(search key, cosine) ranked ``offset`` to ``offset + top_k`` among the rows ``filters`` let through,
         best first (ties by key, as the SQLite library orders them).
 
-        The HNSW index answers unless ``exact``; a filtered search that the index cannot fill (pgvector before
+        The HNSW index answers unless ``exact``, walking ``ef_search`` candidates (more: better recall, slower);
+        a filtered search that the index cannot fill (pgvector before
         0.8 filters the index's candidates after the scan) is ranked again exactly over the filtered rows, so
         a filter never thins out the page."""
         wanted = offset + top_k
@@ -371,17 +402,21 @@ class PostgresStore:
         )
         params = [query, *args, query, wanted]
         use_index = not exact and wanted <= EF_SEARCH_MAX
-        rows = self._rank(sql, params, use_index, wanted)
+        # pgvector before 0.8 filters the index's ef_search candidates after the scan: a filter passing a tenth
+        # of the photos leaves a tenth of them, so filtered searches take the widest candidate list there.
+        narrowed = (filters or exclude) and _version(self.pgvector_version) < (0, 8)
+        beam = EF_SEARCH_MAX if narrowed else min(EF_SEARCH_MAX, max(ef_search, wanted))
+        rows = self._rank(sql, params, use_index, beam)
         if use_index and len(rows) < wanted and (filters or exclude):
-            rows = self._rank(sql, params, False, wanted)
+            rows = self._rank(sql, params, False, beam)
         rows.sort(key=lambda r: (-r[1], r[0]))
         out = [(int(k), float(s)) for k, s in rows[offset:wanted]]
         return [hit for hit in out if threshold is None or hit[1] >= threshold]
 
-    def _rank(self, sql: str, params: list[Any], use_index: bool, wanted: int) -> list[tuple[int, float]]:
+    def _rank(self, sql: str, params: list[Any], use_index: bool, beam: int) -> list[tuple[int, float]]:
         with self.transaction() as cur:
             if use_index:
-                cur.execute(f"SET LOCAL hnsw.ef_search = {max(EF_SEARCH_MIN, wanted)}")
+                cur.execute(f"SET LOCAL hnsw.ef_search = {int(beam)}")
                 if _version(self.pgvector_version) >= (0, 8):
                     # Keep scanning the graph until the filters let `wanted` rows through, in distance order.
                     cur.execute("SET LOCAL hnsw.iterative_scan = strict_order")
@@ -429,6 +464,14 @@ class PostgresStore:
         files = self.conn.execute("SELECT count(*) FROM files WHERE deleted_at IS NULL").fetchone()[0]
         vectors = self.conn.execute(f"SELECT count(*) FROM {vectors_table(model.id)}").fetchone()[0]
         return int(files), int(vectors)
+
+
+def _create_hnsw(cur: Any, table: str) -> None:
+    """The HNSW index of a vectors table, unless it has one; under the schema lock, since two pushers
+    creating it at once would collide on its name."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+    # Inner product on unit vectors is the cosine, and cheaper than pgvector's cosine distance.
+    cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_hnsw ON {table} USING hnsw (embedding vector_ip_ops)")
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -542,9 +585,12 @@ class PostgresLibrary:
     filters, pages and `Hit` results. ``model`` as for `Library`: None means the one model the store holds
     vectors for, loaded from where it was indexed from."""
 
-    def __init__(self, url: str, model: Any = None, *, exact: bool = False, **load_opts: Any) -> None:
+    def __init__(
+        self, url: str, model: Any = None, *, exact: bool = False, ef_search: int = EF_SEARCH_MIN, **load_opts: Any
+    ) -> None:
         self.url = url
         self.exact = exact
+        self.ef_search = ef_search
         self._model_arg = model
         self._load_opts = load_opts
         self._clip: Any = None if model is None or isinstance(model, str | Path) else model
@@ -681,7 +727,8 @@ class PostgresLibrary:
             raise UsageError(f"--offset must be 0 or more, not {offset}")
         parse_choice(sort, SORT_KEYS, "--sort")
         out = self.store.ranked(self.model_row, vector, top_k=top_k, threshold=threshold, exclude=exclude,
-                                filters=filters or None, offset=offset, exact=self.exact)  # fmt: skip
+                                filters=filters or None, offset=offset, exact=self.exact,
+                                ef_search=self.ef_search)  # fmt: skip
         if sort == "date":
             files = dict(zip([k for k, _ in out], files_of(np.asarray([k for k, _ in out], np.int64)).tolist(),
                              strict=True))  # fmt: skip
