@@ -112,6 +112,19 @@ def test_search_equals_the_sqlite_librarys_exact_search(library, model, store_ur
             assert all(h.time is None for h in got)
 
 
+def test_similar_and_search_by_image_equal_the_sqlite_librarys(library, model, store_url) -> None:
+    push_library(library.store, store_url)
+    tokyo = Path(library.path).parent / "photos" / "tokyo.jpg"
+    with PostgresLibrary(store_url, model) as shared:
+        for got, want in (
+            (shared.similar(tokyo, top_k=4), library.similar(tokyo, top_k=4)),
+            (shared.search("+city", images=[tokyo], top_k=4), library.search("+city", images=[tokyo], top_k=4)),
+        ):
+            assert [h.path for h in got] == [h.path for h in want]
+            np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+        assert str(tokyo) not in [h.path for h in shared.similar(tokyo, top_k=10)]  # itself left out
+
+
 FILTERS = [
     {"camera": "canon"},
     {"after": "2022-01-01"},
@@ -277,6 +290,11 @@ def test_cli_index_add_with_store_then_search_json_like_sqlite(vit_bundle, photo
     np.testing.assert_allclose([h["score"] for h in shared], [h["score"] for h in local], atol=1e-5)
     assert main(["search", "a", "cat", "--store", store_url, "--folder", str(tmp_path / "none")]) == 0
     assert capsys.readouterr().out == ""
+    first = str(folder / "v000.jpg")
+    assert main(["similar", first, "--db", str(db), "--json", "--top-k", "3"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(["similar", first, "--store", store_url, "--json", "--top-k", "3"]) == 0
+    assert [h["path"] for h in json.loads(capsys.readouterr().out)] == [h["path"] for h in local]
 
 
 @pytest.mark.parametrize(

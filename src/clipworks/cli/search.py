@@ -174,10 +174,16 @@ def similar(
     tag: TagOpt = None,
     sort: SortOpt = "score",
     offset: OffsetOpt = 0,
+    store: StoreOpt = None,
 ) -> None:
     """List the photos most like one photo: near-duplicates first, then visually similar ones."""
     filters = filters_of(after, before, camera, folder, near, kind, tag)
-    hits = open_library(db, model, ann=ann, ann_dtype=ann_dtype).similar(
+    library = (
+        open_shared_library(store, model, ann=ann)
+        if store is not None
+        else open_library(db, model, ann=ann, ann_dtype=ann_dtype)
+    )
+    hits = library.similar(
         path,
         top_k=top_k,
         threshold=threshold,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,9 +46,12 @@ SCHEMA_VERSION = 1
 SCHEMA_LOCK = 0x636C6970  # "clip"
 PUSH_CHUNK = 2_000  # SQLite files per Postgres transaction
 BULK_ROWS = 10_000  # a push adding at least this many vectors (and most of the table) builds HNSW once
-# The HNSW candidate list (hnsw.ef_search): at least 100 (pgvector's default 40 misses 7% of the top 10 of random
-# 64-d vectors; 100 recalls 95%+), and at most 1000 in pgvector: a deeper page than that is ranked exactly.
-EF_SEARCH_MIN, EF_SEARCH_MAX = 100, 1000
+# The HNSW candidate list (hnsw.ef_search; pgvector's default is 40). 400: on 100,000 clustered 512-d vectors
+# with queries as far from the photos as a text prompt lies (bench_postgres.py) pgvector's graph (m 16,
+# ef_construction 64) recalls 0.959 of the exact top 10 at 400, 0.754 at 100. pgvector allows at most 1000:
+# a deeper page than that is ranked exactly.
+EF_SEARCH_DEFAULT, EF_SEARCH_MAX = 400, 1000
+CONNECT_TIMEOUT_S = 10
 RETRIES = 5  # a deadlock or serialization failure between concurrent pushers is retried, not reported
 
 SCHEMA = """
@@ -140,6 +144,10 @@ def _psycopg() -> Any:
     return psycopg
 
 
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def _text(value: Any) -> Any:
     """Text as Postgres can hold it: bytes that are not UTF-8 replaced, NUL dropped (none of the filters
     compare such characters; paths, which must round-trip, are bytes instead)."""
@@ -154,27 +162,38 @@ class PushReport:
     unchanged: int = 0  # files whose digest matched: nothing sent
     vectors: int = 0  # photo vectors and video moments sent
     tags: int = 0
+    index_s: float = 0.0  # seconds spent building the HNSW index at the end (a push of mostly new rows)
 
     def summary(self) -> str:
-        return f"pushed {self.files} files ({self.vectors} vectors, {self.tags} tags), {self.unchanged} unchanged"
+        built = f"; HNSW index built in {self.index_s:.0f} s" if self.index_s else ""
+        return (
+            f"pushed {self.files} files ({self.vectors} vectors, {self.tags} tags), {self.unchanged} unchanged{built}"
+        )
 
 
 class PostgresStore:
     """One connection to a shared library in Postgres. Not shared between threads: open one per thread."""
 
     def __init__(self, url: str) -> None:
-        psycopg = _psycopg()
         self.url = check_url(url)
+        psycopg = _psycopg()
+        # A server that drops packets would otherwise keep a command waiting for minutes.
+        timeout = {} if "connect_timeout" in url else {"connect_timeout": CONNECT_TIMEOUT_S}
         try:
-            self.conn = psycopg.connect(url, autocommit=True)
+            self.conn = psycopg.connect(url, autocommit=True, **timeout)
         except psycopg.Error as e:
-            detail = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise ClipworksError(f"cannot open the library store {redacted(url)}: {detail}", setting="store") from e
+            raise ClipworksError(
+                f"cannot open the library store {redacted(url)}: {_first_line(e)}", setting="store"
+            ) from e
         try:
             self._ensure_schema()
         except psycopg.Error as e:
             self.conn.close()
-            raise ClipworksError(f"{redacted(url)} cannot hold a clipworks library: {e}", setting="store") from e
+            raise ClipworksError(
+                f"{redacted(url)} cannot hold a clipworks library ({_first_line(e)}): it needs pgvector 0.5 or later "
+                "installed on the server, and a user who may create tables",
+                setting="store",
+            ) from e
         from pgvector.psycopg import register_vector
 
         register_vector(self.conn)
@@ -284,10 +303,11 @@ class PostgresStore:
                 (target.id,),
             )
         }
-        # Rows added one at a time to an HNSW graph cost pgvector ~100 times what one build of the graph over
-        # them does (measured: 75 vs ~7,000 rows/s, RESULTS.md): a push that mostly adds rows drops the index
-        # and builds it once at the end. Searches meanwhile scan every row (right, only slower); a pusher
-        # that starts meanwhile builds it again first and then adds its rows to it, also right.
+        # Rows added one at a time to an HNSW graph cost pgvector far more than one build of the graph over
+        # them (a push of 10,000 512-d vectors: 75 rows/s into the index, 1,000 rows/s loading then building;
+        # RESULTS.md): a push that mostly adds rows drops the index and builds it once at the end. Searches
+        # meanwhile scan every row (right, only slower); a pusher that starts meanwhile builds it again first
+        # and then adds its rows to it, also right.
         arriving = sum(source.conn.execute(
             "SELECT (SELECT count(*) FROM embeddings WHERE model_id = ?1) + "
             "(SELECT count(*) FROM moments WHERE model_id = ?1)", (model.id,)
@@ -300,7 +320,9 @@ class PostgresStore:
             self._push_chunks(source, model, target.id, table, digests, report, on_chunk)
         finally:
             if rebuild:
+                start = time.perf_counter()
                 self._retrying(lambda cur: _create_hnsw(cur, table))
+                report.index_s = time.perf_counter() - start
         return report
 
     def _push_chunks(
@@ -359,9 +381,9 @@ class PostgresStore:
                 if f.deleted_at is not None:
                     continue
                 file_id = ids[f.path]
-                for ordinal, time, vector in f.vectors:
+                for ordinal, at, vector in f.vectors:
                     key = file_id if ordinal is None else moment_key(file_id, ordinal)
-                    copy.write_row((key, file_id, time, vector))
+                    copy.write_row((key, file_id, at, vector))
         cur.executemany(
             "INSERT INTO pushed (model_id, file_id, digest) VALUES (%s, %s, %s) ON CONFLICT (model_id, file_id) "
             "DO UPDATE SET digest = EXCLUDED.digest",
@@ -380,7 +402,7 @@ class PostgresStore:
         filters: Filters | None = None,
         offset: int = 0,
         exact: bool = False,
-        ef_search: int = EF_SEARCH_MIN,
+        ef_search: int = EF_SEARCH_DEFAULT,
     ) -> list[tuple[int, float]]:
         """(search key, cosine) ranked ``offset`` to ``offset + top_k`` among the rows ``filters`` let through,
         best first (ties by key, as the SQLite library orders them).
@@ -441,13 +463,14 @@ class PostgresStore:
         ).fetchall()
         return {int(i): t for i, t in rows}
 
-    def vector_of(self, model: ModelRow, path: str) -> np.ndarray | None:
+    def vector_of(self, model: ModelRow, path: str) -> tuple[int, np.ndarray] | None:
+        """(search key, vector) of the photo at ``path``, if the store has its vector."""
         row = self.conn.execute(
-            f"SELECT v.embedding FROM {vectors_table(model.id)} v JOIN files f ON f.id = v.file_id "
+            f"SELECT v.key, v.embedding FROM {vectors_table(model.id)} v JOIN files f ON f.id = v.file_id "
             "WHERE f.path = %s AND v.key = f.id",
             (to_bytes(path),),
         ).fetchone()
-        return None if row is None else np.asarray(row[0].to_numpy(), np.float32)
+        return None if row is None else (int(row[0]), np.asarray(row[1].to_numpy(), np.float32))
 
     def tags_of(self, file_ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
         out: dict[int, list[tuple[str, float]]] = {}
@@ -555,13 +578,13 @@ def _read_chunk(db: Any, model: ModelRow, after_id: int, limit: int) -> list[_So
     ):
         if len(blob) == width:
             vectors.setdefault(file_id, []).append((None, None, np.frombuffer(blob, "<f4")))
-    for file_id, ordinal, time, blob in db.execute(
+    for file_id, ordinal, at, blob in db.execute(
         "SELECT file_id, ordinal, time, vector FROM moments WHERE model_id = ? AND file_id BETWEEN ? AND ? "
         "ORDER BY file_id, ordinal",
         (model.id, low, high),
     ):
         if len(blob) == width and ordinal < MOMENT_SLOTS:
-            vectors.setdefault(file_id, []).append((ordinal, time, np.frombuffer(blob, "<f4")))
+            vectors.setdefault(file_id, []).append((ordinal, at, np.frombuffer(blob, "<f4")))
     tags: dict[int, list[tuple[str, float]]] = {}
     for file_id, tag, score in db.execute(
         "SELECT file_id, tag, score FROM tags WHERE file_id BETWEEN ? AND ? ORDER BY file_id, tag", (low, high)
@@ -586,7 +609,7 @@ class PostgresLibrary:
     vectors for, loaded from where it was indexed from."""
 
     def __init__(
-        self, url: str, model: Any = None, *, exact: bool = False, ef_search: int = EF_SEARCH_MIN, **load_opts: Any
+        self, url: str, model: Any = None, *, exact: bool = False, ef_search: int = EF_SEARCH_DEFAULT, **load_opts: Any
     ) -> None:
         self.url = url
         self.exact = exact
@@ -656,6 +679,7 @@ class PostgresLibrary:
             report.unchanged += part.unchanged
             report.vectors += part.vectors
             report.tags += part.tags
+            report.index_s += part.index_s
         self._row = None
         return report
 
@@ -665,9 +689,13 @@ class PostgresLibrary:
         return combine_terms(terms, text_vectors, self.image_vector)
 
     def image_vector(self, path: str | Path) -> np.ndarray:
+        from clipworks.video.frames import is_video
+
+        if is_video(path):
+            raise UsageError(f"{path} is a video: search by a photo, or find its moments by text")
         stored = self.store.vector_of(self.model_row, str(Path(path).expanduser().resolve()))
         if stored is not None:
-            return stored
+            return stored[1]
         if not Path(path).expanduser().is_file():
             raise UsageError(f"{path} does not exist")
         return np.asarray(self.clip.encode_images([Path(path).expanduser()])[0], np.float32)
@@ -736,6 +764,22 @@ class PostgresLibrary:
             taken = {key: times.get(file_id) for key, file_id in files.items()}
             out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
         return out
+
+    def similar(
+        self,
+        path: str | Path,
+        *,
+        top_k: int = 10,
+        threshold: float | None = None,
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
+    ) -> list[Hit]:
+        """As `Library.similar`: photos most like ``path`` (itself left out)."""
+        vector = self.image_vector(path)
+        stored = self.store.vector_of(self.model_row, str(Path(path).expanduser().resolve()))
+        return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[stored[0]] if stored else [],
+                                  filters=filters, offset=offset, sort=sort)  # fmt: skip
 
     def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
         return self.store.tags_of(ids)
