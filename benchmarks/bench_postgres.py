@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bench_ann import DIM, exact_top10, make_vectors, queries
-from clipworks.library import Library, make_filters
+from clipworks.library import Library, make_filters, postgres
 from clipworks.library.interchange import import_vectors
 from clipworks.library.postgres import PostgresLibrary, push_library
 from clipworks.library.store import Store
@@ -62,11 +62,16 @@ def main() -> None:
     parser.add_argument("--ef-search", default="100,400,1000", help="HNSW candidate lists to measure.")
     parser.add_argument("--maintenance-mb", type=int, default=3000, help="Postgres maintenance_work_mem.")
     parser.add_argument("--query-cosine", type=float, default=0.3, help="How near the queries lie to the library.")
+    parser.add_argument("--m", type=int, default=postgres.HNSW_M, help="HNSW links per node.")
+    parser.add_argument("--ef-construction", type=int, default=postgres.HNSW_EF_CONSTRUCTION)
     args = parser.parse_args()
+    postgres.HNSW_M, postgres.HNSW_EF_CONSTRUCTION = args.m, args.ef_construction
     WORK.mkdir(exist_ok=True)
     print(machine())
     print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()), flush=True)
-    results: dict[str, object] = {"rows": args.rows, "machine": machine()}
+    results: dict[str, object] = {"rows": args.rows, "machine": machine(), "m": args.m,
+                                  "ef_construction": args.ef_construction}  # fmt: skip
+    print(f"HNSW m {args.m}, ef_construction {args.ef_construction}", flush=True)
 
     matrix = make_vectors(args.rows)
     qs = queries(args.queries, matrix, args.query_cosine)
@@ -151,7 +156,9 @@ def main() -> None:
     finally:
         server.cleanup()
     print("load average at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
-    (WORK / f"bench_postgres-{args.rows}.json").write_text(json.dumps(results, indent=2))
+    (WORK / f"bench_postgres-{args.rows}-m{args.m}-efc{args.ef_construction}.json").write_text(
+        json.dumps(results, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -46,11 +46,14 @@ SCHEMA_VERSION = 1
 SCHEMA_LOCK = 0x636C6970  # "clip"
 PUSH_CHUNK = 2_000  # SQLite files per Postgres transaction
 BULK_ROWS = 10_000  # a push adding at least this many vectors (and most of the table) builds HNSW once
-# The HNSW candidate list (hnsw.ef_search; pgvector's default is 40). 400: on 100,000 clustered 512-d vectors
-# with queries as far from the photos as a text prompt lies (bench_postgres.py) pgvector's graph (m 16,
-# ef_construction 64) recalls 0.959 of the exact top 10 at 400, 0.754 at 100. pgvector allows at most 1000:
-# a deeper page than that is ranked exactly.
+# The HNSW candidate list (hnsw.ef_search; pgvector's default is 40) and the graph's links per node and build
+# beam (pgvector's defaults: 16 and 64). Measured on clustered 512-d vectors with queries as far from the photos
+# as a text prompt lies (bench_postgres.py, RESULTS.md): pgvector's default graph recalls 0.959 of the exact top
+# 10 at ef_search 400 on 100,000 vectors but only 0.453 on 1,000,000; m 32 and ef_construction 128 (what the
+# SQLite library's faiss graph uses) recall 1.000 at 400 on 100,000, for a build 4 to 5 times slower.
+# pgvector allows ef_search up to 1000: a deeper page than that is ranked exactly.
 EF_SEARCH_DEFAULT, EF_SEARCH_MAX = 400, 1000
+HNSW_M, HNSW_EF_CONSTRUCTION = 32, 128
 CONNECT_TIMEOUT_S = 10
 RETRIES = 5  # a deadlock or serialization failure between concurrent pushers is retried, not reported
 
@@ -494,7 +497,10 @@ def _create_hnsw(cur: Any, table: str) -> None:
     creating it at once would collide on its name."""
     cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
     # Inner product on unit vectors is the cosine, and cheaper than pgvector's cosine distance.
-    cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_hnsw ON {table} USING hnsw (embedding vector_ip_ops)")
+    cur.execute(
+        f"CREATE INDEX IF NOT EXISTS {table}_hnsw ON {table} USING hnsw (embedding vector_ip_ops) "
+        f"WITH (m = {int(HNSW_M)}, ef_construction = {int(HNSW_EF_CONSTRUCTION)})"
+    )
 
 
 def _version(text: str) -> tuple[int, ...]:
