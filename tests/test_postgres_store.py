@@ -393,3 +393,11 @@ def test_a_narrow_filter_still_gets_k_hits_under_hnsw(many, store_url) -> None:
     want = lib.search_vector(vectors[0], top_k=10, filters=only_b)
     assert len(got) == 10 and [h.path for h in got] == [h.path for h in want]
     assert all("/b/" in h.path for h in got)
+
+
+def test_the_store_can_come_from_the_environment(library, store_url, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("CLIPWORKS_STORE", store_url)
+    assert main(["index", "push", "--db", str(library.path)]) == 0
+    assert f"pushed {len(SHOTS)} files ({len(SHOTS)} vectors, 2 tags)" in capsys.readouterr().err
+    assert main(["search", "a", "city", "--json", "--tag", "city"]) == 0  # searched in the store, not --db
+    assert [os.path.basename(h["path"]) for h in json.loads(capsys.readouterr().out)] == ["tokyo.jpg"]
