@@ -50,7 +50,8 @@ BULK_ROWS = 10_000  # a push adding at least this many vectors (and most of the 
 # beam (pgvector's defaults: 16 and 64). Measured on clustered 512-d vectors with queries as far from the photos
 # as a text prompt lies (bench_postgres.py, RESULTS.md): pgvector's default graph recalls 0.959 of the exact top
 # 10 at ef_search 400 on 100,000 vectors but only 0.453 on 1,000,000; m 32 and ef_construction 128 (what the
-# SQLite library's faiss graph uses) recall 1.000 at 400 on 100,000, for a build 4 to 5 times slower.
+# SQLite library's faiss graph uses) recall 1.000 at 400 on 100,000 and 0.973 on 300,000, for a build 4 to 5
+# times slower.
 # pgvector allows ef_search up to 1000: a deeper page than that is ranked exactly.
 EF_SEARCH_DEFAULT, EF_SEARCH_MAX = 400, 1000
 HNSW_M, HNSW_EF_CONSTRUCTION = 32, 128
