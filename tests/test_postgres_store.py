@@ -280,6 +280,10 @@ def test_cli_index_add_with_store_then_search_json_like_sqlite(vit_bundle, photo
     assert "pushed 10 files (10 vectors, 0 tags)" in err
     assert main(["index", "push", "--db", str(db), "--store", store_url]) == 0
     assert "pushed 0 files" in capsys.readouterr().err
+    assert main(["index", "status", "--store", store_url, "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert (state["files"], state["deleted"]) == (10, 0) and state["pgvector"].count(".") == 2
+    assert [(m["dim"], m["vectors"], m["hnsw"]) for m in state["models"]] == [(32, 10, True)]
     assert main(["search", "a", "cat", "--db", str(db), "--json", "--top-k", "4"]) == 0
     local = json.loads(capsys.readouterr().out)
     # The store's model is found from the pushed rows alone: no --model, no --db.

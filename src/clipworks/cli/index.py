@@ -154,12 +154,16 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     ann: AnnOpt = "auto",
     ann_dtype: AnnDtypeOpt = "f16",
+    store: StoreOpt = None,
 ) -> None:
     """Folders, files, vectors per model, files waiting to be embedded, unreadable files, and which index
-    answers queries."""
+    answers queries; with --store, what the shared library holds."""
     from clipworks.display import quote_path
     from clipworks.library import Library
 
+    if store is not None:
+        store_status(store, as_json)
+        return
     state = Library(db, ann=ann, ann_dtype=ann_dtype).status()
     if as_json:
         print(json.dumps({
@@ -185,6 +189,25 @@ def status(
     print(f"  search index: {state.search_index}")
     for path, error in state.errors:
         print(f"  unreadable {quote_path(path)}: {quote_path(error)}")
+
+
+def store_status(url: str, as_json: bool) -> None:
+    from clipworks.library.postgres import PostgresStore
+
+    with PostgresStore(url) as store:
+        state = store.status()
+    if as_json:
+        print(json.dumps({
+            "store": state.url, "pgvector": state.pgvector, "files": state.files, "deleted": state.deleted,
+            "models": [{"name": m.name, "dim": m.dim, "vectors": v, "hnsw": hnsw, "precision": m.precision,
+                        "decode": m.decode} for m, v, hnsw in state.models],
+        }, indent=2))  # fmt: skip
+        return
+    print(f"store {state.url} (pgvector {state.pgvector})")
+    print(f"  {state.files} files, {state.deleted} deleted")
+    for row, vectors, hnsw in state.models:
+        index = "HNSW index" if hnsw else "no HNSW index (a push is building it, or one stopped): exact scans"
+        print(f"  model {row.name} ({row.dim}-d): {vectors} vectors; {index}; {row.produced_by()}")
 
 
 @app.command()

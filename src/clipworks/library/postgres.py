@@ -492,6 +492,27 @@ class PostgresStore:
         vectors = self.conn.execute(f"SELECT count(*) FROM {vectors_table(model.id)}").fetchone()[0]
         return int(files), int(vectors)
 
+    def status(self) -> StoreStatus:
+        files, deleted = self.conn.execute(
+            "SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE deleted_at IS NOT NULL) "
+            "FROM files"
+        ).fetchone()
+        models = []
+        for row in self.models():
+            vectors = self.counts(row)[1]
+            hnsw = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{vectors_table(row.id)}_hnsw",))
+            models.append((row, vectors, bool(hnsw.fetchone()[0])))
+        return StoreStatus(redacted(self.url), self.pgvector_version, int(files), int(deleted), models)
+
+
+@dataclass
+class StoreStatus:
+    url: str  # without its password
+    pgvector: str
+    files: int
+    deleted: int
+    models: list[tuple[ModelRow, int, bool]]  # (model, vectors, whether its HNSW index is there)
+
 
 def _create_hnsw(cur: Any, table: str) -> None:
     """The HNSW index of a vectors table, unless it has one; under the schema lock, since two pushers
