@@ -31,6 +31,15 @@ AnnOpt = Annotated[
         help="Approximate search (HNSW, exact re-ranking): auto (from 100000 photos), on or off (always exact).",
     ),
 ]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="CLIPWORKS_STORE",
+        help="A shared library in Postgres with pgvector (postgres://USER@HOST/DB): `index add` and `index push` "
+        "copy what changed in --db there; `search` ranks there. Needs clipworks[postgres].",
+    ),
+]
 AnnDtypeOpt = Annotated[
     str, typer.Option("--ann-dtype", help="How the HNSW index stores vectors: f16, i8 (half the memory) or f32.")
 ]
@@ -87,6 +96,7 @@ def add(
             "Leave videos out with --exclude '*.mp4'.",
         ),
     ] = None,
+    store: StoreOpt = None,
 ) -> None:
     """Add folders to the library, or bring them up to date: only new and changed files are embedded. A photo
     gets one vector; a video one per moment, a frame every --video-every seconds and one at each shot change."""
@@ -111,6 +121,31 @@ def add(
     info(f"{library.path}: {report.summary()}")
     if report.failures:
         info(f"{len(report.failures)} files could not be read; they are retried when they change (`index status`)")
+    if store is not None:
+        push_to_store(library, store)
+
+
+def push_to_store(library, store: str) -> None:  # type: ignore[no-untyped-def]
+    """Copy what changed in ``library`` (SQLite) into the shared store at ``store`` and say what was sent."""
+    from clipworks.library.postgres import push_library, redacted
+
+    report = push_library(library.store, store)
+    info(f"{redacted(store)}: {report.summary()}")
+
+
+@app.command()
+def push(
+    store: Annotated[
+        str,
+        typer.Option("--store", envvar="CLIPWORKS_STORE", help="The shared library: postgres://USER@HOST/DB."),
+    ],
+    db: DbOpt = None,
+) -> None:
+    """Copy the library's files, vectors and tags into a shared library in Postgres (pgvector): only what
+    changed since the last push; several indexers may push into one store at once."""
+    from clipworks.library import Library
+
+    push_to_store(Library(db), store)
 
 
 @app.command()
@@ -119,12 +154,16 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     ann: AnnOpt = "auto",
     ann_dtype: AnnDtypeOpt = "f16",
+    store: StoreOpt = None,
 ) -> None:
     """Folders, files, vectors per model, files waiting to be embedded, unreadable files, and which index
-    answers queries."""
+    answers queries; with --store, what the shared library holds."""
     from clipworks.display import quote_path
     from clipworks.library import Library
 
+    if store is not None:
+        store_status(store, as_json)
+        return
     state = Library(db, ann=ann, ann_dtype=ann_dtype).status()
     if as_json:
         print(json.dumps({
@@ -150,6 +189,25 @@ def status(
     print(f"  search index: {state.search_index}")
     for path, error in state.errors:
         print(f"  unreadable {quote_path(path)}: {quote_path(error)}")
+
+
+def store_status(url: str, as_json: bool) -> None:
+    from clipworks.library.postgres import PostgresStore
+
+    with PostgresStore(url) as store:
+        state = store.status()
+    if as_json:
+        print(json.dumps({
+            "store": state.url, "pgvector": state.pgvector, "files": state.files, "deleted": state.deleted,
+            "models": [{"name": m.name, "dim": m.dim, "vectors": v, "hnsw": hnsw, "precision": m.precision,
+                        "decode": m.decode} for m, v, hnsw in state.models],
+        }, indent=2))  # fmt: skip
+        return
+    print(f"store {state.url} (pgvector {state.pgvector})")
+    print(f"  {state.files} files, {state.deleted} deleted")
+    for row, vectors, hnsw in state.models:
+        index = "HNSW index" if hnsw else "no HNSW index (a push is building it, or one stopped): exact scans"
+        print(f"  model {row.name} ({row.dim}-d): {vectors} vectors; {index}; {row.produced_by()}")
 
 
 @app.command()

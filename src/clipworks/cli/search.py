@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, info
-from clipworks.cli.index import AnnDtypeOpt, AnnOpt, DbOpt, LibraryModelOpt, open_library
+from clipworks.cli.index import AnnDtypeOpt, AnnOpt, DbOpt, LibraryModelOpt, StoreOpt, open_library
 from clipworks.display import quote_path
 from clipworks.library.metadata import Filters
 from clipworks.library.search import Hit
@@ -127,6 +127,7 @@ def search(
     tag: TagOpt = None,
     sort: SortOpt = "score",
     offset: OffsetOpt = 0,
+    store: StoreOpt = None,
 ) -> None:
     """Find photos and moments in videos by text, by example image, or both; scores are cosine similarities,
     highest first. The filters choose which photos and videos are ranked at all."""
@@ -135,11 +136,23 @@ def search(
     if not query and not image:
         raise UsageError("give a text query, --image PATH, or both")
     filters = filters_of(after, before, camera, folder, near, kind, tag)
-    library = open_library(db, model, device=device, precision=precision, ann=ann, ann_dtype=ann_dtype)
+    if store is not None:
+        library = open_shared_library(store, model, device=device, precision=precision, ann=ann)
+    else:
+        library = open_library(db, model, device=device, precision=precision, ann=ann, ann_dtype=ann_dtype)
     hits = library.search(query or [], images=[str(i) for i in image or []], negatives=negative or [],
                           top_k=top_k, threshold=threshold, filters=filters, offset=offset,
                           sort=sort)  # type: ignore[arg-type]  # fmt: skip
     render(hits, as_json, results)
+
+
+def open_shared_library(store: str, model: str | None, *, ann: str, **load: str):  # type: ignore[no-untyped-def]
+    """The shared library at ``store``; ``--ann off`` ranks every row exactly there too."""
+    from clipworks.library.ann import check_ann_options
+    from clipworks.library.postgres import PostgresLibrary
+
+    check_ann_options(ann, "f16")  # type: ignore[arg-type]
+    return PostgresLibrary(store, model, exact=ann == "off", **load)
 
 
 def similar(
@@ -161,10 +174,16 @@ def similar(
     tag: TagOpt = None,
     sort: SortOpt = "score",
     offset: OffsetOpt = 0,
+    store: StoreOpt = None,
 ) -> None:
     """List the photos most like one photo: near-duplicates first, then visually similar ones."""
     filters = filters_of(after, before, camera, folder, near, kind, tag)
-    hits = open_library(db, model, ann=ann, ann_dtype=ann_dtype).similar(
+    library = (
+        open_shared_library(store, model, ann=ann)
+        if store is not None
+        else open_library(db, model, ann=ann, ann_dtype=ann_dtype)
+    )
+    hits = library.similar(
         path,
         top_k=top_k,
         threshold=threshold,

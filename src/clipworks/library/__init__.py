@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -41,6 +41,50 @@ __all__ = [
     "SCHEMA_VERSION", "Filters", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "make_filters",
     "parse_query",
 ]  # fmt: skip
+
+
+class ModelRows(Protocol):
+    """Where a library's models are listed: a SQLite `Store`, or a shared `postgres.PostgresStore`."""
+
+    def models(self) -> list[ModelRow]: ...
+
+    def find_model(self, name: str, fingerprint: str) -> ModelRow | None: ...
+
+
+def load_indexed_model(row: ModelRow, where: str, load_opts: dict[str, Any]) -> Any:
+    """The model from where the stored vectors' model was loaded, if that is still the same model: a
+    bundle re-exported there with other weights makes vectors that cannot be compared with these."""
+    from clipworks.runtime.encoder import load
+
+    clip = load(row.source, **load_opts)
+    if model_fingerprint(clip).vectors != (row.name, row.fingerprint) or clip.embed_dim != row.dim:
+        raise UsageError(
+            f"{row.source} now holds {clip.name} ({clip.embed_dim}-d), not the {row.name} ({row.dim}-d) whose "
+            f"vectors {where} holds: pass --model with that model, or index again with --model {row.source}"
+        )
+    return clip
+
+
+def resolve_model(store: ModelRows, clip: Any, model_arg: Any, where: str) -> ModelRow:
+    """The stored model whose vectors a library searches: ``clip``'s (None: the only one stored)."""
+    models = store.models()
+    if clip is None:
+        if len(models) == 1:
+            return models[0]
+        if not models:
+            raise UsageError(f"the library {where} is empty: run `clipworks index add DIR` first")
+        names = ", ".join(m.name for m in models)
+        raise UsageError(f"{where} holds vectors of several models ({names}); pick one with --model")
+    name, weights = model_fingerprint(clip).vectors
+    found = store.find_model(name, weights)
+    if found is None:
+        # The same name can come from other weights (a bundle exported again): say so with the dimension.
+        have = ", ".join(f"{m.name} ({m.dim}-d{', other weights' if m.name == name else ''})" for m in models)
+        raise UsageError(
+            f"{where} has no vectors for {name} (it has: {have or 'none'}); run `clipworks index add DIR "
+            f"--model {model_arg or name}` first"
+        )
+    return found
 
 
 @dataclass
@@ -136,20 +180,8 @@ class Library:
                 if self._model_arg is not None:
                     self._clip = load(self._model_arg, **self._load_opts)
                 else:
-                    self._clip = self._load_stored_model(load)
+                    self._clip = load_indexed_model(self.model_row, str(self.path), self._load_opts)
             return self._clip
-
-    def _load_stored_model(self, load: Any) -> Any:
-        """The model from where the stored vectors' model was loaded, if that is still the same model: a
-        bundle re-exported there with other weights makes vectors that cannot be compared with these."""
-        row = self.model_row
-        clip = load(row.source, **self._load_opts)
-        if model_fingerprint(clip).vectors != (row.name, row.fingerprint) or clip.embed_dim != row.dim:
-            raise UsageError(
-                f"{row.source} now holds {clip.name} ({clip.embed_dim}-d), not the {row.name} ({row.dim}-d) whose "
-                f"vectors {self.path} holds: pass --model with that model, or index again with --model {row.source}"
-            )
-        return clip
 
     @property
     def model_row(self) -> ModelRow:
@@ -160,24 +192,8 @@ class Library:
             return self._row
 
     def _resolve_model(self) -> ModelRow:
-        models = self.store.models()
-        if self._model_arg is None and self._clip is None:
-            if len(models) == 1:
-                return models[0]
-            if not models:
-                raise UsageError(f"the library {self.path} is empty: run `clipworks index add DIR` first")
-            names = ", ".join(m.name for m in models)
-            raise UsageError(f"{self.path} holds vectors of several models ({names}); pick one with --model")
-        name, weights = model_fingerprint(self.clip).vectors
-        found = self.store.find_model(name, weights)
-        if found is None:
-            # The same name can come from other weights (a bundle exported again): say so with the dimension.
-            have = ", ".join(f"{m.name} ({m.dim}-d{', other weights' if m.name == name else ''})" for m in models)
-            raise UsageError(
-                f"{self.path} has no vectors for {name} (it has: {have or 'none'}); run `clipworks index add DIR "
-                f"--model {self._model_arg or name}` first"
-            )
-        return found
+        clip = self.clip if (self._model_arg is not None or self._clip is not None) else None
+        return resolve_model(self.store, clip, self._model_arg, str(self.path))
 
     def register_model(self) -> ModelRow:
         from clipworks.library.indexer import register_model
