@@ -16,18 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psycopg  # the dev extra installs it, with pgvector and pgserver: missing means a broken install
 import pytest
 
 from clipworks.cli.main import main
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library import Library, make_filters
+from clipworks.library.postgres import PostgresLibrary, PostgresStore, push_library, vectors_table
 from library_helpers import Shot, make_variants, write_shots
-
-psycopg = pytest.importorskip("psycopg")
-pytest.importorskip("pgvector")
-pytest.importorskip("pgserver")
-
-from clipworks.library.postgres import PostgresLibrary, PostgresStore, push_library, vectors_table  # noqa: E402
 
 SHOTS = [
     Shot("tokyo.jpg", "2023:07:14 18:30:05", "+09:00", (35.6586, 139.7454), "Canon", "EOS R5"),
