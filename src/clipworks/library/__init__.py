@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import numpy as np
 
@@ -87,6 +88,160 @@ def resolve_model(store: ModelRows, clip: Any, model_arg: Any, where: str) -> Mo
     return found
 
 
+class LibraryBase(ABC):
+    """What a SQLite `Library` and a shared `postgres.PostgresLibrary` have in common: a store connection per
+    thread, the model whose vectors the store holds (loaded on first use from where it was indexed from), and
+    the query language. A subclass opens its store, says where it lives, finds a photo's stored vector and
+    ranks; `search` and `search_vector` are then the same for both."""
+
+    def _init_model(self, model: Any, load_opts: dict[str, Any]) -> None:
+        self._model_arg = model
+        self._load_opts = load_opts
+        self._clip: Any = None if model is None or isinstance(model, str | Path) else model
+        self._row: ModelRow | None = None
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._stores: list[Any] = []
+
+    @abstractmethod
+    def _open_store(self) -> Any:
+        """A new connection to the store, for the calling thread."""
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """The store as messages name it (a path; a URL without its password)."""
+
+    @abstractmethod
+    def stored(self, path: str) -> tuple[int, np.ndarray] | None:
+        """(search key, vector) of the photo at the resolved ``path``, if the store has its `model_row` vector."""
+
+    @abstractmethod
+    def ranked(self, vector: np.ndarray, **options: Any) -> list[tuple[int, float]]:
+        """(search key, cosine) of the best matches; the options as `Library.ranked` takes them."""
+
+    # -- connections -------------------------------------------------------------------------------
+    @property
+    def store(self) -> Any:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._open_store()
+            self._local.store = store
+            with self._lock:
+                self._stores.append(store)
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            for store in self._stores:
+                with contextlib.suppress(Exception):
+                    store.close()
+            self._stores.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the model ---------------------------------------------------------------------------------
+    @property
+    def clip(self) -> Any:
+        """The ClipModel, loaded on first use."""
+        with self._lock:
+            if self._clip is None:
+                from clipworks.runtime.encoder import load
+
+                if self._model_arg is not None:
+                    self._clip = load(self._model_arg, **self._load_opts)
+                else:
+                    self._clip = load_indexed_model(self.model_row, self.where, self._load_opts)
+            return self._clip
+
+    @property
+    def model_row(self) -> ModelRow:
+        """The stored model whose vectors this library searches."""
+        with self._lock:
+            if self._row is None:
+                clip = self.clip if (self._model_arg is not None or self._clip is not None) else None
+                self._row = resolve_model(self.store, clip, self._model_arg, self.where)
+            return self._row
+
+    # -- queries -----------------------------------------------------------------------------------
+    def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
+        """Encode and combine query terms (stored vectors are reused for photos already in the library)."""
+        texts = query_texts(terms)
+        text_vectors = self.clip.encode_texts(texts) if texts else None
+        return combine_terms(terms, text_vectors, self.image_vector)
+
+    def image_vector(self, path: str | Path) -> np.ndarray:
+        """A photo's vector: the stored one when the library holds it, else the photo encoded now."""
+        from clipworks.video.frames import is_video
+
+        if is_video(path):
+            raise UsageError(f"{path} is a video: search by a photo, or find its moments by text")
+        stored = self.stored(str(Path(path).expanduser().resolve()))
+        if stored is not None:
+            return stored[1]
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"{path} does not exist")
+        return np.asarray(self.clip.encode_images([Path(path).expanduser()])[0], np.float32)
+
+    def search(
+        self,
+        query: str | Sequence[str] | None = None,
+        *,
+        images: Sequence[str | Path] = (),
+        negatives: Sequence[str] = (),
+        top_k: int = 10,
+        threshold: float | None = None,
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
+    ) -> list[Hit]:
+        """Ranked (path, cosine, time) hits for a text query (``"beach -people 2:sunset"``), images, or both.
+
+        ``filters`` (`metadata.make_filters`) choose the photos before they are ranked; ``offset`` skips
+        that many of the best (the next page); ``sort="date"`` shows the page newest first (see `ranked`)."""
+        words = query.split() if isinstance(query, str) else list(query or [])
+        terms = parse_query(words, negatives=negatives, images=[str(i) for i in images])
+        return self.search_vector(self.query_vector(terms), top_k=top_k, threshold=threshold, filters=filters,
+                                  offset=offset, sort=sort)  # fmt: skip
+
+    def similar(
+        self,
+        path: str | Path,
+        *,
+        top_k: int = 10,
+        threshold: float | None = None,
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
+    ) -> list[Hit]:
+        """Photos most like ``path`` (itself left out)."""
+        vector = self.image_vector(path)
+        stored = self.stored(str(Path(path).expanduser().resolve()))
+        return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[stored[0]] if stored else [],
+                                  filters=filters, offset=offset, sort=sort)  # fmt: skip
+
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        *,
+        top_k: int = 10,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
+    ) -> list[Hit]:
+        ranked = self.ranked(vector, top_k=top_k, threshold=threshold, exclude=exclude, filters=filters,
+                             offset=offset, sort=sort)  # fmt: skip
+        found = self.store.targets(self.model_row, [i for i, _ in ranked])
+        return [Hit(found[i].path, s, found[i].time) for i, s in ranked if i in found]
+
+
 @dataclass
 class LibraryStatus:
     path: Path
@@ -102,7 +257,7 @@ class LibraryStatus:
     moments: int = 0  # their moments, over all models
 
 
-class Library:
+class Library(LibraryBase):
     """A library database plus the model whose vectors it searches.
 
     ``model`` is a loaded ``ClipModel``, a name or bundle path, or None: the one model the database
@@ -132,68 +287,23 @@ class Library:
         self._facets: tuple[ExactIndex, Facets, np.ndarray] | None = None
 
         self.path = Path(db).expanduser() if db is not None else db_path()
-        self._model_arg = model
-        self._load_opts = {"device": device, "precision": precision, "threads": threads}
+        self._init_model(model, {"device": device, "precision": precision, "threads": threads})
         self._side_file = side_file
-        self._local = threading.local()
-        self._lock = threading.RLock()
-        self._clip: Any = None if model is None or isinstance(model, str | Path) else model
-        self._row: ModelRow | None = None
         self._cache: MatrixCache | None = None
-        self._stores: list[Store] = []
         self._create = create
         self.store  # noqa: B018 -- open (and create or migrate) now, so errors surface here
 
-    # -- connections -------------------------------------------------------------------------------
+    # -- connections and the model (`LibraryBase`) --------------------------------------------------
+    def _open_store(self) -> Store:
+        return Store(self.path, create=self._create)
+
     @property
     def store(self) -> Store:
-        store = getattr(self._local, "store", None)
-        if store is None:
-            store = Store(self.path, create=self._create)
-            self._local.store = store
-            with self._lock:
-                self._stores.append(store)
-        return store
-
-    def close(self) -> None:
-        with self._lock:
-            for store in self._stores:
-                with contextlib.suppress(Exception):
-                    store.close()
-            self._stores.clear()
-        self._local = threading.local()
-
-    def __enter__(self) -> Library:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- the model ---------------------------------------------------------------------------------
-    @property
-    def clip(self) -> Any:
-        """The ClipModel, loaded on first use."""
-        with self._lock:
-            if self._clip is None:
-                from clipworks.runtime.encoder import load
-
-                if self._model_arg is not None:
-                    self._clip = load(self._model_arg, **self._load_opts)
-                else:
-                    self._clip = load_indexed_model(self.model_row, str(self.path), self._load_opts)
-            return self._clip
+        return super().store  # type: ignore[no-any-return]
 
     @property
-    def model_row(self) -> ModelRow:
-        """The stored model whose vectors this library searches."""
-        with self._lock:
-            if self._row is None:
-                self._row = self._resolve_model()
-            return self._row
-
-    def _resolve_model(self) -> ModelRow:
-        clip = self.clip if (self._model_arg is not None or self._clip is not None) else None
-        return resolve_model(self.store, clip, self._model_arg, str(self.path))
+    def where(self) -> str:
+        return str(self.path)
 
     def register_model(self) -> ModelRow:
         from clipworks.library.indexer import register_model
@@ -242,64 +352,10 @@ class Library:
                 self._ann = (key, index)
             return self._ann[1]
 
-    def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
-        """Encode and combine query terms (stored vectors are reused for photos already in the library)."""
-        texts = query_texts(terms)
-        text_vectors = None
-        if texts:
-            text_vectors = self.clip.encode_texts(texts)
-        return combine_terms(terms, text_vectors, self.image_vector)
-
-    def image_vector(self, path: str | Path) -> np.ndarray:
-        from clipworks.video.frames import is_video
-
-        if is_video(path):
-            raise UsageError(f"{path} is a video: search by a photo, or find its moments by text")
-        row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
-        if row is not None:
-            stored = self.store.vector(self.model_row, row.id)
-            if stored is not None:
-                return stored
-        if not Path(path).expanduser().is_file():
-            raise UsageError(f"{path} does not exist")
-        return self.clip.encode_images([Path(path).expanduser()])[0]
-
-    def search(
-        self,
-        query: str | Sequence[str] | None = None,
-        *,
-        images: Sequence[str | Path] = (),
-        negatives: Sequence[str] = (),
-        top_k: int = 10,
-        threshold: float | None = None,
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
-    ) -> list[Hit]:
-        """Ranked (path, cosine, time) hits for a text query (``"beach -people 2:sunset"``), images, or both.
-
-        ``filters`` (`metadata.make_filters`) choose the photos before they are ranked; ``offset`` skips
-        that many of the best (the next page); ``sort="date"`` shows the page newest first (see `ranked`)."""
-        words = query.split() if isinstance(query, str) else list(query or [])
-        terms = parse_query(words, negatives=negatives, images=[str(i) for i in images])
-        return self.search_vector(self.query_vector(terms), top_k=top_k, threshold=threshold, filters=filters,
-                                  offset=offset, sort=sort)  # fmt: skip
-
-    def search_vector(
-        self,
-        vector: np.ndarray,
-        *,
-        top_k: int = 10,
-        threshold: float | None = None,
-        exclude: Sequence[int] = (),
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
-    ) -> list[Hit]:
-        ranked = self.ranked(vector, top_k=top_k, threshold=threshold, exclude=exclude, filters=filters,
-                             offset=offset, sort=sort)  # fmt: skip
-        found = self.store.targets(self.model_row, (i for i, _ in ranked))
-        return [Hit(found[i].path, s, found[i].time) for i, s in ranked if i in found]
+    def stored(self, path: str) -> tuple[int, np.ndarray] | None:
+        row = self.store.file_by_path(path)
+        vector = None if row is None else self.store.vector(self.model_row, row.id)
+        return None if vector is None else (row.id, vector)
 
     def ranked(
         self,
@@ -436,22 +492,6 @@ class Library:
         if ids:
             self.store.replace_tags(ids)
         return missing
-
-    def similar(
-        self,
-        path: str | Path,
-        *,
-        top_k: int = 10,
-        threshold: float | None = None,
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
-    ) -> list[Hit]:
-        """Photos most like ``path`` (itself left out)."""
-        vector = self.image_vector(path)
-        row = self.store.file_by_path(str(Path(path).expanduser().resolve()))
-        return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[row.id] if row else [],
-                                  filters=filters, offset=offset, sort=sort)  # fmt: skip
 
     def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
         """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``). Video moments

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from clipworks.errors import ClipworksError, UsageError
+from clipworks.library import LibraryBase
 from clipworks.library.metadata import METADATA_COLUMNS, Filters, bounding_box, parse_choice
-from clipworks.library.search import Hit, Term, combine_terms, parse_query, query_texts
-from clipworks.library.store import MOMENT_SLOTS, ModelRow, Store, from_bytes, moment_key, to_bytes
+from clipworks.library.store import MOMENT_SLOTS, ModelRow, Store, Target, from_bytes, moment_key, to_bytes
 
 if TYPE_CHECKING:
     from clipworks.library.metadata import SortKey
@@ -450,14 +448,14 @@ class PostgresStore:
                 cur.execute("SET LOCAL enable_indexscan = off")  # a sequential scan: every row ranked
             return [(int(k), float(s)) for k, s in cur.execute(sql, params).fetchall()]
 
-    def targets(self, model: ModelRow, keys: Sequence[int]) -> dict[int, tuple[str, float | None]]:
-        """Search key -> (path, a moment's time or None)."""
+    def targets(self, model: ModelRow, keys: Sequence[int]) -> dict[int, Target]:
+        """Search key -> what it points at (`store.Target`: this database's file id, path, a moment's time)."""
         rows = self.conn.execute(
-            f"SELECT v.key, f.path, v.time FROM {vectors_table(model.id)} v JOIN files f ON f.id = v.file_id "
-            "WHERE v.key = ANY(%s)",
+            f"SELECT v.key, v.file_id, f.path, v.time FROM {vectors_table(model.id)} v "
+            "JOIN files f ON f.id = v.file_id WHERE v.key = ANY(%s)",
             ([int(k) for k in keys],),
         ).fetchall()
-        return {int(k): (from_bytes(bytes(p)), None if t is None else float(t)) for k, p, t in rows}
+        return {int(k): Target(int(i), from_bytes(bytes(p)), None if t is None else float(t)) for k, i, p, t in rows}
 
     def local_times(self, file_ids: Sequence[int]) -> dict[int, float | None]:
         """File id -> wall-clock capture time (`Metadata.local_time`)."""
@@ -631,7 +629,7 @@ def _read_chunk(db: Any, model: ModelRow, after_id: int, limit: int) -> list[_So
     return out
 
 
-class PostgresLibrary:
+class PostgresLibrary(LibraryBase):
     """A shared library in Postgres, searched as `Library` searches a SQLite one: the same query language,
     filters, pages and `Hit` results. ``model`` as for `Library`: None means the one model the store holds
     vectors for, loaded from where it was indexed from."""
@@ -642,61 +640,19 @@ class PostgresLibrary:
         self.url = url
         self.exact = exact
         self.ef_search = ef_search
-        self._model_arg = model
-        self._load_opts = load_opts
-        self._clip: Any = None if model is None or isinstance(model, str | Path) else model
-        self._row: ModelRow | None = None
-        self._local = threading.local()
-        self._lock = threading.RLock()
-        self._stores: list[PostgresStore] = []
+        self._init_model(model, load_opts)
         self.store  # noqa: B018 -- connect now, so a bad URL fails here
+
+    def _open_store(self) -> PostgresStore:
+        return PostgresStore(self.url)
 
     @property
     def store(self) -> PostgresStore:
-        store = getattr(self._local, "store", None)
-        if store is None:
-            store = PostgresStore(self.url)
-            self._local.store = store
-            with self._lock:
-                self._stores.append(store)
-        return store
-
-    def close(self) -> None:
-        with self._lock:
-            for store in self._stores:
-                store.close()
-            self._stores.clear()
-        self._local = threading.local()
-
-    def __enter__(self) -> PostgresLibrary:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return super().store  # type: ignore[no-any-return]
 
     @property
-    def clip(self) -> Any:
-        from clipworks.library import load_indexed_model
-
-        with self._lock:
-            if self._clip is None:
-                from clipworks.runtime.encoder import load
-
-                if self._model_arg is not None:
-                    self._clip = load(self._model_arg, **self._load_opts)
-                else:
-                    self._clip = load_indexed_model(self.model_row, redacted(self.url), self._load_opts)
-            return self._clip
-
-    @property
-    def model_row(self) -> ModelRow:
-        from clipworks.library import resolve_model
-
-        with self._lock:
-            if self._row is None:
-                clip = self.clip if (self._model_arg is not None or self._clip is not None) else None
-                self._row = resolve_model(self.store, clip, self._model_arg, redacted(self.url))
-            return self._row
+    def where(self) -> str:
+        return redacted(self.url)
 
     def push(self, source: Store, on_chunk: Callable[[int], None] = lambda _n: None) -> PushReport:
         """Push every model of the SQLite library ``source`` (the one this library searches when given)."""
@@ -711,56 +667,8 @@ class PostgresLibrary:
         self._row = None
         return report
 
-    def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
-        texts = query_texts(terms)
-        text_vectors = self.clip.encode_texts(texts) if texts else None
-        return combine_terms(terms, text_vectors, self.image_vector)
-
-    def image_vector(self, path: str | Path) -> np.ndarray:
-        from clipworks.video.frames import is_video
-
-        if is_video(path):
-            raise UsageError(f"{path} is a video: search by a photo, or find its moments by text")
-        stored = self.store.vector_of(self.model_row, str(Path(path).expanduser().resolve()))
-        if stored is not None:
-            return stored[1]
-        if not Path(path).expanduser().is_file():
-            raise UsageError(f"{path} does not exist")
-        return np.asarray(self.clip.encode_images([Path(path).expanduser()])[0], np.float32)
-
-    def search(
-        self,
-        query: str | Sequence[str] | None = None,
-        *,
-        images: Sequence[str | Path] = (),
-        negatives: Sequence[str] = (),
-        top_k: int = 10,
-        threshold: float | None = None,
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
-    ) -> list[Hit]:
-        """As `Library.search`."""
-        words = query.split() if isinstance(query, str) else list(query or [])
-        terms = parse_query(words, negatives=negatives, images=[str(i) for i in images])
-        return self.search_vector(self.query_vector(terms), top_k=top_k, threshold=threshold, filters=filters,
-                                  offset=offset, sort=sort)  # fmt: skip
-
-    def search_vector(
-        self,
-        vector: np.ndarray,
-        *,
-        top_k: int = 10,
-        threshold: float | None = None,
-        exclude: Sequence[int] = (),
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
-    ) -> list[Hit]:
-        ranked = self.ranked(vector, top_k=top_k, threshold=threshold, exclude=exclude, filters=filters,
-                             offset=offset, sort=sort)  # fmt: skip
-        found = self.store.targets(self.model_row, [k for k, _ in ranked])
-        return [Hit(found[k][0], s, found[k][1]) for k, s in ranked if k in found]
+    def stored(self, path: str) -> tuple[int, np.ndarray] | None:
+        return self.store.vector_of(self.model_row, path)
 
     def ranked(
         self,
@@ -792,22 +700,6 @@ class PostgresLibrary:
             taken = {key: times.get(file_id) for key, file_id in files.items()}
             out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
         return out
-
-    def similar(
-        self,
-        path: str | Path,
-        *,
-        top_k: int = 10,
-        threshold: float | None = None,
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
-    ) -> list[Hit]:
-        """As `Library.similar`: photos most like ``path`` (itself left out)."""
-        vector = self.image_vector(path)
-        stored = self.store.vector_of(self.model_row, str(Path(path).expanduser().resolve()))
-        return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[stored[0]] if stored else [],
-                                  filters=filters, offset=offset, sort=sort)  # fmt: skip
 
     def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
         return self.store.tags_of(ids)
