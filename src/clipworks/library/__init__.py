@@ -117,8 +117,21 @@ class LibraryBase(ABC):
         """(search key, vector) of the photo at the resolved ``path``, if the store has its `model_row` vector."""
 
     @abstractmethod
-    def ranked(self, vector: np.ndarray, **options: Any) -> list[tuple[int, float]]:
-        """(search key, cosine) of the best matches; the options as `Library.ranked` takes them."""
+    def _rank(
+        self,
+        vector: np.ndarray,
+        top_k: int,
+        threshold: float | None,
+        exclude: Sequence[int],
+        filters: Filters | None,
+        offset: int,
+    ) -> list[tuple[int, float]]:
+        """(search key, cosine) ranked ``offset`` to ``offset + top_k`` by score among what ``filters`` let
+        through (chosen first, then ranked); the arguments already checked by `ranked`."""
+
+    @abstractmethod
+    def _local_times(self, file_ids: list[int]) -> dict[int, float | None]:
+        """File id -> wall-clock capture time (`Metadata.local_time`), for ``sort="date"``."""
 
     # -- connections -------------------------------------------------------------------------------
     @property
@@ -224,6 +237,39 @@ class LibraryBase(ABC):
         stored = self.stored(str(Path(path).expanduser().resolve()))
         return self.search_vector(vector, top_k=top_k, threshold=threshold, exclude=[stored[0]] if stored else [],
                                   filters=filters, offset=offset, sort=sort)  # fmt: skip
+
+    def ranked(
+        self,
+        vector: np.ndarray,
+        *,
+        top_k: int = 10,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+        filters: Filters | None = None,
+        offset: int = 0,
+        sort: SortKey = "score",
+    ) -> list[tuple[int, float]]:
+        """(search key, cosine) of the photos and video moments ranked ``offset`` to ``offset + top_k`` by
+        score (a key is a photo's file id, or a moment: see `store.files_of`) among those
+        ``filters`` let through (chosen in SQL first, then ranked: never the top hits thinned out).
+        ``sort="date"`` orders that page by capture time, newest first (photos of unknown time last), so
+        pages still follow the ranking and together list each match once."""
+        from clipworks.library.metadata import SORT_KEYS, parse_choice
+        from clipworks.library.store import files_of
+
+        if top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, not {top_k}")
+        if offset < 0:
+            raise UsageError(f"--offset must be 0 or more, not {offset}")
+        parse_choice(sort, SORT_KEYS, "--sort")
+        out = self._rank(vector, top_k, threshold, exclude, filters, offset)
+        if sort == "date":
+            keys = [i for i, _ in out]
+            files = dict(zip(keys, files_of(np.asarray(keys, np.int64)).tolist(), strict=True))
+            times = self._local_times(list(files.values()))
+            taken = {key: times.get(file_id) for key, file_id in files.items()}
+            out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
+        return out
 
     def search_vector(
         self,
@@ -357,42 +403,21 @@ class Library(LibraryBase):
         vector = None if row is None else self.store.vector(self.model_row, row.id)
         return None if vector is None else (row.id, vector)
 
-    def ranked(
+    def _rank(
         self,
         vector: np.ndarray,
-        *,
-        top_k: int = 10,
-        threshold: float | None = None,
-        exclude: Sequence[int] = (),
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
+        top_k: int,
+        threshold: float | None,
+        exclude: Sequence[int],
+        filters: Filters | None,
+        offset: int,
     ) -> list[tuple[int, float]]:
-        """(search key, cosine) of the photos and video moments ranked ``offset`` to ``offset + top_k`` by
-        score (a key is a photo's file id, or a moment: see `store.files_of`) among those
-        ``filters`` let through (chosen in SQL first, then ranked: never the top hits thinned out).
-        ``sort="date"`` orders that page by capture time, newest first (photos of unknown time last), so
-        pages still follow the ranking and together list each match once."""
-        from clipworks.library.metadata import SORT_KEYS, parse_choice
-
-        if top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, not {top_k}")
-        if offset < 0:
-            raise UsageError(f"--offset must be 0 or more, not {offset}")
-        parse_choice(sort, SORT_KEYS, "--sort")
-        searcher = self.searcher()
         rows = self.filtered_rows(filters) if filters else None
-        ids, scores = searcher.top_k(vector, offset + top_k, threshold, exclude, rows)
-        out = [(int(i), float(s)) for i, s in zip(ids[offset:], scores[offset:], strict=True)]
-        if sort == "date":
-            from clipworks.library.store import files_of
+        ids, scores = self.searcher().top_k(vector, offset + top_k, threshold, exclude, rows)
+        return [(int(i), float(s)) for i, s in zip(ids[offset:], scores[offset:], strict=True)]
 
-            keys = [i for i, _ in out]
-            files = dict(zip(keys, files_of(np.asarray(keys, np.int64)).tolist(), strict=True))
-            times = {i: m.local_time for i, m in self.metadata(list(files.values())).items()}
-            taken = {key: times.get(file_id) for key, file_id in files.items()}
-            out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
-        return out
+    def _local_times(self, file_ids: list[int]) -> dict[int, float | None]:
+        return {i: m.local_time for i, m in self.metadata(file_ids).items()}
 
     def facets(self) -> Facets:
         """The filterable metadata of each row of the current search index (a video's moments carry the

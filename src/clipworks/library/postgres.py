@@ -30,11 +30,11 @@ import numpy as np
 
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library import LibraryBase
-from clipworks.library.metadata import METADATA_COLUMNS, Filters, bounding_box, parse_choice
+from clipworks.library.metadata import METADATA_COLUMNS, Filters, bounding_box
 from clipworks.library.store import MOMENT_SLOTS, ModelRow, Store, Target, from_bytes, moment_key, to_bytes
 
 if TYPE_CHECKING:
-    from clipworks.library.metadata import SortKey
+    pass
 
 INSTALL_HINT = "pip install 'clipworks[postgres]'"
 URL_SCHEMES = ("postgres", "postgresql")
@@ -670,36 +670,21 @@ class PostgresLibrary(LibraryBase):
     def stored(self, path: str) -> tuple[int, np.ndarray] | None:
         return self.store.vector_of(self.model_row, path)
 
-    def ranked(
+    def _rank(
         self,
         vector: np.ndarray,
-        *,
-        top_k: int = 10,
-        threshold: float | None = None,
-        exclude: Sequence[int] = (),
-        filters: Filters | None = None,
-        offset: int = 0,
-        sort: SortKey = "score",
+        top_k: int,
+        threshold: float | None,
+        exclude: Sequence[int],
+        filters: Filters | None,
+        offset: int,
     ) -> list[tuple[int, float]]:
-        """As `Library.ranked`, ranked in Postgres (`PostgresStore.ranked`)."""
-        from clipworks.library.metadata import SORT_KEYS
-        from clipworks.library.store import files_of
+        return self.store.ranked(self.model_row, vector, top_k=top_k, threshold=threshold, exclude=exclude,
+                                 filters=filters or None, offset=offset, exact=self.exact,
+                                 ef_search=self.ef_search)  # fmt: skip
 
-        if top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, not {top_k}")
-        if offset < 0:
-            raise UsageError(f"--offset must be 0 or more, not {offset}")
-        parse_choice(sort, SORT_KEYS, "--sort")
-        out = self.store.ranked(self.model_row, vector, top_k=top_k, threshold=threshold, exclude=exclude,
-                                filters=filters or None, offset=offset, exact=self.exact,
-                                ef_search=self.ef_search)  # fmt: skip
-        if sort == "date":
-            files = dict(zip([k for k, _ in out], files_of(np.asarray([k for k, _ in out], np.int64)).tolist(),
-                             strict=True))  # fmt: skip
-            times = self.store.local_times(list(files.values()))
-            taken = {key: times.get(file_id) for key, file_id in files.items()}
-            out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
-        return out
+    def _local_times(self, file_ids: list[int]) -> dict[int, float | None]:
+        return self.store.local_times(file_ids)
 
     def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
         return self.store.tags_of(ids)
