@@ -1,0 +1,96 @@
+"""Model-only speed of OpenVINO beside ONNX Runtime on the same ViT graphs: the candidate AMX backend.
+
+The issue names OpenVINO (bf16 or int8 on AMX) as an optional backend where it measures faster. This times,
+in interleaved rounds in one process, ORT's fp32 and today's dynamic int8 graph beside OpenVINO's CPU plugin
+running the exported fp32 graph at f32 and at bf16, and the static int8 (QDQ) graph, which OpenVINO
+reads as int8. Cosines to ORT's fp32 vectors are measured on the shipped photos.
+
+    pip install openvino && python benchmarks/bench_openvino.py --batch 32 --threads 2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from bench_model import _unit
+from clipworks.export.exporter import CHECK_IMAGES
+from clipworks.export.precision import calibration_pixels, to_int8, to_int8_static
+from clipworks.imaging import PreprocessConfig, load_image, preprocess
+from clipworks.models.bundle import load_bundle
+from clipworks.runtime.sessions import CpuBackend, OrtSession, RuntimeSettings
+from common import WORK, bundle, machine
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def openvino_runner(path: Path, threads: int, precision: str) -> Runner:
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    # One request serves every batch size: the CPU plugin takes the graph's dynamic batch without recompiling.
+    return lambda pixels: np.array(request.infer({0: pixels})[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="ViT-B-32")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    root = bundle(args.arch, "fp32")
+    exported = root / "visual" / "model.onnx"
+    out = WORK / f"openvino-{args.arch}"
+    dynamic, static = out / "int8-dynamic" / "model.onnx", out / "int8-static" / "model.onnx"
+    cfg = load_bundle(root).preprocess_cfg
+    if not dynamic.is_file():
+        to_int8(exported, dynamic)
+    if not static.is_file():  # of the exported graph: OpenVINO does not read ORT's fused contrib attention
+        to_int8_static(exported, static, [calibration_pixels(sorted(CHECK_IMAGES.glob("*.jpg")), cfg, log=print)])
+
+    ort = CpuBackend(RuntimeSettings(threads=args.threads))
+    runners: dict[str, Runner] = {
+        "ORT fp32": OrtSession(exported, ort).run,
+        "ORT int8 dynamic (today)": OrtSession(dynamic, ort).run,
+        "ORT int8 static": OrtSession(static, ort).run,
+        "OpenVINO f32": openvino_runner(exported, args.threads, "f32"),
+        "OpenVINO bf16": openvino_runner(exported, args.threads, "bf16"),
+        "OpenVINO int8, rest bf16": openvino_runner(static, args.threads, "bf16"),
+    }
+    size = cfg["size"]
+    pixels = np.random.default_rng(0).standard_normal((args.batch, 3, *size), dtype=np.float32)
+    for run in runners.values():  # first runs compile and pick kernels
+        run(pixels)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(pixels)
+            times[name].append(time.perf_counter() - start)
+
+    prep = PreprocessConfig.from_dict(cfg)
+    photos = np.stack([preprocess(load_image(p), prep) for p in sorted(CHECK_IMAGES.glob("*.jpg"))])
+    reference = _unit(runners["ORT fp32"](photos))
+    import openvino
+
+    print(f"{args.arch} image tower, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds")
+    print(f"machine: {machine()}; openvino {openvino.__version__}")
+    today = statistics.median(times["ORT int8 dynamic (today)"])
+    print(f"{'engine and graph':<26} {'ms/batch':>9} {'images/s':>9} {'vs today':>9} {'min cosine':>11}")
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        cosine = float(np.sum(reference * _unit(runners[name](photos)), axis=1).min())
+        print(f"{name:<26} {median * 1e3:9.0f} {args.batch / median:9.1f} {today / median:8.2f}x {cosine:11.5f}")
+
+
+if __name__ == "__main__":
+    main()
