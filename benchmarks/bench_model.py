@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,19 +67,8 @@ def main() -> None:
     sessions = {name: OrtSession(path, backend) for name, path in variants.items()}
     size = load_bundle(root).preprocess_cfg["size"]
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, *size), dtype=np.float32)
-    for s in sessions.values():  # first runs allocate and pick kernels
-        s.run(pixels)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(args.rounds):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(pixels)
-            times[name].append(time.perf_counter() - start)
-
-    from clipworks.imaging import PreprocessConfig, load_image, preprocess
-
-    cfg = PreprocessConfig.from_dict(load_bundle(root).preprocess_cfg)
-    photos = np.stack([preprocess(load_image(p), cfg) for p in sorted(CHECK_IMAGES.glob("*.jpg"))])
+    times = interleaved_times({name: s.run for name, s in sessions.items()}, pixels, args.rounds)
+    photos = check_photos(load_bundle(root).preprocess_cfg)
     reference = _unit(sessions["fp32 exported"].run(photos))
 
     print(f"{args.arch} image tower, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds")
@@ -96,6 +86,29 @@ def main() -> None:
         print(f"{name:<24} {median * 1e3:9.0f} {args.batch / median:9.1f} {today / median:8.2f}x {cosine:11.5f}"
               f" {moved:13.1e}")  # fmt: skip
     print(f"fused fp32 vs today's dynamic int8: {base['int8'] / statistics.median(times['fp32 fused']):.2f}x")
+
+
+def interleaved_times(
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]], pixels: np.ndarray, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per run of each runner on ``pixels``, in interleaved rounds so a busy neighbour slows all alike."""
+    for run in runners.values():  # first runs allocate, compile and pick kernels
+        run(pixels)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(pixels)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def check_photos(preprocess_cfg: dict) -> np.ndarray:
+    """The shipped check photos, preprocessed as the runtime does: what the cosines are measured on."""
+    from clipworks.imaging import PreprocessConfig, load_image, preprocess
+
+    cfg = PreprocessConfig.from_dict(preprocess_cfg)
+    return np.stack([preprocess(load_image(p), cfg) for p in sorted(CHECK_IMAGES.glob("*.jpg"))])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

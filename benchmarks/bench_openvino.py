@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from bench_model import _unit
+from bench_model import _unit, check_photos, interleaved_times
 from clipworks.export.exporter import CHECK_IMAGES
 from clipworks.export.precision import calibration_pixels, to_int8, to_int8_static
-from clipworks.imaging import PreprocessConfig, load_image, preprocess
 from clipworks.models.bundle import load_bundle
 from clipworks.runtime.sessions import CpuBackend, OrtSession, RuntimeSettings
 from common import WORK, bundle, machine
@@ -68,17 +66,8 @@ def main() -> None:
     }
     size = cfg["size"]
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, *size), dtype=np.float32)
-    for run in runners.values():  # first runs compile and pick kernels
-        run(pixels)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run(pixels)
-            times[name].append(time.perf_counter() - start)
-
-    prep = PreprocessConfig.from_dict(cfg)
-    photos = np.stack([preprocess(load_image(p), prep) for p in sorted(CHECK_IMAGES.glob("*.jpg"))])
+    times = interleaved_times(runners, pixels, args.rounds)
+    photos = check_photos(cfg)
     reference = _unit(runners["ORT fp32"](photos))
     import openvino
 
