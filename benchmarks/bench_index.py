@@ -137,12 +137,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from clipworks.models.bundle import DEFAULT_PRECISIONS, load_bundle
-    from clipworks.runtime.encoder import resolve_precision
-    from clipworks.runtime.sessions import open_backend
+    from clipworks.runtime.encoder import ClipModel
 
     # The graphs a first-use export holds, so that the defaults run what they run for a user.
     bundle = common.bundle("ViT-B-32-256", ",".join(DEFAULT_PRECISIONS))
-    auto = resolve_precision(load_bundle(bundle), "auto", open_backend("cpu"))
+    default = ClipModel(load_bundle(bundle))  # what auto picks here; sessions load only on first use
+    auto = f"{default.precision} on {default.backend.name}"
     photos = common.mixed_photo_set(args.photos)
     folder = photos[0].parent
     clipworks = [
@@ -160,6 +160,12 @@ def main() -> None:
     runs: dict[str, tuple[list[str], dict[str, str]]] = {
         f"clipworks (defaults: fast decode, {auto} here)": (clipworks, {}),
         "clipworks --precision fp32": ([*clipworks, "--precision", "fp32"], {}),
+        # where auto runs OpenVINO (AMX), the same precision on ONNX Runtime beside it
+        **(
+            {f"clipworks --device cpu ({default.precision} on ORT)": ([*clipworks, "--device", "cpu"], {})}
+            if default.backend.name != "cpu"
+            else {}
+        ),
         "clipworks --preprocess exact --precision fp32": (
             [*clipworks, "--preprocess", "exact", "--precision", "fp32"],
             {},

@@ -21,6 +21,7 @@ from clipworks.runtime.sessions import (
     CpuBackend,
     CudaBackend,
     OpenVINOBackend,
+    OpenVINOProviderBackend,
     OrtSession,
     RuntimeSettings,
     TensorRTBackend,
@@ -171,10 +172,11 @@ def test_missing_precision_names_what_the_bundle_has(rn_bundle: Path) -> None:
 @pytest.mark.parametrize(
     ("device", "message"),
     [
-        ("quantum", r"unknown device 'quantum': use auto, tensorrt, cuda, openvino, coreml, cpu"),
-        ("cuda:0", r"device 'cuda:0' needs CUDAExecutionProvider.*\(installed: cpu\).*onnxruntime-gpu"),
+        ("quantum", r"unknown device 'quantum': use auto, tensorrt, cuda, openvino-ep, coreml, openvino, cpu"),
+        ("cuda:0", r"device 'cuda:0' needs CUDAExecutionProvider.*\(installed: cpu, openvino\).*onnxruntime-gpu"),
         ("tensorrt", r"needs TensorrtExecutionProvider"),
-        ("openvino:GPU", r"needs OpenVINOExecutionProvider"),
+        ("openvino-ep:GPU", r"needs OpenVINOExecutionProvider"),
+        ("openvino:GPU", r"device openvino:GPU: OpenVINO sees no GPU here \(it has CPU\)"),
         ("coreml", r"needs CoreMLExecutionProvider"),
         ("cpu:1", r"device cpu:1 takes no suffix: use device cpu"),
     ],
@@ -221,15 +223,16 @@ BACKEND_OPTIONS = [
             "trt_max_workspace_size": "1073741824",
         },
     ),
-    (OpenVINOBackend(RuntimeSettings(cache_dir=CACHE)), {"cache_dir": "/engines"}),
+    (OpenVINOProviderBackend(RuntimeSettings(cache_dir=CACHE)), {"cache_dir": "/engines"}),
     (
-        OpenVINOBackend(RuntimeSettings(cache_dir=CACHE, precision_hint="fp16", threads=4), "gpu"),
+        OpenVINOProviderBackend(RuntimeSettings(cache_dir=CACHE, precision_hint="fp16", threads=4), "gpu"),
         {"cache_dir": "/engines", "device_type": "GPU", "precision": "FP16", "num_of_threads": "4"},
     ),
     (
         CoreMLBackend(RuntimeSettings(cache_dir=CACHE)),
         {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL", "ModelCacheDirectory": "/engines"},
     ),
+    (OpenVINOBackend(), {"device": "CPU"}),  # OpenVINO's own runtime: its options are compile properties
 ]
 
 
@@ -245,7 +248,8 @@ def test_the_option_table_covers_every_registered_backend() -> None:
 def test_engine_caches_default_to_the_clipworks_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIPWORKS_HOME", str(tmp_path))
     assert TensorRTBackend().provider_options()["trt_engine_cache_path"] == str(tmp_path / "engines" / "tensorrt")
-    assert OpenVINOBackend().provider_options()["cache_dir"] == str(tmp_path / "engines" / "openvino")
+    assert OpenVINOProviderBackend().provider_options()["cache_dir"] == str(tmp_path / "engines" / "openvino-ep")
+    assert OpenVINOBackend(target="GPU").compile_config("fp32")["CACHE_DIR"] == str(tmp_path / "engines" / "openvino")
 
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -258,7 +262,7 @@ ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvid
         (TensorRTBackend(), [ALL[0], ALL[2]], [ALL[0], ALL[2]]),
         (CudaBackend(), ALL, ALL[1:]),
         (CpuBackend(), ALL, ALL[2:]),
-        (OpenVINOBackend(), ["OpenVINOExecutionProvider", *ALL], ["OpenVINOExecutionProvider", ALL[2]]),
+        (OpenVINOProviderBackend(), ["OpenVINOExecutionProvider", *ALL], ["OpenVINOExecutionProvider", ALL[2]]),
     ],
 )
 def test_each_backend_falls_back_to_the_installed_providers_after_it(backend, installed, chain) -> None:
@@ -286,7 +290,7 @@ def test_cpu_settings_reach_the_onnx_runtime_session(vit_bundle: Path) -> None:
     assert applied["intra_op_threads"] == 1 and applied["cpu_arena"] is False
     assert applied["session_config"] == {"session.intra_op.allow_spinning": "0"}
     assert model.textual.applied_options()["intra_op_threads"] == 1  # one settings object for both towers
-    assert clipworks.load(vit_bundle, threads=3).visual.applied_options()["intra_op_threads"] == 3
+    assert clipworks.load(vit_bundle, device="cpu", threads=3).visual.applied_options()["intra_op_threads"] == 3
 
 
 def test_io_binding_gives_the_same_vectors(vit_bundle: Path, photos) -> None:

@@ -20,6 +20,7 @@ CPU_FEATURES = {
     "AVX-VNNI": "avx_vnni",
     "AMX-INT8": "amx_int8",
     "AMX-BF16": "amx_bf16",
+    "AVX512-BF16": "avx512_bf16",
 }
 
 
@@ -36,8 +37,16 @@ class Machine:
         """VNNI or AMX: the instructions that make int8 matrix products much faster than fp32."""
         return any(f in self.features for f in ("VNNI", "AVX-VNNI", "AMX-INT8"))
 
+    @property
+    def has_bf16_matmul(self) -> bool:
+        """AMX-BF16 or AVX512-BF16: bf16 matrix products in hardware (OpenVINO's bf16 inference)."""
+        return any(f in self.features for f in ("AMX-BF16", "AVX512-BF16"))
+
+    def describe_features(self) -> str:
+        return ", ".join(self.features) or "none of AVX2/AVX-512/VNNI/AMX"
+
     def describe(self) -> str:
-        present = ", ".join(self.features) or "none of AVX2/AVX-512/VNNI/AMX"
+        present = self.describe_features()
         return f"{self.cpu} ({present}), {self.cores} cores, {self.memory_gib:.0f} GiB RAM, Python {self.python}"
 
 

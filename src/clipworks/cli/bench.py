@@ -45,14 +45,16 @@ def bench(
         ),
     ] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Model-only batch sizes.")] = "1,8,16,32",
-    images: Annotated[int, typer.Option("--images", help="Images the end-to-end run embeds (photos cycled).")] = 64,
+    images: Annotated[
+        int, typer.Option("--images", help="Images the end-to-end run embeds (photos cycled; 8 batches of 32).")
+    ] = 256,
     seconds: Annotated[float, typer.Option("--seconds", help="Time spent on each model-only batch size.")] = 2.0,
     preprocess: Annotated[str, typer.Option(help="exact or fast decoding.")] = "exact",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Measure a model here: model-only latency and images/s per batch size, decode + preprocess per photo
-    on one core, the ceiling those allow (1 / (decode / cores + model)), and the end-to-end pipeline as a
-    share of it, with the CPU's features (AVX2, AVX-512, VNNI, AMX) and the provider used."""
+    on one core, the ceiling those allow (cores / (decode + model CPU time), or 1 / model time), and the
+    end-to-end pipeline as a share of it, with the CPU's features (AVX2, AVX-512, VNNI, AMX) and the provider used."""
     from clipworks.bench import format_report, photo_files, run_bench
 
     check_preprocess(preprocess)

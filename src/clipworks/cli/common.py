@@ -32,15 +32,18 @@ PromptFileModelOpt = Annotated[
         show_default=False,
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, tensorrt, openvino or coreml.")]
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto, cpu, cuda, cuda:N, tensorrt, openvino, openvino:GPU, openvino-ep or coreml.")
+]
 PrecisionOpt = Annotated[
     str,
     typer.Option(
-        help="auto, fp32, fp16, int8 or int8-static (auto: fp16 on a GPU, int8-static on a CPU with VNNI or AMX, "
-        "else fp32)."
+        help="auto, fp32, fp16, int8, int8-static or bf16 (auto: fp16 on a GPU, int8-static on a CPU with VNNI or "
+        "AMX, on OpenVINO where installed, else fp32; bf16 is opt-in: OpenVINO on a CPU with AMX-BF16 or "
+        "AVX512-BF16)."
     ),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Inference threads (default: all cores).")]
 
 
 def check_preprocess(preprocess: str) -> str:

@@ -22,7 +22,7 @@ from clipworks.machine import Machine, this_machine
 from clipworks.models.bundle import Bundle
 from clipworks.models.family import Family, TextTokenizer, family_for
 from clipworks.ops import l2_normalize
-from clipworks.runtime.sessions import Backend, OrtSession, RuntimeSettings, open_backend
+from clipworks.runtime.sessions import Backend, RuntimeSettings, Session, open_backend
 
 PreprocessMode = Literal["exact", "fast"]
 
@@ -32,7 +32,9 @@ def resolve_precision(bundle: Bundle, precision: str, backend: Backend, machine:
 
     fp16 where the backend wants it (GPUs) and the bundle has it; on a CPU with int8 dot products (VNNI or
     AMX) the bundle's static int8 graph when its export check passed its cosine floor; fp32 otherwise.
-    Without VNNI/AMX int8 stays opt-in: on AVX2 alone it gains little and it moves vectors.
+    Without VNNI/AMX int8 stays opt-in: on AVX2 alone it gains little and it moves vectors. bf16 stays
+    opt-in too (``--precision bf16`` on OpenVINO): no export check records it, and fp32 bundles are often
+    someone else's vectors to match (Immich's).
 
     Dynamic int8 is never chosen for the user: it quantises each batch's activations with one scale taken
     over the whole batch, so a photo's vector depends on the photos beside it (ViT-B/32, alone against in a
@@ -86,17 +88,29 @@ class ClipModel:
         runtime = runtime or RuntimeSettings()
         if threads is not None:
             runtime = replace(runtime, threads=threads)
-        self.backend = open_backend(device, runtime)  # an unknown or missing device fails here, not at first use
-        self.precision = resolve_precision(bundle, precision, self.backend)
+        machine = this_machine()
+
+        # An unknown or missing device fails here, not at first use; auto skips backends that refuse the precision.
+        def usable(cls: type[Backend]) -> bool:
+            if precision != "auto" and cls.refusal(precision, machine) is not None:
+                return False
+            faster = cls.faster_at
+            return faster is None or resolve_precision(bundle, precision, cls(runtime), machine) in faster
+
+        self.backend = open_backend(device, runtime, usable=usable, machine=machine)
+        refused = None if precision == "auto" else self.backend.refusal(precision, machine)
+        if refused:
+            raise UsageError(f"precision {precision} on device {self.backend.name}: {refused}", setting="precision")
+        self.precision = resolve_precision(bundle, precision, self.backend, machine)
         self.threads = runtime.threads
         self.preprocess_mode: PreprocessMode = preprocess
         self.family: Family = family_for(bundle)
         self.profile = get_profile(profile)
-        bundle.graph("visual", self.precision)  # fail now, with the bundle's precisions, not at first use
+        self.graph("visual")  # fail now, with the bundle's precisions, not at first use
         # Towers load on first use, once: the lock keeps two threads from building the same session twice.
         self._lock = threading.Lock()
-        self._visual: OrtSession | None = None
-        self._textual: tuple[OrtSession, TextTokenizer] | None = None
+        self._visual: Session | None = None
+        self._textual: tuple[Session, TextTokenizer] | None = None
 
     def share_cores_with_decoders(self) -> None:
         """The pipeline's call before its first batch: image decoders will run in threads beside the model, so
@@ -151,25 +165,35 @@ class ClipModel:
             if self.loaded(tower):  # another thread loaded it while this one waited
                 return
             if tower == "visual":
-                self._visual = OrtSession(self.bundle.graph("visual", self.precision), self.backend)
+                self._visual = self.backend.open_session(self.graph("visual"), self.precision)
             else:
                 self._textual = self._open_text_tower()
 
-    def _open_text_tower(self) -> tuple[OrtSession, TextTokenizer]:
+    def tower_precision(self, tower: Tower) -> str:
+        """The precision ``tower`` runs at: the model's, or fp32 where the bundle lacks that text graph."""
+        if tower == "visual":
+            return self.precision
+        have = self.bundle.available_precisions("textual")
+        return self.precision if self.backend.graph_precision(self.precision) in have else "fp32"
+
+    def graph(self, tower: Tower) -> Path:
+        """The bundle file ``tower`` runs from on this backend."""
+        return self.bundle.graph(tower, self.backend.graph_precision(self.tower_precision(tower)))
+
+    def _open_text_tower(self) -> tuple[Session, TextTokenizer]:
         if not self.bundle.has_text_tower():
             raise BadBundle(f"{self.bundle.root} has no text encoder (textual/model.onnx); use a full bundle")
-        precision = self.precision if self.precision in self.bundle.available_precisions("textual") else "fp32"
-        session = OrtSession(self.bundle.graph("textual", precision), self.backend)
+        session = self.backend.open_session(self.graph("textual"), self.tower_precision("textual"))
         return session, self.profile.tokenizer(self.bundle, self.family)
 
     @property
-    def visual(self) -> OrtSession:
+    def visual(self) -> Session:
         self._load("visual")
         assert self._visual is not None
         return self._visual
 
     @property
-    def textual(self) -> OrtSession:
+    def textual(self) -> Session:
         self._load("textual")
         assert self._textual is not None
         return self._textual[0]
@@ -281,7 +305,7 @@ def _is_single_image(image: Any) -> bool:
     return isinstance(image, str | bytes | bytearray | os.PathLike | Image.Image)
 
 
-def _run_batched(session: OrtSession, array: np.ndarray) -> np.ndarray:
+def _run_batched(session: Session, array: np.ndarray) -> np.ndarray:
     """Run a graph, splitting or padding to its static batch size when it has one (Immich: batch 1)."""
     fixed = session.static_batch
     if fixed is None or len(array) == fixed:

@@ -1,15 +1,17 @@
-"""ONNX Runtime sessions and the backends (execution providers) they run on.
+"""The sessions that run a bundle's graphs and the backends they run on.
 
 Every backend is one :class:`Backend` subclass, registered with :func:`register_backend`: the name ``device``
 takes (``cuda``, ``tensorrt``), ONNX Runtime's provider, and the session and provider options it builds
 from one :class:`RuntimeSettings`. Nothing else in clipworks knows a provider's option names, so a new
-accelerator is one new class (docs/ENGINE.md shows the smallest one).
+accelerator is one new class (docs/ENGINE.md shows the smallest one). Most backends are ONNX Runtime
+execution providers; :class:`OpenVINOBackend` runs OpenVINO's own runtime, through the same seam
+(:meth:`Backend.open_session`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -18,18 +20,36 @@ import numpy as np
 
 from clipworks import settings as paths
 from clipworks.errors import BadBundle, UsageError
+from clipworks.machine import Machine, this_machine
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+# Why ONNX Runtime's backends refuse bf16: it has no bf16 CPU kernels for these graphs.
+_BF16_ELSEWHERE = "bf16 runs on --device openvino (OpenVINO's CPU plugin, on a CPU with AMX-BF16 or AVX512-BF16)"
+
 
 class Session(Protocol):
+    """One graph with one input and one output, as both towers are, on one backend (thread-safe ``run``)."""
+
     input_name: str
     input_shape: tuple[int | str | None, ...]
     input_dtype: np.dtype
-    providers: list[str]
+    providers: list[str]  # what runs it, fastest first (ORT's providers; "OpenVINO:CPU")
 
     def run(self, array: np.ndarray) -> np.ndarray: ...
+
+    def applied_options(self) -> dict[str, Any]: ...
+
+    @property
+    def static_batch(self) -> int | None:
+        """The graph's fixed batch size (Immich's graphs: 1), or None when the batch axis is dynamic."""
+        ...
+
+
+def fixed_batch(shape: Sequence[int | str | None]) -> int | None:
+    first = shape[0] if shape else None
+    return first if isinstance(first, int) else None
 
 
 def available_providers() -> list[str]:
@@ -78,6 +98,32 @@ class Backend:
     # Providers tried, in order, for the nodes this one cannot run (kept only where installed).
     fallbacks: ClassVar[tuple[str, ...]] = ("CPUExecutionProvider",)
     target_help: ClassVar[str] = ""  # what may follow "name:" in ``device``; empty: nothing may
+    # Precisions this backend computes itself from another precision's graph (bf16 from the fp32 graph).
+    derived_precisions: ClassVar[dict[str, str]] = {}
+    # Precisions it refuses, and what to do instead.
+    refused_precisions: ClassVar[dict[str, str]] = {"bf16": _BF16_ELSEWHERE}
+
+    # The precisions at which ``auto`` takes this backend (where it measured faster than the next); None: all.
+    faster_at: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def installed(cls, providers: Sequence[str]) -> bool:
+        """Whether this backend can run here, given the execution providers this onnxruntime build has."""
+        return cls.provider in providers
+
+    @classmethod
+    def wanted_by_auto(cls, machine: Machine) -> bool:
+        """Whether ``device="auto"`` takes this backend on ``machine`` when it is installed (by rank)."""
+        return True
+
+    @classmethod
+    def refusal(cls, precision: str, machine: Machine) -> str | None:
+        """Why this backend does not run ``precision`` on ``machine`` (None: it does)."""
+        return cls.refused_precisions.get(precision)
+
+    def graph_precision(self, precision: str) -> str:
+        """The bundle graph that ``precision`` runs from on this backend."""
+        return self.derived_precisions.get(precision, precision)
 
     def __init__(self, settings: RuntimeSettings | None = None, target: str = "") -> None:
         self.settings = settings or RuntimeSettings()
@@ -140,6 +186,19 @@ class Backend:
                 backend = cls(self.settings, self.target if cls.target_help else "")
                 chain.append((fallback, backend.provider_options()))
         return chain
+
+    @classmethod
+    def missing_help(cls, providers: Sequence[str]) -> str:
+        """What to install when this backend is asked for but not :meth:`installed`."""
+        have = ", ".join(c.name for c in BACKENDS.values() if c.installed(providers))
+        return (
+            f"needs {cls.provider}, which this onnxruntime build lacks (installed: {have}); "
+            "install the matching onnxruntime package (e.g. onnxruntime-gpu) or use device cpu"
+        )
+
+    def open_session(self, path: Path, precision: str = "fp32") -> Session:
+        """One graph of ``precision`` (its file is ``path``) ready to run on this backend."""
+        return OrtSession(path, self)
 
     def __repr__(self) -> str:
         suffix = f":{self.target}" if self.target else ""
@@ -211,11 +270,13 @@ class TensorRTBackend(Backend):
 
 
 @register_backend
-class OpenVINOBackend(Backend):
-    name = "openvino"
+class OpenVINOProviderBackend(Backend):
+    """OpenVINO inside ONNX Runtime (the ``onnxruntime-openvino`` package's execution provider)."""
+
+    name = "openvino-ep"
     provider = "OpenVINOExecutionProvider"
     rank = 20
-    target_help = "an OpenVINO device (openvino:GPU, openvino:NPU, openvino:CPU)"
+    target_help = "an OpenVINO device (openvino-ep:GPU, openvino-ep:NPU, openvino-ep:CPU)"
 
     def provider_options(self) -> dict[str, str]:
         options = {"cache_dir": str(self.cache_dir)}
@@ -239,32 +300,130 @@ class CoreMLBackend(Backend):
         return {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL", "ModelCacheDirectory": str(self.cache_dir)}
 
 
+@register_backend
+class OpenVINOBackend(Backend):
+    """OpenVINO's own runtime (the ``openvino`` package, extra ``clipworks[openvino]``), CPU by default.
+
+    On a CPU with AMX or AVX-512 VNNI its CPU plugin runs the static int8 graph faster than ONNX Runtime
+    runs any int8 graph: 1.5x ORT's dynamic int8 and 1.8x its static int8 on a Sapphire Rapids Xeon, 1.4x
+    and 1.8x on a VNNI EPYC (benchmarks/RESULTS.md), so ``auto`` takes it there for int8-static; ``bf16``
+    (the fp32 graph run in bf16, cosine 0.99995) is opt-in. Its fp32 runs no faster than ORT's, and on CPUs
+    without those units it was not measured: there ``auto`` leaves the work to ``cpu``.
+    """
+
+    name = "openvino"
+    provider = "OpenVINO"  # not an ORT provider: sessions are OpenVINO's own (``OpenVINOSession``)
+    rank = 40
+    target_help = "an OpenVINO device (openvino:CPU, openvino:GPU, openvino:NPU)"
+    derived_precisions: ClassVar[dict[str, str]] = {"bf16": "fp32"}
+    faster_at = frozenset({"int8-static", "bf16"})
+    refused_precisions: ClassVar[dict[str, str]] = {
+        # The dynamic graph's per-batch quantisation runs as plain ops there: 4x slower than ORT's fused kernel.
+        "int8": "dynamic int8 runs about 4x slower on OpenVINO than on ONNX Runtime; use int8-static or bf16 "
+        "here, or --device cpu for dynamic int8",
+    }
+    # OpenVINO's inference precision for each clipworks precision. Its CPU plugin would run the fp32 graph in
+    # bf16 on an AMX CPU unless told otherwise, so fp32 is asked for explicitly; static int8 keeps the rest of
+    # the graph in f32, as ONNX Runtime does.
+    inference_precision: ClassVar[dict[str, str]] = {"fp32": "f32", "bf16": "bf16", "int8-static": "f32", "fp16": "f16"}
+
+    @classmethod
+    def installed(cls, providers: Sequence[str]) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("openvino") is not None
+
+    @classmethod
+    def missing_help(cls, providers: Sequence[str]) -> str:
+        return "needs the openvino package: pip install 'clipworks[openvino]', or use device cpu"
+
+    @classmethod
+    def wanted_by_auto(cls, machine: Machine) -> bool:
+        # Measured on both (AVX-VNNI, the 256-bit form on client CPUs, was not): RESULTS.md.
+        return any(f in machine.features for f in ("AMX-INT8", "AMX-BF16", "VNNI"))
+
+    @classmethod
+    def refusal(cls, precision: str, machine: Machine) -> str | None:
+        if precision == "bf16" and not machine.has_bf16_matmul:
+            return f"bf16 needs a CPU with AMX-BF16 or AVX512-BF16, and this one has {machine.describe_features()}"
+        return super().refusal(precision, machine)
+
+    @property
+    def device(self) -> str:
+        return (self.target or "CPU").upper()
+
+    def provider_options(self) -> dict[str, str]:
+        """The OpenVINO device, checked against those OpenVINO sees here (``GPU`` matches ``GPU.0``)."""
+        import openvino as ov
+
+        seen = list(ov.Core().available_devices)
+        wanted = self.device.partition(".")[0]
+        virtual = {"AUTO", "MULTI", "HETERO"}  # OpenVINO's devices that pick among the real ones
+        if wanted not in virtual and self.device not in seen and wanted not in {d.partition(".")[0] for d in seen}:
+            raise UsageError(
+                f"device {self.name}:{self.target}: OpenVINO sees no {self.device} here (it has {', '.join(seen)})",
+                setting="device",
+            )
+        return {"device": self.device}
+
+    def compile_config(self, precision: str) -> dict[str, Any]:
+        """OpenVINO's compile properties for one graph of ``precision``."""
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}  # one stream: one batch at a time, all threads
+        hint = self.settings.precision_hint or self.inference_precision.get(precision)
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = hint.lower().replace("fp", "f")
+        if self.device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = self.settings.threads or default_threads()
+            # Pinned threads hold their cores; beside image decoders (the pipeline) they must not.
+            config["ENABLE_CPU_PINNING"] = self.settings.allow_spinning is not False
+        # Compiled graphs are kept between starts: a ViT-B/32 int8 graph compiles in 1.4 s on a 2-core CPU and
+        # loads from the cache in 0.18 s (a GPU or NPU compile takes longer still). OpenVINO keys each blob by
+        # the graph, the device and these properties, and compiles afresh over a corrupt one.
+        config["CACHE_DIR"] = str(self.cache_dir)
+        return config
+
+    def open_session(self, path: Path, precision: str = "fp32") -> Session:
+        return OpenVINOSession(path, self, precision)
+
+
 def device_names() -> list[str]:
     """``auto`` then every registered backend, fastest first: what ``device`` accepts (plus ``name:SUFFIX``)."""
     return ["auto", *(cls.name for cls in sorted(BACKENDS.values(), key=lambda c: c.rank))]
 
 
-def open_backend(device: str = "auto", settings: RuntimeSettings | None = None) -> Backend:
+def open_backend(
+    device: str = "auto",
+    settings: RuntimeSettings | None = None,
+    *,
+    usable: Callable[[type[Backend]], bool] | None = None,
+    machine: Machine | None = None,
+) -> Backend:
     """The backend ``device`` names: ``auto`` (the fastest installed), ``cpu``, ``cuda``, ``cuda:1``,
-    ``tensorrt``, ``openvino``, ``openvino:GPU``, ``coreml``. Refuses one this onnxruntime build lacks."""
+    ``tensorrt``, ``openvino``, ``openvino:GPU``, ``coreml``. Refuses one that is not installed.
+
+    ``usable``: for ``auto``, skip backends it says no to (a bundle or precision they cannot run), so
+    ``auto`` never picks a backend that would then refuse the work.
+    """
     installed = available_providers()
     device = (device or "auto").strip()
     if device.lower() == "auto":
+        machine = machine or this_machine()
         ranked = sorted(BACKENDS.values(), key=lambda c: c.rank)
-        return next(cls for cls in ranked if cls.provider in installed or cls is CpuBackend)(settings)
+        chosen = next(
+            cls
+            for cls in ranked
+            if cls is CpuBackend
+            or (cls.installed(installed) and cls.wanted_by_auto(machine) and (usable is None or usable(cls)))
+        )
+        return chosen(settings)
     kind, _, target = device.partition(":")
     cls = BACKENDS.get(kind.lower())
     if cls is None:
         raise UsageError(
             f"unknown device {device!r}: use {', '.join(device_names())} (cuda:N for a GPU index)", setting="device"
         )
-    if cls.provider not in installed:
-        have = ", ".join(c.name for c in BACKENDS.values() if c.provider in installed)
-        raise UsageError(
-            f"device {device!r} needs {cls.provider}, which this onnxruntime build lacks (installed: {have}); "
-            "install the matching onnxruntime package (e.g. onnxruntime-gpu) or use device cpu",
-            setting="device",
-        )
+    if not cls.installed(installed):
+        raise UsageError(f"device {device!r} {cls.missing_help(installed)}", setting="device")
     backend = cls(settings, target)
     backend.provider_options()  # a bad suffix (cuda:x) fails here, naming the device, not at the first session
     return backend
@@ -303,8 +462,7 @@ class OrtSession:
 
     @property
     def static_batch(self) -> int | None:
-        first = self.input_shape[0] if self.input_shape else None
-        return first if isinstance(first, int) else None
+        return fixed_batch(self.input_shape)
 
     def run(self, array: np.ndarray) -> np.ndarray:
         array = np.ascontiguousarray(array, dtype=self.input_dtype)
@@ -338,3 +496,71 @@ class OrtSession:
             "session_config": config,
             "io_binding": self.io_binding,
         }
+
+
+def _writable_folder(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+class OpenVINOSession:
+    """One graph compiled by OpenVINO; ``run`` is thread-safe (one infer request per concurrent caller)."""
+
+    def __init__(self, path: Path, backend: OpenVINOBackend, precision: str) -> None:
+        import queue
+
+        import openvino as ov
+
+        self.path = Path(path)
+        self.backend = backend
+        self.config = backend.compile_config(precision)
+        if not _writable_folder(Path(self.config["CACHE_DIR"])):
+            del self.config["CACHE_DIR"]  # a cache that cannot be written only costs the compile each start
+        core = ov.Core()
+        try:
+            # From the path, not a read model: a cached blob then skips reading and transforming the graph.
+            self._compiled = core.compile_model(str(self.path), backend.device, self.config)
+        except Exception as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise BadBundle(
+                f"{self.path} could not be compiled by OpenVINO for {backend.device} ({first[:200]}); "
+                "use --device cpu, or re-export the model"
+            ) from e
+        port = self._compiled.input(0)
+        self.input_name = port.get_any_name()
+        self.input_shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+        self.input_dtype = np.dtype(port.get_element_type().to_dtype())
+        self.providers = [f"OpenVINO:{backend.device}"]
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # infer requests not running now
+
+    @property
+    def static_batch(self) -> int | None:
+        return fixed_batch(self.input_shape)
+
+    def run(self, array: np.ndarray) -> np.ndarray:
+        import queue
+
+        array = np.ascontiguousarray(array, dtype=self.input_dtype)
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:  # every request is busy in another thread: one more (each holds its own buffers)
+            request = self._compiled.create_infer_request()
+        try:
+            request.infer({0: array}, share_inputs=True)
+            return request.get_output_tensor(0).data.copy()  # the request reuses that memory on its next run
+        finally:
+            self._idle.put(request)
+
+    def applied_options(self) -> dict[str, Any]:
+        """What OpenVINO compiled with, read back from the compiled model."""
+        applied = {}
+        for key in self.config:
+            try:
+                value = self._compiled.get_property(key)
+                applied[key] = value.to_string() if hasattr(value, "to_string") else str(value)  # ov.Type: "f32"
+            except Exception:  # a property the device does not report back (CACHE_DIR on some plugins)
+                continue
+        return {"backend": self.backend.name, "providers": self.providers, "compiled": applied}
