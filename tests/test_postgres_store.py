@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg  # the dev extra installs it, with pgvector and pgserver: missing means a broken install
@@ -401,3 +403,176 @@ def test_the_store_can_come_from_the_environment(library, store_url, monkeypatch
     assert f"pushed {len(SHOTS)} files ({len(SHOTS)} vectors, 2 tags)" in capsys.readouterr().err
     assert main(["search", "a", "city", "--json", "--tag", "city"]) == 0  # searched in the store, not --db
     assert [os.path.basename(h["path"]) for h in json.loads(capsys.readouterr().out)] == ["tokyo.jpg"]
+
+
+# -- the gallery and `serve` over the store -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def media_library(model, photos, tmp_path_factory) -> Iterator[Library]:
+    """SHOTS, a copy of one (two files of one capture time), a video (a red then a blue scene) and tags."""
+    from library_helpers import make_video
+
+    root = write_shots(photos, tmp_path_factory.mktemp("pg-gallery") / "photos", SHOTS)
+    shutil.copy(root / "tokyo.jpg", root / "trip" / "tokyo-copy.jpg")
+    (root / "clips").mkdir()
+    make_video(root / "clips" / "walk.mp4", [((200, 40, 40), 2.0), ((40, 60, 200), 2.0)])
+    os.utime(root / "clips" / "walk.mp4", (1_600_000_000, 1_600_000_000))  # 2020-09: its file time counts
+    lib = Library(root.parent / "lib.db", model, create=True, ann="off")
+    lib.index([root], batch_size=4, video_every=1.0)
+    lib.write_tags([(root / "tokyo.jpg", [("city", 0.3)]), (root / "clips" / "walk.mp4", [("city", 0.2)])])
+    yield lib
+    lib.close()
+
+
+@pytest.fixture(scope="module")
+def gallery_clients(model, media_library, postgres, tmp_path_factory) -> Iterator[tuple[Any, Any]]:
+    """The same library served by the gallery twice: from its SQLite file, and pushed into Postgres."""
+    from fastapi.testclient import TestClient
+
+    from clipworks.service import ServiceSettings, create_app, gallery
+
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE gallery")
+    url = postgres.replace("/postgres?", "/gallery?")
+    push_library(media_library.store, url)
+    shared = PostgresLibrary(url, model)
+    clients = []
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CLIPWORKS_HOME", str(tmp_path_factory.mktemp("thumbs")))
+        for lib in (media_library, shared):
+            settings = ServiceSettings(tags=["dog"], tags_cache_dir=tmp_path_factory.mktemp("tags"))
+            clients.append(TestClient(create_app(settings, model=model, library=lib, routers=[gallery.router])))
+        with clients[0], clients[1]:
+            yield clients[0], clients[1]
+    shared.close()
+
+
+def by_path(body: dict) -> list[tuple]:  # type: ignore[type-arg]
+    """A gallery page without this database's file ids: what a person sees of each hit."""
+    return [
+        (h["path"], h["time"], h["score"] and round(h["score"], 4), h["taken"], h["month"], h["camera"], h["lens"],
+         h["size"], h["position"], h["type"], h["duration"], h["tags"], h["duplicates"])
+        for h in body["results"]
+    ]  # fmt: skip
+
+
+def all_pages(client, route: str, params: dict) -> list[tuple]:  # type: ignore[no-untyped-def,type-arg]
+    pages, cursor = [], None
+    while True:
+        r = client.get(route, params={**params, "k": 3, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200, r.text
+        pages += by_path(r.json())
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            return pages
+
+
+def tied(hits: list[tuple]) -> list[tuple]:  # type: ignore[type-arg]
+    """Hits of one score (a copy of a photo) in path order: each database breaks such ties by its own file
+    ids, and the two number files differently."""
+    if not hits or hits[0][2] is None:
+        return hits
+    return sorted(hits, key=lambda h: (-h[2], h[0])) if all(h[2] is not None for h in hits) else hits
+
+
+GALLERY_FILTERS = [
+    {}, {"camera": "canon"}, {"after": "2020-01-01"}, {"before": "2021-06-01"}, {"type": "video"},
+    {"type": "photo"}, {"tag": "city"}, {"near": "35.6586, 139.7454, 50"}, {"dedupe": "true"}, {"sort": "date"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("params", GALLERY_FILTERS, ids=lambda p: ",".join(p) or "none")
+def test_the_gallery_answers_from_postgres_as_from_sqlite(gallery_clients, media_library, params) -> None:
+    local, shared = gallery_clients
+    folder = {"folder": str(Path(media_library.path).parent / "photos" / "trip")}
+    for extra in ({}, folder) if not params else ({},):
+        asked = {**params, **extra}
+        timeline = all_pages(local, "/api/timeline", asked)
+        assert timeline and all_pages(shared, "/api/timeline", asked) == timeline, asked
+        searched = all_pages(local, "/api/search", {**asked, "q": "a red square"})
+        assert searched and tied(all_pages(shared, "/api/search", {**asked, "q": "a red square"})) == tied(
+            searched), asked  # fmt: skip
+        months = local.get("/api/timeline", params=asked).json()["months"]
+        assert months and shared.get("/api/timeline", params=asked).json()["months"] == months
+
+
+def test_a_video_stands_in_the_timeline_once_at_its_first_moment(gallery_clients) -> None:
+    for client in gallery_clients:
+        videos = client.get("/api/timeline", params={"type": "video"}).json()["results"]
+        assert [(os.path.basename(h["path"]), h["time"]) for h in videos] == [("walk.mp4", 0.0)]
+
+
+def test_library_info_thumbnails_and_originals_match(gallery_clients, media_library) -> None:
+    local, shared = gallery_clients
+    info = [c.get("/api/library").json() for c in gallery_clients]
+    assert info[0] == info[1] and info[0]["moments"] == 4 and info[0]["photos"] == 8
+    ids = [{h["path"]: h["id"] for h in c.get("/api/timeline", params={"k": 50}).json()["results"]}
+           for c in gallery_clients]  # fmt: skip
+    assert ids[0].keys() == ids[1].keys()
+    for path in ids[0]:
+        for route in ("/thumb/{}", "/original/{}", "/thumb/{}?t=2.0"):
+            if route.endswith("t=2.0") and not path.endswith(".mp4"):
+                continue
+            want = local.get(route.format(ids[0][path]))
+            got = shared.get(route.format(ids[1][path]))
+            assert want.status_code == got.status_code == 200, (path, route, got.text)
+            assert got.content == want.content and got.headers["content-type"] == want.headers["content-type"]
+    # A photo by example through its stored vector, and by its path.
+    tokyo = next(p for p in ids[0] if p.endswith("/tokyo.jpg"))
+    similar = [by_path(c.post("/api/search", json={"id": i[tokyo], "k": 4}).json())
+               for c, i in zip(gallery_clients, ids, strict=True)]  # fmt: skip
+    assert similar[0] and similar[0] == similar[1]
+    by_name = shared.post("/api/search", json={"path": tokyo, "k": 4}).json()
+    assert by_path(by_name) == similar[1]
+    assert shared.post("/api/search", json={"path": "/nowhere.jpg"}).status_code == 404
+    assert shared.get(f"/original/{max(ids[1].values()) + 100}").status_code == 404
+
+
+def test_the_store_serves_a_file_only_while_it_is_the_one_indexed(gallery_clients, media_library) -> None:
+    _, shared = gallery_clients
+    hits = shared.get("/api/timeline", params={"k": 50}).json()["results"]
+    plain = next(h for h in hits if h["path"].endswith("/plain.jpg"))
+    path = Path(plain["path"])
+    stat = path.stat()
+    try:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched: it may have changed
+        changed = shared.get(plain["original"])
+        assert changed.status_code == 404 and "changed on disk" in changed.json()["detail"]
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert shared.get(plain["original"]).status_code == 200
+        moved = path.with_name("plain.moved")
+        path.rename(moved)
+        path.symlink_to(moved)  # the same bytes, now behind a link: not the file indexed
+        linked = shared.get(plain["original"])
+        assert linked.status_code == 404 and "link" in linked.json()["detail"]
+    finally:
+        if path.is_symlink():
+            path.unlink()
+            path.with_name("plain.moved").rename(path)
+    assert shared.get(plain["original"]).status_code == 200
+
+
+def test_serve_takes_the_store_and_refuses_both(media_library, postgres, capsys) -> None:
+    from clipworks.cli.serve import open_served_library
+
+    url = postgres.replace("/postgres?", "/gallery?")
+    clip, library = open_served_library(None, url, None, "cpu", "auto", None)
+    assert isinstance(library, PostgresLibrary) and library.model_row.name == media_library.model_row.name
+    assert clip.name == media_library.clip.name  # the model it was indexed with, loaded from its source
+    library.close()
+    assert main(["serve", "--db", str(media_library.path), "--store", url]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_duplicates_over_the_store_group_as_in_sqlite(gallery_clients, media_library, postgres, capsys) -> None:
+    url = postgres.replace("/postgres?", "/gallery?")
+    want = media_library.duplicates(0.95)
+    with PostgresLibrary(url) as shared:
+        got = shared.duplicates(0.95)
+    assert want and {frozenset(h.path for h in g) for g in got} == {frozenset(h.path for h in g) for g in want}
+    assert any({"tokyo.jpg", "tokyo-copy.jpg"} <= {Path(h.path).name for h in g} for g in got)  # the copy
+    assert all(h.time is None for g in got for h in g)  # photos only: a video's moments are not copies
+    assert main(["duplicates", "--store", url, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {frozenset(h["path"] for h in g) for g in printed} == {frozenset(h.path for h in g) for g in want}

@@ -10,6 +10,7 @@ import typer
 
 from clipworks.cli import access
 from clipworks.cli.common import DeviceOpt, PrecisionOpt, ThreadsOpt, info
+from clipworks.cli.index import StoreOpt
 from clipworks.errors import ClipworksError, UsageError
 
 ServeModelOpt = Annotated[
@@ -18,7 +19,7 @@ ServeModelOpt = Annotated[
         "--model",
         "-m",
         envvar="CLIPWORKS_MODEL",
-        help="Registry name or bundle path (default: with --db the library's model, else ViT-B-32::openai).",
+        help="Registry name or bundle path (default: with --db or --store the library's model, else ViT-B-32::openai).",
     ),
 ]
 
@@ -29,6 +30,7 @@ def serve(
         Path | None,
         typer.Option(help="Photo library to serve: the gallery at / and the search API at /api/search."),
     ] = None,
+    store: StoreOpt = None,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (default 127.0.0.1; 0.0.0.0 with --api-key).")
     ] = None,
@@ -115,7 +117,10 @@ def serve(
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(log_level.upper())
-    clip, library = open_served_library(db, model, device, precision, threads) if db is not None else (None, None)
+    if db is not None and store is not None:
+        raise UsageError("give --db (a library file) or --store (a shared library; CLIPWORKS_STORE sets it), not both")
+    served = db is not None or store is not None
+    clip, library = open_served_library(db, store, model, device, precision, threads) if served else (None, None)
     name = clip.name if clip is not None else model or env.default_model()
     svc = ServiceSettings(
         model=name,
@@ -150,25 +155,34 @@ def serve(
         app.state.clip.immich.preload()
         info(f"Immich's machine-learning API at {where}/predict (Immich: Machine Learning URL {where})")
     if library is not None:
-        info(f"gallery of {library.path} at {where}/")
+        info(f"gallery of {library.where} at {where}/")
     info(f"clipworks serving {name} on {where} (docs at /docs){'' if key else ', no API key'}")
     uvicorn.run(app, host=bind, port=port, log_level=log_level.lower())
 
 
-def open_served_library(db: Path, model: str | None, device: str, precision: str, threads: int | None):  # type: ignore[no-untyped-def]
-    """The library at ``db`` and the model to serve it with, loaded now: the library's own model unless
-    ``--model`` names another one it also holds vectors for (queries must be encoded by the indexing model)."""
+def open_served_library(db: Path | None, store: str | None, model: str | None, device: str, precision: str,
+                        threads: int | None):  # type: ignore[no-untyped-def]  # fmt: skip
+    """The library at ``db`` (SQLite) or ``store`` (Postgres) and the model to serve it with, loaded now: the
+    library's own model unless ``--model`` names another one it also holds vectors for (queries must be
+    encoded by the indexing model)."""
     from clipworks.cli.common import load_model
     from clipworks.library import Library
 
+    def open_library(clip: object = None):  # type: ignore[no-untyped-def]
+        if store is not None:
+            from clipworks.library.postgres import PostgresLibrary
+
+            return PostgresLibrary(store, clip)
+        return Library(db, clip)
+
     source = model
     if source is None:
-        with Library(db) as probe:
-            source = probe.model_row.source
-    if source is None:
-        raise UsageError(f"{db} does not record where its model came from; pass --model")
+        with open_library() as probe:
+            source, where = probe.model_row.source, probe.where
+        if source is None:
+            raise UsageError(f"{where} does not record where its model came from; pass --model")
     clip = load_model(source, device, precision, threads)
-    library = Library(db, clip)
+    library = open_library(clip)
     library.model_row  # noqa: B018 -- refuse a model the library has no vectors for now, not on the first query
     return clip, library
 

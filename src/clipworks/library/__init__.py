@@ -31,7 +31,7 @@ from clipworks.library.ann import ANN_MIN_ROWS, AnnDtype, AnnIndex, AnnMode, che
 from clipworks.library.indexer import IndexReport
 from clipworks.library.metadata import Filters, make_filters
 from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine_terms, parse_query, query_texts
-from clipworks.library.store import SCHEMA_VERSION, ModelRow, Store
+from clipworks.library.store import SCHEMA_VERSION, FileRow, ModelRow, Store, Target
 from clipworks.models.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
@@ -88,6 +88,11 @@ def resolve_model(store: ModelRows, clip: Any, model_arg: Any, where: str) -> Mo
     return found
 
 
+def check_cosine(threshold: float) -> None:
+    if not -1.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be a cosine between -1 and 1, not {threshold}")
+
+
 class LibraryBase(ABC):
     """What a SQLite `Library` and a shared `postgres.PostgresLibrary` have in common: a store connection per
     thread, the model whose vectors the store holds (loaded on first use from where it was indexed from), and
@@ -113,10 +118,6 @@ class LibraryBase(ABC):
         """The store as messages name it (a path; a URL without its password)."""
 
     @abstractmethod
-    def stored(self, path: str) -> tuple[int, np.ndarray] | None:
-        """(search key, vector) of the photo at the resolved ``path``, if the store has its `model_row` vector."""
-
-    @abstractmethod
     def _rank(
         self,
         vector: np.ndarray,
@@ -132,6 +133,45 @@ class LibraryBase(ABC):
     @abstractmethod
     def _local_times(self, file_ids: list[int]) -> dict[int, float | None]:
         """File id -> wall-clock capture time (`Metadata.local_time`), for ``sort="date"``."""
+
+    @abstractmethod
+    def _recent(self, top_k: int, filters: Filters | None, offset: int) -> list[int]:
+        """The page of `recent`, its arguments already checked."""
+
+    @abstractmethod
+    def month_counts(self, filters: Filters | None = None) -> list[tuple[str, int]]:
+        """(``YYYY-MM``, photos and videos) of each month that ``filters`` let one through in, newest first
+        (by the wall clock where taken; those of unknown time are not counted)."""
+
+    @abstractmethod
+    def vectors_of(self, keys: Sequence[int]) -> np.ndarray:
+        """The stored vectors of the search keys ``keys`` (all present), in their order."""
+
+    @abstractmethod
+    def photo_vectors(self) -> ExactIndex:
+        """The model's vectors of the photos (no video moments), by file id ascending."""
+
+    @abstractmethod
+    def key_counts(self) -> tuple[int, int]:
+        """(photos, video moments) the model's vectors cover: what a query ranks."""
+
+    @abstractmethod
+    def folders(self) -> list[str]:
+        """The folders indexed into this library."""
+
+    @abstractmethod
+    def cameras(self) -> list[tuple[str, int]]:
+        """("make model", photos) of each camera in the library, most photos first: what ``camera`` can name."""
+
+    @abstractmethod
+    def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
+        """File id -> what indexing read of that photo (ids not read yet are left out)."""
+
+    @property
+    @abstractmethod
+    def cache_key(self) -> str:
+        """What tells this library from every other on the machine, for caches keyed by its file ids
+        (thumbnails): ids of two libraries must not meet."""
 
     # -- connections -------------------------------------------------------------------------------
     @property
@@ -271,6 +311,63 @@ class LibraryBase(ABC):
             out.sort(key=lambda hit: (taken.get(hit[0]) is None, -(taken.get(hit[0]) or 0.0), -hit[1], hit[0]))
         return out
 
+    def recent(self, *, top_k: int = 50, filters: Filters | None = None, offset: int = 0) -> list[int]:
+        """Search keys of the photos and videos newest first, ``offset`` to ``offset + top_k`` of those
+        ``filters`` let through: a timeline, no query needed. Capture time is compared as the wall clock
+        where each was taken (as date filters do), files of one time in file id order, those of unknown time
+        last; a video stands once in it, as its first moment."""
+        if top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, not {top_k}")
+        if offset < 0:
+            raise UsageError(f"--offset must be 0 or more, not {offset}")
+        return self._recent(top_k, filters, offset)
+
+    def collapse_duplicates(self, ids: Sequence[int], threshold: float = 0.95) -> dict[int, int]:
+        """Each of ``ids`` (search keys, in the order shown) -> the key of the first one before it (or
+        itself) whose cosine to it is at least ``threshold``: near-duplicates fold into the first shown."""
+        from clipworks.library.search import first_near_duplicate
+
+        check_cosine(threshold)
+        ids = [int(i) for i in ids]
+        first = first_near_duplicate(self.vectors_of(ids), threshold)
+        return {i: ids[j] for i, j in zip(ids, first.tolist(), strict=True)}
+
+    def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
+        """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``). Video moments
+        are left out: the moments of one shot are alike by nature, not copies."""
+        from clipworks.library.search import duplicate_groups
+
+        check_cosine(threshold)
+        groups = duplicate_groups(self.photo_vectors(), threshold)
+        found = self.targets([i for g in groups for i, _ in g])
+        return [[Hit(found[i].path, s) for i, s in g] for g in groups]
+
+    def file(self, file_id: int) -> FileRow | None:
+        """The row of file ``file_id`` (present or deleted), None for an id the library never had."""
+        return self.store.file_by_id(file_id)  # type: ignore[no-any-return]
+
+    def file_at(self, path: str) -> FileRow | None:
+        """The row of the file at ``path`` (as the library stores it), None when it was never indexed."""
+        return self.store.file_by_path(path)  # type: ignore[no-any-return]
+
+    def vector(self, file_id: int) -> np.ndarray | None:
+        """The model's vector of photo ``file_id``, None when it has none (a video, an unreadable file)."""
+        return self.store.vector(self.model_row, file_id)  # type: ignore[no-any-return]
+
+    def stored(self, path: str) -> tuple[int, np.ndarray] | None:
+        """(search key, vector) of the photo at the resolved ``path``, if the store has its `model_row` vector."""
+        row = self.file_at(path)
+        vector = None if row is None else self.vector(row.id)
+        return None if vector is None else (row.id, vector)
+
+    def targets(self, keys: Sequence[int]) -> dict[int, Target]:
+        """Search key -> its photo or video moment (keys whose file or moment is gone are left out)."""
+        return self.store.targets(self.model_row, keys)  # type: ignore[no-any-return]
+
+    def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
+        """File id -> the (tag, score) pairs stored for it, best first (ids without tags are left out)."""
+        return self.store.tags_of(ids)  # type: ignore[no-any-return]
+
     def search_vector(
         self,
         vector: np.ndarray,
@@ -284,7 +381,7 @@ class LibraryBase(ABC):
     ) -> list[Hit]:
         ranked = self.ranked(vector, top_k=top_k, threshold=threshold, exclude=exclude, filters=filters,
                              offset=offset, sort=sort)  # fmt: skip
-        found = self.store.targets(self.model_row, [i for i, _ in ranked])
+        found = self.targets([i for i, _ in ranked])
         return [Hit(found[i].path, s, found[i].time) for i, s in ranked if i in found]
 
 
@@ -321,13 +418,13 @@ class Library(LibraryBase):
         threads: int | None = None,
         side_file: bool = True,
         ann: AnnMode = "auto",
-        ann_dtype: AnnDtype = "f16",
+        ann_dtype: AnnDtype | None = None,
     ) -> None:
         from clipworks.settings import db_path
 
         check_ann_options(ann, ann_dtype)
         self.ann_mode: AnnMode = ann
-        self.ann_dtype: AnnDtype = ann_dtype
+        self.ann_dtype: AnnDtype | None = ann_dtype  # None: what the saved index has
         self._ann: tuple[tuple[int, int], AnnIndex] | None = None
         # The filterable metadata of that index's rows, and the file of each row.
         self._facets: tuple[ExactIndex, Facets, np.ndarray] | None = None
@@ -384,8 +481,8 @@ class Library(LibraryBase):
             return self._cache.get(self.store)
 
     def searcher(self, log: Callable[[str], None] = lambda _m: None) -> ExactIndex | AnnIndex:
-        """What answers queries: the exact index, or HNSW with exact re-ranking when ``ann`` says so
-        (``auto``: from ``ANN_MIN_ROWS`` photos on). The HNSW index is opened, updated or built here."""
+        """What answers queries: the exact index, or an approximate one with exact re-ranking when ``ann``
+        says so (``auto``: from ``ANN_MIN_ROWS`` photos on). That index is opened, updated or built here."""
         exact = self.vectors()
         if not wants_ann(self.ann_mode, len(exact)):
             return exact
@@ -397,11 +494,6 @@ class Library(LibraryBase):
                 index = sync_ann(cache_dir_for(self.path), key, self.model_row.id, exact, self.ann_dtype, log)
                 self._ann = (key, index)
             return self._ann[1]
-
-    def stored(self, path: str) -> tuple[int, np.ndarray] | None:
-        row = self.store.file_by_path(path)
-        vector = None if row is None else self.store.vector(self.model_row, row.id)
-        return None if vector is None else (row.id, vector)
 
     def _rank(
         self,
@@ -446,62 +538,56 @@ class Library(LibraryBase):
         return filters.rows(facets, chosen)
 
     def _timeline(self, filters: Filters | None) -> np.ndarray:
-        """The rows ``filters`` let through, newest first by capture time, one per file: a video is shown
-        once, at its first moment."""
+        """The rows ``filters`` let through as `recent` orders them, one per file: a photo's own row, a
+        video's first moment (ordinal 0, the largest of its keys)."""
         facets, files = self._row_facets()
-        order = facets.newest_first
-        if filters:
-            keep = np.zeros(len(files), bool)
-            keep[self.filtered_rows(filters)] = True
-            order = order[keep[order]]
-        _, first = np.unique(files[order], return_index=True)
-        return order[np.sort(first)]
+        keys = self.vectors().ids
+        rows = self.filtered_rows(filters) if filters else np.arange(len(files))
+        lead = rows[np.lexsort((-keys[rows], files[rows]))]
+        _, first = np.unique(files[lead], return_index=True)
+        lead = lead[first]
+        local = facets.local[lead]
+        return lead[np.lexsort((files[lead], -np.nan_to_num(local), np.isnan(local)))]
 
-    def recent(self, *, top_k: int = 50, filters: Filters | None = None, offset: int = 0) -> list[int]:
-        """Search keys of the photos and videos newest first, ``offset`` to ``offset + top_k`` of those
-        ``filters`` let through: a timeline, no query needed. Capture time is compared as the wall clock
-        where each was taken (as date filters do), those of one time in id order; those of unknown time last."""
-        if top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, not {top_k}")
-        if offset < 0:
-            raise UsageError(f"--offset must be 0 or more, not {offset}")
+    def _recent(self, top_k: int, filters: Filters | None, offset: int) -> list[int]:
         rows = self._timeline(filters)
         return [int(i) for i in self.vectors().ids[rows[offset : offset + top_k]]]
 
     def month_counts(self, filters: Filters | None = None) -> list[tuple[str, int]]:
-        """(``YYYY-MM``, photos and videos) of each month that ``filters`` let one through in, newest first
-        (by the wall clock where taken; those of unknown time are not counted)."""
         local = self.facets().local[self._timeline(filters)]
         local = local[np.isfinite(local)]
         months, counts = np.unique(local.astype("datetime64[s]").astype("datetime64[M]"), return_counts=True)
         return [(str(m), int(c)) for m, c in zip(months[::-1], counts[::-1], strict=True)]
 
-    def collapse_duplicates(self, ids: Sequence[int], threshold: float = 0.95) -> dict[int, int]:
-        """Each of ``ids`` (search keys, in the order shown) -> the key of the first one before it (or
-        itself) whose cosine to it is at least ``threshold``: near-duplicates fold into the first shown."""
-        from clipworks.library.search import first_near_duplicate
+    def vectors_of(self, keys: Sequence[int]) -> np.ndarray:
+        return self.vectors().vectors_of(keys)
 
-        if not -1.0 <= threshold <= 1.0:
-            raise UsageError(f"--threshold must be a cosine between -1 and 1, not {threshold}")
-        ids = [int(i) for i in ids]
-        first = first_near_duplicate(self.vectors().vectors_of(ids), threshold)
-        return {i: ids[j] for i, j in zip(ids, first.tolist(), strict=True)}
+    def photo_vectors(self) -> ExactIndex:
+        exact = self.vectors()
+        photos = int(np.searchsorted(exact.ids, 1))  # moment keys are negative: they sort first
+        return ExactIndex(exact.ids[photos:], exact.matrix[photos:])
+
+    def key_counts(self) -> tuple[int, int]:
+        keys = self.vectors().ids
+        moments = int(np.count_nonzero(keys < 0))  # moment keys are negative (`store.files_of`)
+        return len(keys) - moments, moments
+
+    def folders(self) -> list[str]:
+        return [root for root, _ in self.store.roots()]
+
+    @property
+    def cache_key(self) -> str:
+        return str(self.path.resolve())
 
     def cameras(self) -> list[tuple[str, int]]:
-        """("make model", photos) of each camera in the library, most photos first: what ``camera`` can name."""
         from clipworks.library.metadata import camera_counts
 
         return camera_counts(self.store.conn)
 
     def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
-        """File id -> what indexing read of that photo (ids not read yet are left out)."""
         from clipworks.library.metadata import metadata_of
 
         return metadata_of(self.store.conn, ids)
-
-    def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
-        """File id -> the (tag, score) pairs stored for it, best first (ids without tags are left out)."""
-        return self.store.tags_of(ids)
 
     def write_tags(self, tagged: Sequence[tuple[str | Path, Sequence[tuple[str, float]]]]) -> list[str]:
         """Store each photo's (tag, score) pairs in place of its old ones; returns the paths that are not
@@ -517,19 +603,6 @@ class Library(LibraryBase):
         if ids:
             self.store.replace_tags(ids)
         return missing
-
-    def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
-        """Groups of near-duplicate photos over the whole library (cosine >= ``threshold``). Video moments
-        are left out: the moments of one shot are alike by nature, not copies."""
-        from clipworks.library.search import duplicate_groups
-
-        if not -1.0 <= threshold <= 1.0:
-            raise UsageError(f"--threshold must be a cosine between -1 and 1, not {threshold}")
-        exact = self.vectors()
-        photos = int(np.searchsorted(exact.ids, 1))  # moment keys are negative: they sort first
-        groups = duplicate_groups(ExactIndex(exact.ids[photos:], exact.matrix[photos:]), threshold)
-        names = self.store.paths_of(i for g in groups for i, _ in g)
-        return [[Hit(names[i], s) for i, s in g] for g in groups]
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def status(self) -> LibraryStatus:

@@ -18,6 +18,7 @@ bytes SQLite holds (`store.to_bytes`); a prefix range over them is then the fold
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,14 +32,15 @@ import numpy as np
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.library import LibraryBase
 from clipworks.library.metadata import METADATA_COLUMNS, Filters, bounding_box
-from clipworks.library.store import MOMENT_SLOTS, ModelRow, Store, Target, from_bytes, moment_key, to_bytes
+from clipworks.library.search import ExactIndex
+from clipworks.library.store import MOMENT_SLOTS, FileRow, ModelRow, Store, Target, from_bytes, moment_key, to_bytes
 
 if TYPE_CHECKING:
-    pass
+    from clipworks.library.metadata import Metadata
 
 INSTALL_HINT = "pip install 'clipworks[postgres]'"
 URL_SCHEMES = ("postgres", "postgresql")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: files.target and the roots table, for the gallery
 # Held while creating tables and indexes: two first pushes at once would otherwise race on CREATE ... IF NOT
 # EXISTS (it is not atomic in Postgres). Any constant that no other application uses.
 SCHEMA_LOCK = 0x636C6970  # "clip"
@@ -90,6 +92,8 @@ CREATE TABLE IF NOT EXISTS files (
     duration double precision,
     kind text NOT NULL DEFAULT 'photo'
 );
+ALTER TABLE files ADD COLUMN IF NOT EXISTS target bytea;
+CREATE TABLE IF NOT EXISTS roots (path bytea PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS tags (
     file_id bigint NOT NULL REFERENCES files(id) ON DELETE CASCADE,
     tag text NOT NULL,
@@ -103,10 +107,13 @@ CREATE TABLE IF NOT EXISTS pushed (
     digest bytea NOT NULL,
     PRIMARY KEY (model_id, file_id)
 );
-INSERT INTO state (key, value) VALUES ('schema_version', 1) ON CONFLICT DO NOTHING;
+INSERT INTO state (key, value) VALUES ('schema_version', 2) ON CONFLICT (key) DO UPDATE
+    SET value = greatest(state.value, EXCLUDED.value);
 """
 
-FILE_FIELDS = ("path", "size", "mtime_ns", "hash", "deleted_at", *METADATA_COLUMNS)
+# ``target``: the real path of a file indexed through a symlink (bytes, as ``path``).
+FILE_FIELDS = ("path", "size", "mtime_ns", "hash", "deleted_at", "target", *METADATA_COLUMNS)
+BYTES_FIELDS = {"path", "target"}
 TEXT_FIELDS = {"hash", "taken_source", "make", "model", "lens", "kind"}
 
 
@@ -465,15 +472,6 @@ class PostgresStore:
         ).fetchall()
         return {int(i): t for i, t in rows}
 
-    def vector_of(self, model: ModelRow, path: str) -> tuple[int, np.ndarray] | None:
-        """(search key, vector) of the photo at ``path``, if the store has its vector."""
-        row = self.conn.execute(
-            f"SELECT v.key, v.embedding FROM {vectors_table(model.id)} v JOIN files f ON f.id = v.file_id "
-            "WHERE f.path = %s AND v.key = f.id",
-            (to_bytes(path),),
-        ).fetchone()
-        return None if row is None else (int(row[0]), np.asarray(row[1].to_numpy(), np.float32))
-
     def tags_of(self, file_ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
         out: dict[int, list[tuple[str, float]]] = {}
         rows = self.conn.execute(
@@ -483,6 +481,116 @@ class PostgresStore:
         for file_id, tag, score in rows:
             out.setdefault(int(file_id), []).append((tag, float(score)))
         return out
+
+    # -- what the gallery reads -------------------------------------------------------------------------
+    def file_by_id(self, file_id: int) -> SharedFileRow | None:
+        row = self.conn.execute(f"SELECT {SHARED_FILE_COLUMNS} FROM files WHERE id = %s", (int(file_id),)).fetchone()
+        return SharedFileRow.of(row) if row else None
+
+    def file_by_path(self, path: str) -> SharedFileRow | None:
+        sql = f"SELECT {SHARED_FILE_COLUMNS} FROM files WHERE path = %s"
+        row = self.conn.execute(sql, (to_bytes(path),)).fetchone()
+        return SharedFileRow.of(row) if row else None
+
+    def vector(self, model: ModelRow, file_id: int) -> np.ndarray | None:
+        """The vector of photo ``file_id`` (its search key is its id), None for a video or a file without one."""
+        row = self.conn.execute(
+            f"SELECT embedding FROM {vectors_table(model.id)} WHERE key = %s", (int(file_id),)
+        ).fetchone()
+        return None if row is None else np.asarray(row[0].to_numpy(), np.float32)
+
+    def vectors_of(self, model: ModelRow, keys: Sequence[int]) -> np.ndarray:
+        """The vectors of the search keys ``keys`` (all present), in their order."""
+        keys = [int(k) for k in keys]
+        rows = dict(
+            self.conn.execute(
+                f"SELECT key, embedding FROM {vectors_table(model.id)} WHERE key = ANY(%s)", (keys,)
+            ).fetchall()
+        )
+        out = np.zeros((len(keys), model.dim), np.float32)
+        for n, key in enumerate(keys):
+            out[n] = rows[key].to_numpy()
+        return out
+
+    def photo_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids ascending, their vectors) of ``model``'s photos, video moments left out."""
+        ids, rows = [], []
+        # A server-side cursor (inside a transaction, as Postgres requires): the rows arrive in batches.
+        with self.conn.transaction(), self.conn.cursor(name="photo_vectors") as cur:
+            cur.execute(f"SELECT key, embedding FROM {vectors_table(model.id)} WHERE key > 0 ORDER BY key")
+            for key, embedding in cur:
+                ids.append(key)
+                rows.append(embedding.to_numpy())
+        matrix = np.asarray(rows, np.float32).reshape(len(rows), model.dim)
+        return np.asarray(ids, np.int64), matrix
+
+    def key_counts(self, model: ModelRow) -> tuple[int, int]:
+        """(photos, video moments) among ``model``'s vectors (moment keys are negative: `store.files_of`)."""
+        photos, moments = self.conn.execute(
+            f"SELECT count(*) FILTER (WHERE key > 0), count(*) FILTER (WHERE key < 0) FROM {vectors_table(model.id)}"
+        ).fetchone()
+        return int(photos), int(moments)
+
+    def roots(self) -> list[str]:
+        """Every folder any indexer pushed, in path order."""
+        return [from_bytes(bytes(p)) for (p,) in self.conn.execute("SELECT path FROM roots ORDER BY path")]
+
+    def push_roots(self, source: Store) -> None:
+        """Add ``source``'s folders to the store's (a folder another indexer pushed stays)."""
+        roots = sorted(to_bytes(root) for root, _ in source.roots())
+        with self.transaction() as cur:
+            cur.executemany("INSERT INTO roots (path) VALUES (%s) ON CONFLICT DO NOTHING", [(r,) for r in roots])
+
+    def metadata_of(self, file_ids: Sequence[int]) -> dict[int, Metadata]:
+        """File id -> stored metadata, for the ids whose metadata an index run read."""
+        from clipworks.library.metadata import UNREAD, Metadata
+
+        rows = self.conn.execute(
+            f"SELECT id, {', '.join(METADATA_COLUMNS)} FROM files WHERE id = ANY(%s) AND NOT {UNREAD}",
+            ([int(i) for i in file_ids],),
+        )
+        return {int(row[0]): Metadata(*row[1:]) for row in rows}
+
+    def camera_counts(self) -> list[tuple[str, int]]:
+        """("make model", present photos) of each camera, most photos first (as `metadata.camera_counts`)."""
+        from clipworks.library.metadata import UNREAD
+
+        camera = "trim(coalesce(make, '') || ' ' || coalesce(model, ''))"
+        rows = self.conn.execute(
+            f'SELECT camera, count(*) FROM (SELECT {camera} COLLATE "C" AS camera FROM files WHERE deleted_at IS NULL '
+            f"AND NOT {UNREAD}) c WHERE camera <> '' GROUP BY camera ORDER BY 2 DESC, camera"  # byte order, as SQLite
+        )
+        return [(name, int(count)) for name, count in rows]
+
+    def _timeline_sql(self, model: ModelRow, filters: Filters | None) -> tuple[str, list[Any]]:
+        """One row per file that ``filters`` let through (a photo's key; a video's first moment, ordinal 0,
+        whose key is the video's largest) with its wall-clock capture time as ``local``."""
+        where, args = filter_sql(filters) if filters else ("", [])
+        sql = (
+            f"SELECT DISTINCT ON (v.file_id) v.key, v.file_id, f.taken_at + coalesce(f.taken_offset, 0) AS local "
+            f"FROM {vectors_table(model.id)} v JOIN files f ON f.id = v.file_id WHERE true{where} "
+            "ORDER BY v.file_id, v.key DESC"
+        )
+        return sql, args
+
+    def recent(self, model: ModelRow, filters: Filters | None, top_k: int, offset: int) -> list[int]:
+        """`Library.recent` in SQL: newest first by the wall clock, files of one time by id, unknown last."""
+        sql, args = self._timeline_sql(model, filters)
+        rows = self.conn.execute(
+            f"SELECT key FROM ({sql}) t ORDER BY local IS NULL, local DESC, file_id LIMIT %s OFFSET %s",
+            [*args, int(top_k), int(offset)],
+        )
+        return [int(k) for (k,) in rows]
+
+    def month_counts(self, model: ModelRow, filters: Filters | None) -> list[tuple[str, int]]:
+        """`Library.month_counts` in SQL: months of the wall-clock capture time, as UTC calendar months."""
+        sql, args = self._timeline_sql(model, filters)
+        rows = self.conn.execute(
+            f"SELECT to_char(timezone('UTC', to_timestamp(local)), 'YYYY-MM') AS month, count(*) FROM ({sql}) t "
+            "WHERE local IS NOT NULL GROUP BY month ORDER BY month DESC",
+            args,
+        )
+        return [(month, int(count)) for month, count in rows]
 
     def counts(self, model: ModelRow) -> tuple[int, int]:
         """(present files, vectors of ``model``)."""
@@ -501,6 +609,29 @@ class PostgresStore:
             hnsw = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{vectors_table(row.id)}_hnsw",))
             models.append((row, vectors, bool(hnsw.fetchone()[0])))
         return StoreStatus(redacted(self.url), self.pgvector_version, int(files), int(deleted), models)
+
+
+SHARED_FILE_COLUMNS = "id, path, size, mtime_ns, hash, deleted_at, target"
+
+
+@dataclass(frozen=True)
+class SharedFileRow(FileRow):
+    """A file row of the shared store. It is served by machines other than the indexer's, where the
+    device and inode numbers of the same file differ (a network mount): the file is told by its size and
+    nanosecond mtime instead, which any change to it moves."""
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> SharedFileRow:
+        file_id, path, size, mtime_ns, digest, deleted_at, target = row
+        return cls(int(file_id), from_bytes(bytes(path)), int(size), int(mtime_ns), digest, None, deleted_at, None,
+                   None, None if target is None else from_bytes(bytes(target)))  # fmt: skip
+
+    @property
+    def identified(self) -> bool:
+        return True
+
+    def matches(self, st: os.stat_result) -> bool:
+        return (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
 
 
 @dataclass
@@ -590,10 +721,8 @@ class _SourceFile:
 def _read_chunk(db: Any, model: ModelRow, after_id: int, limit: int) -> list[_SourceFile]:
     """Up to ``limit`` files of a SQLite library with ids above ``after_id``, with ``model``'s vectors
     (a photo's one, a video's moments) and the tags, read in the snapshot ``db`` holds."""
-    columns = ", ".join(FILE_FIELDS[1:])
-    rows = db.execute(
-        f"SELECT id, CAST(path AS BLOB), {columns} FROM files WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
-    ).fetchall()
+    columns = ", ".join(f"CAST({c} AS BLOB)" if c in BYTES_FIELDS else c for c in FILE_FIELDS)
+    rows = db.execute(f"SELECT id, {columns} FROM files WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
     if not rows:
         return []
     low, high = rows[0][0], rows[-1][0]
@@ -618,7 +747,8 @@ def _read_chunk(db: Any, model: ModelRow, after_id: int, limit: int) -> list[_So
         tags.setdefault(file_id, []).append((tag, float(score)))
     out = []
     for file_id, path, *fields in rows:
-        fields = [_text(v) if name in TEXT_FIELDS else v for name, v in zip(FILE_FIELDS[1:], fields, strict=True)]
+        fields = [_text(v) if name in TEXT_FIELDS else bytes(v) if name in BYTES_FIELDS and v is not None else v
+                  for name, v in zip(FILE_FIELDS[1:], fields, strict=True)]  # fmt: skip
         mine = vectors.get(file_id, [])
         digest = hashlib.sha256(repr((fields, [(o, t) for o, t, _ in mine], tags.get(file_id, []))).encode())
         for _, _, vector in mine:
@@ -657,6 +787,7 @@ class PostgresLibrary(LibraryBase):
     def push(self, source: Store, on_chunk: Callable[[int], None] = lambda _n: None) -> PushReport:
         """Push every model of the SQLite library ``source`` (the one this library searches when given)."""
         report = PushReport()
+        self.store.push_roots(source)
         for model in source.models():
             part = self.store.push(source, model, on_chunk)
             report.files += part.files
@@ -666,9 +797,6 @@ class PostgresLibrary(LibraryBase):
             report.index_s += part.index_s
         self._row = None
         return report
-
-    def stored(self, path: str) -> tuple[int, np.ndarray] | None:
-        return self.store.vector_of(self.model_row, path)
 
     def _rank(
         self,
@@ -686,8 +814,33 @@ class PostgresLibrary(LibraryBase):
     def _local_times(self, file_ids: list[int]) -> dict[int, float | None]:
         return self.store.local_times(file_ids)
 
-    def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
-        return self.store.tags_of(ids)
+    def _recent(self, top_k: int, filters: Filters | None, offset: int) -> list[int]:
+        return self.store.recent(self.model_row, filters or None, top_k, offset)
+
+    def month_counts(self, filters: Filters | None = None) -> list[tuple[str, int]]:
+        return self.store.month_counts(self.model_row, filters or None)
+
+    def vectors_of(self, keys: Sequence[int]) -> np.ndarray:
+        return self.store.vectors_of(self.model_row, keys)
+
+    def photo_vectors(self) -> ExactIndex:
+        return ExactIndex(*self.store.photo_vectors(self.model_row))
+
+    def key_counts(self) -> tuple[int, int]:
+        return self.store.key_counts(self.model_row)
+
+    def folders(self) -> list[str]:
+        return self.store.roots()
+
+    def cameras(self) -> list[tuple[str, int]]:
+        return self.store.camera_counts()
+
+    def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
+        return self.store.metadata_of(ids)
+
+    @property
+    def cache_key(self) -> str:
+        return self.where
 
 
 def push_library(db: Store, url: str, on_chunk: Callable[[int], None] = lambda _n: None) -> PushReport:

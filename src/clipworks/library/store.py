@@ -182,6 +182,11 @@ class FileRow:
     def real_path(self) -> str:
         return self.target or self.path
 
+    @property
+    def identified(self) -> bool:
+        """Whether the row records enough of the file for `matches` to tell it from another."""
+        return self.dev is not None
+
     def matches(self, st: os.stat_result) -> bool:
         """Whether ``st`` is this very file, unchanged: device and inode (a freed inode number is soon
         reused, so size and mtime too)."""

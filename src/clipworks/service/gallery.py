@@ -1,4 +1,5 @@
-"""The photo library on the web: a gallery page and a JSON search API (``clipworks serve --db PATH``).
+"""The photo library on the web: a gallery page and a JSON search API (``clipworks serve --db PATH``, or
+``--store postgres://...`` for a shared library: both are a `library.LibraryBase`, read only through its API).
 
 Routes (the library is ``request.app.state.clip.library``; without one every route answers 404):
 
@@ -76,7 +77,7 @@ class PathsJSONResponse(JSONResponse):
 router = APIRouter(tags=["gallery"], default_response_class=PathsJSONResponse)
 
 PAGE = Path(__file__).with_name("static") / "gallery.html"
-NO_LIBRARY = "no photo library is served: start the server with `clipworks serve --db PATH`"
+NO_LIBRARY = "no photo library is served: start the server with `clipworks serve --db PATH` (or --store URL)"
 THUMB_SIZES = (128, 256, 512, 1600)  # 1600: the viewer's large photo, sharp on a phone's 3x screen too
 THUMB_TYPES = {".jpg": "image/jpeg", ".webp": "image/webp"}
 DEFAULT_K = 24
@@ -190,7 +191,7 @@ def library_of(request: Request) -> Any:
 
 def live_file(library: Any, file_id: int) -> FileRow:
     """The row of a present (indexed, not deleted) file, else 404."""
-    row = library.store.file_by_id(file_id)
+    row = library.file(file_id)
     if row is None or row.deleted_at is not None:
         raise HTTPException(status_code=404, detail=f"no photo {file_id} in the library")
     return row
@@ -211,7 +212,7 @@ def open_recorded(library: Any, file_id: int) -> OpenPhoto:
     rec = live_file(library, file_id)
     if rec.error is not None:
         raise HTTPException(status_code=404, detail=f"photo {file_id} could not be read as an image when indexed")
-    if rec.dev is None:
+    if not rec.identified:
         raise HTTPException(
             status_code=404, detail=f"photo {file_id} was indexed by an older clipworks: run `clipworks index add`"
         )
@@ -323,7 +324,7 @@ def described(library: Any, hits: list[tuple[int, float | None]], page: Page) ->
     page is above `DUPLICATE_COSINE` is left out and counted on that one (``duplicates``). Pages are folded
     one at a time: a near-duplicate on the next page is shown again."""
     keys = [key for key, _ in hits]
-    found = library.store.targets(library.model_row, keys)
+    found = library.targets(keys)
     files = [t.file_id for t in found.values()]
     metadata = library.metadata(files)
     tags = library.tags(files)
@@ -411,7 +412,7 @@ async def search(
 
 def stored_vector(library: Any, file_id: int) -> np.ndarray:
     live_file(library, file_id)
-    vector = library.store.vector(library.model_row, file_id)
+    vector = library.vector(file_id)
     described = library.metadata([file_id]).get(file_id) if vector is None else None
     if described is not None and described.kind == "video":
         raise HTTPException(status_code=404, detail=f"file {file_id} is a video: search by text or by a photo")
@@ -421,7 +422,7 @@ def stored_vector(library: Any, file_id: int) -> np.ndarray:
 
 
 def stored_vector_by_path(library: Any, path: str) -> tuple[int, np.ndarray]:
-    row = library.store.file_by_path(path)
+    row = library.file_at(path)
     if row is None or row.deleted_at is not None:
         raise HTTPException(status_code=404, detail=f"{path} is not in the library")
     return row.id, stored_vector(library, row.id)
@@ -441,7 +442,7 @@ def thumbs_dir(library: Any) -> Path:
     """One folder per library under the cache dir: ids of two libraries must not share thumbnails."""
     from clipworks.settings import cache_dir
 
-    key = hashlib.sha1(str(Path(library.path).resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha1(library.cache_key.encode()).hexdigest()[:16]
     return cache_dir() / "thumbs" / key
 
 
@@ -514,14 +515,13 @@ def library_info(request: Request) -> dict[str, Any]:
     """How many photos and video moments the gallery searches, and with which model."""
     library = library_of(request)
     try:
-        keys = library.vectors().ids
-        moments = int(np.count_nonzero(keys < 0))  # moment keys are negative (`store.files_of`)
+        photos, moments = library.key_counts()
         return {
-            "photos": len(keys) - moments,
+            "photos": photos,
             "moments": moments,
             "model": library.model_row.name,
             "cameras": [{"name": name, "count": count} for name, count in library.cameras()],
-            "folders": [root for root, _ in library.store.roots()],
+            "folders": library.folders(),
         }
     except UsageError as e:
         raise HTTPException(status_code=409, detail=str(e)) from e
