@@ -117,9 +117,9 @@ Built = tuple[Search, Callable[[int], None], int, Any, int]  # search, set beam,
 
 
 def build_faiss(matrix: np.memmap, dtype: str, limit_s: float) -> Built:
-    """The library's own graph (``ann._new_graph``): same M, efConstruction and scalar quantiser."""
+    """The library's own graph (``ann.HnswKind``): same M, efConstruction and scalar quantiser."""
 
-    graph = ann._new_graph(DIM, dtype, np.asarray(matrix[:: max(1, len(matrix) // 100_000)], np.float32))
+    graph = ann.HnswKind(dtype).new(DIM, matrix)
     added = add_in_blocks(lambda _start, part: graph.add(part), matrix, 10_000, limit_s)
 
     def set_beam(ef: int) -> None:
@@ -143,15 +143,11 @@ def build_usearch(matrix: np.memmap, dtype: str, limit_s: float) -> Built:
 
 
 def build_ivfpq(matrix: np.memmap, _dtype: str, limit_s: float) -> Built:
-    """Coarse lists (k-means on a sample) holding 64-byte product codes: ~70 bytes a vector, fast adds."""
-    import faiss
-
-    lists = 4096 if len(matrix) >= 2_000_000 else 1024
-    index = faiss.index_factory(DIM, f"IVF{lists},PQ64", faiss.METRIC_INNER_PRODUCT)
-    sample = np.asarray(matrix[:: max(1, len(matrix) // (40 * lists))], np.float32)
+    """The library's ``--ann-dtype pq`` (``ann.IvfPqKind``): k-means lists (1,024, or 4,096 from 2M vectors)
+    holding 64-byte product codes, ~70 bytes a vector, fast adds."""
     t = time.perf_counter()
-    index.train(sample)
-    print(f"    trained on {len(sample):,} vectors in {time.perf_counter() - t:.0f} s", flush=True)
+    index = ann.IvfPqKind().new(DIM, matrix)
+    print(f"    {index.nlist} lists and codebooks trained in {time.perf_counter() - t:.0f} s", flush=True)
     added = add_in_blocks(lambda _start, part: index.add(part), matrix, 250_000, limit_s)
 
     def set_beam(nprobe: int) -> None:
@@ -180,20 +176,22 @@ def measure(search: Search, matrix: np.memmap, qs: np.ndarray, truth: np.ndarray
     return float(np.percentile(lat, 50)), float(np.percentile(lat, 95)), found / (10 * len(qs))
 
 
-def library_path(graph: Any, matrix: np.memmap, qs: np.ndarray, truth: np.ndarray) -> None:
-    """The same graph through ``AnnIndex.top_k`` at the library's defaults (its own candidates and beam)."""
-    graph.hnsw.efSearch = ann.EXPANSION_SEARCH
-    index = ann.AnnIndex(ExactIndex(np.arange(len(matrix), dtype=np.int64), matrix), graph, np.arange(len(matrix)))
+def library_path(engine: str, index: Any, matrix: np.memmap, qs: np.ndarray, truth: np.ndarray) -> None:
+    """The same index through ``AnnIndex.top_k`` at the library's defaults (its own candidates and beam)."""
+    kind = ann.IvfPqKind() if engine == "faiss-ivfpq" else ann.HnswKind("f16")
+    kind.prepare(index)
+    rows = np.arange(len(matrix), dtype=np.int64)
+    searcher = ann.AnnIndex(ExactIndex(rows, matrix), index, rows, kind)
     latencies, found = [], 0
     for q, want in zip(qs, truth, strict=True):
         t = time.perf_counter()
-        ids, _ = index.top_k(q, 10)
+        ids, _ = searcher.top_k(q, 10)
         latencies.append((time.perf_counter() - t) * 1000)
         found += len(set(ids.tolist()) & set(want.tolist()))
     lat = np.array(latencies[10:])
-    print(f"  AnnIndex.top_k at the library defaults (efSearch {ann.EXPANSION_SEARCH}, "
-          f"candidates max(10 x {ann.OVERSAMPLE}, {ann.MIN_CANDIDATES})): p50 {np.percentile(lat, 50):.2f} ms  "
-          f"p95 {np.percentile(lat, 95):.2f} ms  recall@10 {found / (10 * len(qs)):.3f}", flush=True)  # fmt: skip
+    print(f"  AnnIndex.top_k at the library defaults ({kind.name(DIM)}, {kind.candidates(10, 0)} candidates): "
+          f"p50 {np.percentile(lat, 50):.2f} ms  p95 {np.percentile(lat, 95):.2f} ms  "
+          f"recall@10 {found / (10 * len(qs)):.3f}", flush=True)  # fmt: skip
 
 
 def cpu_s() -> float:
@@ -234,8 +232,8 @@ def run(engine: str, matrix: np.memmap, qsets: QuerySets, dtype: str, settings: 
             knob = "nprobe" if engine == "faiss-ivfpq" else "efSearch"
             print(f"    {knob} {beam:4d} candidates {candidates:4d}: p50 {p50:6.2f} ms  p95 {p95:6.2f} ms  "
                   f"recall@10 {recall:.3f}  load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-        if engine == "faiss":
-            library_path(graph, matrix, qs, truth)
+        if engine in ("faiss", "faiss-ivfpq"):
+            library_path(engine, graph, matrix, qs, truth)
 
 
 def main() -> None:

@@ -10,20 +10,30 @@ import pytest
 
 from clipworks.cli.main import main
 from clipworks.library import Library
-from clipworks.library.ann import EXPANSION_SEARCH, REBUILD_FRACTION, AnnIndex, sync_ann
+from clipworks.library.ann import (
+    EXPANSION_SEARCH,
+    PQ_PROBES,
+    REBUILD_FRACTION,
+    AnnIndex,
+    HnswKind,
+    IvfPqKind,
+    describe_ann,
+    sync_ann,
+)
 from clipworks.library.search import ExactIndex
 from clipworks.ops import l2_normalize
 from library_helpers import make_variants
 
 DIM = 32
 KEY = (0x1234, 1)
+KINDS = ["f16", "pq"]  # an HNSW graph, and IVF-PQ's lists of product codes
 
 
-def clustered(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
+def clustered(n: int, seed: int = 0, clusters: int = 40, dim: int = DIM) -> np.ndarray:
     """Unit vectors around random centres: neighbourhoods as real embeddings have them."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, DIM))
-    rows = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, DIM))
+    centres = rng.standard_normal((clusters, dim))
+    rows = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
     return l2_normalize(rows.astype(np.float32))
 
 
@@ -45,8 +55,9 @@ def recall_at_10(ann: AnnIndex, exact: ExactIndex, queries: np.ndarray) -> float
     return found / (10 * len(queries))
 
 
-def test_recall_and_scores_are_exact_cosines(tmp_path: Path, base: ExactIndex) -> None:
-    ann = sync_ann(tmp_path, KEY, 1, base, "f16")
+@pytest.mark.parametrize("dtype", KINDS)
+def test_recall_and_scores_are_exact_cosines(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
+    ann = sync_ann(tmp_path, KEY, 1, base, dtype)
     queries = clustered(50, seed=1)
     assert recall_at_10(ann, base, queries) >= 0.95
     for q in queries[:10]:
@@ -73,8 +84,44 @@ def test_recall_with_the_default_beam_on_clip_sized_vectors(tmp_path: Path) -> N
     assert recall_at_10(sync_ann(tmp_path, KEY, 1, exact, "f16"), exact, queries) >= 0.95
 
 
-def test_threshold_and_exclude(tmp_path: Path, base: ExactIndex) -> None:
-    ann = sync_ann(tmp_path, KEY, 1, base, "i8")
+def test_product_codes_probe_a_few_lists_and_still_find_the_top_10(tmp_path: Path) -> None:
+    """30,000 vectors: IVF-PQ's k-means makes 750 lists, a query scans the codes of only 64 of them, and the
+    exact re-ranking of its 1,024 candidates must still find 95% of the exact top 10, for queries as far
+    from the library as a text prompt lies from its photos (cosine 0.3)."""
+    rng = np.random.default_rng(3)
+    matrix = clustered(30_000, seed=3, clusters=300, dim=64)
+    exact = exact_of(np.arange(30_000, dtype=np.int64), matrix)
+    sigma = np.sqrt((1 / 0.3**2 - 1) / 64)
+    queries = l2_normalize(
+        (matrix[rng.integers(0, 30_000, 60)] + sigma * rng.standard_normal((60, 64))).astype(np.float32)
+    )
+    ann = sync_ann(tmp_path, KEY, 1, exact, "pq")
+    assert ann.index.nlist == 750 and ann.index.nprobe == PQ_PROBES
+    assert ann.index.code_size == 8  # a byte per 8 dimensions
+    assert recall_at_10(ann, exact, queries) >= 0.95
+    ids, scores = ann.top_k(queries[0], 10)
+    np.testing.assert_allclose(scores, exact.matrix[np.searchsorted(exact.ids, ids)] @ queries[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", KINDS)
+def test_a_filter_passing_many_photos_is_applied_inside_the_search(
+    tmp_path: Path, base: ExactIndex, dtype: str
+) -> None:
+    """Half the photos allowed (above the fraction answered by an exact scan of just them): every hit is an
+    allowed photo, and the allowed top 10 are found as an exact scan of them finds them."""
+    ann = sync_ann(tmp_path, KEY, 1, base, dtype)
+    allowed = np.arange(0, len(base), 2)
+    found = 0
+    for q in clustered(20, seed=8):
+        ids, _ = ann.top_k(q, 10, rows=allowed)
+        assert set(ids.tolist()) <= set(base.ids[allowed].tolist())
+        found += len(set(ids.tolist()) & set(base.top_k(q, 10, rows=allowed)[0].tolist()))
+    assert found / 200 >= 0.95
+
+
+@pytest.mark.parametrize("dtype", ["i8", "pq"])
+def test_threshold_and_exclude(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
+    ann = sync_ann(tmp_path, KEY, 1, base, dtype)
     q = base.matrix[5]
     ids, _ = ann.top_k(q, 5)
     assert ids[0] == base.ids[5]
@@ -84,20 +131,25 @@ def test_threshold_and_exclude(tmp_path: Path, base: ExactIndex) -> None:
     assert len(scores) and scores.min() >= 0.8
 
 
-def test_saved_index_is_reopened_not_rebuilt(tmp_path: Path, base: ExactIndex) -> None:
+@pytest.mark.parametrize("dtype", KINDS)
+def test_saved_index_is_reopened_not_rebuilt(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
     logs: list[str] = []
-    sync_ann(tmp_path, KEY, 1, base, "f16", logs.append)
+    sync_ann(tmp_path, KEY, 1, base, dtype, logs.append)
     assert any("building" in m for m in logs)
     logs.clear()
-    again = sync_ann(tmp_path, KEY, 1, base, "f16", logs.append)
+    again = sync_ann(tmp_path, KEY, 1, base, dtype, logs.append)
     assert logs == [] and len(again) == len(base)
-    assert again.graph.hnsw.efSearch == EXPANSION_SEARCH  # today's beam, not the one saved in the file
+    if dtype == "pq":  # today's search settings, not the ones saved in the file
+        assert again.index.nprobe == min(PQ_PROBES, again.index.nlist)
+    else:
+        assert again.index.hnsw.efSearch == EXPANSION_SEARCH
     state = json.loads(next(tmp_path.glob("*.faiss.json")).read_text())
     assert state["generation"] == KEY[1] and state["count"] == len(base)
 
 
-def test_update_in_place_adds_removes_and_replaces(tmp_path: Path, base: ExactIndex) -> None:
-    sync_ann(tmp_path, KEY, 1, base, "f16")
+@pytest.mark.parametrize("dtype", KINDS)
+def test_update_in_place_adds_removes_and_replaces(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
+    sync_ann(tmp_path, KEY, 1, base, dtype)
     ids, matrix = base.ids.copy(), np.array(base.matrix)
     removed = ids[:100]
     changed_id = int(ids[200])
@@ -106,9 +158,9 @@ def test_update_in_place_adds_removes_and_replaces(tmp_path: Path, base: ExactIn
     added_ids = np.arange(100_000, 100_150, dtype=np.int64)
     new = exact_of(np.concatenate([ids[100:], added_ids]), np.concatenate([matrix[100:], clustered(150, seed=3)]))
     logs: list[str] = []
-    ann = sync_ann(tmp_path, (KEY[0], 2), 1, new, "f16", logs.append)
+    ann = sync_ann(tmp_path, (KEY[0], 2), 1, new, dtype, logs.append)
     assert logs == ["ann index: +150 -100 vectors (1 replaced)"]
-    assert ann.graph.ntotal == len(base) + 151  # dead nodes stay until a rebuild; re-ranking skips them
+    assert ann.index.ntotal == len(base) + 151  # dead nodes stay until a rebuild; re-ranking skips them
     for q in base.matrix[:100]:  # the removed photos' own vectors never bring them back
         assert not set(ann.top_k(q, 20)[0].tolist()) & set(removed.tolist())
     assert ann.top_k(new_vector, 1)[0][0] == changed_id
@@ -116,18 +168,20 @@ def test_update_in_place_adds_removes_and_replaces(tmp_path: Path, base: ExactIn
     assert recall_at_10(ann, new, clustered(30, seed=4)) >= 0.95
 
 
-def test_drift_past_the_limit_rebuilds(tmp_path: Path, base: ExactIndex) -> None:
-    sync_ann(tmp_path, KEY, 1, base, "f16")
+@pytest.mark.parametrize("dtype", KINDS)
+def test_drift_past_the_limit_rebuilds(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
+    sync_ann(tmp_path, KEY, 1, base, dtype)
     keep = int(len(base) * (1 - REBUILD_FRACTION)) - 10
     smaller = exact_of(base.ids[:keep], np.array(base.matrix[:keep]))
     logs: list[str] = []
-    sync_ann(tmp_path, (KEY[0], 2), 1, smaller, "f16", logs.append)
+    sync_ann(tmp_path, (KEY[0], 2), 1, smaller, dtype, logs.append)
     assert any("building" in m for m in logs)
 
 
+@pytest.mark.parametrize("dtype", KINDS)
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "state-only"])
-def test_damaged_or_missing_graph_is_rebuilt(tmp_path: Path, base: ExactIndex, damage: str) -> None:
-    sync_ann(tmp_path, KEY, 1, base, "f16")
+def test_damaged_or_missing_index_is_rebuilt(tmp_path: Path, base: ExactIndex, damage: str, dtype: str) -> None:
+    sync_ann(tmp_path, KEY, 1, base, dtype)
     graph = next(tmp_path.glob("*.faiss"))
     if damage == "garbage":
         graph.write_bytes(b"not an index" * 100)
@@ -136,31 +190,57 @@ def test_damaged_or_missing_graph_is_rebuilt(tmp_path: Path, base: ExactIndex, d
     else:
         graph.unlink()
     logs: list[str] = []
-    ann = sync_ann(tmp_path, KEY, 1, base, "f16", logs.append)
+    ann = sync_ann(tmp_path, KEY, 1, base, dtype, logs.append)
     assert any("building" in m for m in logs)
     assert recall_at_10(ann, base, clustered(20, seed=5)) >= 0.95
 
 
-def test_other_dtype_rebuilds(tmp_path: Path, base: ExactIndex) -> None:
-    sync_ann(tmp_path, KEY, 1, base, "f16")
+def test_without_a_dtype_the_saved_index_is_kept_and_a_new_one_is_f16(tmp_path: Path, base: ExactIndex) -> None:
     logs: list[str] = []
-    sync_ann(tmp_path, KEY, 1, base, "i8", logs.append)
-    assert any("building" in m and "i8" in m for m in logs)
+    assert isinstance(sync_ann(tmp_path / "a", KEY, 1, base, None, logs.append).kind, HnswKind)
+    assert logs == [f"ann index: building HNSW (f16) over {len(base)} vectors"]
+    sync_ann(tmp_path / "b", KEY, 1, base, "pq")
+    logs.clear()
+    kept = sync_ann(tmp_path / "b", KEY, 1, base, None, logs.append)
+    assert logs == [] and isinstance(kept.kind, IvfPqKind)
+    assert describe_ann(tmp_path / "b", KEY, 1, None).startswith("IVF-PQ (4-byte codes): 2000 vectors")
+    assert describe_ann(tmp_path / "b", KEY, 1, "i8").startswith("HNSW (i8), not built yet")
 
 
-def test_library_with_ann_on_answers_as_exact_and_says_so(tmp_path: Path, vit_bundle: Path, photos, capsys) -> None:
+@pytest.mark.parametrize(("first", "then", "built"), [("f16", "i8", "HNSW (i8)"),
+                                                     ("f16", "pq", "IVF-PQ (4-byte codes)"),
+                                                     ("pq", "f32", "HNSW (f32)")])  # fmt: skip
+def test_other_dtype_rebuilds(tmp_path: Path, base: ExactIndex, first: str, then: str, built: str) -> None:
+    sync_ann(tmp_path, KEY, 1, base, first)
+    logs: list[str] = []
+    sync_ann(tmp_path, KEY, 1, base, then, logs.append)
+    assert logs == [f"ann index: building {built} over {len(base)} vectors"]
+
+
+@pytest.mark.parametrize(("dtype", "described"), [("f16", "HNSW (f16): 12 vectors"),
+                                                   ("pq", "IVF-PQ ({}-byte codes): 12 vectors")])  # fmt: skip
+def test_library_with_ann_on_answers_as_exact_and_says_so(
+    tmp_path: Path, vit_bundle: Path, photos, capsys, dtype: str, described: str
+) -> None:
     folder = tmp_path / "photos"
     make_variants(photos, folder, 12)
     db = tmp_path / "lib.db"
-    code = main(["index", "add", str(folder), "--db", str(db), "--model", str(vit_bundle), "--ann", "on"])
+    ann_args = ["--ann", "on", "--ann-dtype", dtype]
+    code = main(["index", "add", str(folder), "--db", str(db), "--model", str(vit_bundle), *ann_args])
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
+    (state,) = (tmp_path / "lib.db-vectors").glob("*.faiss.json")  # `index add` built it
+    assert json.loads(state.read_text())["dtype"] == dtype
+    # Later commands without --ann-dtype answer from the index the library has: they do not rebuild it.
     with Library(db, ann="off") as exact_lib, Library(db, ann="on") as ann_lib:
-        assert isinstance(ann_lib.searcher(), AnnIndex)
+        searcher = ann_lib.searcher()
+        assert isinstance(searcher, AnnIndex) and searcher.index.ntotal == 12
+        assert json.loads(state.read_text())["dtype"] == dtype
         for query in ("a dog", "a red building at night"):
             assert ann_lib.search(query, top_k=5) == exact_lib.search(query, top_k=5)
+        dim = exact_lib.searcher().matrix.shape[1]
     assert main(["index", "status", "--db", str(db), "--ann", "on", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["search_index"].startswith("HNSW (f16, 12 vectors")
+    assert json.loads(capsys.readouterr().out)["search_index"].startswith(described.format(dim // 8))
     assert main(["index", "status", "--db", str(db)]) == 0
     assert "search index: exact (below 100000 photos)" in capsys.readouterr().out
 

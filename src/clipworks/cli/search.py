@@ -117,7 +117,7 @@ def search(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     ann: AnnOpt = "auto",
-    ann_dtype: AnnDtypeOpt = "f16",
+    ann_dtype: AnnDtypeOpt = None,
     after: AfterOpt = None,
     before: BeforeOpt = None,
     camera: CameraOpt = None,
@@ -164,7 +164,7 @@ def similar(
     db: DbOpt = None,
     model: LibraryModelOpt = None,
     ann: AnnOpt = "auto",
-    ann_dtype: AnnDtypeOpt = "f16",
+    ann_dtype: AnnDtypeOpt = None,
     after: AfterOpt = None,
     before: BeforeOpt = None,
     camera: CameraOpt = None,
@@ -199,9 +199,11 @@ def duplicates(
     as_json: JsonOpt = False,
     db: DbOpt = None,
     model: LibraryModelOpt = None,
+    store: StoreOpt = None,
 ) -> None:
     """Groups of near-duplicate photos over the whole library, largest group first."""
-    groups = open_library(db, model).duplicates(threshold)
+    library = open_shared_library(store, model, ann="auto") if store is not None else open_library(db, model)
+    groups = library.duplicates(threshold)
     if as_json:
         print(json.dumps([[{"path": h.path, "score": round(h.score, 6)} for h in g] for g in groups], indent=2))
         return

@@ -1,15 +1,20 @@
-"""Approximate nearest-neighbour search for libraries too large for an exact scan: HNSW through faiss.
+"""Approximate nearest-neighbour search for libraries too large for an exact scan: faiss HNSW or IVF-PQ.
 
-The graph only proposes candidates. Their scores are recomputed exactly from the full-precision matrix
+The index only proposes candidates. Their scores are recomputed exactly from the full-precision matrix
 (the memory-mapped side file ``MatrixCache`` keeps), so every score shown is a true cosine and only recall
-is approximate. The graph stores vectors as f32, f16 or i8 (faiss' scalar quantiser) for a memory budget.
+is approximate. The memory budget picks the index (``--ann-dtype``): an HNSW graph holding each vector as
+f32, f16 or i8 (faiss' scalar quantiser), or, for tens of millions of photos, ``pq``: inverted lists of
+64-byte product codes (IVF-PQ), a tenth of f16's memory, which needs more candidates re-ranked for the
+same recall (``benchmarks/bench_ann.py``: at 10M vectors, 1,024 candidates from 64 lists find 0.98-0.996
+of the exact top 10 in 7-7.5 ms on 2 cores, where the f16 graph alone would take 10 GB and hours to build).
 
 faiss rather than usearch: both were measured (``benchmarks/bench_ann.py``), and usearch 2.26 loads its
 NumKong kernels with ``RTLD_GLOBAL``, after which torch's ONNX exporter fails in the same process ("Invalid
 function schema: conv2d"), so a program that searches and then exports would break. faiss' HNSW cannot
 delete nodes; it does not need to here, since a candidate whose photo is gone or whose vector changed is
 dropped or re-scored by the exact re-ranking anyway. Such dead nodes are counted, and once more than a
-fifth of the graph has changed since it was built it is rebuilt (recall decays as they pile up).
+fifth of the index has changed since it was built it is rebuilt (recall decays as they pile up, and
+IVF-PQ's lists and codebooks were trained on vectors that are no longer the library's).
 
 The index lives beside the database as ``<db>-vectors/<library id>-m<model>.faiss`` with the file ids of
 its nodes (``.labels.npy``), a one-number signature of each node's vector (``.sig.npy``, to notice a
@@ -33,9 +38,12 @@ from clipworks.extras import require
 from clipworks.library.search import ExactIndex, rank
 
 AnnMode = Literal["auto", "on", "off"]
-AnnDtype = Literal["f32", "f16", "i8"]
+AnnDtype = Literal["f32", "f16", "i8", "pq"]
 ANN_MODES = ("auto", "on", "off")
-ANN_DTYPES = ("f32", "f16", "i8")
+ANN_DTYPES = ("f32", "f16", "i8", "pq")
+# Without --ann-dtype a library keeps the index it has (a 10M-photo IVF-PQ must not turn into an HNSW
+# build because one command left the option out); a library with none gets this.
+DEFAULT_ANN_DTYPE: AnnDtype = "f16"
 # Below this many photos an exact scan already answers in a few milliseconds on one core.
 ANN_MIN_ROWS = 100_000
 REBUILD_FRACTION = 0.2
@@ -48,6 +56,13 @@ EXPANSION_SEARCH = 512
 # Candidates fetched per wanted hit before exact re-ranking: recall at k rises with it, cost barely.
 OVERSAMPLE = 4
 MIN_CANDIDATES = 64
+# IVF-PQ (bench_ann.py, 512-d clustered vectors, exact re-ranking): 64 of 1,024 lists at 1M and of 4,096 at
+# 10M, then 1,024 candidates re-ranked, found 0.98-0.996 of the exact top 10; 256 candidates only 0.93-0.97.
+PQ_LISTS_SMALL, PQ_LISTS_LARGE, PQ_LARGE_ROWS = 1024, 4096, 2_000_000
+PQ_PROBES = 64
+PQ_CANDIDATES = 1024
+PQ_DIMS_PER_CODE = 8  # one byte of code per 8 dimensions: 64 bytes for a 512-d vector
+PQ_TRAIN_PER_LIST = 40  # k-means wants ~40 training vectors per list (faiss warns below 39)
 SIGNATURE_TOLERANCE = 1e-4
 # A filter letting through at most this fraction of the photos is answered by an exact scan of just those:
 # cheaper than that fraction of a full scan, and a graph walk would meet few allowed nodes (poor recall).
@@ -55,10 +70,10 @@ FILTER_EXACT_FRACTION = 0.2
 _SIGNATURE_SEED = 20261202
 
 
-def check_ann_options(mode: str, dtype: str) -> None:
+def check_ann_options(mode: str, dtype: str | None) -> None:
     if mode not in ANN_MODES:
         raise UsageError(f"ann mode must be one of {', '.join(ANN_MODES)}, not {mode!r}")
-    if dtype not in ANN_DTYPES:
+    if dtype is not None and dtype not in ANN_DTYPES:
         raise UsageError(f"ann dtype must be one of {', '.join(ANN_DTYPES)}, not {dtype!r}")
 
 
@@ -68,13 +83,13 @@ def wants_ann(mode: AnnMode, rows: int) -> bool:
 
 @dataclass
 class AnnState:
-    """The JSON beside the graph: what it reflects. Written after the graph, so it marks a complete save."""
+    """The JSON beside the index: what it reflects. Written after the index, so it marks a complete save."""
 
     generation: int
     dtype: str
     dim: int
     count: int  # live vectors it answers for
-    nodes: int  # nodes in the graph, dead ones included
+    nodes: int  # entries in the index, dead ones included
     changed_since_build: int
 
 
@@ -92,15 +107,118 @@ def signatures(matrix: np.ndarray, block: int = 65_536) -> np.ndarray:
                           or [np.zeros(0, np.float32)])  # fmt: skip
 
 
-class AnnIndex:
-    """HNSW candidates, exact re-ranking: the same ``top_k`` as ``ExactIndex`` (which it wraps)."""
+class IndexKind:
+    """What differs between the faiss indexes behind one ``AnnIndex``: how one is made and trained, the
+    search settings a saved file does not keep, how many candidates it must propose for the exact
+    re-ranking to find the true top k, and how a filter is passed to its search."""
 
-    def __init__(self, exact: ExactIndex, graph: Any, labels: np.ndarray) -> None:
+    def name(self, dim: int | None = None) -> str:
+        raise NotImplementedError
+
+    def new(self, dim: int, matrix: np.ndarray) -> Any:
+        """An empty index, trained on a sample of ``matrix`` where it must learn from the data."""
+        raise NotImplementedError
+
+    def prepare(self, index: Any) -> None:
+        """Today's search settings (a saved index keeps the ones it was built with)."""
+        raise NotImplementedError
+
+    def candidates(self, k: int, excluded: int) -> int:
+        raise NotImplementedError
+
+    def parameters(self, selector: Any) -> Any:
+        raise NotImplementedError
+
+
+class HnswKind(IndexKind):
+    """A graph of every vector, stored as f32, f16 or i8: candidates near the query in a few hundred hops."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+    def name(self, dim: int | None = None) -> str:
+        return f"HNSW ({self.dtype})"
+
+    def new(self, dim: int, matrix: np.ndarray) -> Any:
+        faiss = _faiss()
+        if self.dtype == "f32":
+            graph = faiss.IndexHNSWFlat(dim, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+        else:
+            kind = faiss.ScalarQuantizer.QT_fp16 if self.dtype == "f16" else faiss.ScalarQuantizer.QT_8bit
+            graph = faiss.IndexHNSWSQ(dim, kind, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = EXPANSION_ADD
+        self.prepare(graph)
+        if not graph.is_trained:  # the 8-bit quantiser learns each dimension's range
+            graph.train(_sample(matrix, 100_000))
+        return graph
+
+    def prepare(self, index: Any) -> None:
+        index.hnsw.efSearch = EXPANSION_SEARCH
+
+    def candidates(self, k: int, excluded: int) -> int:
+        return max(k * OVERSAMPLE + excluded, MIN_CANDIDATES)
+
+    def parameters(self, selector: Any) -> Any:
+        return _faiss().SearchParametersHNSW(sel=selector, efSearch=EXPANSION_SEARCH)
+
+
+class IvfPqKind(IndexKind):
+    """Vectors in k-means lists as product codes (one byte per 8 dimensions): a query scans the codes of its
+    nearest lists. Coarse scores, so many candidates go to the exact re-ranking."""
+
+    def name(self, dim: int | None = None) -> str:
+        return f"IVF-PQ ({_pq_bytes(dim)}-byte codes)" if dim else "IVF-PQ"
+
+    def new(self, dim: int, matrix: np.ndarray) -> Any:
+        faiss = _faiss()
+        rows = len(matrix)
+        cap = PQ_LISTS_LARGE if rows >= PQ_LARGE_ROWS else PQ_LISTS_SMALL
+        lists = max(1, min(cap, rows // PQ_TRAIN_PER_LIST))
+        bits = min(8, max(1, rows.bit_length() - 1))  # a codebook of 2**bits entries needs that many vectors
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, _pq_bytes(dim), bits, faiss.METRIC_INNER_PRODUCT)
+        index.cp.min_points_per_centroid = 1  # a small library trains on what it has, without warnings
+        index.pq.cp.min_points_per_centroid = 1
+        index.train(_sample(matrix, lists * PQ_TRAIN_PER_LIST))
+        self.prepare(index)
+        return index
+
+    def prepare(self, index: Any) -> None:
+        index.nprobe = min(PQ_PROBES, index.nlist)
+
+    def candidates(self, k: int, excluded: int) -> int:
+        return max(k * OVERSAMPLE + excluded, PQ_CANDIDATES)
+
+    def parameters(self, selector: Any) -> Any:
+        return _faiss().SearchParametersIVF(sel=selector, nprobe=PQ_PROBES)
+
+
+def index_kind(dtype: str) -> IndexKind:
+    return IvfPqKind() if dtype == "pq" else HnswKind(dtype)
+
+
+def _pq_bytes(dim: int) -> int:
+    """Sub-quantisers (one code byte each): 8 dimensions apiece, or the nearest count that divides ``dim``."""
+    parts = max(1, dim // PQ_DIMS_PER_CODE)
+    while dim % parts:
+        parts -= 1
+    return parts
+
+
+def _sample(matrix: np.ndarray, rows: int) -> np.ndarray:
+    """About ``rows`` rows spread over the whole matrix (a memory-mapped one is read in strides)."""
+    return np.ascontiguousarray(matrix[:: max(1, len(matrix) // max(rows, 1))], np.float32)
+
+
+class AnnIndex:
+    """Candidates from a faiss index, exact re-ranking: the same ``top_k`` as ``ExactIndex`` (which it wraps)."""
+
+    def __init__(self, exact: ExactIndex, index: Any, labels: np.ndarray, kind: IndexKind) -> None:
         self.exact = exact  # ids sorted ascending (Store.live_vectors), matrix rows in that order
-        self.graph = graph
-        self.labels = labels  # graph node -> file id
+        self.index = index  # the faiss index that proposes candidates
+        self.labels = labels  # index entry -> file id
+        self.kind = kind
         self.ids: np.ndarray = exact.ids
-        self._node_rows: np.ndarray | None = None  # graph node -> row of its file in ``ids`` (-1: gone)
+        self._node_rows: np.ndarray | None = None  # index entry -> row of its file in ``ids`` (-1: gone)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,30 +236,30 @@ class AnnIndex:
         if rows is not None and len(rows) <= FILTER_EXACT_FRACTION * len(self.ids):
             return self.exact.top_k(query, k, threshold, exclude, rows)
         query = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
-        want = min(self.graph.ntotal, max(k * OVERSAMPLE + len(exclude), MIN_CANDIDATES))
+        want = min(self.index.ntotal, self.kind.candidates(k, len(exclude)))
         if rows is None:
-            _, nodes = self.graph.search(query, want)
-        else:  # the walk itself skips nodes the filter refuses, so the candidates are all allowed ones
-            _, nodes = self.graph.search(query, want, params=self._allowing(rows))
-        keys = np.unique(self.labels[nodes[0][nodes[0] >= 0]])  # a re-embedded photo may have two nodes
+            _, nodes = self.index.search(query, want)
+        else:  # the search itself skips entries the filter refuses, so the candidates are all allowed ones
+            _, nodes = self.index.search(query, want, params=self._allowing(rows))
+        keys = np.unique(self.labels[nodes[0][nodes[0] >= 0]])  # a re-embedded photo may have two entries
         live = self.exact.rows_of(keys)  # candidates whose photo is still in the library
         rows = live if rows is None else np.intersect1d(live, rows)  # ... and allowed by the filter
         scores = np.asarray(self.exact.matrix[rows] @ query[0], np.float32)  # rows ascending: mmap-friendly
         return rank(self.ids[rows], scores, k, threshold, exclude)  # ordered as the exact index orders
 
     def _allowing(self, rows: np.ndarray) -> Any:
-        """faiss search parameters admitting only the graph nodes of ``rows``' files (their newest node,
-        and dead ones of the same file, which the re-ranking drops or re-scores anyway)."""
+        """faiss search parameters admitting only the entries of ``rows``' files (their newest entry, and
+        dead ones of the same file, which the re-ranking drops or re-scores anyway)."""
         faiss = _faiss()
         if self._node_rows is None:
             at = np.searchsorted(self.ids, self.labels)
             inside = np.minimum(at, len(self.ids) - 1)
             self._node_rows = np.where(self.ids[inside] == self.labels, inside, -1)
-        allowed = np.zeros(len(self.ids) + 1, bool)  # the extra last slot stands for nodes of no live row
+        allowed = np.zeros(len(self.ids) + 1, bool)  # the extra last slot stands for entries of no live row
         allowed[rows] = True
         bits = np.packbits(allowed[self._node_rows], bitorder="little")
         selector = faiss.IDSelectorBitmap(len(self.labels), faiss.swig_ptr(bits))
-        params = faiss.SearchParametersHNSW(sel=selector, efSearch=EXPANSION_SEARCH)
+        params = self.kind.parameters(selector)
         params._keep = (bits, selector)  # faiss holds raw pointers to both: they must live as long as params
         return params
 
@@ -151,26 +269,12 @@ def _paths(folder: Path, library_id: int, model_id: int) -> tuple[Path, Path, Pa
     return tuple(base.with_suffix(s) for s in (".faiss", ".labels.npy", ".sig.npy", ".faiss.json"))  # type: ignore[return-value]
 
 
-def _new_graph(dim: int, dtype: str, sample: np.ndarray) -> Any:
-    faiss = _faiss()
-    if dtype == "f32":
-        graph = faiss.IndexHNSWFlat(dim, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
-    else:
-        kind = faiss.ScalarQuantizer.QT_fp16 if dtype == "f16" else faiss.ScalarQuantizer.QT_8bit
-        graph = faiss.IndexHNSWSQ(dim, kind, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
-    graph.hnsw.efConstruction = EXPANSION_ADD
-    graph.hnsw.efSearch = EXPANSION_SEARCH
-    if not graph.is_trained:  # the 8-bit quantiser learns each dimension's range
-        graph.train(np.ascontiguousarray(sample, np.float32))
-    return graph
-
-
-def _add(graph: Any, matrix: np.ndarray, rows: np.ndarray | None = None, block: int = 65_536) -> None:
+def _add(index: Any, matrix: np.ndarray, rows: np.ndarray | None = None, block: int = 65_536) -> None:
     # In blocks, so a memory-mapped matrix is paged in a slice at a time rather than all at once.
     count = len(matrix) if rows is None else len(rows)
     for start in range(0, count, block):
         part = matrix[start : start + block] if rows is None else matrix[rows[start : start + block]]
-        graph.add(np.ascontiguousarray(part, np.float32))
+        index.add(np.ascontiguousarray(part, np.float32))
 
 
 def _read_state(path: Path) -> AnnState | None:
@@ -179,17 +283,19 @@ def _read_state(path: Path) -> AnnState | None:
     return None
 
 
-def _open(files: tuple[Path, Path, Path, Path], state: AnnState) -> tuple[Any, np.ndarray, np.ndarray] | None:
-    graph_file, labels_file, sig_file, _ = files
+def _open(
+    files: tuple[Path, Path, Path, Path], state: AnnState, kind: IndexKind
+) -> tuple[Any, np.ndarray, np.ndarray] | None:
+    index_file, labels_file, sig_file, _ = files
     try:
-        graph = _faiss().read_index(str(graph_file))
-        graph.hnsw.efSearch = EXPANSION_SEARCH  # the file keeps the beam it was built with
+        index = _faiss().read_index(str(index_file))
+        kind.prepare(index)
         labels, sigs = np.load(labels_file), np.load(sig_file)
     except Exception:  # faiss raises RuntimeError, numpy ValueError or OSError: any of them means rebuild
         return None
-    if graph.ntotal != state.nodes or len(labels) != graph.ntotal or len(sigs) != graph.ntotal:
+    if index.ntotal != state.nodes or len(labels) != index.ntotal or len(sigs) != index.ntotal:
         return None
-    return graph, labels.astype(np.int64), sigs.astype(np.float32)
+    return index, labels.astype(np.int64), sigs.astype(np.float32)
 
 
 def sync_ann(
@@ -197,25 +303,28 @@ def sync_ann(
     key: tuple[int, int],
     model_id: int,
     exact: ExactIndex,
-    dtype: AnnDtype = "f16",
+    dtype: AnnDtype | None = None,
     log: Callable[[str], None] = lambda _m: None,
 ) -> AnnIndex:
-    """The library's HNSW index for ``key`` (library id, generation): opened, updated in place or rebuilt."""
+    """The library's approximate index for ``key`` (library id, generation): opened, updated in place or
+    rebuilt. ``dtype`` None: the one the saved index has."""
     library_id, generation = key
     ids, matrix = exact.ids, exact.matrix
     dim = int(matrix.shape[1])
     files = _paths(folder, library_id, model_id)
     state = _read_state(files[3])
+    dtype = _chosen(dtype, state)
+    kind = index_kind(dtype)
     opened = None
     if state is not None and state.dtype == dtype and state.dim == dim:
-        opened = _open(files, state)
+        opened = _open(files, state, kind)
     if opened is not None and state is not None and state.generation == generation:
-        return AnnIndex(exact, opened[0], opened[1])
+        return AnnIndex(exact, opened[0], opened[1], kind)
     current = signatures(matrix)
     changed = 0
     if opened is not None and state is not None:
-        graph, labels, sigs = opened
-        # The newest node of each file id is the one that counts (older ones are dead after a re-embed).
+        index, labels, sigs = opened
+        # The newest entry of each file id is the one that counts (older ones are dead after a re-embed).
         last = {int(label): node for node, label in enumerate(labels)}
         nodes = np.array([last.get(int(i), -1) for i in ids], np.int64)
         known = nodes >= 0
@@ -226,35 +335,43 @@ def sync_ann(
         changed = state.changed_since_build + removed + int(fresh.sum())
         if changed <= REBUILD_FRACTION * max(len(ids), 1):
             rows = np.nonzero(fresh)[0]
-            _add(graph, matrix, rows)
+            _add(index, matrix, rows)
             labels = np.concatenate([labels, ids[rows]])
             sigs = np.concatenate([sigs, current[rows]])
             log(f"ann index: +{len(rows) - replaced} -{removed} vectors ({replaced} replaced)")
         else:
             opened = None
     if opened is None:
-        log(f"ann index: building HNSW over {len(ids)} vectors ({dtype})")
-        sample = matrix[:: max(1, len(ids) // 100_000)]
-        graph, labels, sigs, changed = _new_graph(dim, dtype, sample), ids.copy(), current, 0
-        _add(graph, matrix)
+        log(f"ann index: building {kind.name(dim)} over {len(ids)} vectors")
+        index, labels, sigs, changed = kind.new(dim, matrix), ids.copy(), current, 0
+        _add(index, matrix)
     folder.mkdir(parents=True, exist_ok=True)
-    graph_file, labels_file, sig_file, state_file = files
-    with atomic_path(graph_file) as tmp:
-        _faiss().write_index(graph, str(tmp))
+    index_file, labels_file, sig_file, state_file = files
+    with atomic_path(index_file) as tmp:
+        _faiss().write_index(index, str(tmp))
     for target, array in ((labels_file, labels), (sig_file, sigs)):
         with atomic_path(target) as tmp, tmp.open("wb") as fh:
             np.save(fh, array)
-    saved = AnnState(generation, dtype, dim, len(ids), int(graph.ntotal), changed)
+    saved = AnnState(generation, dtype, dim, len(ids), int(index.ntotal), changed)
     atomic_write_text(state_file, json.dumps(asdict(saved)) + "\n")
-    return AnnIndex(exact, graph, labels)
+    return AnnIndex(exact, index, labels, kind)
 
 
-def describe_ann(folder: Path, key: tuple[int, int], model_id: int, dtype: AnnDtype) -> str:
-    """The saved HNSW index in words, without opening it: what ``index status`` prints."""
-    graph_file, *_, state_file = _paths(folder, key[0], model_id)
+def _chosen(dtype: AnnDtype | None, state: AnnState | None) -> AnnDtype:
+    if dtype is not None:
+        return dtype
+    if state is not None and state.dtype in ANN_DTYPES:
+        return state.dtype  # type: ignore[return-value]
+    return DEFAULT_ANN_DTYPE
+
+
+def describe_ann(folder: Path, key: tuple[int, int], model_id: int, dtype: AnnDtype | None) -> str:
+    """The saved index in words, without opening it: what ``index status`` prints."""
+    index_file, *_, state_file = _paths(folder, key[0], model_id)
     state = _read_state(state_file)
-    if state is None or not graph_file.is_file():
-        return f"HNSW ({dtype}), not built yet: the next query or `index add` builds it"
+    dtype = _chosen(dtype, state)
+    if state is None or not index_file.is_file() or state.dtype != dtype:
+        return f"{index_kind(dtype).name()}, not built yet: the next query or `index add` builds it"
     fresh = "current" if state.generation == key[1] else "updated at the next query"
-    size = graph_file.stat().st_size / 2**20
-    return f"HNSW ({state.dtype}, {state.count} vectors, {size:.0f} MiB, {fresh}) + exact re-rank"
+    size = index_file.stat().st_size / 2**20
+    return f"{index_kind(state.dtype).name(state.dim)}: {state.count} vectors, {size:.0f} MiB, {fresh}; exact re-rank"
