@@ -36,6 +36,38 @@ def fresh(folder: Path) -> Path:
     return folder
 
 
+def cpu_by_role() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, with its part in a Ray job."""
+    import psutil
+
+    seen = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times", "create_time"]):
+        info = proc.info
+        if info["cpu_times"] is None:
+            continue
+        title = " ".join(info["cmdline"] or [info["name"] or ""])
+        if proc.pid == os.getpid():
+            role = "driver (this process: plan, shard writes)"
+        elif title.startswith("ray::"):  # Ray names its worker processes after what they run
+            role = "model actor" if "EmbedStage" in title else "read/decode tasks and idle workers"
+        elif "raylet" in title or "gcs_server" in title:
+            role = "raylet + GCS (scheduling, object store)"
+        elif "ray" in title:
+            role = "other Ray daemons (log monitor, agents)"
+        else:
+            role = "rest of the machine"
+        seen[(proc.pid, info["create_time"])] = (role, info["cpu_times"].user + info["cpu_times"].system)
+    return seen
+
+
+def cpu_spent(before: dict[tuple[int, float], tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role spent since ``before`` (processes that ended in between are not counted)."""
+    spent: dict[str, float] = {}
+    for key, (role, cpu) in cpu_by_role().items():
+        spent[role] = spent.get(role, 0.0) + cpu - before.get(key, (role, 0.0))[1]
+    return spent
+
+
 def driver_rows_per_second(dim: int, shard_size: int, batch: int, rows: int = 20_000) -> float:
     """What the driver's half of the job costs a row: ShardSink.add + commits, fed rows as Ray hands them."""
     folder = fresh(WORK / "ray-sink")
@@ -81,18 +113,31 @@ def main() -> None:
         ray.get([count.remote(p, "webdataset") for p in paths])
         planning = time.perf_counter() - start
         local_rates, ray_rates, checks = [], [], []
+        local_cpu: list[dict[str, float]] = []  # CPU seconds by role, a job each
+        ray_cpu: list[dict[str, float]] = []
         for r in range(args.rounds):
             out_local = fresh(WORK / "ray-bench-local")
+            before = cpu_by_role()
             result = embed_dataset(model, paths, "webdataset", out_local, **job)
             local_rates.append(result.embedded / result.seconds)
+            local_cpu.append(cpu_spent(before))
             out_ray = fresh(WORK / "ray-bench-ray")
+            before = cpu_by_role()
             result = embed_dataset_ray(recipe, paths, "webdataset", out_ray, settings=RaySettings(), **job)
             ray_rates.append(result.embedded / result.seconds)
+            ray_cpu.append(cpu_spent(before))
             same = all((out_ray / f.relative_to(out_local)).read_bytes() == f.read_bytes()
                        for f in sorted(out_local.glob("*/*")))  # fmt: skip
             checks.append(same)
             print(f"round {r + 1}: local {local_rates[-1]:.1f} images/s, ray {ray_rates[-1]:.1f} images/s, "
                   f"outputs {'identical' if same else 'DIFFERENT'}")  # fmt: skip
+    # Where each engine's CPU time went, per image: what Ray adds on top of decoding and the model.
+    for name, jobs in (("local", local_cpu), ("ray", ray_cpu)):
+        roles = sorted({role for job in jobs for role in job})
+        parts = ", ".join(f"{role} {statistics.median(job.get(role, 0.0) for job in jobs) * 1000 / args.count:.1f}"
+                          for role in roles)  # fmt: skip
+        total = statistics.median(sum(v for r, v in job.items() if r != "rest of the machine") for job in jobs)
+        print(f"CPU ms per image, {name}: {total * 1000 / args.count:.1f} in all ({parts})")
     local, ray_rate = statistics.median(local_rates), statistics.median(ray_rates)
     sink_rate = driver_rows_per_second(model.embed_dim, args.shard_size, args.batch_size)
     print(f"load after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
