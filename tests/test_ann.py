@@ -85,9 +85,9 @@ def test_recall_with_the_default_beam_on_clip_sized_vectors(tmp_path: Path) -> N
 
 
 def test_product_codes_probe_a_few_lists_and_still_find_the_top_10(tmp_path: Path) -> None:
-    """30,000 vectors: IVF-PQ's k-means makes 750 lists, a query scans the codes of only 64 of them, and the
-    exact re-ranking of its 1,024 candidates must still find 95% of the exact top 10, for queries as far
-    from the library as a text prompt lies from its photos (cosine 0.3)."""
+    """30,000 vectors: IVF-PQ's k-means makes 512 lists (about 4 sqrt(n)), a query scans the codes of only 64
+    of them, and the exact re-ranking of its 512 candidates must still find 95% of the exact top 10, for
+    queries as far from the library as a text prompt lies from its photos (cosine 0.3)."""
     rng = np.random.default_rng(3)
     matrix = clustered(30_000, seed=3, clusters=300, dim=64)
     exact = exact_of(np.arange(30_000, dtype=np.int64), matrix)
@@ -96,7 +96,7 @@ def test_product_codes_probe_a_few_lists_and_still_find_the_top_10(tmp_path: Pat
         (matrix[rng.integers(0, 30_000, 60)] + sigma * rng.standard_normal((60, 64))).astype(np.float32)
     )
     ann = sync_ann(tmp_path, KEY, 1, exact, "pq")
-    assert ann.index.nlist == 750 and ann.index.nprobe == PQ_PROBES
+    assert ann.index.nlist == 512 and ann.index.nprobe == PQ_PROBES
     assert ann.index.code_size == 8  # a byte per 8 dimensions
     assert recall_at_10(ann, exact, queries) >= 0.95
     ids, scores = ann.top_k(queries[0], 10)

@@ -5,8 +5,9 @@ The index only proposes candidates. Their scores are recomputed exactly from the
 is approximate. The memory budget picks the index (``--ann-dtype``): an HNSW graph holding each vector as
 f32, f16 or i8 (faiss' scalar quantiser), or, for tens of millions of photos, ``pq``: inverted lists of
 64-byte product codes (IVF-PQ), a tenth of f16's memory, which needs more candidates re-ranked for the
-same recall (``benchmarks/bench_ann.py``: at 10M vectors, 1,024 candidates from 64 lists find 0.98-0.996
-of the exact top 10 in 7-7.5 ms on 2 cores, where the f16 graph alone would take 10 GB and hours to build).
+same recall (``benchmarks/bench_ann.py``: 512 candidates from 64 lists find the exact top 10 in about 2 ms
+at 1M vectors, 1,024 find 0.98-0.996 of it in 7-7.5 ms at 10M, on 2 cores, where the f16 graph alone would
+take 10 GB and hours to build).
 
 faiss rather than usearch: both were measured (``benchmarks/bench_ann.py``), and usearch 2.26 loads its
 NumKong kernels with ``RTLD_GLOBAL``, after which torch's ONNX exporter fails in the same process ("Invalid
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,11 +58,16 @@ EXPANSION_SEARCH = 512
 # Candidates fetched per wanted hit before exact re-ranking: recall at k rises with it, cost barely.
 OVERSAMPLE = 4
 MIN_CANDIDATES = 64
-# IVF-PQ (bench_ann.py, 512-d clustered vectors, exact re-ranking): 64 of 1,024 lists at 1M and of 4,096 at
-# 10M, then 1,024 candidates re-ranked, found 0.98-0.996 of the exact top 10; 256 candidates only 0.93-0.97.
-PQ_LISTS_SMALL, PQ_LISTS_LARGE, PQ_LARGE_ROWS = 1024, 4096, 2_000_000
+# IVF-PQ lists: faiss' guideline of about 4 sqrt(n) (a power of two), at most 4,096. bench_ann.py, 512-d
+# clustered vectors, 64 lists probed and 1,024 candidates re-ranked: at 1M, 1,024 lists found 0.962 of the
+# exact top 10 of text-like queries in 3.8 ms and 4,096 lists 1.000 in 2.0 ms (fewer codes per list); at 10M
+# 4,096 lists found 0.978-0.996 in 7-7.5 ms, where more lists would cost minutes more k-means per build.
+PQ_MAX_LISTS = 4096
 PQ_PROBES = 64
-PQ_CANDIDATES = 1024
+# Candidates re-ranked: the coarser the PQ ranking among more codes, the more it needs. At 1M, 512 found the
+# whole exact top 10 (1.1-2.1 ms, against 1.9-3.4 ms for 1,024); at 10M, 512 found only 0.928 of image
+# queries' top 10 where 1,024 found 0.978.
+PQ_CANDIDATES, PQ_CANDIDATES_MANY, PQ_MANY_ENTRIES = 512, 1024, 3_000_000
 PQ_DIMS_PER_CODE = 8  # one byte of code per 8 dimensions: 64 bytes for a 512-d vector
 PQ_TRAIN_PER_LIST = 40  # k-means wants ~40 training vectors per list (faiss warns below 39)
 SIGNATURE_TOLERANCE = 1e-4
@@ -123,7 +130,8 @@ class IndexKind:
         """Today's search settings (a saved index keeps the ones it was built with)."""
         raise NotImplementedError
 
-    def candidates(self, k: int, excluded: int) -> int:
+    def candidates(self, k: int, excluded: int, entries: int) -> int:
+        """How many to propose for the top ``k`` (``excluded`` of them to be left out) of ``entries``."""
         raise NotImplementedError
 
     def parameters(self, selector: Any) -> Any:
@@ -155,7 +163,7 @@ class HnswKind(IndexKind):
     def prepare(self, index: Any) -> None:
         index.hnsw.efSearch = EXPANSION_SEARCH
 
-    def candidates(self, k: int, excluded: int) -> int:
+    def candidates(self, k: int, excluded: int, entries: int) -> int:
         return max(k * OVERSAMPLE + excluded, MIN_CANDIDATES)
 
     def parameters(self, selector: Any) -> Any:
@@ -172,8 +180,7 @@ class IvfPqKind(IndexKind):
     def new(self, dim: int, matrix: np.ndarray) -> Any:
         faiss = _faiss()
         rows = len(matrix)
-        cap = PQ_LISTS_LARGE if rows >= PQ_LARGE_ROWS else PQ_LISTS_SMALL
-        lists = max(1, min(cap, rows // PQ_TRAIN_PER_LIST))
+        lists = _pq_lists(rows)
         bits = min(8, max(1, rows.bit_length() - 1))  # a codebook of 2**bits entries needs that many vectors
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, _pq_bytes(dim), bits, faiss.METRIC_INNER_PRODUCT)
         index.cp.min_points_per_centroid = 1  # a small library trains on what it has, without warnings
@@ -185,8 +192,9 @@ class IvfPqKind(IndexKind):
     def prepare(self, index: Any) -> None:
         index.nprobe = min(PQ_PROBES, index.nlist)
 
-    def candidates(self, k: int, excluded: int) -> int:
-        return max(k * OVERSAMPLE + excluded, PQ_CANDIDATES)
+    def candidates(self, k: int, excluded: int, entries: int) -> int:
+        floor = PQ_CANDIDATES_MANY if entries >= PQ_MANY_ENTRIES else PQ_CANDIDATES
+        return max(k * OVERSAMPLE + excluded, floor)
 
     def parameters(self, selector: Any) -> Any:
         return _faiss().SearchParametersIVF(sel=selector, nprobe=PQ_PROBES)
@@ -194,6 +202,11 @@ class IvfPqKind(IndexKind):
 
 def index_kind(dtype: str) -> IndexKind:
     return IvfPqKind() if dtype == "pq" else HnswKind(dtype)
+
+
+def _pq_lists(rows: int) -> int:
+    guideline = 1 << max(0, round(math.log2(4 * math.sqrt(max(rows, 1)))))
+    return max(1, min(PQ_MAX_LISTS, guideline, rows // PQ_TRAIN_PER_LIST))
 
 
 def _pq_bytes(dim: int) -> int:
@@ -236,7 +249,7 @@ class AnnIndex:
         if rows is not None and len(rows) <= FILTER_EXACT_FRACTION * len(self.ids):
             return self.exact.top_k(query, k, threshold, exclude, rows)
         query = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
-        want = min(self.index.ntotal, self.kind.candidates(k, len(exclude)))
+        want = min(self.index.ntotal, self.kind.candidates(k, len(exclude), self.index.ntotal))
         if rows is None:
             _, nodes = self.index.search(query, want)
         else:  # the search itself skips entries the filter refuses, so the candidates are all allowed ones
