@@ -576,3 +576,31 @@ def test_duplicates_over_the_store_group_as_in_sqlite(gallery_clients, media_lib
     assert main(["duplicates", "--store", url, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert {frozenset(h["path"] for h in g) for g in printed} == {frozenset(h.path for h in g) for g in want}
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "pkl"])
+def test_export_from_the_store_writes_what_the_sqlite_library_exports(
+    gallery_clients, media_library, postgres, tmp_path, suffix, capsys
+) -> None:
+    """The same rows from Postgres as from the SQLite library it was pushed from: photos, the video's moments
+    (``clip.mp4#t=SECONDS``), their vectors, and in Parquet every metadata column."""
+    import pyarrow.parquet as pq
+
+    from clipworks.outputs import read_embeddings
+
+    url = postgres.replace("/postgres?", "/gallery?")
+    local, shared = tmp_path / f"local.{suffix}", tmp_path / f"shared.{suffix}"
+    assert main(["index", "export", str(local), "--db", str(media_library.path)]) == 0
+    capsys.readouterr()
+    assert main(["index", "export", str(shared), "--store", url]) == 0
+    want_paths, want = read_embeddings(local)
+    got_paths, got = read_embeddings(shared)
+    assert f"exported {len(want_paths)} vectors to {shared}" in capsys.readouterr().err
+    assert got_paths == want_paths and any("walk.mp4#t=" in p for p in got_paths) and len(got_paths) > len(SHOTS)
+    np.testing.assert_array_equal(got, want)  # pgvector keeps the float32 values as they were pushed
+    if suffix == "parquet":
+        want_table, got_table = pq.read_table(local), pq.read_table(shared)
+        assert got_table.schema == want_table.schema
+        for name in want_table.column_names:
+            if name != "embedding":
+                assert got_table[name].to_pylist() == want_table[name].to_pylist(), name

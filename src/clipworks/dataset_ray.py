@@ -49,11 +49,17 @@ from clipworks.runtime.encoder import ClipModel, load
 
 # Columns a row carries from the reader to the driver (the metadata columns plus its place and its error).
 ROW_COLUMNS = ("index", "key", "image_path", "caption", "has_caption", "width", "height", "error")
-LOCAL_OBJECT_STORE_MB = 512
+# The object store of a Ray started here. Ray Data holds back the decode tasks once the blocks in flight fill
+# their share of it; a batch of 32 ViT-B/32 inputs is 19 MB of float32 pixels, and at 512 MB the model actor
+# waited for input (bench_ray.py, 5,000 images on 2 cores: 80.4 images/s at 512 MB, 86.1 at 2 GB). Ray only
+# reserves it: pages are used as blocks are stored.
+LOCAL_OBJECT_STORE_MB = 2048
 # What a model actor reserves of Ray's CPUs: its session's threads are ONNX Runtime's (the machine's cores or
 # --threads), not Ray's. Half a CPU, unlike the decode tasks' one, also keeps Ray Data from fusing the decode
 # tasks into the actors, where each actor would decode its batches one image at a time before embedding them.
 ACTOR_CPUS = 0.5
+READ_TASK_CPUS = 0.5  # reading is I/O: half a CPU, so it does not fuse into the decode tasks and runs beside them
+DECODE_TASK_CPUS = 1.0  # decoding is CPU work; at the actor's half CPU Ray Data would fuse it into the actor
 
 
 @dataclass(frozen=True)
@@ -344,14 +350,13 @@ def _pipeline(
     # (a clipworks error) is not retried: it ends the job with its message.
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        # Reading is I/O: half a CPU, so it does not fuse into the decode tasks and runs beside them.
         .map_batches(
             read_stage,
             batch_size=1,
-            num_cpus=0.5,
+            num_cpus=READ_TASK_CPUS,
             fn_kwargs={"fmt": fmt, "columns": columns, "enable_text": enable_text, "rows_per_block": batch_size},
         )
-        .map_batches(decode_stage, batch_size=batch_size, num_cpus=1, fn_kwargs={"recipe": recipe})
+        .map_batches(decode_stage, batch_size=batch_size, num_cpus=DECODE_TASK_CPUS, fn_kwargs={"recipe": recipe})
         .map_batches(
             EmbedStage,
             batch_size=batch_size,

@@ -239,10 +239,18 @@ def export_(
     fmt: FormatOpt = None,
     db: DbOpt = None,
     model: LibraryModelOpt = None,
+    store: StoreOpt = None,
 ) -> None:
-    """Write the vectors of every present photo to an interchange file. An existing ClipItems database (the
-    robot's clip.db) keeps its rows and gets those of the photos it lacks, as the robot's storage mode adds them."""
-    report = open_library(db, model).export(output, fmt)
+    """Write the vectors of every present photo to an interchange file (from the shared library with
+    --store). An existing ClipItems database (the robot's clip.db) keeps its rows and gets those of the photos
+    it lacks, as the robot's storage mode adds them."""
+    if store is not None:
+        from clipworks.library.postgres import PostgresLibrary
+
+        with PostgresLibrary(store, model) as shared:
+            report = shared.export(output, fmt)
+    else:
+        report = open_library(db, model).export(output, fmt)
     if report.merged:
         info(f"{output}: added {report.count}, skipped {report.skipped} already present")
     else:

@@ -364,6 +364,12 @@ class LibraryBase(ABC):
         """Search key -> its photo or video moment (keys whose file or moment is gone are left out)."""
         return self.store.targets(self.model_row, keys)  # type: ignore[no-any-return]
 
+    def export(self, out: str | Path, fmt: str | None = None) -> ExportReport:
+        """Write this model's vectors to an interchange file: an ``ExportReport``."""
+        from clipworks.library.interchange import export_vectors
+
+        return export_vectors(self.store, self.model_row, out, fmt)
+
     def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
         """File id -> the (tag, score) pairs stored for it, best first (ids without tags are left out)."""
         return self.store.tags_of(ids)  # type: ignore[no-any-return]
@@ -585,9 +591,7 @@ class Library(LibraryBase):
         return camera_counts(self.store.conn)
 
     def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
-        from clipworks.library.metadata import metadata_of
-
-        return metadata_of(self.store.conn, ids)
+        return self.store.metadata_of(ids)  # type: ignore[no-any-return]
 
     def write_tags(self, tagged: Sequence[tuple[str | Path, Sequence[tuple[str, float]]]]) -> list[str]:
         """Store each photo's (tag, score) pairs in place of its old ones; returns the paths that are not
@@ -673,12 +677,6 @@ class Library(LibraryBase):
             return "exact (ann off)" if self.ann_mode == "off" else f"exact (below {ANN_MIN_ROWS} photos)"
         key = self.store.side_file_key()
         return describe_ann(cache_dir_for(self.path), key, models[0][0].id, self.ann_dtype)
-
-    def export(self, out: str | Path, fmt: str | None = None) -> ExportReport:
-        """Write this model's vectors to an interchange file: an ``ExportReport``."""
-        from clipworks.library.interchange import export_vectors
-
-        return export_vectors(self.store, self.model_row, out, fmt)
 
     def import_file(self, file: str | Path, fmt: str | None = None) -> Any:
         """Import vectors made by this library's model (the model is registered when new)."""

@@ -12,16 +12,28 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from clipworks.atomic import atomic_path
 from clipworks.errors import ClipworksError, UsageError
-from clipworks.library.metadata import METADATA_COLUMNS, Metadata, metadata_of
-from clipworks.library.store import TEXT_ARG, ModelRow, Store, from_bytes, now, read_only_uri, to_blob, to_bytes
+from clipworks.library.metadata import METADATA_COLUMNS, Metadata
+from clipworks.library.store import (
+    TEXT_ARG,
+    ModelRow,
+    Store,
+    Target,
+    from_bytes,
+    now,
+    read_only_uri,
+    to_blob,
+    to_bytes,
+)
 from clipworks.video.frames import is_video
 
 FORMATS = ("pkl", "npy", "parquet", "clipitems")
@@ -66,7 +78,16 @@ def format_of(path: Path, fmt: str | None) -> str:
     raise UsageError(f"cannot tell the format of {path}: name it .pkl, .npy, .parquet or .db, or pass --format")
 
 
-def export_vectors(store: Store, model: ModelRow, out: str | Path, fmt: str | None = None) -> ExportReport:
+class ExportSource(Protocol):
+    """What an export reads: SQLite's `Store` and Postgres' `PostgresStore` are both one."""
+
+    def snapshot(self) -> AbstractContextManager[Any]: ...
+    def live_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]: ...
+    def targets(self, model: ModelRow, keys: Sequence[int]) -> dict[int, Target]: ...
+    def metadata_of(self, file_ids: Sequence[int]) -> dict[int, Metadata]: ...
+
+
+def export_vectors(store: ExportSource, model: ModelRow, out: str | Path, fmt: str | None = None) -> ExportReport:
     """Write every present file's vector for ``model``; a ClipItems database that exists gets the rows it lacks."""
     from clipworks.outputs import write_embeddings
 
@@ -84,7 +105,7 @@ def export_vectors(store: Store, model: ModelRow, out: str | Path, fmt: str | No
             photos = int(np.searchsorted(keys, 1))  # moment keys are negative: they sort first
             keys, matrix = keys[photos:], matrix[photos:]
         found = store.targets(model, keys)
-        described = metadata_of(store.conn, [t.file_id for t in found.values()]) if kind == "parquet" else {}
+        described = store.metadata_of([t.file_id for t in found.values()]) if kind == "parquet" else {}
     targets = [found[int(k)] for k in keys]
     paths = [t.path if t.time is None else f"{t.path}#t={t.time:.3f}" for t in targets]  # see MOMENT_PATH
     if kind == "clipitems":

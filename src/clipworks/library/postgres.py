@@ -234,6 +234,13 @@ class PostgresStore:
             )
 
     @contextmanager
+    def snapshot(self) -> Iterator[Any]:
+        """A read transaction: every query inside sees the same committed state, whatever indexers push."""
+        with self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield self.conn
+
+    @contextmanager
     def transaction(self) -> Iterator[Any]:
         """A cursor inside one transaction, committed on success and rolled back on any error."""
         with self.conn.transaction(), self.conn.cursor() as cur:
@@ -514,10 +521,16 @@ class PostgresStore:
 
     def photo_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]:
         """(file ids ascending, their vectors) of ``model``'s photos, video moments left out."""
+        return self.live_vectors(model, photos_only=True)
+
+    def live_vectors(self, model: ModelRow, photos_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(search keys ascending, their vectors) of ``model``: the video moments first (negative keys), then
+        the photos by file id, as `Store.live_vectors` orders them."""
         ids, rows = [], []
+        where = "WHERE key > 0 " if photos_only else ""
         # A server-side cursor (inside a transaction, as Postgres requires): the rows arrive in batches.
-        with self.conn.transaction(), self.conn.cursor(name="photo_vectors") as cur:
-            cur.execute(f"SELECT key, embedding FROM {vectors_table(model.id)} WHERE key > 0 ORDER BY key")
+        with self.conn.transaction(), self.conn.cursor(name="live_vectors") as cur:
+            cur.execute(f"SELECT key, embedding FROM {vectors_table(model.id)} {where}ORDER BY key")
             for key, embedding in cur:
                 ids.append(key)
                 rows.append(embedding.to_numpy())

@@ -561,6 +561,12 @@ class Store:
                 out[key] = Target(file_id, names[file_id], float(row[0]))
         return out
 
+    def metadata_of(self, file_ids: Sequence[int]) -> dict[int, Any]:
+        """File id -> stored `metadata.Metadata`, for the ids whose metadata an index run read."""
+        from clipworks.library.metadata import metadata_of  # metadata builds on this module
+
+        return metadata_of(self.conn, file_ids)
+
     def live_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]:
         """(search keys, (N, D) float32) of every present photo and video moment with a vector for
         ``model``, ordered by key: the moments first, then the photos by file id."""
