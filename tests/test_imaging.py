@@ -33,11 +33,13 @@ from clipworks.imaging import (
     OPENAI_STD,
     PreprocessConfig,
     decode,
+    decode_pixels,
     describe_decode,
     is_image_path,
     load_image,
     load_thumbnail,
     preprocess,
+    to_model_pixels,
 )
 from memory_helpers import address_space_headroom, peak_growth_mb, png
 
@@ -178,6 +180,24 @@ def test_preprocess_matches_open_clip_on_real_photos(open_clip: Any, d: dict) ->
 
 
 # As open_clip does, preprocess() resizes a non-RGB image in its own mode and converts afterwards.
+@pytest.mark.parametrize(
+    "d", [CONFIGS[0], CONFIGS[1], CONFIGS[11], pytest.param({"size": 224, "profile": "immich"}, id="immich")]
+)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_uint8_pixels_then_normalising_is_decode_exactly(synthetic: dict[str, Path], d: Any, mode: str) -> None:
+    """What `--engine ray` ships from its decode tasks (uint8, padded with the fill colour where the crop
+    needs it) and normalises in the model actor must be `decode`'s float32 bit for bit, in every resize mode,
+    for the Immich profile, and for a palette image converted after its padding."""
+    cfg = PreprocessConfig.from_dict({k: v for k, v in d.items() if k != "profile"})
+    cfg = dataclasses.replace(cfg, profile=d.get("profile", "open_clip"))
+    palette = synthetic["odd_bmp"].with_name("palette.png")
+    Image.open(synthetic["odd_bmp"]).convert("P").save(palette)
+    for path in [*synthetic.values(), palette]:
+        pixels = decode_pixels(path, cfg, mode)  # type: ignore[arg-type]
+        assert pixels.dtype == np.uint8 and pixels.shape == (*cfg.size, 3)
+        np.testing.assert_array_equal(to_model_pixels(pixels, cfg), decode(path, cfg, mode))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "1", "I"])
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest"])
 def test_preprocess_matches_open_clip_on_raw_modes(open_clip: Any, mode: str, resize_mode: str) -> None:

@@ -466,12 +466,13 @@ def load_sample(sample: Sample, enable_text: bool) -> Sample:
     return sample
 
 
-def decode_sample(model: ClipModel, sample: Sample) -> np.ndarray:
-    """A loaded sample's pixels; its error (from reading or loading it) as ``BadImage``."""
+def decode_sample(model: ClipModel, sample: Sample, *, normalised: bool = True) -> np.ndarray:
+    """A loaded sample's model pixels (``normalised=False``: the uint8 bytes before normalising, see
+    `ClipModel.decode_pixels`); its error (from reading or loading it) as ``BadImage``."""
     if sample.error is not None:
         raise BadImage(sample.error)
     data, sample.data = sample.data, None  # the pixels replace the bytes: memory holds one of them
-    return model.preprocess(data)
+    return model.preprocess(data) if normalised else model.decode_pixels(data)
 
 
 class ShardSink:

@@ -50,9 +50,9 @@ from clipworks.runtime.encoder import ClipModel, load
 # Columns a row carries from the reader to the driver (the metadata columns plus its place and its error).
 ROW_COLUMNS = ("index", "key", "image_path", "caption", "has_caption", "width", "height", "error")
 # The object store of a Ray started here. Ray Data holds back the decode tasks once the blocks in flight fill
-# their share of it; a batch of 32 ViT-B/32 inputs is 19 MB of float32 pixels, and at 512 MB the model actor
-# waited for input (bench_ray.py, 5,000 images on 2 cores: 80.4 images/s at 512 MB, 86.1 at 2 GB). Ray only
-# reserves it: pages are used as blocks are stored.
+# their share of it, and at 512 MB the model actor waited for input (bench_ray.py, 5,000 images on 2 cores,
+# float32 pixels then: 80.4 images/s at 512 MB, 86.1 at 2 GB; a batch of 32 ViT-B/32 inputs is now 4.8 MB of
+# uint8). Ray only reserves it: pages are used as blocks are stored.
 LOCAL_OBJECT_STORE_MB = 2048
 # What a model actor reserves of Ray's CPUs: its session's threads are ONNX Runtime's (the machine's cores or
 # --threads), not Ray's. Half a CPU, unlike the decode tasks' one, also keeps Ray Data from fusing the decode
@@ -192,7 +192,8 @@ def read_stage(
 
 
 def decode_stage(batch: dict[str, np.ndarray], *, recipe: ModelRecipe) -> dict[str, np.ndarray]:
-    """Bytes -> model pixels; a sample that does not decode gets its error (and zero pixels, unused)."""
+    """Bytes -> the uint8 pixels before normalising (the actor normalises them: a quarter of float32's bytes
+    through the object store); a sample that does not decode gets its error (and zero pixels, unused)."""
 
     model = _model(recipe)
     errors = [str(error) for error in batch["error"]]
@@ -206,12 +207,12 @@ def decode_stage(batch: dict[str, np.ndarray], *, recipe: ModelRecipe) -> dict[s
             error=errors[i] or None,
         )
         try:
-            decoded.append(decode_sample(model, sample))
+            decoded.append(decode_sample(model, sample, normalised=False))
         except BadImage as e:
             errors[i] = str(e)
             decoded.append(None)
-    shape = next((p.shape for p in decoded if p is not None), (3, 1, 1))
-    pixels = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in decoded])
+    shape = next((p.shape for p in decoded if p is not None), (1, 1, 3))
+    pixels = np.stack([p if p is not None else np.zeros(shape, np.uint8) for p in decoded])
     return {**_passed_on(batch), "error": np.array(errors, dtype=object), "pixels": pixels}
 
 
@@ -229,7 +230,7 @@ class EmbedStage:
         out = _passed_on(batch)
         out["img_emb"] = np.zeros((len(batch["index"]), dim), SHARD_DTYPE)
         if ok:
-            out["img_emb"][ok] = self.model.embed_image_batch(batch["pixels"][ok])
+            out["img_emb"][ok] = self.model.embed_image_batch(self.model.to_model_pixels(batch["pixels"][ok]))
         if self.enable_text:
             out["text_emb"] = np.zeros_like(out["img_emb"])
             samples = [Sample(0, "", "", caption=str(batch["caption"][i])) for i in ok]

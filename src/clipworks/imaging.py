@@ -39,7 +39,9 @@ __all__ = [
     "RAW_EXTENSIONS",
     "ImageSource",
     "PreprocessConfig",
+    "crop_pixels",
     "decode",
+    "decode_pixels",
     "describe_decode",
     "is_image_path",
     "is_raw_path",
@@ -48,6 +50,7 @@ __all__ = [
     "load_thumbnail",
     "preprocess",
     "preprocess_immich",
+    "to_model_pixels",
 ]
 
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
@@ -496,6 +499,12 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     tests/test_imaging.py). A side that would round to 0 pixels ("longest" mode on such a strip, where
     open_clip fails) is kept 1 pixel wide.
     """
+    return _gather(crop_pixels(image, cfg), _normalize_lut(cfg.mean, cfg.std))
+
+
+def crop_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """`preprocess` before normalising: the resized, cropped and padded RGB bytes, uint8 (height, width, 3),
+    a quarter of the model pixels' size (what `--engine ray` sends from its decode tasks to its model actors)."""
     th, tw = cfg.size
     new_w, new_h, resample = _resize_plan(image.size, cfg)
     # Where the output window falls on the resized image, and where the image lands in the output.
@@ -510,15 +519,25 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
             (dx, cw), (dy, ch) = (0, tw), (0, th)
         resized = resized.convert("RGB")
     pixels = np.asarray(resized)
-    lut = _normalize_lut(cfg.mean, cfg.std)
-    out = np.empty((3, th, tw), np.float32)
     if (cw, ch) == (tw, th):
-        for c in range(3):
-            np.take(lut[c], pixels[:, :, c], out=out[c])
-        return out
+        return pixels
+    padded = np.full((th, tw, 3), fill, np.uint8)
+    padded[dy : dy + ch, dx : dx + cw] = pixels
+    return padded
+
+
+def to_model_pixels(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 (height, width, 3) from `crop_pixels` -> the model's float32 (3, height, width): the profile's
+    normalisation as a table gather, so the values do not depend on where (or in which process) it runs."""
+    return _gather(
+        pixels, _immich_lut(cfg.mean, cfg.std) if cfg.profile == "immich" else _normalize_lut(cfg.mean, cfg.std)
+    )
+
+
+def _gather(pixels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    out = np.empty((3, *pixels.shape[:2]), np.float32)
     for c in range(3):
-        out[c] = lut[c, fill]
-        out[c, dy : dy + ch, dx : dx + cw] = lut[c][pixels[:, :, c]]
+        np.take(lut[c], pixels[:, :, c], out=out[c])
     return out
 
 
@@ -641,13 +660,24 @@ def decode(
     (see `load_image`; its error versus "exact" is measured in tests/test_imaging.py).
     With `cfg.profile` "immich" both modes decode at full size, as Immich does (`load_image_immich`).
     """
+    return to_model_pixels(decode_pixels(source, cfg, mode, max_pixels=max_pixels), cfg)
+
+
+def decode_pixels(
+    source: ImageSource,
+    cfg: PreprocessConfig,
+    mode: Literal["exact", "fast"] = "exact",
+    *,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """`decode` before normalising (`to_model_pixels`): uint8 (height, width, 3)."""
     if mode not in ("exact", "fast"):
         raise UsageError(f"decode mode {mode!r} is not 'exact' or 'fast'")
     if cfg.profile == "immich":
-        return preprocess_immich(load_image_immich(source, max_pixels=max_pixels), cfg)
+        return crop_pixels_immich(load_image_immich(source, max_pixels=max_pixels), cfg)
     # The larger target side: a non-square target may need that many pixels along the image's shorter side.
     draft = max(cfg.size) if mode == "fast" else None
-    return preprocess(load_image(source, draft_size=draft, max_pixels=max_pixels), cfg)
+    return crop_pixels(load_image(source, draft_size=draft, max_pixels=max_pixels), cfg)
 
 
 def describe_decode(cfg: PreprocessConfig, mode: Literal["exact", "fast"]) -> str:
@@ -707,15 +737,15 @@ def preprocess_immich(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     Its pixels are reproduced exactly; memory stays bounded on extreme aspect ratios
     as in `preprocess` (beyond `EXACT_RESIZE_LIMIT`, where Immich itself would allocate gigabytes).
     """
+    return _gather(crop_pixels_immich(image, cfg), _immich_lut(cfg.mean, cfg.std))
+
+
+def crop_pixels_immich(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """`preprocess_immich` before normalising: uint8 (side, side, 3)."""
     side = cfg.size[0]
     new_w, new_h, left, top = immich_resize_plan(image.width, image.height, side)
     cropped = _resized_window(image, (new_w, new_h), (left, top, side, side), Image.Resampling.BICUBIC, side * side)
-    pixels = np.asarray(cropped if cropped.mode == "RGB" else cropped.convert("RGB"))
-    lut = _immich_lut(cfg.mean, cfg.std)
-    out = np.empty((3, side, side), np.float32)
-    for c in range(3):
-        np.take(lut[c], pixels[:, :, c], out=out[c])
-    return out
+    return np.asarray(cropped if cropped.mode == "RGB" else cropped.convert("RGB"))
 
 
 @functools.lru_cache(maxsize=32)

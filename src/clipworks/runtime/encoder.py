@@ -236,6 +236,24 @@ class ClipModel:
 
         return decode(image, self.preprocess_cfg, mode or self.preprocess_mode)
 
+    def decode_pixels(self, image: Any, mode: PreprocessMode | None = None) -> np.ndarray:
+        """`preprocess` before normalising: uint8 ``(S, S, 3)``, a quarter of the size, for sending elsewhere;
+        `to_model_pixels` there gives exactly what `preprocess` gives here."""
+        from clipworks.imaging import decode_pixels
+
+        return decode_pixels(image, self.preprocess_cfg, mode or self.preprocess_mode)
+
+    def to_model_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 ``(N, S, S, 3)`` from `decode_pixels` -> the model's float32 ``(N, 3, S, S)``."""
+        from clipworks.imaging import to_model_pixels
+
+        cfg = self.preprocess_cfg
+        return (
+            np.stack([to_model_pixels(p, cfg) for p in pixels])
+            if len(pixels)
+            else np.zeros((0, 3, *cfg.size), np.float32)
+        )
+
     def encode_images(
         self,
         images: Iterable[Any] | Any,
