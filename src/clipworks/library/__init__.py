@@ -163,10 +163,6 @@ class LibraryBase(ABC):
     def cameras(self) -> list[tuple[str, int]]:
         """("make model", photos) of each camera in the library, most photos first: what ``camera`` can name."""
 
-    @abstractmethod
-    def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
-        """File id -> what indexing read of that photo (ids not read yet are left out)."""
-
     @property
     @abstractmethod
     def cache_key(self) -> str:
@@ -373,6 +369,10 @@ class LibraryBase(ABC):
     def tags(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
         """File id -> the (tag, score) pairs stored for it, best first (ids without tags are left out)."""
         return self.store.tags_of(ids)  # type: ignore[no-any-return]
+
+    def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
+        """File id -> what indexing read of that photo (ids not read yet are left out)."""
+        return self.store.metadata_of(ids)  # type: ignore[no-any-return]
 
     def search_vector(
         self,
@@ -589,9 +589,6 @@ class Library(LibraryBase):
         from clipworks.library.metadata import camera_counts
 
         return camera_counts(self.store.conn)
-
-    def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
-        return self.store.metadata_of(ids)  # type: ignore[no-any-return]
 
     def write_tags(self, tagged: Sequence[tuple[str | Path, Sequence[tuple[str, float]]]]) -> list[str]:
         """Store each photo's (tag, score) pairs in place of its old ones; returns the paths that are not

@@ -519,13 +519,9 @@ class PostgresStore:
             out[n] = rows[key].to_numpy()
         return out
 
-    def photo_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]:
-        """(file ids ascending, their vectors) of ``model``'s photos, video moments left out."""
-        return self.live_vectors(model, photos_only=True)
-
     def live_vectors(self, model: ModelRow, photos_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(search keys ascending, their vectors) of ``model``: the video moments first (negative keys), then
-        the photos by file id, as `Store.live_vectors` orders them."""
+        the photos by file id, as `Store.live_vectors` orders them; ``photos_only``: the moments left out."""
         ids, rows = [], []
         where = "WHERE key > 0 " if photos_only else ""
         # A server-side cursor (inside a transaction, as Postgres requires): the rows arrive in batches.
@@ -837,7 +833,7 @@ class PostgresLibrary(LibraryBase):
         return self.store.vectors_of(self.model_row, keys)
 
     def photo_vectors(self) -> ExactIndex:
-        return ExactIndex(*self.store.photo_vectors(self.model_row))
+        return ExactIndex(*self.store.live_vectors(self.model_row, photos_only=True))
 
     def key_counts(self) -> tuple[int, int]:
         return self.store.key_counts(self.model_row)
@@ -847,9 +843,6 @@ class PostgresLibrary(LibraryBase):
 
     def cameras(self) -> list[tuple[str, int]]:
         return self.store.camera_counts()
-
-    def metadata(self, ids: Sequence[int]) -> dict[int, Metadata]:
-        return self.store.metadata_of(ids)
 
     @property
     def cache_key(self) -> str:
