@@ -10,6 +10,7 @@ import pytest
 
 from clipworks.cli.main import main
 from clipworks.library import Library
+from clipworks.library import ann as ann_module
 from clipworks.library.ann import (
     EXPANSION_SEARCH,
     PQ_PROBES,
@@ -197,14 +198,33 @@ def test_damaged_or_missing_index_is_rebuilt(tmp_path: Path, base: ExactIndex, d
 
 def test_without_a_dtype_the_saved_index_is_kept_and_a_new_one_is_f16(tmp_path: Path, base: ExactIndex) -> None:
     logs: list[str] = []
+    assert describe_ann(tmp_path / "a", KEY, 1, None, len(base)).startswith("HNSW (f16), not built yet")
     assert isinstance(sync_ann(tmp_path / "a", KEY, 1, base, None, logs.append).kind, HnswKind)
     assert logs == [f"ann index: building HNSW (f16) over {len(base)} vectors"]
     sync_ann(tmp_path / "b", KEY, 1, base, "pq")
     logs.clear()
     kept = sync_ann(tmp_path / "b", KEY, 1, base, None, logs.append)
     assert logs == [] and isinstance(kept.kind, IvfPqKind)
-    assert describe_ann(tmp_path / "b", KEY, 1, None).startswith("IVF-PQ (4-byte codes): 2000 vectors")
-    assert describe_ann(tmp_path / "b", KEY, 1, "i8").startswith("HNSW (i8), not built yet")
+    assert describe_ann(tmp_path / "b", KEY, 1, None, len(base)).startswith("IVF-PQ (4-byte codes): 2000 vectors")
+    assert describe_ann(tmp_path / "b", KEY, 1, "i8", len(base)).startswith("HNSW (i8), not built yet")
+
+
+def test_a_new_index_over_many_photos_is_product_codes_and_a_saved_graph_stays(
+    tmp_path: Path, base: ExactIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rule is by size (a million photos in use); the fixture's 2,000 vectors stand in for them.
+    sync_ann(tmp_path / "graph", KEY, 1, base, None)
+    monkeypatch.setattr(ann_module, "PQ_DEFAULT_ROWS", len(base))
+    assert describe_ann(tmp_path / "new", KEY, 1, None, len(base)).startswith("IVF-PQ, not built yet")
+    logs: list[str] = []
+    assert isinstance(sync_ann(tmp_path / "new", KEY, 1, base, None, logs.append).kind, IvfPqKind)
+    assert logs == [f"ann index: building IVF-PQ (4-byte codes) over {len(base)} vectors"]
+    logs.clear()
+    # A graph built when the library was smaller is kept (rebuilding it is for --ann-dtype to ask).
+    assert isinstance(sync_ann(tmp_path / "graph", (KEY[0], 2), 1, base, None, logs.append).kind, HnswKind)
+    assert not any("building" in line for line in logs)
+    below = ExactIndex(base.ids[:-1], base.matrix[:-1])
+    assert isinstance(sync_ann(tmp_path / "small", KEY, 1, below, None).kind, HnswKind)
 
 
 @pytest.mark.parametrize(("first", "then", "built"), [("f16", "i8", "HNSW (i8)"),

@@ -45,8 +45,8 @@ AnnDtypeOpt = Annotated[
     typer.Option(
         "--ann-dtype",
         help="The approximate index's memory budget: an HNSW graph of f16, i8 (half the memory) or f32 vectors, "
-        "or pq: IVF-PQ's 64-byte codes (a tenth of f16; for tens of millions of photos). "
-        "Default: what the library's index has, else f16; another rebuilds it.",
+        "or pq: IVF-PQ's 64-byte codes (a tenth of f16; for millions of photos). "
+        "Default: what the library's index has, else f16, or pq from 1,000,000 photos; another rebuilds it.",
     ),
 ]
 

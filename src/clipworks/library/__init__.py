@@ -673,7 +673,7 @@ class Library(LibraryBase):
         if not wants_ann(self.ann_mode, vectors):
             return "exact (ann off)" if self.ann_mode == "off" else f"exact (below {ANN_MIN_ROWS} photos)"
         key = self.store.side_file_key()
-        return describe_ann(cache_dir_for(self.path), key, models[0][0].id, self.ann_dtype)
+        return describe_ann(cache_dir_for(self.path), key, models[0][0].id, self.ann_dtype, vectors)
 
     def import_file(self, file: str | Path, fmt: str | None = None) -> Any:
         """Import vectors made by this library's model (the model is registered when new)."""

@@ -2,12 +2,12 @@
 
 The index only proposes candidates. Their scores are recomputed exactly from the full-precision matrix
 (the memory-mapped side file ``MatrixCache`` keeps), so every score shown is a true cosine and only recall
-is approximate. The memory budget picks the index (``--ann-dtype``): an HNSW graph holding each vector as
-f32, f16 or i8 (faiss' scalar quantiser), or, for tens of millions of photos, ``pq``: inverted lists of
-64-byte product codes (IVF-PQ), a tenth of f16's memory, which needs more candidates re-ranked for the
-same recall (``benchmarks/bench_ann.py``: 512 candidates from 64 lists find the exact top 10 in about 2 ms
-at 1M vectors, 1,024 find 0.98-0.996 of it in 7-7.5 ms at 10M, on 2 cores, where the f16 graph alone would
-take 10 GB and hours to build).
+is approximate. The memory budget picks the index (``--ann-dtype``; without it, the library's size): an
+HNSW graph holding each vector as f32, f16 or i8 (faiss' scalar quantiser), or, from a million photos on,
+``pq``: inverted lists of 64-byte product codes (IVF-PQ), a tenth of f16's memory, which needs more
+candidates re-ranked for the same recall (``benchmarks/bench_ann.py``: 512 candidates from 64 lists find
+the exact top 10 in about 2 ms at 1M vectors, 1,024 find 0.98-0.996 of it in 7-7.5 ms at 10M, on 2 cores,
+where the f16 graph alone would take 10 GB and hours to build).
 
 faiss rather than usearch: both were measured (``benchmarks/bench_ann.py``), and usearch 2.26 loads its
 NumKong kernels with ``RTLD_GLOBAL``, after which torch's ONNX exporter fails in the same process ("Invalid
@@ -44,8 +44,12 @@ AnnDtype = Literal["f32", "f16", "i8", "pq"]
 ANN_MODES = ("auto", "on", "off")
 ANN_DTYPES = ("f32", "f16", "i8", "pq")
 # Without --ann-dtype a library keeps the index it has (a 10M-photo IVF-PQ must not turn into an HNSW
-# build because one command left the option out); a library with none gets this.
+# build because one command left the option out); a library with none gets the f16 graph, or IVF-PQ from
+# PQ_DEFAULT_ROWS photos on. At 1M (bench_ann.py, 2 cores) IVF-PQ built in ~1 min into 77 MiB and found the
+# whole exact top 10 in 2.6 ms p50, where the f16 graph takes ~14 min and 1.24 GB to build and its walk
+# already took 6.2 ms at 330,000.
 DEFAULT_ANN_DTYPE: AnnDtype = "f16"
+PQ_DEFAULT_ROWS = 1_000_000
 # Below this many photos an exact scan already answers in a few milliseconds on one core.
 ANN_MIN_ROWS = 100_000
 REBUILD_FRACTION = 0.2
@@ -326,7 +330,7 @@ def sync_ann(
     dim = int(matrix.shape[1])
     files = _paths(folder, library_id, model_id)
     state = _read_state(files[3])
-    dtype = _chosen(dtype, state)
+    dtype = _chosen(dtype, state, len(ids))
     kind = index_kind(dtype)
     opened = None
     if state is not None and state.dtype == dtype and state.dim == dim:
@@ -370,19 +374,20 @@ def sync_ann(
     return AnnIndex(exact, index, labels, kind)
 
 
-def _chosen(dtype: AnnDtype | None, state: AnnState | None) -> AnnDtype:
+def _chosen(dtype: AnnDtype | None, state: AnnState | None, rows: int) -> AnnDtype:
+    """The index kind for ``rows`` vectors: the one asked for, else the one saved, else the size's default."""
     if dtype is not None:
         return dtype
     if state is not None and state.dtype in ANN_DTYPES:
         return state.dtype  # type: ignore[return-value]
-    return DEFAULT_ANN_DTYPE
+    return "pq" if rows >= PQ_DEFAULT_ROWS else DEFAULT_ANN_DTYPE
 
 
-def describe_ann(folder: Path, key: tuple[int, int], model_id: int, dtype: AnnDtype | None) -> str:
+def describe_ann(folder: Path, key: tuple[int, int], model_id: int, dtype: AnnDtype | None, rows: int) -> str:
     """The saved index in words, without opening it: what ``index status`` prints."""
     index_file, *_, state_file = _paths(folder, key[0], model_id)
     state = _read_state(state_file)
-    dtype = _chosen(dtype, state)
+    dtype = _chosen(dtype, state, rows)
     if state is None or not index_file.is_file() or state.dtype != dtype:
         return f"{index_kind(dtype).name()}, not built yet: the next query or `index add` builds it"
     fresh = "current" if state.generation == key[1] else "updated at the next query"
