@@ -17,11 +17,24 @@ PY="$OUT/venv/bin/python"
 "$PY" -m pip install -q --upgrade pip
 # The export extra brings torch and open_clip; onnxruntime-gpu replaces the CPU wheel (CUDA + TensorRT EPs).
 "$PY" -m pip install -q -e '.[export]'
+# Its [cuda,cudnn] extras bring CUDA's and cuDNN's libraries as wheels (clipworks preloads them through
+# onnxruntime.preload_dlls), so no system CUDA is needed; TensorRT's wheel is optional.
 "$PY" -m pip uninstall -q -y onnxruntime || true
-"$PY" -m pip install -q onnxruntime-gpu tensorrt || "$PY" -m pip install -q onnxruntime-gpu
+"$PY" -m pip install -q 'onnxruntime-gpu[cuda,cudnn]'
+"$PY" -m pip install -q tensorrt || echo "gpu.sh: no tensorrt wheel for this machine: CUDA only"
+# ONNX Runtime's TensorRT provider loads libnvinfer by name: put the wheel's library folder on the path.
+trt_libs=$("$PY" -c 'import os, tensorrt_libs; print(os.path.dirname(tensorrt_libs.__file__))' 2>/dev/null || true)
+[ -n "$trt_libs" ] && export LD_LIBRARY_PATH="$trt_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())"
+# What clipworks' backends see: a provider that is listed but does not start says which library it missed.
+"$PY" - <<'EOF'
+import onnxruntime as ort
+from clipworks.runtime.sessions import provider_start_failure
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+    print(f"{provider}: {provider_start_failure(provider) or 'starts'}")
+EOF
 
 # Phone-sized JPEGs made from the sample photos shipped with clipworks, so decoding costs what it would.
 "$PY" - "$OUT/photos" <<'EOF'
@@ -37,7 +50,10 @@ for i in range(256):
         Image.open(src[i % len(src)]).convert("RGB").resize((1600, 1200), Image.BICUBIC).save(path, quality=90)
 EOF
 
-providers=$("$PY" -c "import onnxruntime as ort; print(' '.join(ort.get_available_providers()))")
+# The providers that start here, not just those this build lists.
+providers=$("$PY" -c "from clipworks.runtime.sessions import provider_start_failure as f
+print(' '.join(p for p in ('CUDAExecutionProvider', 'TensorrtExecutionProvider') if f(p) is None))")
+[ -n "$providers" ] || { echo "gpu.sh: neither CUDA nor TensorRT starts here (see above)" >&2; exit 1; }
 for arch in ViT-B-32 ViT-L-14; do
   bundle="$OUT/${arch}__random"
   [ -f "$bundle/clipworks.json" ] || "$PY" -m clipworks.cli.main export "$arch" --pretrained random \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 import clipworks
 from clipworks.errors import BadBundle, BadImage, UsageError
 from clipworks.models.bundle import Bundle, load_bundle
+from clipworks.runtime import sessions
 from clipworks.runtime.encoder import ClipModel
 from clipworks.runtime.sessions import (
     BACKENDS,
@@ -27,6 +29,7 @@ from clipworks.runtime.sessions import (
     TensorRTBackend,
     device_names,
     open_backend,
+    provider_start_failure,
     register_backend,
 )
 
@@ -272,6 +275,80 @@ def test_each_backend_falls_back_to_the_installed_providers_after_it(backend, in
 def test_a_fallback_stays_on_the_same_gpu() -> None:
     cuda = dict(TensorRTBackend(target="1").providers(ALL))["CUDAExecutionProvider"]
     assert cuda["device_id"] == "1"
+
+
+# -- a provider that is installed but does not start (a GPU build of onnxruntime on a machine without a GPU) -----
+def test_the_probe_graph_is_one_relu_as_its_notice_says() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    shipped = onnx.load(str(sessions._PROBE_GRAPH))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    rebuilt = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="clipworks")
+    rebuilt.ir_version = 7
+    assert shipped.SerializeToString() == rebuilt.SerializeToString()
+
+
+def test_a_provider_that_runs_nothing_here_is_found_out_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    assert provider_start_failure("CPUExecutionProvider") is None
+    # This CPU build runs a session asked for CUDA on the CPU, as a GPU build does without CUDA's libraries
+    # (there ONNX Runtime's log names the missing one: "libcublasLt.so.13: cannot open shared object file").
+    provider_start_failure.cache_clear()
+    reason = provider_start_failure("CUDAExecutionProvider")
+    assert reason is not None and "CUDAExecutionProvider" in reason
+    assert capfd.readouterr() == ("", "")  # what ONNX Runtime printed meanwhile went into the reason
+
+
+def test_the_log_clause_naming_the_missing_library_is_the_reason() -> None:
+    log = (
+        "Failed to load libcublasLt.so.13: libcublasLt.so.13: cannot open shared object file\n"
+        "\x1b[1;31m2026-12-03 [E:onnxruntime:Default, provider_bridge_ort.cc:2251 TryGetProviderInfo_CUDA] ... "
+        "Failed to load library libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open "
+        "shared object file: No such file or directory\n\x1b[m\nFailed to create CUDAExecutionProvider.\n"
+    )
+    assert sessions._first_reason(log) == "libcublasLt.so.13: cannot open shared object file: No such file or directory"
+    assert sessions._first_reason("W: Failed to create CUDAExecutionProvider. Require cuDNN 9") == (
+        "Failed to create CUDAExecutionProvider"
+    )
+
+
+@pytest.fixture
+def gpu_build_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The providers onnxruntime-gpu lists on this machine (checked by hand with 1.31.1: all three, no GPU)."""
+    monkeypatch.setattr(sessions, "available_providers", lambda: list(ALL))
+
+
+@pytest.mark.usefixtures("gpu_build_listing")
+def test_auto_skips_a_gpu_provider_that_does_not_start() -> None:
+    assert not isinstance(open_backend("auto"), CudaBackend | TensorRTBackend)
+
+
+@pytest.mark.usefixtures("gpu_build_listing")
+@pytest.mark.parametrize(
+    ("device", "needs"),
+    [("cuda", r"an NVIDIA GPU with its driver, CUDA"), ("tensorrt:1", r"TensorRT 10's libraries.*device cuda runs")],
+)
+def test_a_named_gpu_that_does_not_start_is_refused_with_what_it_needs(device: str, needs: str) -> None:
+    with pytest.raises(
+        UsageError, match=rf"device '{device}': ONNX Runtime has \w+ but could not start it here \("
+    ) as e:
+        open_backend(device)
+    assert re.search(needs, str(e.value)) and str(e.value).endswith("or use device cpu")
+    assert e.value.setting == "device" and "\n" not in str(e.value)
+
+
+@pytest.mark.usefixtures("gpu_build_listing")
+def test_the_cli_refuses_a_gpu_that_does_not_start_in_one_line(
+    vit_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clipworks.cli.main import main
+
+    assert main(["models", "info", str(vit_bundle), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device: device 'cuda': ONNX Runtime has CUDAExecutionProvider but could not")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

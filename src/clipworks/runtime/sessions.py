@@ -10,8 +10,14 @@ execution providers; :class:`OpenVINOBackend` runs OpenVINO's own runtime, throu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Callable, Sequence
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -58,6 +64,88 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+_CPU_PROVIDER = "CPUExecutionProvider"
+# A one-node graph (Relu over one float, data/NOTICE.txt): what ONNX Runtime loads to show whether a provider starts.
+_PROBE_GRAPH = Path(__file__).resolve().parent.parent / "data" / "provider_probe.onnx"
+
+
+@functools.cache
+def provider_start_failure(provider: str) -> str | None:
+    """Why ONNX Runtime cannot start ``provider`` in this process (None: it can), in its own words.
+
+    A GPU build of onnxruntime lists CUDA and TensorRT among its providers on any machine; without an NVIDIA
+    driver, CUDA 12 or cuDNN 9 on the library path, a session asked for them quietly runs on the CPU instead
+    (ONNX Runtime only logs the missing library). So a backend is tried on a one-node graph before it is
+    taken; what ONNX Runtime printed meanwhile is kept for the message, not shown.
+    """
+    import onnxruntime as ort
+
+    with _captured_native_output() as printed, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        # CUDA and cuDNN from pip (onnxruntime-gpu[cuda,cudnn], or torch's nvidia-* wheels) are not on the
+        # loader's path until something loads them; ONNX Runtime's own helper does (a no-op in CPU builds).
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None and provider in {"CUDAExecutionProvider", "TensorrtExecutionProvider"}:
+            with contextlib.suppress(Exception):
+                preload()
+        try:
+            session = ort.InferenceSession(str(_PROBE_GRAPH), providers=[provider])
+            ran_on = session.get_providers()[0]
+        except Exception as e:  # a provider that fails hard (a bad driver) raises instead of falling back
+            ran_on, raised = None, str(e)
+        else:
+            raised = ""
+    if ran_on == provider:
+        return None
+    said = "\n".join([raised, printed.getvalue(), *(str(w.message) for w in warned)])
+    return _first_reason(said) or f"ONNX Runtime ran a test graph on {ran_on or 'nothing'} instead"
+
+
+def _cuda_of_this_build() -> str:
+    """The CUDA this onnxruntime was built for ("CUDA 13.0"; 1.31's wheels moved from 12 to 13)."""
+    try:
+        from onnxruntime.capi.build_and_package_info import cuda_version  # type: ignore[attr-defined]
+    except ImportError:  # CPU builds have no such variable
+        return "CUDA"
+    return f"CUDA {cuda_version}" if cuda_version else "CUDA"
+
+
+def _first_reason(text: str) -> str:
+    """The one clause of ONNX Runtime's log that says what was missing."""
+    for pattern in (r"with error: ([^\n\[]+?)\s*(?:\n|$)", r"(Failed to create \w+)", r"(Specified provider [^.]+)"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(1).strip()
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+
+
+@contextlib.contextmanager
+def _captured_native_output() -> Iterator[Any]:
+    """Collect what C++ code and Python print on file descriptors 1 and 2 meanwhile (``.getvalue()``)."""
+    import io
+
+    collected = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+                yield collected
+                collected.write(out.getvalue())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            collected.write(sink.read().decode("utf-8", "replace"))
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -98,6 +186,8 @@ class Backend:
     # Providers tried, in order, for the nodes this one cannot run (kept only where installed).
     fallbacks: ClassVar[tuple[str, ...]] = ("CPUExecutionProvider",)
     target_help: ClassVar[str] = ""  # what may follow "name:" in ``device``; empty: nothing may
+    # What the provider needs when it will not start ("{cuda}": the CUDA this onnxruntime was built for).
+    start_help: ClassVar[str] = "see its requirements in ONNX Runtime's documentation"
     # Precisions this backend computes itself from another precision's graph (bf16 from the fp32 graph).
     derived_precisions: ClassVar[dict[str, str]] = {}
     # Precisions it refuses, and what to do instead.
@@ -115,6 +205,11 @@ class Backend:
     def wanted_by_auto(cls, machine: Machine) -> bool:
         """Whether ``device="auto"`` takes this backend on ``machine`` when it is installed (by rank)."""
         return True
+
+    @classmethod
+    def start_failure(cls) -> str | None:
+        """Why this installed backend does not start here (None: it does); asked once per process."""
+        return None if cls.provider == _CPU_PROVIDER else provider_start_failure(cls.provider)
 
     @classmethod
     def refusal(cls, precision: str, machine: Machine) -> str | None:
@@ -237,6 +332,9 @@ class CudaBackend(Backend):
     accelerator = True
     copies_inputs = True
     target_help = "a GPU index (cuda:1)"
+    start_help = (
+        "it needs an NVIDIA GPU with its driver, {cuda} and cuDNN 9 (pip install 'onnxruntime-gpu[cuda,cudnn]')"
+    )
 
     def provider_options(self) -> dict[str, str]:
         # The arena grows by what a run asks for, not by doubling: towers of different sizes share a GPU.
@@ -252,6 +350,10 @@ class TensorRTBackend(Backend):
     copies_inputs = True
     fallbacks = ("CUDAExecutionProvider", "CPUExecutionProvider")
     target_help = "a GPU index (tensorrt:1)"
+    start_help = (
+        "it needs what device cuda needs and TensorRT 10's libraries on the library path (pip install tensorrt, "
+        "then add its tensorrt_libs folder to LD_LIBRARY_PATH); device cuda runs without them"
+    )
 
     def provider_options(self) -> dict[str, str]:
         cache = str(self.cache_dir)
@@ -338,6 +440,10 @@ class OpenVINOBackend(Backend):
         return "needs the openvino package: pip install 'clipworks[openvino]', or use device cpu"
 
     @classmethod
+    def start_failure(cls) -> str | None:
+        return None  # not an ONNX Runtime provider; provider_options checks the device OpenVINO sees
+
+    @classmethod
     def wanted_by_auto(cls, machine: Machine) -> bool:
         # Measured on both (AVX-VNNI, the 256-bit form on client CPUs, was not): RESULTS.md.
         return any(f in machine.features for f in ("AMX-INT8", "AMX-BF16", "VNNI"))
@@ -413,7 +519,12 @@ def open_backend(
             cls
             for cls in ranked
             if cls is CpuBackend
-            or (cls.installed(installed) and cls.wanted_by_auto(machine) and (usable is None or usable(cls)))
+            or (
+                cls.installed(installed)
+                and cls.wanted_by_auto(machine)
+                and (usable is None or usable(cls))
+                and cls.start_failure() is None  # a GPU build of onnxruntime on a machine with no GPU
+            )
         )
         return chosen(settings)
     kind, _, target = device.partition(":")
@@ -424,6 +535,13 @@ def open_backend(
         )
     if not cls.installed(installed):
         raise UsageError(f"device {device!r} {cls.missing_help(installed)}", setting="device")
+    failure = cls.start_failure()
+    if failure is not None:
+        raise UsageError(
+            f"device {device!r}: ONNX Runtime has {cls.provider} but could not start it here ({failure}); "
+            f"{cls.start_help.format(cuda=_cuda_of_this_build())}, or use device cpu",
+            setting="device",
+        )
     backend = cls(settings, target)
     backend.provider_options()  # a bad suffix (cuda:x) fails here, naming the device, not at the first session
     return backend
@@ -457,8 +575,14 @@ class OrtSession:
         self.input_dtype = np.dtype(_ORT_TYPES.get(model_input.type, np.float32))
         self.output_name = self._session.get_outputs()[0].name
         self.providers: list[str] = self._session.get_providers()
-        # Bind only when the backend really runs here (ORT fell back to CPU if the provider would not start).
-        self.io_binding = backend.io_binding and self.providers[0] == backend.provider
+        if self.providers[0] != backend.provider:
+            # The provider started on the probe graph (open_backend) but ONNX Runtime gave up on this one.
+            raise UsageError(
+                f"device {backend.name}: ONNX Runtime would run {self.path} on {self.providers[0]}, not "
+                f"{backend.provider} (its log above says why); use device cpu to run it there",
+                setting="device",
+            )
+        self.io_binding = backend.io_binding
 
     @property
     def static_batch(self) -> int | None:
