@@ -391,3 +391,167 @@ def test_embedding_files_stream_batches_to_disk(tmp_path, suffix: str) -> None:
     np.testing.assert_array_equal(
         vectors[1000:2000], np.random.default_rng(0).standard_normal((1000, 256)).astype(np.float32)
     )
+
+
+# -- hostile and changed inputs ---------------------------------------------------------------------------
+def folder_of(path: Path, names: list[str | bytes]) -> Path:
+    """Images named ``names`` (bytes: a name that is not UTF-8, as Linux allows) in ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (path / os.fsdecode(name)).write_bytes(jpeg(i))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset"])
+def test_names_that_are_not_utf8_are_written_readably(model, tmp_path, fmt: str) -> None:
+    latin1 = b"caf\xe9"  # "café" in Latin-1: a name an old camera or a Windows zip leaves behind
+    if fmt == "files":
+        inputs = [str(folder_of(tmp_path / "in", [latin1 + b".jpg", b"plain.jpg"]))]
+    else:
+        tar_path = tmp_path / "s.tar"
+        with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:  # raw bytes
+            add_member(tar, "caf\xe9.jpg", jpeg(0))
+            add_member(tar, "plain.jpg", jpeg(1))
+        inputs = [str(tar_path)]
+    result = embed_dataset(model, inputs, fmt, tmp_path / "out")
+    assert (result.embedded, result.failed) == (2, 0)
+    _, metadata, _ = read_layout(tmp_path / "out")
+    assert sorted(metadata["key"].to_pylist()) == ["caf\ufffd", "plain"]
+    # Resuming reads the same names back and finds the shard holds them.
+    assert embed_dataset(model, inputs, fmt, tmp_path / "out").shards_skipped == [0]
+
+
+def test_a_failed_sample_lets_go_of_its_bytes_and_failures_do_not_wait_for_images(model) -> None:
+    from clipworks.dataset import Sample, load_sample
+    from clipworks.pipeline import iter_embeddings
+
+    failed = load_sample(Sample(0, "k", "k", data=b"\xff\xd8\xff" + bytes(2**20)), enable_text=False)
+    assert failed.error is not None and failed.data is None
+    # Ten unreadable images, then one good one, in batches of 4: the failures go out four at a time
+    # instead of all waiting for the one image.
+    sources = [b"not an image %d" % i for i in range(10)] + [jpeg(0)]
+    batches = list(
+        iter_embeddings(model, sources, batch_size=4, workers=1, key=lambda s: s[:16], on_skip=lambda f: None)
+    )
+    assert [(len(b.failures), len(b.keys)) for b in batches] == [(4, 0), (4, 0), (2, 1)]
+
+
+def test_a_resumed_job_with_other_columns_or_precision_is_refused(model, vit_bundle, tmp_path) -> None:
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
+        rows.append({"url": f"img/{i}.jpg", "caption": f"thing {i}", "alt": f"other {i}"})
+    table = [str(write_table(tmp_path, "csv", rows))]
+    embed_dataset(model, table, "csv", tmp_path / "out", enable_text=True, shard_size=2)
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*_00000.*")}
+    with pytest.raises(UsageError, match=r"caption_column None, not 'alt'"):
+        embed_dataset(model, table, "csv", tmp_path / "out", enable_text=True, shard_size=2, caption_column="alt")
+    with pytest.raises(UsageError, match="precision 'fp32', not 'int8'"):
+        embed_dataset(clipworks.load(vit_bundle, precision="int8"), table, "csv", tmp_path / "out",
+                      enable_text=True, shard_size=2)  # fmt: skip
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("change", ["file-added", "row-edited"])
+def test_a_resumed_job_whose_inputs_moved_samples_between_shards_is_refused(model, tmp_path, change: str) -> None:
+    if change == "file-added":
+        inputs, fmt = [str(folder_of(tmp_path / "in", [b"b.jpg", b"c.jpg", b"d.jpg", b"e.jpg"]))], "files"
+    else:
+        (tmp_path / "img").mkdir()
+        for i in range(4):
+            (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
+        rows = [{"url": f"img/{i}.jpg", "key": f"k{i}"} for i in range(4)]
+        inputs, fmt = [str(write_table(tmp_path, "csv", rows))], "csv"
+    out = tmp_path / "out"
+    embed_dataset(model, inputs, fmt, out, shard_size=2)
+    for kind in ("img_emb", "metadata", "errors"):  # shard 1 lost, as a crash would leave it
+        for path in (out / kind).glob("*_00001.*"):
+            path.unlink()
+    if change == "file-added":
+        (tmp_path / "in" / "a.jpg").write_bytes(jpeg(9))  # sorts first: every sample moves one place on
+    else:
+        write_table(tmp_path, "csv", [{"url": "img/0.jpg", "key": "new"}, *rows[1:]])
+    with pytest.raises(UsageError, match=r"finished shard 0 holds other samples .*'(a|new|k0)'.* another folder"):
+        embed_dataset(model, inputs, fmt, out, shard_size=2)
+    assert not (out / "metadata" / "metadata_00001.parquet").exists()
+
+
+def test_a_run_that_embeds_nothing_fails_and_retry_failed_redoes_only_shards_with_failures(
+    capsys, vit_bundle, tmp_path
+) -> None:
+    (tmp_path / "img").mkdir()
+    table = write_table(tmp_path, "csv", [{"url": str(tmp_path / "img" / f"{i}.jpg")} for i in range(4)])
+    args = ["embed", "dataset", table, "--output-folder", tmp_path / "out", "--shard-size", 2, "-m", vit_bundle]
+    code, err = run(capsys, *args)  # no image is there yet: an outage, a mount not up
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error: none of the 4 samples read could be embedded (why: errors/)")
+    assert "--retry-failed" in last
+    out = tmp_path / "out"
+    for i in range(4):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
+    code, err = run(capsys, *args)  # a plain resume keeps the finished shards as they are
+    assert code == 0 and "embedded 0 images into 0 shards, 2 finished shards skipped" in err, err
+    (out / "metadata" / "metadata_00001.parquet").unlink()  # shard 1 lost in a crash: a plain resume redoes it
+    code, err = run(capsys, *args)
+    assert code == 0 and "embedded 2 images into 1 shards, 1 finished shards skipped" in err, err
+    kept = (out / "metadata" / "metadata_00001.parquet").stat().st_mtime_ns
+    code, err = run(capsys, *args, "--retry-failed")  # shard 0 still has its failures; shard 1 has none
+    assert code == 0 and "embedded 2 images into 1 shards, 1 finished shards skipped" in err, err
+    assert (out / "metadata" / "metadata_00001.parquet").stat().st_mtime_ns == kept
+    _, metadata, _ = read_layout(out)
+    assert len(metadata) == 4 and sum(pq.read_table(f).num_rows for f in (out / "errors").glob("*.parquet")) == 0
+
+
+def test_csv_tables_with_a_byte_order_mark_or_in_latin1(capsys, model, vit_bundle, tmp_path) -> None:
+    (tmp_path / "0.jpg").write_bytes(jpeg(0))
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage_path,caption\n0.jpg,a thing\n".encode())  # Excel's "CSV UTF-8"
+    assert embed_dataset(model, [str(tmp_path / "bom.csv")], "csv", tmp_path / "out", enable_text=True).embedded == 1
+    (tmp_path / "latin1.csv").write_bytes("image_path,caption\n0.jpg,caf\xe9\n".encode("latin-1"))
+    code, err = run(capsys, "embed", "dataset", tmp_path / "latin1.csv", "--output-folder", tmp_path / "out2",
+                    "-m", vit_bundle)  # fmt: skip
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and err.count("error:") == 1 and last.startswith("error: "), err
+    assert "latin1.csv is not UTF-8 text (invalid continuation byte in its first lines); save it as UTF-8" in last
+
+
+def test_enable_text_on_a_table_without_captions_is_refused_before_any_work(capsys, vit_bundle, tmp_path) -> None:
+    (tmp_path / "0.jpg").write_bytes(jpeg(0))
+    table = write_table(tmp_path, "csv", [{"image_path": "0.jpg", "title": "not a caption column"}])
+    code, err = run(capsys, "embed", "dataset", table, "--output-folder", tmp_path / "out", "--enable-text",
+                    "-m", vit_bundle)  # fmt: skip
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and err.count("error:") == 1 and last.startswith("error: "), err
+    assert "has none of the caption columns caption, text, txt that --enable-text embeds" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_caption_is_no_caption_in_every_format(model, tmp_path) -> None:
+    write_shard(tmp_path / "s.tar", [("a", jpeg(0), b"cap"), ("b", jpeg(1), b"  \n")])
+    folder = folder_of(tmp_path / "in", [b"a.jpg", b"b.jpg"])
+    (folder / "a.txt").write_text("cap")
+    (folder / "b.txt").write_text("")
+    for inputs, fmt in (([str(tmp_path / "s.tar")], "webdataset"), ([str(folder)], "files")):
+        result = embed_dataset(model, inputs, fmt, tmp_path / f"out-{fmt}", enable_text=True)
+        assert (result.embedded, result.failed) == (1, 1)
+        errors = pq.read_table(tmp_path / f"out-{fmt}" / "errors" / "errors_00000.parquet").to_pylist()
+        assert errors[0]["key"] == "b" and "has no caption" in errors[0]["error"]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "files"])
+def test_an_image_over_the_size_limit_is_an_error_row_unread(model, tmp_path, monkeypatch, fmt: str) -> None:
+    import clipworks.dataset as dataset_module
+
+    big = jpeg(0) + bytes(5000)  # a JPEG with trailing bytes: readable, but over the limit set below
+    monkeypatch.setattr(dataset_module, "MAX_SAMPLE_BYTES", 4000)
+    if fmt == "webdataset":
+        write_shard(tmp_path / "s.tar", [("big", big, None), ("small", jpeg(1), None)])
+        inputs = [str(tmp_path / "s.tar")]
+    else:
+        folder = folder_of(tmp_path / "in", [b"small.jpg"])
+        (folder / "big.jpg").write_bytes(big)
+        inputs = [str(folder)]
+    result = embed_dataset(model, inputs, fmt, tmp_path / "out")
+    assert (result.embedded, result.failed) == (1, 1)
+    error = pq.read_table(tmp_path / "out" / "errors" / "errors_00000.parquet").to_pylist()[0]
+    assert error["key"] == "big" and f"{len(big):,} bytes is over the 4,000-byte limit for one image" in error["error"]

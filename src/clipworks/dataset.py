@@ -26,6 +26,7 @@ import re
 import tarfile
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,15 @@ from PIL import Image, UnidentifiedImageError
 from clipworks.display import one_line, quote_path
 from clipworks.errors import BadImage, ClipworksError, UsageError
 from clipworks.extras import MissingExtra, require
-from clipworks.outputs import SHARD_DTYPE, ShardWriter, pyarrow_modules, shard_finished
+from clipworks.outputs import (
+    SHARD_DTYPE,
+    ShardWriter,
+    parquet_text,
+    pyarrow_modules,
+    shard_failures,
+    shard_finished,
+    shard_keys,
+)
 from clipworks.pipeline import iter_embeddings, warn
 from clipworks.runtime.encoder import ClipModel
 
@@ -50,6 +59,9 @@ WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 WDS_CAPTION_EXTENSION = "txt"
 IMAGE_COLUMNS = ("image_path", "path", "url", "filepath", "file")
 CAPTION_COLUMNS = ("caption", "text", "txt")
+# A sample's file is read whole before its header is looked at, and ~64 are in flight at once: one larger
+# than this (a 100-megapixel photo is 20-60 MB as JPEG) is an error row, not gigabytes of memory.
+MAX_SAMPLE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -174,11 +186,17 @@ def resolve_inputs(inputs: Sequence[str], input_format: str | None) -> tuple[lis
 # -- readers: every one yields Samples in one fixed order -----------------------------------------------
 
 
-def _caption_text(raw: bytes, where: str) -> str:
+def _caption_text(raw: bytes, where: str) -> str | None:
+    """A caption file's text; an empty one is no caption, as an empty table cell is."""
     try:
-        return raw.decode("utf-8").strip()
+        return raw.decode("utf-8").strip() or None
     except UnicodeDecodeError as e:
         raise ValueError(f"caption of {where} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _too_large(where: object, size: int | None = None) -> str:
+    held = f"{size:,} bytes" if size is not None else "its size"
+    return f"{where}: {held} is over the {MAX_SAMPLE_BYTES:,}-byte limit for one image; shrink or skip it"
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -199,6 +217,7 @@ def read_webdataset(shards: Sequence[str], wanted: Callable[[int], bool], start:
     for shard in shards:
         with _open(shard) as fh:
             members: dict[str, bytes] = {}
+            oversized: dict[str, int] = {}
             key: str | None = None
             keep = False
             read = 0
@@ -211,10 +230,13 @@ def read_webdataset(shards: Sequence[str], wanted: Callable[[int], bool], start:
                         member_key, ext = _split_member(member.name)
                         if member_key != key:
                             if key is not None:
-                                yield _wds_sample(index, key, members, shard, keep)
-                                index, read, members = index + 1, read + 1, {}
+                                yield _wds_sample(index, key, members, shard, keep, oversized)
+                                index, read, members, oversized = index + 1, read + 1, {}, {}
                             key, keep = member_key, wanted(index)
                         if keep and (ext in WDS_IMAGE_EXTENSIONS or ext == WDS_CAPTION_EXTENSION):
+                            if member.size > MAX_SAMPLE_BYTES:  # passed over unread: the tar streams past it
+                                oversized[ext] = member.size
+                                continue
                             extracted = tar.extractfile(member)
                             members[ext] = extracted.read() if extracted is not None else b""
             except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -222,13 +244,19 @@ def read_webdataset(shards: Sequence[str], wanted: Callable[[int], bool], start:
                      "kept those")  # fmt: skip
                 key = None  # the sample being read when the damage came may be incomplete
             if key is not None:
-                yield _wds_sample(index, key, members, shard, keep)
+                yield _wds_sample(index, key, members, shard, keep, oversized)
                 index += 1
 
 
-def _wds_sample(index: int, key: str, members: dict[str, bytes], shard: str, keep: bool) -> Sample:
+def _wds_sample(
+    index: int, key: str, members: dict[str, bytes], shard: str, keep: bool, oversized: dict[str, int]
+) -> Sample:
     sample = Sample(index, key, key, shard=shard)
     if not keep:
+        return sample
+    if oversized:
+        ext, size = next(iter(oversized.items()))
+        sample.error = _too_large(f"{key}.{ext} in {shard}", size)
         return sample
     image_ext = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
     if image_ext is None:
@@ -294,10 +322,18 @@ def _parquet_rows(table: str) -> Iterator[Any]:
 
 
 def _csv_rows(table: str) -> Iterator[Any]:
-    with _open(table) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise join the first header.
+    with _open(table) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t" if table.lower().endswith(".tsv") else ",")
-        yield list(reader.fieldnames or [])
-        yield from reader
+        try:
+            yield list(reader.fieldnames or [])
+            yield from reader
+        except UnicodeDecodeError as e:  # text is decoded a block ahead of the rows: the line is approximate
+            where = f"after line {reader.line_num}" if reader.line_num else "in its first lines"
+            raise UsageError(
+                f"{table} is not UTF-8 text ({e.reason} {where}); save it as UTF-8 (the shards finished so far "
+                "are kept)"
+            ) from e
 
 
 def read_folders(folders: Sequence[str], wanted: Callable[[int], bool], start: int = 0) -> Iterator[Sample]:
@@ -371,9 +407,10 @@ def plan_shards(paths: Sequence[str], counts: Sequence[int], shard_size: int) ->
     return plan
 
 
-def read_slice(piece: InputSlice, fmt: str, **columns: str | None) -> Iterator[Sample]:
-    """The samples of one slice, numbered in the whole input order (the others passed over unread)."""
-    wanted = lambda i: piece.start <= i < piece.stop  # noqa: E731
+def read_slice(piece: InputSlice, fmt: str, *, read: bool = True, **columns: str | None) -> Iterator[Sample]:
+    """The samples of one slice, numbered in the whole input order (the others passed over unread;
+    ``read=False``: these too, for their keys)."""
+    wanted = (lambda i: piece.start <= i < piece.stop) if read else (lambda i: False)
     for sample in read_samples([piece.path], fmt, wanted, piece.first, **columns):
         if sample.index >= piece.stop:
             return
@@ -399,10 +436,27 @@ class DatasetResult:
         return (f"embedded {self.embedded} images into {len(self.shards_written)} shards{skipped}{failed} "
                 f"in {self.seconds:.1f} s: {rate:.1f} images/s")  # fmt: skip
 
+    def nothing_embedded(self) -> str | None:
+        """Why the run did nothing, when every sample it read failed (None: some were embedded, or none read)."""
+        if self.embedded or not self.failed:
+            return None
+        return (f"none of the {self.failed} samples read could be embedded (why: errors/); once that is "
+                "fixed, the same command with --retry-failed embeds the shards again")  # fmt: skip
 
-def _job_record(model: ClipModel, fmt: str, paths: Sequence[str], shard_size: int, text: bool) -> dict[str, Any]:
+
+# What a resumed job must share with the one that wrote the finished shards, or their rows would differ in
+# kind (another model or precision, captions from another column). Older job files lack the last three.
+JOB_SETTINGS = ("model", "embed_dim", "input_format", "inputs", "shard_size", "enable_text", "precision",
+                "image_column", "caption_column")  # fmt: skip
+_LATER_SETTINGS = {"precision", "image_column", "caption_column"}
+
+
+def _job_record(model: ClipModel, fmt: str, paths: Sequence[str], shard_size: int, text: bool,
+                columns: dict[str, str | None], precision: str | None) -> dict[str, Any]:  # fmt: skip
     return {"format": JOB_FORMAT, "model": model.name, "embed_dim": model.embed_dim, "input_format": fmt,
-            "inputs": list(paths), "shard_size": shard_size, "enable_text": text}  # fmt: skip
+            "inputs": list(paths), "shard_size": shard_size, "enable_text": text,
+            "precision": precision or model.precision,
+            "image_column": columns.get("image_column"), "caption_column": columns.get("caption_column")}  # fmt: skip
 
 
 def check_job(folder: Path, record: dict[str, Any]) -> None:
@@ -415,7 +469,9 @@ def check_job(folder: Path, record: dict[str, Any]) -> None:
             old = json.loads(job.read_text(encoding="utf-8"))
         except ValueError as e:
             raise ClipworksError(f"{job} is not a clipworks dataset job file; use another output folder") from e
-        for name in ("model", "embed_dim", "input_format", "inputs", "shard_size", "enable_text"):
+        for name in JOB_SETTINGS:
+            if name in _LATER_SETTINGS and name not in old:
+                continue
             if old.get(name) != record[name]:
                 raise UsageError(
                     f"{folder} holds a job with {name} {old.get(name)!r}, not {record[name]!r}: its shards cannot "
@@ -434,13 +490,73 @@ def check_shard_size(shard_size: int) -> None:
 
 
 def open_job(model: ClipModel, paths: Sequence[str], fmt: str, output_folder: str | Path, *, shard_size: int,
-             enable_text: bool) -> Path:  # fmt: skip
-    """The checked output folder of a job (its ``job.json`` written or matched), before any engine starts."""
+             enable_text: bool, columns: dict[str, str | None] | None = None,
+             precision: str | None = None) -> Path:  # fmt: skip
+    """The checked output folder of a job (its ``job.json`` written or matched), before any engine starts.
+    ``precision``: what the embeddings are computed at, when not ``model``'s (Ray's workers load their own)."""
     check_shard_size(shard_size)
     pyarrow_modules("embedding a dataset")
+    columns = columns or {}
+    if enable_text and fmt in ("parquet", "csv"):
+        _check_caption_columns(paths, fmt, columns)
     folder = Path(output_folder).expanduser()
-    check_job(folder, _job_record(model, fmt, paths, shard_size, enable_text))
+    check_job(folder, _job_record(model, fmt, paths, shard_size, enable_text, columns, precision))
     return folder
+
+
+def _check_caption_columns(tables: Sequence[str], fmt: str, columns: dict[str, str | None]) -> None:
+    """--enable-text on a table with no caption column would make every row an error: refuse it first."""
+    for table in tables:
+        rows = _parquet_rows(table) if fmt == "parquet" else _csv_rows(table)
+        names = next(rows)
+        if _column(names, columns.get("caption_column"), CAPTION_COLUMNS, table) is None:
+            raise UsageError(
+                f"{table} has none of the caption columns {', '.join(CAPTION_COLUMNS)} that --enable-text embeds; "
+                "pass --caption-column, or leave out --enable-text"
+            )
+
+
+def shard_done(folder: Path, shard: int, retry_failed: bool) -> bool:
+    """Whether a resumed job passes over ``shard``: it is finished and, with ``retry_failed``, none of its
+    samples failed (a URL that timed out, a file since fixed: the shard is embedded again, whole)."""
+    return shard_finished(folder, shard) and not (retry_failed and shard_failures(folder, shard))
+
+
+class FinishedShards:
+    """Which output shards a resumed job passes over (``shard_done``), each checked to hold the samples the
+    inputs now put there: a file added to a folder, or a table edited, shifts later samples to other shards."""
+
+    def __init__(self, folder: Path, result: DatasetResult, retry_failed: bool = False) -> None:
+        self.folder, self.result, self.retry_failed = folder, result, retry_failed
+        self._finished: dict[int, bool] = {}
+        self._keys: dict[int, list[str]] = {}
+
+    def __contains__(self, shard: int) -> bool:
+        if shard not in self._finished:
+            self._finished[shard] = shard_done(self.folder, shard, self.retry_failed)
+            if self._finished[shard]:
+                self.result.shards_skipped.append(shard)
+        return self._finished[shard]
+
+    def passed_over(self, shard: int, key: str) -> None:
+        """A sample of finished ``shard``, in input order (``check`` compares them once the shard is past)."""
+        self._keys.setdefault(shard, []).append(key)
+
+    def check(self, before: int | None = None) -> None:
+        """Compare the finished shards below ``before`` (all: None) with what they hold."""
+        for shard in sorted(s for s in self._keys if before is None or s < before):
+            check_finished_shard(self.folder, shard, self._keys.pop(shard))
+
+
+def check_finished_shard(folder: Path, shard: int, keys: Sequence[str]) -> None:
+    """Refuse to resume when finished ``shard`` does not hold the samples (``keys``) the inputs now put there."""
+    now, held = Counter(parquet_text(k) for k in keys), Counter(shard_keys(folder, shard))
+    if now != held:
+        differs = next(iter((now - held) or (held - now)))
+        raise UsageError(
+            f"{folder}: finished shard {shard} holds other samples than the inputs now put there ({differs!r} is "
+            "in one and not the other): the inputs changed since it was written; embed them into another folder"
+        )
 
 
 def load_sample(sample: Sample, enable_text: bool) -> Sample:
@@ -448,11 +564,18 @@ def load_sample(sample: Sample, enable_text: bool) -> Sample:
     if sample.error is None and enable_text and sample.caption is None:
         sample.error = f"{sample} has no caption (--enable-text embeds every sample's caption)"
     if sample.error is not None:
+        sample.data = None
         return sample
     try:
         if sample.data is None:
             with _open(sample.image_path) as fh:
-                sample.data = fh.read()
+                sample.data = fh.read(MAX_SAMPLE_BYTES + 1)
+            if len(sample.data) > MAX_SAMPLE_BYTES:
+                sample.data = None
+                sample.error = _too_large(
+                    sample, os.path.getsize(sample.image_path) if not _is_url(sample.image_path) else None
+                )
+                return sample
         with Image.open(io.BytesIO(sample.data)) as image:
             sample.width, sample.height = image.size
     except MissingExtra:  # no package for the URLs' protocol: every sample would fail, so the job stops
@@ -463,6 +586,8 @@ def load_sample(sample: Sample, enable_text: bool) -> Sample:
         sample.error = f"{sample}: not an image format Pillow can read; skip it or convert it to JPEG or PNG"
     except Exception as e:  # any unreadable file or image header is this sample's error
         sample.error = f"{sample}: {one_line(str(e)) or type(e).__name__}"
+    if sample.error is not None:
+        sample.data = None  # a failure waits for its batch's rows: it must not hold its file's bytes meanwhile
     return sample
 
 
@@ -543,29 +668,36 @@ def embed_dataset(
     workers: int | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
+    retry_failed: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> DatasetResult:
     """Embed every sample of ``paths`` into ``output_folder`` in clip-retrieval's layout, one shard at a
-    time (memory: one batch in flight plus one shard's metadata rows). Finished shards are kept."""
-    folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text)
+    time (memory: one batch in flight plus one shard's metadata rows). Finished shards are kept, except,
+    with ``retry_failed``, those with failed samples, which are embedded again."""
+    columns = {"image_column": image_column, "caption_column": caption_column}
+    folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text,
+                      columns=columns)  # fmt: skip
     start = time.perf_counter()
     result = DatasetResult()
-    done: dict[int, bool] = {}
+    finished = FinishedShards(folder, result, retry_failed)
 
     def wanted(index: int) -> bool:
-        shard = shard_of(index, shard_size)
-        if shard not in done:
-            done[shard] = shard_finished(folder, shard)
-            if done[shard]:
-                result.shards_skipped.append(shard)
-        return not done[shard]
+        return shard_of(index, shard_size) not in finished
 
-    samples = (s for s in read_samples(paths, fmt, wanted, image_column=image_column, caption_column=caption_column)
-               if wanted(s.index))  # fmt: skip
+    def samples() -> Iterator[Sample]:
+        for sample in read_samples(paths, fmt, wanted, **columns):
+            shard = shard_of(sample.index, shard_size)
+            finished.check(before=shard)
+            if shard in finished:
+                finished.passed_over(shard, sample.key)
+            else:
+                yield sample
+        finished.check()
+
     sink = ShardSink(folder, model.embed_dim, shard_size, result, text=enable_text)
     try:
         for batch in iter_embeddings(
-            model, samples, batch_size=batch_size, workers=workers, decode=lambda s: decode_sample(model, s),
+            model, samples(), batch_size=batch_size, workers=workers, decode=lambda s: decode_sample(model, s),
             key=lambda s: s, on_item=lambda s: load_sample(s, enable_text), on_skip=lambda f: None,
             on_progress=on_progress,
         ):  # fmt: skip

@@ -35,16 +35,18 @@ from clipworks.dataset import (
     Sample,
     ShardSink,
     _caption_embeddings,
+    check_finished_shard,
     count_samples,
     decode_sample,
     load_sample,
     open_job,
     plan_shards,
     read_slice,
+    shard_done,
 )
 from clipworks.errors import BadImage, ClipworksError, UsageError
 from clipworks.extras import require
-from clipworks.outputs import SHARD_DTYPE, shard_finished
+from clipworks.outputs import SHARD_DTYPE
 from clipworks.runtime.encoder import ClipModel, load
 
 # Columns a row carries from the reader to the driver (the metadata columns plus its place and its error).
@@ -282,6 +284,7 @@ def embed_dataset_ray(
     batch_size: int = 32,
     image_column: str | None = None,
     caption_column: str | None = None,
+    retry_failed: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> DatasetResult:
     """``embed_dataset`` on a Ray cluster: the same files, rows and bytes (see the module's docstring)."""
@@ -293,10 +296,13 @@ def embed_dataset_ray(
     # The driver's copy only names the job and its width (no session): on the CPU, as the driver of a GPU
     # cluster may have no GPU itself.
     model = load(recipe.name_or_path, "cpu")
-    folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text)
+    columns = {"image_column": image_column, "caption_column": caption_column}
+    # An explicit precision is what the actors run; for auto, this CPU's choice stands in for theirs.
+    precision = recipe.precision if recipe.precision != "auto" else None
+    folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text,
+                      columns=columns, precision=precision)  # fmt: skip
     start = time.perf_counter()
     result = DatasetResult()
-    columns = {"image_column": image_column, "caption_column": caption_column}
     try:
         with ray_session(settings.address) as ray:
             count = ray.remote(num_cpus=0.5)(count_samples)
@@ -304,7 +310,9 @@ def embed_dataset_ray(
             plan = plan_shards(paths, counts, shard_size)
             pieces = []
             for shard in sorted(plan):
-                if shard_finished(folder, shard):
+                if shard_done(folder, shard, retry_failed):
+                    keys = [s.key for piece in plan[shard] for s in read_slice(piece, fmt, read=False, **columns)]
+                    check_finished_shard(folder, shard, keys)
                     result.shards_skipped.append(shard)
                 else:
                     pieces += plan[shard]

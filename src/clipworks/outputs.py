@@ -129,9 +129,8 @@ def load_file(path: Path) -> Any:
 
 def _path_columns(pa: Any, paths: Sequence[str]) -> dict[str, Any]:
     """Parquet strings must be UTF-8: "path" shows a name that is not with U+FFFD, "path_bytes" is exact."""
-    raw = [os.fsencode(p) for p in paths]
-    return {"path": pa.array([b.decode("utf-8", "replace") for b in raw], pa.string()),
-            "path_bytes": pa.array(raw, pa.binary())}  # fmt: skip
+    return {"path": pa.array([parquet_text(p) for p in paths], pa.string()),
+            "path_bytes": pa.array([os.fsencode(p) for p in paths], pa.binary())}  # fmt: skip
 
 
 class EmbeddingWriter:
@@ -343,6 +342,39 @@ def shard_finished(folder: Path, index: int) -> bool:
     return shard_file(folder, "metadata", index).is_file()
 
 
+def shard_failures(folder: Path, index: int) -> int:
+    """How many samples of a finished shard could not be embedded (its errors file's rows)."""
+    _, pq = pyarrow_modules("reading dataset metadata")
+    path = shard_file(folder, "errors", index)
+    return pq.ParquetFile(path).metadata.num_rows if path.is_file() else 0
+
+
+def shard_keys(folder: Path, index: int) -> list[str]:
+    """The keys of every sample a finished shard holds: those embedded, then those that failed."""
+    _, pq = pyarrow_modules("reading dataset metadata")
+    keys: list[str] = []
+    for kind in ("metadata", "errors"):
+        path = shard_file(folder, kind, index)
+        if path.is_file():
+            keys += [str(k) for k in pq.read_table(path, columns=["key"])["key"].to_pylist()]
+    return keys
+
+
+def parquet_text(value: Any) -> Any:
+    """A string as Parquet can hold it (UTF-8): a file name that is not UTF-8 (``os.fsdecode``'s lone
+    surrogates) shows U+FFFD where its bytes are; anything else is unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # a surrogate that no undecodable byte made (a JSON "\ud800")
+            return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
 class ShardWriter:
     """One shard of clip-retrieval's layout, streamed to temporary files and renamed into place together.
 
@@ -370,14 +402,14 @@ class ShardWriter:
         """Rows (dicts with ``METADATA_COLUMNS``) and their embeddings, in order."""
         for row in rows:
             for name in METADATA_COLUMNS:
-                self.metadata[name].append(row.get(name))
+                self.metadata[name].append(parquet_text(row.get(name)))
         self.images.append(image_emb)
         if self.texts is not None:
             self.texts.append(text_emb if text_emb is not None else np.zeros((0, self.images.dim)))
 
     def add_error(self, row: dict[str, Any]) -> None:
         for name in ERROR_COLUMNS:
-            self.errors[name].append(row.get(name))
+            self.errors[name].append(parquet_text(row.get(name)))
 
     def commit(self) -> None:
         pa, pq = pyarrow_modules("writing dataset metadata")

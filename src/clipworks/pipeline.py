@@ -325,7 +325,8 @@ def iter_embeddings(
     and named by ``key(source)``. ``on_item(source)`` runs in that thread just before decoding (the bytes
     are then in the page cache: hash them, say); what it returns comes back in ``extras`` (or the
     failure's ``extra``). A source whose decode raises one of ``skip`` goes to ``failures`` and is
-    reported to ``on_skip`` (default: a warning naming it); any other exception ends the run. ``cancel``
+    reported to ``on_skip`` (default: a warning naming it); any other exception ends the run. Failures come
+    with the batch after them, or in a batch of their own once ``batch_size`` of them wait with no image. ``cancel``
     set from another thread ends it after the items in flight.
     """
     if batch_size < 1:
@@ -366,7 +367,9 @@ def iter_embeddings(
                 batch.append(decoded)
             if on_progress:
                 on_progress(1)
-            if len(batch) == batch_size:
+            # A run of failures with no image waiting goes out on its own, so an outage (every URL failing)
+            # does not pile up failures until a batch fills; with images waiting, they keep their batch's order.
+            if len(batch) == batch_size or (not batch and len(failures) >= batch_size):
                 yield encode(batch, failures)
                 batch, failures = [], []
     if batch or failures:

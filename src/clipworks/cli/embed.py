@@ -102,6 +102,14 @@ def dataset(
     shard_size: Annotated[int, typer.Option(help="Samples per output shard.")] = 100_000,
     image_column: Annotated[str | None, typer.Option(help="Table column of the image path or URL.")] = None,
     caption_column: Annotated[str | None, typer.Option(help="Table column of the caption.")] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="Resuming: embed again the finished shards that have failed samples (URLs that timed out, files "
+            "since fixed); the others are kept.",
+        ),
+    ] = False,
     model: ModelOpt = MODEL_DEFAULT,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -120,7 +128,7 @@ def dataset(
         raise UsageError("--address, --actors and --gpus-per-actor are for --engine ray")
     check_shard_size(shard_size)
     paths, fmt = resolve_inputs(inputs, input_format)
-    columns = {"image_column": image_column, "caption_column": caption_column}
+    options = {"image_column": image_column, "caption_column": caption_column, "retry_failed": retry_failed}
     with tqdm(unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
         if engine == "ray":
             from clipworks.dataset_ray import ModelRecipe, RaySettings, embed_dataset_ray
@@ -134,17 +142,19 @@ def dataset(
             result = embed_dataset_ray(
                 recipe, paths, fmt, output_folder, settings=RaySettings(address, actors, gpus_per_actor),
                 enable_text=enable_text, shard_size=shard_size, batch_size=batch_size, on_progress=bar.update,
-                **columns,
+                **options,
             )  # fmt: skip
         else:
             clip = load_model(model, device, precision, threads)
             info(f"{clip.name}: {len(paths)} {fmt} input(s), {clip.precision} on {clip.providers[0]}")
             result = embed_dataset(
                 clip, paths, fmt, output_folder, enable_text=enable_text, shard_size=shard_size,
-                batch_size=batch_size, workers=workers, on_progress=bar.update, **columns,
+                batch_size=batch_size, workers=workers, on_progress=bar.update, **options,
             )  # fmt: skip
     info(result.summary())
     info(f"wrote {quote_path(output_folder)}")
+    if (nothing := result.nothing_embedded()) is not None:
+        raise ClipworksError(nothing)  # a non-zero exit: a script must not take the job for done
 
 
 def _read_lines(hailo: bool, prefix: str) -> tuple[list[str], list[str]]:
