@@ -384,6 +384,28 @@ def test_hnsw_answers_unfiltered_searches_with_high_recall(many, store_url, monk
     assert found / (10 * len(queries)) >= 0.95
 
 
+def test_a_large_table_walks_the_widest_candidate_list(many, store_url, monkeypatch) -> None:
+    """At 1M vectors the graph recalls 0.71 of the exact top 10 at ef_search 400 and 0.86 at 1000 (RESULTS.md):
+    from WIDE_BEAM_ROWS rows on (Postgres' estimate), searches walk 1000. Lowered here to this table's 3000."""
+    from clipworks.library import postgres
+
+    lib, vectors = many
+    push_library(lib.store, store_url)
+    walked: list[int] = []
+    original = PostgresStore._rank
+    monkeypatch.setattr(PostgresStore, "_rank", lambda self, sql, params, use_index, beam: walked.append(beam)
+                        or original(self, sql, params, use_index, beam))  # fmt: skip
+    with PostgresLibrary(store_url) as shared:
+        shared.store.conn.execute(f"ANALYZE {vectors_table(shared.model_row.id)}")
+        want = [h.path for h in shared.search_vector(vectors[5], top_k=10)]
+    monkeypatch.setattr(postgres, "WIDE_BEAM_ROWS", 3000)
+    with PostgresLibrary(store_url) as shared:
+        assert [h.path for h in shared.search_vector(vectors[5], top_k=10)] == want
+    with PostgresLibrary(store_url, ef_search=64) as shared:  # asked for: taken as asked
+        shared.search_vector(vectors[5], top_k=10)
+    assert walked == [postgres.EF_SEARCH_DEFAULT, postgres.EF_SEARCH_MAX, 64]
+
+
 def test_a_narrow_filter_still_gets_k_hits_under_hnsw(many, store_url) -> None:
     """pgvector 0.6 filters the index's ef_search candidates after the scan: a filter passing 1% of the rows
     would leave almost none, so the search is ranked again exactly over the filtered rows."""

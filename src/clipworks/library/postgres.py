@@ -51,9 +51,11 @@ BULK_ROWS = 10_000  # a push adding at least this many vectors (and most of the 
 # as a text prompt lies (bench_postgres.py, RESULTS.md): pgvector's default graph recalls 0.959 of the exact top
 # 10 at ef_search 400 on 100,000 vectors but only 0.453 on 1,000,000; m 32 and ef_construction 128 (what the
 # SQLite library's faiss graph uses) recall 1.000 at 400 on 100,000 and 0.973 on 300,000, for a build 4 to 5
-# times slower.
+# times slower. On 1,000,000 that graph still recalls only 0.708 at 400 (17.9 ms p50) and 0.858 at 1000
+# (39.6 ms): from WIDE_BEAM_ROWS vectors on, searches walk the widest list pgvector allows.
 # pgvector allows ef_search up to 1000: a deeper page than that is ranked exactly.
 EF_SEARCH_DEFAULT, EF_SEARCH_MAX = 400, 1000
+WIDE_BEAM_ROWS = 500_000
 HNSW_M, HNSW_EF_CONSTRUCTION = 32, 128
 CONNECT_TIMEOUT_S = 10
 RETRIES = 5  # a deadlock or serialization failure between concurrent pushers is retried, not reported
@@ -209,6 +211,7 @@ class PostgresStore:
         self.pgvector_version = self.conn.execute(
             "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
         ).fetchone()[0]
+        self._beams: dict[int, int] = {}  # model id -> default_ef_search
 
     def close(self) -> None:
         self.conn.close()
@@ -418,16 +421,18 @@ class PostgresStore:
         filters: Filters | None = None,
         offset: int = 0,
         exact: bool = False,
-        ef_search: int = EF_SEARCH_DEFAULT,
+        ef_search: int | None = None,
     ) -> list[tuple[int, float]]:
         """(search key, cosine) ranked ``offset`` to ``offset + top_k`` among the rows ``filters`` let through,
         best first (ties by key, as the SQLite library orders them).
 
-        The HNSW index answers unless ``exact``, walking ``ef_search`` candidates (more: better recall, slower);
+        The HNSW index answers unless ``exact``, walking ``ef_search`` candidates (more: better recall, slower;
+        None: ``default_ef_search``);
         a filtered search that the index cannot fill (pgvector before
         0.8 filters the index's candidates after the scan) is ranked again exactly over the filtered rows, so
         a filter never thins out the page."""
         wanted = offset + top_k
+        ef_search = self.default_ef_search(model) if ef_search is None else ef_search
         where, args = filter_sql(filters) if filters else ("", [])
         if exclude:
             where += " AND v.key <> ALL(%s)"
@@ -450,6 +455,17 @@ class PostgresStore:
         rows.sort(key=lambda r: (-r[1], r[0]))
         out = [(int(k), float(s)) for k, s in rows[offset:wanted]]
         return [hit for hit in out if threshold is None or hit[1] >= threshold]
+
+    def default_ef_search(self, model: ModelRow) -> int:
+        """The candidate list for the model's table: EF_SEARCH_DEFAULT, or the widest from WIDE_BEAM_ROWS on
+        (Postgres' row estimate, which ANALYZE and the index build keep; read once per connection)."""
+        if model.id not in self._beams:
+            estimate = self.conn.execute(
+                "SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)", (vectors_table(model.id),)
+            ).fetchone()
+            rows = estimate[0] if estimate and estimate[0] is not None else 0
+            self._beams[model.id] = EF_SEARCH_MAX if rows >= WIDE_BEAM_ROWS else EF_SEARCH_DEFAULT
+        return self._beams[model.id]
 
     def _rank(self, sql: str, params: list[Any], use_index: bool, beam: int) -> list[tuple[int, float]]:
         with self.transaction() as cur:
@@ -774,7 +790,7 @@ class PostgresLibrary(LibraryBase):
     vectors for, loaded from where it was indexed from."""
 
     def __init__(
-        self, url: str, model: Any = None, *, exact: bool = False, ef_search: int = EF_SEARCH_DEFAULT, **load_opts: Any
+        self, url: str, model: Any = None, *, exact: bool = False, ef_search: int | None = None, **load_opts: Any
     ) -> None:
         self.url = url
         self.exact = exact
