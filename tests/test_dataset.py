@@ -453,9 +453,9 @@ def test_a_resumed_job_with_other_columns_or_precision_is_refused(model, vit_bun
     assert {p: p.read_bytes() for p in before} == before
 
 
-@pytest.mark.parametrize("change", ["file-added", "row-edited"])
+@pytest.mark.parametrize("change", ["file-added", "row-edited", "files-removed"])
 def test_a_resumed_job_whose_inputs_moved_samples_between_shards_is_refused(model, tmp_path, change: str) -> None:
-    if change == "file-added":
+    if change != "row-edited":
         inputs, fmt = [str(folder_of(tmp_path / "in", [b"b.jpg", b"c.jpg", b"d.jpg", b"e.jpg"]))], "files"
     else:
         (tmp_path / "img").mkdir()
@@ -465,16 +465,23 @@ def test_a_resumed_job_whose_inputs_moved_samples_between_shards_is_refused(mode
         inputs, fmt = [str(write_table(tmp_path, "csv", rows))], "csv"
     out = tmp_path / "out"
     embed_dataset(model, inputs, fmt, out, shard_size=2)
-    for kind in ("img_emb", "metadata", "errors"):  # shard 1 lost, as a crash would leave it
-        for path in (out / kind).glob("*_00001.*"):
-            path.unlink()
-    if change == "file-added":
-        (tmp_path / "in" / "a.jpg").write_bytes(jpeg(9))  # sorts first: every sample moves one place on
+    if change == "files-removed":  # both shards finished; the second one's samples are gone from the folder
+        (tmp_path / "in" / "d.jpg").unlink()
+        (tmp_path / "in" / "e.jpg").unlink()
+        refusal = r"finished shard 1 lies past the 1 shards the inputs now fill: the inputs changed"
     else:
-        write_table(tmp_path, "csv", [{"url": "img/0.jpg", "key": "new"}, *rows[1:]])
-    with pytest.raises(UsageError, match=r"finished shard 0 holds other samples .*'(a|new|k0)'.* another folder"):
+        for kind in ("img_emb", "metadata", "errors"):  # shard 1 lost, as a crash would leave it
+            for path in (out / kind).glob("*_00001.*"):
+                path.unlink()
+        if change == "file-added":
+            (tmp_path / "in" / "a.jpg").write_bytes(jpeg(9))  # sorts first: every sample moves one place on
+        else:
+            write_table(tmp_path, "csv", [{"url": "img/0.jpg", "key": "new"}, *rows[1:]])
+        refusal = r"finished shard 0 holds other samples .*'(a|new|k0)'.* another folder"
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=refusal):
         embed_dataset(model, inputs, fmt, out, shard_size=2)
-    assert not (out / "metadata" / "metadata_00001.parquet").exists()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing written or removed
 
 
 def test_a_run_that_embeds_nothing_fails_and_retry_failed_redoes_only_shards_with_failures(

@@ -144,6 +144,26 @@ def test_cli_engine_ray_resumes_tables_like_the_local_engine(capsys, cluster, vi
     assert code != 0 and "Traceback" not in err and "has none of the columns" in err.strip().splitlines()[-1], err
 
 
+def test_the_ray_engine_refuses_a_resume_whose_inputs_changed(cluster, vit_bundle, tmp_path) -> None:
+    """The driver checks the finished shards against its plan as the local engine does (tests/test_dataset.py)."""
+    from clipworks.dataset_ray import ModelRecipe, embed_dataset_ray
+    from clipworks.errors import UsageError
+
+    shards(tmp_path / "in", [3, 3])
+    inputs = sorted(str(p) for p in (tmp_path / "in").glob("*.tar"))
+    model = clipworks.load(vit_bundle, threads=1)
+    embed_dataset(model, inputs, "webdataset", tmp_path / "out", shard_size=2)
+    for path in (tmp_path / "out").rglob("*_00002.*"):
+        path.unlink()  # shard 2 lost: Ray would write it again
+    write_shard(
+        tmp_path / "in" / "00000.tar", [("first", jpeg(50), None), *[(f"{i:09d}", jpeg(i), None) for i in (1, 2)]]
+    )
+    recipe = ModelRecipe(str(vit_bundle), threads=1)
+    with pytest.raises(UsageError, match=r"finished shard 0 holds other samples .*'(first|000000000)'"):
+        embed_dataset_ray(recipe, inputs, "webdataset", tmp_path / "out", shard_size=2)
+    assert not list((tmp_path / "out").rglob("*_00002.*"))
+
+
 def test_without_ray_the_message_names_the_extra(monkeypatch, vit_bundle, tmp_path) -> None:
     from clipworks.dataset_ray import ModelRecipe, embed_dataset_ray
 

@@ -41,6 +41,7 @@ from clipworks.extras import MissingExtra, require
 from clipworks.outputs import (
     SHARD_DTYPE,
     ShardWriter,
+    finished_shards,
     parquet_text,
     pyarrow_modules,
     shard_failures,
@@ -548,6 +549,17 @@ class FinishedShards:
             check_finished_shard(self.folder, shard, self._keys.pop(shard))
 
 
+def check_no_shards_beyond(folder: Path, last: int) -> None:
+    """Refuse to resume when finished shards lie past the inputs' last shard ``last`` (-1: no samples at all):
+    the inputs lost samples since those were written, and their rows would stay in the output as if current."""
+    beyond = [s for s in finished_shards(folder) if s > last]
+    if beyond:
+        raise UsageError(
+            f"{folder}: finished shard {beyond[0]} lies past the {last + 1} shards the inputs now fill: the inputs "
+            "changed since it was written; embed them into another folder"
+        )
+
+
 def check_finished_shard(folder: Path, shard: int, keys: Sequence[str]) -> None:
     """Refuse to resume when finished ``shard`` does not hold the samples (``keys``) the inputs now put there."""
     now, held = Counter(parquet_text(k) for k in keys), Counter(shard_keys(folder, shard))
@@ -685,6 +697,7 @@ def embed_dataset(
         return shard_of(index, shard_size) not in finished
 
     def samples() -> Iterator[Sample]:
+        shard = -1
         for sample in read_samples(paths, fmt, wanted, **columns):
             shard = shard_of(sample.index, shard_size)
             finished.check(before=shard)
@@ -693,6 +706,7 @@ def embed_dataset(
             else:
                 yield sample
         finished.check()
+        check_no_shards_beyond(folder, shard)
 
     sink = ShardSink(folder, model.embed_dim, shard_size, result, text=enable_text)
     try:

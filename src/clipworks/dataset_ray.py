@@ -36,6 +36,7 @@ from clipworks.dataset import (
     ShardSink,
     _caption_embeddings,
     check_finished_shard,
+    check_no_shards_beyond,
     count_samples,
     decode_sample,
     load_sample,
@@ -308,6 +309,7 @@ def embed_dataset_ray(
             count = ray.remote(num_cpus=0.5)(count_samples)
             counts = ray.get([count.remote(path, fmt, **columns) for path in paths])
             plan = plan_shards(paths, counts, shard_size)
+            check_no_shards_beyond(folder, max(plan, default=-1))
             pieces = []
             for shard in sorted(plan):
                 if shard_done(folder, shard, retry_failed):

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -340,6 +341,12 @@ def shard_file(folder: Path, kind: str, index: int) -> Path:
 def shard_finished(folder: Path, index: int) -> bool:
     """The metadata file is renamed into place last, so its presence means the whole shard is there."""
     return shard_file(folder, "metadata", index).is_file()
+
+
+def finished_shards(folder: Path) -> list[int]:
+    """The indexes of the finished shards in ``folder`` (by their metadata files), ascending."""
+    found = (re.fullmatch(r"metadata_(\d+)\.parquet", p.name) for p in (folder / "metadata").glob("metadata_*.parquet"))
+    return sorted(int(m.group(1)) for m in found if m)
 
 
 def shard_failures(folder: Path, index: int) -> int:
