@@ -195,6 +195,10 @@ class IvfPqKind(IndexKind):
 
     def prepare(self, index: Any) -> None:
         index.nprobe = min(PQ_PROBES, index.nlist)
+        # The library asks one query at a time, and faiss' default spreads the work over queries: it then
+        # scans the probed lists on one thread. Splitting the lists over the threads instead took a 1M-vector
+        # search from 0.97-1.01 ms to 0.74-0.79 ms p50 on 2 cores (512 candidates, 64 lists probed).
+        index.parallel_mode = 1
 
     def candidates(self, k: int, excluded: int, entries: int) -> int:
         floor = PQ_CANDIDATES_MANY if entries >= PQ_MANY_ENTRIES else PQ_CANDIDATES
