@@ -497,8 +497,12 @@ def test_a_run_that_embeds_nothing_fails_and_retry_failed_redoes_only_shards_wit
     out = tmp_path / "out"
     for i in range(4):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
-    code, err = run(capsys, *args)  # a plain resume keeps the finished shards as they are
-    assert code == 0 and "embedded 0 images into 0 shards, 2 finished shards skipped" in err, err
+    code, err = run(capsys, *args)  # a plain resume keeps the finished shards as they are, and says so
+    assert code == 0, err
+    assert (
+        "embedded 0 images into 0 shards, 2 finished shards skipped (4 of their samples had failed: "
+        "--retry-failed embeds those again)" in err
+    )
     (out / "metadata" / "metadata_00001.parquet").unlink()  # shard 1 lost in a crash: a plain resume redoes it
     code, err = run(capsys, *args)
     assert code == 0 and "embedded 2 images into 1 shards, 1 finished shards skipped" in err, err

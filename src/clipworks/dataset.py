@@ -428,10 +428,18 @@ class DatasetResult:
     failed: int = 0
     shards_written: list[int] = field(default_factory=list)
     shards_skipped: list[int] = field(default_factory=list)
+    failed_in_skipped: int = 0  # samples of the skipped shards that could not be embedded when they were written
     seconds: float = 0.0
+
+    def skip(self, folder: Path, shard: int) -> None:
+        """``shard`` was finished before: passed over, its failures counted for the summary."""
+        self.shards_skipped.append(shard)
+        self.failed_in_skipped += shard_failures(folder, shard)
 
     def summary(self) -> str:
         skipped = f", {len(self.shards_skipped)} finished shards skipped" if self.shards_skipped else ""
+        if self.failed_in_skipped:
+            skipped += f" ({self.failed_in_skipped} of their samples had failed: --retry-failed embeds those again)"
         failed = f", {self.failed} samples could not be embedded (see errors/)" if self.failed else ""
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
         return (f"embedded {self.embedded} images into {len(self.shards_written)} shards{skipped}{failed} "
@@ -536,7 +544,7 @@ class FinishedShards:
         if shard not in self._finished:
             self._finished[shard] = shard_done(self.folder, shard, self.retry_failed)
             if self._finished[shard]:
-                self.result.shards_skipped.append(shard)
+                self.result.skip(self.folder, shard)
         return self._finished[shard]
 
     def passed_over(self, shard: int, key: str) -> None:

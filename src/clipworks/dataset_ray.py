@@ -315,7 +315,7 @@ def embed_dataset_ray(
                 if shard_done(folder, shard, retry_failed):
                     keys = [s.key for piece in plan[shard] for s in read_slice(piece, fmt, read=False, **columns)]
                     check_finished_shard(folder, shard, keys)
-                    result.shards_skipped.append(shard)
+                    result.skip(folder, shard)
                 else:
                     pieces += plan[shard]
             sink = ShardSink(folder, model.embed_dim, shard_size, result, text=enable_text)
