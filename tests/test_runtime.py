@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -299,6 +301,34 @@ def test_a_provider_that_runs_nothing_here_is_found_out_quietly(capfd: pytest.Ca
     reason = provider_start_failure("CUDAExecutionProvider")
     assert reason is not None and "CUDAExecutionProvider" in reason
     assert capfd.readouterr() == ("", "")  # what ONNX Runtime printed meanwhile went into the reason
+
+
+def test_probes_from_two_threads_leave_stdout_as_it_was() -> None:
+    before = (sys.stdout, os.fstat(1).st_ino)
+    provider_start_failure.cache_clear()
+    providers = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    threads = [threading.Thread(target=provider_start_failure, args=(p,)) for p in providers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (sys.stdout, os.fstat(1).st_ino) == before
+
+
+@pytest.mark.parametrize("closed", ["1", "2"])
+def test_a_probe_with_a_standard_descriptor_closed_loses_no_later_output(tmp_path: Path, closed: str) -> None:
+    import subprocess
+
+    code = (
+        "import os, sys\n"
+        f"os.close({closed})\n"
+        "from clipworks.runtime.sessions import provider_start_failure\n"
+        "reason = provider_start_failure('CUDAExecutionProvider')\n"
+        f"os.write({3 - int(closed)}, b'after the probe: ' + str(reason is not None).encode())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert b"after the probe: True" in (done.stderr if closed == "1" else done.stdout)
 
 
 def test_the_log_clause_naming_the_missing_library_is_the_reason() -> None:

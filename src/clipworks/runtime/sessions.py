@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ _CPU_PROVIDER = "CPUExecutionProvider"
 _PROBE_GRAPH = Path(__file__).resolve().parent.parent / "data" / "provider_probe.onnx"
 
 
+_PROBE_LOCK = threading.Lock()  # the probe redirects the process' stdout and stderr: one at a time
+
+
 @functools.cache
 def provider_start_failure(provider: str) -> str | None:
     """Why ONNX Runtime cannot start ``provider`` in this process (None: it can), in its own words.
@@ -80,7 +84,7 @@ def provider_start_failure(provider: str) -> str | None:
     """
     import onnxruntime as ort
 
-    with _captured_native_output() as printed, warnings.catch_warnings(record=True) as warned:
+    with _PROBE_LOCK, _captured_native_output() as printed, warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         # CUDA and cuDNN from pip (onnxruntime-gpu[cuda,cudnn], or torch's nvidia-* wheels) are not on the
         # loader's path until something loads them; ONNX Runtime's own helper does (a no-op in CPU builds).
@@ -119,15 +123,32 @@ def _first_reason(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
 
 
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None under pythonw, or with the descriptor closed at start
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+
 @contextlib.contextmanager
 def _captured_native_output() -> Iterator[Any]:
-    """Collect what C++ code and Python print on file descriptors 1 and 2 meanwhile (``.getvalue()``)."""
+    """Collect what C++ code and Python print on file descriptors 1 and 2 meanwhile (``.getvalue()``).
+    Where either descriptor is closed (a daemon), nothing is redirected: the log then goes where it goes."""
     import io
 
     collected = io.StringIO()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
+    _flush_std()
+    saved: list[int] = []
+    try:  # copies above 2, so a closed 1 or 2 is never reused for them and then overwritten
+        import fcntl
+
+        for fd in (1, 2):
+            saved.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+    except (ImportError, OSError):  # no fcntl (Windows), or a descriptor closed
+        for fd in saved:
+            os.close(fd)
+        yield collected
+        return
     with tempfile.TemporaryFile(mode="w+b") as sink:
         try:
             os.dup2(sink.fileno(), 1)
@@ -136,8 +157,7 @@ def _captured_native_output() -> Iterator[Any]:
                 yield collected
                 collected.write(out.getvalue())
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush_std()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
