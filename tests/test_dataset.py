@@ -453,15 +453,17 @@ def test_a_resumed_job_with_other_columns_or_precision_is_refused(model, vit_bun
     assert {p: p.read_bytes() for p in before} == before
 
 
-@pytest.mark.parametrize("change", ["file-added", "row-edited", "files-removed"])
+@pytest.mark.parametrize("change", ["file-added", "row-edited", "row-inserted-no-key-column", "files-removed"])
 def test_a_resumed_job_whose_inputs_moved_samples_between_shards_is_refused(model, tmp_path, change: str) -> None:
-    if change != "row-edited":
+    if change in ("file-added", "files-removed"):
         inputs, fmt = [str(folder_of(tmp_path / "in", [b"b.jpg", b"c.jpg", b"d.jpg", b"e.jpg"]))], "files"
     else:
         (tmp_path / "img").mkdir()
-        for i in range(4):
+        for i in range(6):
             (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
         rows = [{"url": f"img/{i}.jpg", "key": f"k{i}"} for i in range(4)]
+        if change != "row-edited":  # keyed by their place in the table: 000000000, 000000001, ...
+            rows = [{"url": row["url"]} for row in rows]
         inputs, fmt = [str(write_table(tmp_path, "csv", rows))], "csv"
     out = tmp_path / "out"
     embed_dataset(model, inputs, fmt, out, shard_size=2)
@@ -475,9 +477,11 @@ def test_a_resumed_job_whose_inputs_moved_samples_between_shards_is_refused(mode
                 path.unlink()
         if change == "file-added":
             (tmp_path / "in" / "a.jpg").write_bytes(jpeg(9))  # sorts first: every sample moves one place on
+        elif change == "row-edited":
+            write_table(tmp_path, "csv", [{"url": "img/5.jpg", "key": "k0"}, *rows[1:]])  # same key, other image
         else:
-            write_table(tmp_path, "csv", [{"url": "img/0.jpg", "key": "new"}, *rows[1:]])
-        refusal = r"finished shard 0 holds other samples .*'(a|new|k0)'.* another folder"
+            write_table(tmp_path, "csv", [{"url": "img/5.jpg"}, *rows])  # the same keys, every image moved on
+        refusal = r"finished shard 0 holds other samples than the inputs now put there \('[^']*/(a|[0-5])\.jpg' is"
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(UsageError, match=refusal):
         embed_dataset(model, inputs, fmt, out, shard_size=2)
@@ -566,3 +570,25 @@ def test_an_image_over_the_size_limit_is_an_error_row_unread(model, tmp_path, mo
     assert (result.embedded, result.failed) == (1, 1)
     error = pq.read_table(tmp_path / "out" / "errors" / "errors_00000.parquet").to_pylist()[0]
     assert error["key"] == "big" and f"{len(big):,} bytes is over the 4,000-byte limit for one image" in error["error"]
+
+
+def test_a_stream_that_returns_less_than_asked_is_read_to_its_end() -> None:
+    """An HTTP body (fsspec without a known size) gives what has arrived; a pipe behaves the same way."""
+    import threading
+
+    from clipworks.dataset import _read_at_most
+
+    image = jpeg(3)
+    r, w = os.pipe()
+
+    def trickle() -> None:
+        for start in range(0, len(image), 100):
+            os.write(w, image[start : start + 100])
+        os.close(w)
+
+    writer = threading.Thread(target=trickle)
+    writer.start()
+    with os.fdopen(r, "rb", buffering=0) as fh:
+        assert _read_at_most(fh, 10 * len(image)) == image
+    writer.join()
+    assert _read_at_most(io.BytesIO(image), 10) == image[:10]

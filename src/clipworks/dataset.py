@@ -46,7 +46,7 @@ from clipworks.outputs import (
     pyarrow_modules,
     shard_failures,
     shard_finished,
-    shard_keys,
+    shard_samples,
 )
 from clipworks.pipeline import iter_embeddings, warn
 from clipworks.runtime.encoder import ClipModel
@@ -408,15 +408,30 @@ def plan_shards(paths: Sequence[str], counts: Sequence[int], shard_size: int) ->
     return plan
 
 
-def read_slice(piece: InputSlice, fmt: str, *, read: bool = True, **columns: str | None) -> Iterator[Sample]:
-    """The samples of one slice, numbered in the whole input order (the others passed over unread;
-    ``read=False``: these too, for their keys)."""
-    wanted = (lambda i: piece.start <= i < piece.stop) if read else (lambda i: False)
+def read_slice(piece: InputSlice, fmt: str, **columns: str | None) -> Iterator[Sample]:
+    """The samples of one slice, numbered in the whole input order (the others passed over unread)."""
+    wanted = lambda i: piece.start <= i < piece.stop  # noqa: E731
     for sample in read_samples([piece.path], fmt, wanted, piece.first, **columns):
         if sample.index >= piece.stop:
             return
         if sample.index >= piece.start:
             yield sample
+
+
+def finished_samples(paths: Sequence[str], counts: Sequence[int], fmt: str, shard_size: int, done: set[int],
+                     **columns: str | None) -> dict[int, list[tuple[str, str]]]:  # fmt: skip
+    """(key, image_path) of the samples the inputs now put in each shard of ``done``, for
+    ``check_finished_shard``: each input holding one of them read once, its images passed over unread."""
+    found: dict[int, list[tuple[str, str]]] = {shard: [] for shard in done}
+    first = 0
+    for path, count in zip(paths, counts, strict=True):
+        spans = range(shard_of(first, shard_size), shard_of(first + count - 1, shard_size) + 1) if count else range(0)
+        if any(shard in done for shard in spans):
+            for sample in read_samples([path], fmt, lambda i: False, first, **columns):
+                if (shard := shard_of(sample.index, shard_size)) in found:
+                    found[shard].append((sample.key, sample.image_path))
+        first += count
+    return found
 
 
 # -- the job -----------------------------------------------------------------------------------------
@@ -538,7 +553,7 @@ class FinishedShards:
     def __init__(self, folder: Path, result: DatasetResult, retry_failed: bool = False) -> None:
         self.folder, self.result, self.retry_failed = folder, result, retry_failed
         self._finished: dict[int, bool] = {}
-        self._keys: dict[int, list[str]] = {}
+        self._keys: dict[int, list[tuple[str, str]]] = {}
 
     def __contains__(self, shard: int) -> bool:
         if shard not in self._finished:
@@ -547,9 +562,9 @@ class FinishedShards:
                 self.result.skip(self.folder, shard)
         return self._finished[shard]
 
-    def passed_over(self, shard: int, key: str) -> None:
+    def passed_over(self, shard: int, sample: Sample) -> None:
         """A sample of finished ``shard``, in input order (``check`` compares them once the shard is past)."""
-        self._keys.setdefault(shard, []).append(key)
+        self._keys.setdefault(shard, []).append((sample.key, sample.image_path))
 
     def check(self, before: int | None = None) -> None:
         """Compare the finished shards below ``before`` (all: None) with what they hold."""
@@ -568,11 +583,13 @@ def check_no_shards_beyond(folder: Path, last: int) -> None:
         )
 
 
-def check_finished_shard(folder: Path, shard: int, keys: Sequence[str]) -> None:
-    """Refuse to resume when finished ``shard`` does not hold the samples (``keys``) the inputs now put there."""
-    now, held = Counter(parquet_text(k) for k in keys), Counter(shard_keys(folder, shard))
+def check_finished_shard(folder: Path, shard: int, samples: Sequence[tuple[str, str]]) -> None:
+    """Refuse to resume when finished ``shard`` does not hold the samples the inputs now put there: the same
+    (key, image_path) pairs (a table's rows without a key column are keyed by their place, so the path counts)."""
+    now = Counter((parquet_text(k), parquet_text(p)) for k, p in samples)
+    held = Counter(shard_samples(folder, shard))
     if now != held:
-        differs = next(iter((now - held) or (held - now)))
+        differs = next(iter((now - held) or (held - now)))[1]
         raise UsageError(
             f"{folder}: finished shard {shard} holds other samples than the inputs now put there ({differs!r} is "
             "in one and not the other): the inputs changed since it was written; embed them into another folder"
@@ -589,7 +606,7 @@ def load_sample(sample: Sample, enable_text: bool) -> Sample:
     try:
         if sample.data is None:
             with _open(sample.image_path) as fh:
-                sample.data = fh.read(MAX_SAMPLE_BYTES + 1)
+                sample.data = _read_at_most(fh, MAX_SAMPLE_BYTES + 1)
             if len(sample.data) > MAX_SAMPLE_BYTES:
                 sample.data = None
                 sample.error = _too_large(
@@ -609,6 +626,18 @@ def load_sample(sample: Sample, enable_text: bool) -> Sample:
     if sample.error is not None:
         sample.data = None  # a failure waits for its batch's rows: it must not hold its file's bytes meanwhile
     return sample
+
+
+def _read_at_most(fh: IO[bytes], limit: int, block: int = 4 * 2**20) -> bytes:
+    """Up to ``limit`` bytes, to the end: a stream may return less than asked before its end (HTTP)."""
+    parts, held = [], 0
+    while held < limit:
+        part = fh.read(min(block, limit - held))
+        if not part:
+            break
+        parts.append(part)
+        held += len(part)
+    return b"".join(parts)
 
 
 def decode_sample(model: ClipModel, sample: Sample, *, normalised: bool = True) -> np.ndarray:
@@ -710,7 +739,7 @@ def embed_dataset(
             shard = shard_of(sample.index, shard_size)
             finished.check(before=shard)
             if shard in finished:
-                finished.passed_over(shard, sample.key)
+                finished.passed_over(shard, sample)
             else:
                 yield sample
         finished.check()

@@ -39,6 +39,7 @@ from clipworks.dataset import (
     check_no_shards_beyond,
     count_samples,
     decode_sample,
+    finished_samples,
     load_sample,
     open_job,
     plan_shards,
@@ -310,11 +311,12 @@ def embed_dataset_ray(
             counts = ray.get([count.remote(path, fmt, **columns) for path in paths])
             plan = plan_shards(paths, counts, shard_size)
             check_no_shards_beyond(folder, max(plan, default=-1))
+            done = {shard for shard in plan if shard_done(folder, shard, retry_failed)}
+            for shard, samples in finished_samples(paths, counts, fmt, shard_size, done, **columns).items():
+                check_finished_shard(folder, shard, samples)
             pieces = []
             for shard in sorted(plan):
-                if shard_done(folder, shard, retry_failed):
-                    keys = [s.key for piece in plan[shard] for s in read_slice(piece, fmt, read=False, **columns)]
-                    check_finished_shard(folder, shard, keys)
+                if shard in done:
                     result.skip(folder, shard)
                 else:
                     pieces += plan[shard]

@@ -356,15 +356,17 @@ def shard_failures(folder: Path, index: int) -> int:
     return pq.ParquetFile(path).metadata.num_rows if path.is_file() else 0
 
 
-def shard_keys(folder: Path, index: int) -> list[str]:
-    """The keys of every sample a finished shard holds: those embedded, then those that failed."""
+def shard_samples(folder: Path, index: int) -> list[tuple[str, str]]:
+    """(key, image_path) of every sample a finished shard holds: those embedded, then those that failed."""
     _, pq = pyarrow_modules("reading dataset metadata")
-    keys: list[str] = []
+    samples: list[tuple[str, str]] = []
     for kind in ("metadata", "errors"):
         path = shard_file(folder, kind, index)
         if path.is_file():
-            keys += [str(k) for k in pq.read_table(path, columns=["key"])["key"].to_pylist()]
-    return keys
+            table = pq.read_table(path, columns=["key", "image_path"])
+            samples += [(str(k), str(p)) for k, p in zip(table["key"].to_pylist(), table["image_path"].to_pylist(),
+                                                          strict=True)]  # fmt: skip
+    return samples
 
 
 def parquet_text(value: Any) -> Any:
@@ -422,6 +424,9 @@ class ShardWriter:
         pa, pq = pyarrow_modules("writing dataset metadata")
         types = {"key": pa.string(), "image_path": pa.string(), "caption": pa.string(), "error": pa.string(),
                  "width": pa.int32(), "height": pa.int32()}  # fmt: skip
+        # A shard written again (--retry-failed) loses its old metadata first: the files are renamed one by one,
+        # and a crash between them must leave the shard unfinished, not new embeddings beside old rows.
+        shard_file(self.folder, "metadata", self.index).unlink(missing_ok=True)
         try:
             for tmp, columns in ((self._metadata_tmp, self.metadata), (self._errors_tmp, self.errors)):
                 arrays = {name: pa.array(values, types[name]) for name, values in columns.items()}
