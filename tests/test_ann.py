@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,122 @@ def test_bad_ann_options_are_one_line(tmp_path: Path, capsys, args: list[str], b
     code = main(["search", "dog", "--db", str(tmp_path / "none.db"), *args])
     err = capsys.readouterr().err
     assert code == 2 and bad in err and len(err.strip().splitlines()) == 1
+
+
+def half_copy_of(tmp_path: Path) -> tuple[dict, Path]:
+    state = json.loads(next(tmp_path.glob("*.faiss.json")).read_text())
+    (copy,) = tmp_path.glob("*.f16")
+    assert copy.name.endswith(f".{state['half']}.f16")
+    return state, copy
+
+
+@pytest.fixture
+def half_copies(monkeypatch: pytest.MonkeyPatch, base: ExactIndex) -> None:
+    # The rule is by size (3M photos); from 1,000 here, so the fixture's 2,000 vectors and a library of
+    # fewer than those that is rebuilt have copies.
+    monkeypatch.setattr(ann_module, "PQ_HALF_COPY_ENTRIES", len(base) // 2)
+
+
+def test_a_large_pq_index_ranks_its_candidates_from_a_float16_copy(
+    tmp_path: Path, base: ExactIndex, half_copies: None
+) -> None:
+    ann = sync_ann(tmp_path, KEY, 1, base, "pq")
+    state, copy = half_copy_of(tmp_path)
+    assert state["half"] and copy.stat().st_size == len(base) * DIM * 2
+    np.testing.assert_array_equal(np.asarray(ann.half), np.asarray(base.matrix, np.float16))  # entry order = ids
+    queries = clustered(50, seed=1)
+    assert recall_at_10(ann, base, queries) >= 0.95
+    for q in queries[:10]:  # the scores shown are still float32 cosines, not the copy's
+        ids, scores = ann.top_k(q, 10)
+        np.testing.assert_allclose(scores, base.matrix[np.searchsorted(base.ids, ids)] @ q, rtol=0, atol=1e-6)
+    # The copy decides which candidates reach the exact re-ranking: a row turned away from the query there
+    # is not re-scored, though its float32 vector is the query itself.
+    q = np.asarray(base.matrix[5])
+    assert ann.top_k(q, 5)[0][0] == base.ids[5]
+    ann.half = np.array(ann.half)
+    ann.half[5] = -ann.half[5]
+    assert base.ids[5] not in ann.top_k(q, 5)[0].tolist()
+    assert "candidates ranked from a float16 copy (0 MiB)" in describe_ann(tmp_path, KEY, 1, None, len(base))
+
+
+@pytest.mark.parametrize("dtype", KINDS)
+def test_below_the_size_or_in_a_graph_there_is_no_float16_copy(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
+    ann = sync_ann(tmp_path, KEY, 1, base, dtype)
+    assert ann.half is None and not list(tmp_path.glob("*.f16"))
+    assert json.loads(next(tmp_path.glob("*.faiss.json")).read_text())["half"] == ""
+
+
+def test_the_float16_copy_grows_in_place_and_a_rebuild_replaces_it(
+    tmp_path: Path, base: ExactIndex, half_copies: None
+) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    first, copy = half_copy_of(tmp_path)
+    with copy.open("ab") as fh:  # what an update killed before its state was written leaves past the end
+        fh.write(b"\x7f" * 1000)
+    ids, matrix = base.ids.copy(), np.array(base.matrix)
+    new_vector = l2_normalize(np.random.default_rng(7).standard_normal(DIM).astype(np.float32))
+    matrix[200] = new_vector
+    added = clustered(150, seed=3)
+    new = exact_of(np.concatenate([ids[100:], np.arange(100_000, 100_150)]), np.concatenate([matrix[100:], added]))
+    ann = sync_ann(tmp_path, (KEY[0], 2), 1, new, "pq")
+    state, same = half_copy_of(tmp_path)
+    assert same == copy and state["half"] == first["half"] and state["nodes"] == len(base) + 151
+    assert copy.stat().st_size == state["nodes"] * DIM * 2  # the leftover bytes were cut
+    appended = np.asarray(ann.half[len(base) :], np.float32)
+    np.testing.assert_array_equal(appended[0], new_vector.astype(np.float16))  # the replaced photo's new vector
+    np.testing.assert_array_equal(appended[1:], added.astype(np.float16))
+    assert ann.top_k(new_vector, 1)[0][0] == ids[200]
+    assert recall_at_10(ann, new, clustered(30, seed=4)) >= 0.95
+    keep = int(len(new) * (1 - REBUILD_FRACTION)) - 10
+    sync_ann(tmp_path, (KEY[0], 3), 1, exact_of(new.ids[:keep], np.array(new.matrix[:keep])), "pq")
+    rebuilt, replacement = half_copy_of(tmp_path)  # the old copy is gone: only one file matches
+    assert rebuilt["half"] != first["half"] and replacement.stat().st_size == keep * DIM * 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "short"])
+def test_a_damaged_float16_copy_rebuilds_the_index(
+    tmp_path: Path, base: ExactIndex, half_copies: None, damage: str
+) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    _, copy = half_copy_of(tmp_path)
+    if damage == "missing":
+        copy.unlink()
+    else:
+        copy.write_bytes(copy.read_bytes()[:-DIM])
+    logs: list[str] = []
+    ann = sync_ann(tmp_path, KEY, 1, base, "pq", logs.append)
+    assert any("building" in m for m in logs)
+    assert recall_at_10(ann, base, clustered(20, seed=5)) >= 0.95
+    assert half_copy_of(tmp_path)[1].stat().st_size == len(base) * DIM * 2
+
+
+def test_a_state_written_before_float16_copies_is_read(tmp_path: Path, base: ExactIndex) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    state_file = next(tmp_path.glob("*.faiss.json"))
+    state = json.loads(state_file.read_text())
+    del state["half"]
+    state_file.write_text(json.dumps(state))
+    logs: list[str] = []
+    assert sync_ann(tmp_path, KEY, 1, base, None, logs.append).half is None and logs == []
+
+
+def test_one_process_at_a_time_updates_the_index(tmp_path: Path, base: ExactIndex) -> None:
+    """An update waits for the lock beside the index (flock: another process, or another open here)."""
+    import threading
+
+    from clipworks.atomic import held_lock
+
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    logs: list[str] = []
+    done = threading.Event()
+    lock = next(tmp_path.glob("*.lock"))
+    with held_lock(lock):
+        worker = threading.Thread(
+            target=lambda: (sync_ann(tmp_path, (KEY[0], 2), 1, base, "pq", logs.append), done.set())
+        )
+        worker.start()
+        assert not done.wait(1.0)
+        assert logs == [f"ann index: waiting for pid {os.getpid()}"]
+    worker.join(30)
+    assert done.is_set() and logs[-1] == "ann index: +0 -0 vectors (0 replaced)"
+    assert sync_ann(tmp_path, (KEY[0], 2), 1, base, "pq", logs.append) and len(logs) == 2  # current: no lock taken

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,3 +39,32 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+@contextmanager
+def held_lock(lock_file: Path, waiting: Callable[[str], None] = lambda _holder: None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (made if missing); ``waiting`` is told the holder's pid
+    (or "") once, when another process has it.
+
+    ``flock`` is released by the kernel when its holder exits, killed or not, so no stale lock survives
+    a crash. Where the lock file cannot be made (a read-only folder) or there is no ``fcntl`` (Windows),
+    the caller goes on without it.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting(os.pread(fd, 20, 0).decode(errors="replace").strip())
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from clipworks.atomic import held_lock
 from clipworks.errors import status
 from clipworks.library.metadata import UNREAD, UPDATE_METADATA, Metadata, extract_metadata
 from clipworks.library.scan import (
@@ -286,31 +286,14 @@ def pending(
 @contextlib.contextmanager
 def index_lock(db: Path) -> Iterator[None]:
     """Hold the library's index lock (``<db>-index.lock``); says once that it waits when another run has it.
+    Where the lock file cannot be made (a read-only folder) the run goes on without it: its first write to
+    the database fails then with the database's own message."""
 
-    ``flock`` is released by the kernel when its holder exits, killed or not, so no stale lock survives
-    a crash. Where the lock file cannot be made (a read-only folder) the run goes on without it: its
-    first write to the database fails then with the database's own message.
-    """
-    import fcntl
+    def waiting(holder: str) -> None:
+        status(f"waiting for another index run on {db}{f' (pid {holder})' if holder else ''} to finish")
 
-    lock_file = db.with_name(db.name + "-index.lock")
-    try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
+    with held_lock(db.with_name(db.name + "-index.lock"), waiting):
         yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
-            status(f"waiting for another index run on {db}{f' (pid {holder})' if holder else ''} to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 def index_folders(
