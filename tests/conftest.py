@@ -77,6 +77,13 @@ def vit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(tmp_path_factory, "tiny-vit", ("fp32", "fp16", "int8"))
 
 
+@pytest.fixture(scope="session")
+def int8_static_vit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ViT with fp32 and static int8 (calibrated on the check photos): what ``--precision auto``
+    takes on a CPU with VNNI or AMX."""
+    return _export(tmp_path_factory, "tiny-vit", ("fp32", "int8-static"))
+
+
 # The fixed batch of ``static_vit_bundle``: 5 photos through it are one full chunk and one padded one.
 STATIC_BATCH = 4
 

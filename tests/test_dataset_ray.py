@@ -5,7 +5,9 @@ the local engine writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 import shutil
 import sys
@@ -162,6 +164,31 @@ def test_the_ray_engine_refuses_a_resume_whose_inputs_changed(cluster, vit_bundl
     with pytest.raises(UsageError, match=r"finished shard 0 holds other samples .*'(first|000000000)'"):
         embed_dataset_ray(recipe, inputs, "webdataset", tmp_path / "out", shard_size=2)
     assert not list((tmp_path / "out").rglob("*_00002.*"))
+
+
+def test_auto_precision_is_what_the_actors_choose_not_the_driver(
+    cluster, int8_static_vit_bundle, tmp_path, monkeypatch
+) -> None:
+    """The driver's CPU says nothing of the workers': here the driver is told this CPU has the opposite of its
+    int8 dot products (the worker processes still see the truth). Every actor runs the precision one task on an
+    actor's resources chose, and job.json records it: the vectors are those of the local engine at it."""
+    from clipworks.dataset_ray import ModelRecipe, embed_dataset_ray
+    from clipworks.machine import this_machine
+    from clipworks.runtime import encoder
+
+    real = this_machine()
+    chosen = "int8-static" if real.has_int8_dot_product else "fp32"
+    opposite = ("AVX2",) if real.has_int8_dot_product else ("AVX2", "AVX-512", "VNNI")
+    shards(tmp_path / "in", [5])
+    inputs = [str(tmp_path / "in" / "00000.tar")]
+    local = clipworks.load(int8_static_vit_bundle, precision=chosen, threads=1)
+    embed_dataset(local, inputs, "webdataset", tmp_path / "local", shard_size=5, batch_size=4)
+    monkeypatch.setattr(encoder, "this_machine", lambda: dataclasses.replace(real, features=opposite))
+    assert clipworks.load(int8_static_vit_bundle, threads=1).precision != chosen  # what the driver would pick
+    recipe = ModelRecipe(str(int8_static_vit_bundle), threads=1)
+    embed_dataset_ray(recipe, inputs, "webdataset", tmp_path / "ray", shard_size=5, batch_size=4)
+    assert json.loads((tmp_path / "ray" / "job.json").read_text())["precision"] == chosen
+    assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
 
 
 def test_without_ray_the_message_names_the_extra(monkeypatch, vit_bundle, tmp_path) -> None:

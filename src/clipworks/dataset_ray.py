@@ -23,7 +23,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +274,21 @@ def _actor_placement(ray: Any, settings: RaySettings) -> tuple[int, dict[str, An
     return settings.actors or max(1, len(nodes)), {"num_cpus": ACTOR_CPUS}
 
 
+def _with_precision(ray: Any, recipe: ModelRecipe, actor_resources: dict[str, Any]) -> ModelRecipe:
+    """``recipe`` with ``auto`` precision resolved once, by a task holding what a model actor holds (a GPU
+    share, or CPUs): every actor then runs that one precision, so machines that would each choose another
+    (VNNI or not) still write one dataset of one precision, and ``job.json`` records what the vectors are
+    (the driver's own CPU, or its lack of a GPU, says nothing of the actors')."""
+    if recipe.precision != "auto":
+        return recipe
+    resolve = ray.remote(**actor_resources)(_resolved_precision)
+    return replace(recipe, precision=ray.get(resolve.remote(recipe)))
+
+
+def _resolved_precision(recipe: ModelRecipe) -> str:
+    return recipe.load().precision
+
+
 def embed_dataset_ray(
     recipe: ModelRecipe,
     paths: Sequence[str],
@@ -299,14 +314,14 @@ def embed_dataset_ray(
     # cluster may have no GPU itself.
     model = load(recipe.name_or_path, "cpu")
     columns = {"image_column": image_column, "caption_column": caption_column}
-    # An explicit precision is what the actors run; for auto, this CPU's choice stands in for theirs.
-    precision = recipe.precision if recipe.precision != "auto" else None
-    folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text,
-                      columns=columns, precision=precision)  # fmt: skip
     start = time.perf_counter()
     result = DatasetResult()
     try:
         with ray_session(settings.address) as ray:
+            placement = _actor_placement(ray, settings)
+            recipe = _with_precision(ray, recipe, placement[1])
+            folder = open_job(model, paths, fmt, output_folder, shard_size=shard_size, enable_text=enable_text,
+                              columns=columns, precision=recipe.precision)  # fmt: skip
             count = ray.remote(num_cpus=0.5)(count_samples)
             counts = ray.get([count.remote(path, fmt, **columns) for path in paths])
             plan = plan_shards(paths, counts, shard_size)
@@ -323,7 +338,7 @@ def embed_dataset_ray(
             sink = ShardSink(folder, model.embed_dim, shard_size, result, text=enable_text)
             try:
                 if pieces:
-                    for batch in _pipeline(ray, pieces, recipe, fmt, columns, settings, enable_text, batch_size):
+                    for batch in _pipeline(ray, pieces, recipe, fmt, columns, placement, enable_text, batch_size):
                         rows = _rows(batch)
                         sink.add(rows, batch["img_emb"], batch.get("text_emb"))
                         if on_progress:
@@ -346,17 +361,17 @@ def _pipeline(
     recipe: ModelRecipe,
     fmt: str,
     columns: dict[str, Any],
-    settings: RaySettings,
+    placement: tuple[int, dict[str, Any]],
     enable_text: bool,
     batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The embedded rows of ``pieces``, in input order, a batch at a time."""
+    """The embedded rows of ``pieces``, in input order, a batch at a time, on ``placement``'s actors."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the shards' row order is the input order
     context.enable_progress_bars = False
-    actors, actor_resources = _actor_placement(ray, settings)
+    actors, actor_resources = placement
     items = [{"path": p.path, "first": p.first, "start": p.start, "stop": p.stop} for p in pieces]
     # Fault tolerance is Ray Data's default: a task whose worker dies is run again, an actor that dies is
     # restarted (and its batches retried), lost blocks are rebuilt from their lineage. A task's own exception
