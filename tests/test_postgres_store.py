@@ -398,8 +398,8 @@ def test_a_large_table_walks_the_widest_candidate_list(many, store_url, monkeypa
     with PostgresLibrary(store_url) as shared:
         shared.store.conn.execute(f"ANALYZE {vectors_table(shared.model_row.id)}")
         want = [h.path for h in shared.search_vector(vectors[5], top_k=10)]
-    monkeypatch.setattr(postgres, "WIDE_BEAM_ROWS", 3000)
-    with PostgresLibrary(store_url) as shared:
+        # The same connection, as a long-running server's: a table grown past the threshold walks wider.
+        monkeypatch.setattr(postgres, "WIDE_BEAM_ROWS", 3000)
         assert [h.path for h in shared.search_vector(vectors[5], top_k=10)] == want
     with PostgresLibrary(store_url, ef_search=64) as shared:  # asked for: taken as asked
         shared.search_vector(vectors[5], top_k=10)
