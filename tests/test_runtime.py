@@ -351,6 +351,30 @@ def gpu_build_listing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("gpu_build_listing")
+@pytest.mark.parametrize("kind", ["cuda", "tensorrt"])
+def test_the_probe_tries_the_gpu_that_was_named(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """cuda:1 on a machine whose GPU 0 works but has no GPU 1 must be refused: the probe is given the index."""
+    tried: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+
+    def probe(provider: str, options: tuple[tuple[str, str], ...] = ()) -> str | None:
+        tried.append((provider, options))
+        return None if dict(options).get("device_id") == "0" else "invalid device ordinal"
+
+    monkeypatch.setattr(sessions, "provider_start_failure", probe)
+    assert open_backend(kind).device_id() == 0
+    with pytest.raises(UsageError, match=rf"device '{kind}:1': .*could not start it here \(invalid device ordinal\)"):
+        open_backend(f"{kind}:1")
+    provider = BACKENDS[kind].provider
+    assert tried == [(provider, (("device_id", "0"),)), (provider, (("device_id", "1"),))]
+
+
+def test_the_real_probe_takes_a_device_index() -> None:
+    provider_start_failure.cache_clear()
+    reason = provider_start_failure("CUDAExecutionProvider", (("device_id", "1"),))
+    assert reason is not None and "CUDAExecutionProvider" in reason  # this CPU build has no CUDA at any index
+
+
+@pytest.mark.usefixtures("gpu_build_listing")
 def test_auto_skips_a_gpu_provider_that_does_not_start() -> None:
     assert not isinstance(open_backend("auto"), CudaBackend | TensorRTBackend)
 

@@ -74,8 +74,9 @@ _PROBE_LOCK = threading.Lock()  # the probe redirects the process' stdout and st
 
 
 @functools.cache
-def provider_start_failure(provider: str) -> str | None:
-    """Why ONNX Runtime cannot start ``provider`` in this process (None: it can), in its own words.
+def provider_start_failure(provider: str, options: tuple[tuple[str, str], ...] = ()) -> str | None:
+    """Why ONNX Runtime cannot start ``provider`` (with ``options``: the GPU it is given) in this process
+    (None: it can), in its own words.
 
     A GPU build of onnxruntime lists CUDA and TensorRT among its providers on any machine; without an NVIDIA
     driver, CUDA 12 or cuDNN 9 on the library path, a session asked for them quietly runs on the CPU instead
@@ -93,7 +94,7 @@ def provider_start_failure(provider: str) -> str | None:
             with contextlib.suppress(Exception):
                 preload()
         try:
-            session = ort.InferenceSession(str(_PROBE_GRAPH), providers=[provider])
+            session = ort.InferenceSession(str(_PROBE_GRAPH), providers=[(provider, dict(options))])
             ran_on = session.get_providers()[0]
         except Exception as e:  # a provider that fails hard (a bad driver) raises instead of falling back
             ran_on, raised = None, str(e)
@@ -226,10 +227,14 @@ class Backend:
         """Whether ``device="auto"`` takes this backend on ``machine`` when it is installed (by rank)."""
         return True
 
-    @classmethod
-    def start_failure(cls) -> str | None:
-        """Why this installed backend does not start here (None: it does); asked once per process."""
-        return None if cls.provider == _CPU_PROVIDER else provider_start_failure(cls.provider)
+    def start_failure(self) -> str | None:
+        """Why this installed backend does not start here on its device (None: it does); asked once per
+        process and device."""
+        return None if self.provider == _CPU_PROVIDER else provider_start_failure(self.provider, self.probe_options())
+
+    def probe_options(self) -> tuple[tuple[str, str], ...]:
+        """The provider options ``start_failure`` tries: those that pick the device, nothing that builds."""
+        return ()
 
     @classmethod
     def refusal(cls, precision: str, machine: Machine) -> str | None:
@@ -356,6 +361,9 @@ class CudaBackend(Backend):
         "it needs an NVIDIA GPU with its driver, {cuda} and cuDNN 9 (pip install 'onnxruntime-gpu[cuda,cudnn]')"
     )
 
+    def probe_options(self) -> tuple[tuple[str, str], ...]:
+        return (("device_id", str(self.device_id())),)  # cuda:1 on a one-GPU machine fails here, not later
+
     def provider_options(self) -> dict[str, str]:
         # The arena grows by what a run asks for, not by doubling: towers of different sizes share a GPU.
         return {"device_id": str(self.device_id()), "arena_extend_strategy": "kSameAsRequested"}
@@ -370,6 +378,7 @@ class TensorRTBackend(Backend):
     copies_inputs = True
     fallbacks = ("CUDAExecutionProvider", "CPUExecutionProvider")
     target_help = "a GPU index (tensorrt:1)"
+    probe_options = CudaBackend.probe_options
     start_help = (
         "it needs what device cuda needs and TensorRT 10's libraries on the library path (pip install tensorrt, "
         "then add its tensorrt_libs folder to LD_LIBRARY_PATH); device cuda runs without them"
@@ -459,8 +468,7 @@ class OpenVINOBackend(Backend):
     def missing_help(cls, providers: Sequence[str]) -> str:
         return "needs the openvino package: pip install 'clipworks[openvino]', or use device cpu"
 
-    @classmethod
-    def start_failure(cls) -> str | None:
+    def start_failure(self) -> str | None:
         return None  # not an ONNX Runtime provider; provider_options checks the device OpenVINO sees
 
     @classmethod
@@ -543,7 +551,7 @@ def open_backend(
                 cls.installed(installed)
                 and cls.wanted_by_auto(machine)
                 and (usable is None or usable(cls))
-                and cls.start_failure() is None  # a GPU build of onnxruntime on a machine with no GPU
+                and cls(settings).start_failure() is None  # a GPU build of onnxruntime on a machine with no GPU
             )
         )
         return chosen(settings)
@@ -555,15 +563,15 @@ def open_backend(
         )
     if not cls.installed(installed):
         raise UsageError(f"device {device!r} {cls.missing_help(installed)}", setting="device")
-    failure = cls.start_failure()
+    backend = cls(settings, target)
+    backend.provider_options()  # a bad suffix (cuda:x) fails here, naming the device, not at the first session
+    failure = backend.start_failure()
     if failure is not None:
         raise UsageError(
             f"device {device!r}: ONNX Runtime has {cls.provider} but could not start it here ({failure}); "
             f"{cls.start_help.format(cuda=_cuda_of_this_build())}, or use device cpu",
             setting="device",
         )
-    backend = cls(settings, target)
-    backend.provider_options()  # a bad suffix (cuda:x) fails here, naming the device, not at the first session
     return backend
 
 
