@@ -386,7 +386,97 @@ def test_one_process_at_a_time_updates_the_index(tmp_path: Path, base: ExactInde
         )
         worker.start()
         assert not done.wait(1.0)
-        assert logs == [f"ann index: waiting for pid {os.getpid()}"]
+        assert logs == [f"ann index: waiting for pid {os.getpid()} to finish updating it"]
     worker.join(30)
     assert done.is_set() and logs[-1] == "ann index: +0 -0 vectors (0 replaced)"
     assert sync_ann(tmp_path, (KEY[0], 2), 1, base, "pq", logs.append) and len(logs) == 2  # current: no lock taken
+
+
+def test_a_rebuild_killed_before_its_state_leaves_no_mismatched_copy(
+    tmp_path: Path, base: ExactIndex, half_copies: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild replaces the index files, then writes its state: killed between the two, the old state names
+    the old build's copy beside the new build's entries (as many, other vectors). That pairing is found out
+    by the entries' signatures and rebuilt, not searched."""
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    other = exact_of(base.ids + 1, clustered(len(base), seed=11))  # the same count, other photos
+    killed = RuntimeError("killed before the state was written")
+
+    def kill(*_args: object) -> None:
+        raise killed
+
+    monkeypatch.setattr(ann_module, "atomic_write_text", kill)
+    with pytest.raises(RuntimeError, match="killed"):
+        sync_ann(tmp_path, (KEY[0], 2), 1, other, "pq")  # past the drift limit: a rebuild
+    monkeypatch.undo()
+    monkeypatch.setattr(ann_module, "PQ_HALF_COPY_ENTRIES", len(base) // 2)
+    logs: list[str] = []
+    ann = sync_ann(tmp_path, (KEY[0], 2), 1, other, "pq", logs.append)
+    assert any("building" in m for m in logs)
+    assert recall_at_10(ann, other, clustered(30, seed=12)) >= 0.95
+
+
+def test_entries_of_re_embedded_or_excluded_photos_do_not_crowd_out_the_rest(
+    tmp_path: Path, base: ExactIndex, half_copies: None
+) -> None:
+    """The 60 photos nearest a query re-embedded in place (each now has an old and a new entry), then the
+    query with those 60 excluded: the float16 ranking must still hand the next 10 to the exact re-ranking."""
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    q = np.asarray(base.matrix[7])
+    nearest = base.top_k(q, 60)[0]
+    matrix = np.array(base.matrix)
+    rows = np.searchsorted(base.ids, nearest)
+    matrix[rows] = l2_normalize(matrix[rows] + 0.05 * np.random.default_rng(2).standard_normal((60, DIM)))
+    moved = ExactIndex(base.ids, matrix.astype(np.float32))
+    logs: list[str] = []
+    ann = sync_ann(tmp_path, (KEY[0], 2), 1, moved, "pq", logs.append)
+    assert logs == ["ann index: +0 -0 vectors (60 replaced)"]
+    want = moved.top_k(q, 10, exclude=nearest.tolist())
+    got = ann.top_k(q, 10, exclude=nearest.tolist())
+    assert len(got[0]) == 10 and len(set(got[0].tolist()) & set(want[0].tolist())) >= 9
+
+
+def test_a_process_that_waited_for_the_lock_keeps_the_index_the_other_built(
+    tmp_path: Path, base: ExactIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --ann-dtype the kind follows the saved index: chosen again after the wait, not before it."""
+    import threading
+
+    from clipworks.atomic import held_lock
+
+    monkeypatch.setattr(ann_module, "PQ_DEFAULT_ROWS", len(base))  # with no index yet: IVF-PQ
+    files = ann_module._paths(tmp_path, KEY[0], 1)
+    tmp_path.mkdir(exist_ok=True)
+    logs: list[str] = []
+    with held_lock(files.index.with_suffix(".lock")):
+        waiter = threading.Thread(target=sync_ann, args=(tmp_path, KEY, 1, base, None, logs.append))
+        waiter.start()
+        while not logs:
+            waiter.join(0.05)
+        ann_module._update(files, KEY[1], base, "f16", lambda _m: None)  # the holder builds a graph meanwhile
+    waiter.join(30)
+    assert not waiter.is_alive() and not any("building" in m for m in logs)
+    assert json.loads(files.state.read_text())["dtype"] == "f16"
+
+
+def test_status_says_when_the_float16_copy_is_missing(tmp_path: Path, base: ExactIndex, half_copies: None) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    half_copy_of(tmp_path)[1].unlink()
+    assert "float16 copy is missing: rebuilt at the next query" in describe_ann(tmp_path, KEY, 1, None, len(base))
+
+
+@pytest.mark.parametrize("dim", [512, 100, 3])  # rows of 2 KB, of 400 bytes (across pages), of 12 bytes
+def test_scattered_rows_of_a_side_file_are_its_rows(tmp_path: Path, dim: int) -> None:
+    """The page hints before a gather stay inside the mapping (madvise refuses a range past it) whatever the
+    .npy header's length and the row size, and the rows read are the file's."""
+    from clipworks.library.search import HINTED_ROWS, scattered_rows
+
+    matrix = np.random.default_rng(dim).standard_normal((5000, dim)).astype(np.float32)
+    np.save(tmp_path / "m.npy", matrix)
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    rows = np.array([0, 1, 7, 2047, 2048, 4999])
+    np.testing.assert_array_equal(scattered_rows(mapped, rows), matrix[rows])
+    everything = np.arange(0, 5000, 5000 // HINTED_ROWS)[:HINTED_ROWS]
+    np.testing.assert_array_equal(scattered_rows(mapped, everything), matrix[everything])
+    np.testing.assert_array_equal(scattered_rows(mapped[100:], rows[:-1]), matrix[100:][rows[:-1]])  # a slice
+    np.testing.assert_array_equal(scattered_rows(matrix, rows), matrix[rows])  # in memory

@@ -53,8 +53,10 @@ def held_lock(lock_file: Path, waiting: Callable[[str], None] = lambda _holder: 
     try:
         import fcntl
 
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd: int | None = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except (ImportError, OSError):
+        fd = None
+    if fd is None:  # outside the except clause: the caller's own errors do not chain to this one
         yield
         return
     try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,7 @@ from clipworks import ops
 from clipworks.atomic import atomic_path, atomic_write_text, held_lock
 from clipworks.errors import UsageError
 from clipworks.extras import require
-from clipworks.library.search import ExactIndex, rank
+from clipworks.library.search import ExactIndex, rank, scattered_rows
 
 AnnMode = Literal["auto", "on", "off"]
 AnnDtype = Literal["f32", "f16", "i8", "pq"]
@@ -87,6 +88,9 @@ PQ_TRAIN_PER_LIST = 40  # k-means wants ~40 training vectors per list (faiss war
 # 7 ms; the copy is half the size, and it is read where the candidates are.
 PQ_HALF_COPY_ENTRIES = 3_000_000
 SIGNATURE_TOLERANCE = 1e-4
+# A float16 row's signature lies within ~3e-4 of its float32 vector's (rounding of 2**-11 per component);
+# another vector's lies O(1) away.
+HALF_TOLERANCE = 1e-2
 # A filter letting through at most this fraction of the photos is answered by an exact scan of just those:
 # cheaper than that fraction of a full scan, and a graph walk would meet few allowed nodes (poor recall).
 FILTER_EXACT_FRACTION = 0.2
@@ -293,13 +297,15 @@ class AnnIndex:
         nodes = found[0][found[0] >= 0]
         at = self._rows_of_entries(nodes, rows)  # candidates whose photo is still in the library (and allowed)
         nodes, at = nodes[at >= 0], at[at >= 0]
-        final = max(k * OVERSAMPLE + len(exclude), MIN_CANDIDATES)
+        final = max(k * OVERSAMPLE, MIN_CANDIDATES)
         if self.half is not None and len(nodes) > final:
-            order = np.argsort(nodes)  # ascending entries: the memory map is read front to back
-            coarse = np.asarray(self.half[nodes[order]], np.float32) @ query[0]
-            at = at[order[ops.top_k(coarse, final)[0]]]
+            nodes, at = _newest_entries(nodes, at, self.ids, exclude)
+            if len(nodes) > final:
+                order = np.argsort(nodes)  # ascending entries: the memory map is read front to back
+                coarse = np.asarray(self.half[nodes[order]], np.float32) @ query[0]
+                at = at[order[ops.top_k(coarse, final)[0]]]
         at = np.unique(at)  # a re-embedded photo may have two entries; ascending rows are mmap-friendly
-        scores = np.asarray(self.exact.matrix[at] @ query[0], np.float32)
+        scores = np.asarray(scattered_rows(self.exact.matrix, at) @ query[0], np.float32)
         return rank(self.ids[at], scores, k, threshold, exclude)  # ordered as the exact index orders
 
     def _rows_of_entries(self, nodes: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
@@ -339,7 +345,22 @@ class _Files(NamedTuple):
     def remove_other_halves(self, keep: str) -> None:
         for old in self.index.parent.glob(self.index.with_suffix(".*.f16").name):
             if old != self.half(keep):
-                old.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # still mapped by a reader on Windows: removed next time
+                    old.unlink()
+
+
+def _newest_entries(
+    nodes: np.ndarray, at: np.ndarray, ids: np.ndarray, exclude: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate entries (and their rows ``at``) reduced to one per photo, its newest (the entries of a
+    re-embedded photo before it hold its old vector: they would take the places of others in the float16
+    ranking), and none of an excluded photo."""
+    newest_first = np.argsort(-nodes, kind="stable")
+    _, first = np.unique(at[newest_first], return_index=True)
+    keep = newest_first[first]
+    if exclude:
+        keep = keep[~np.isin(ids[at[keep]], np.asarray(exclude, np.int64))]
+    return nodes[keep], at[keep]
 
 
 def _paths(folder: Path, library_id: int, model_id: int) -> _Files:
@@ -378,9 +399,16 @@ def _half_writer(path: Path | None, entries: int, dim: int) -> Iterator[BinaryIO
 
 def _open_half(path: Path, entries: int, dim: int) -> np.ndarray | None:
     """The first ``entries`` rows of a float16 copy, memory-mapped; None if it is missing or short."""
+    if entries == 0:
+        return np.zeros((0, dim), np.float16)
     with contextlib.suppress(OSError, ValueError):
         if path.stat().st_size >= entries * dim * 2:
-            return np.memmap(path, np.float16, "r", shape=(entries, dim)) if entries else np.zeros((0, dim), np.float16)
+            copy = np.memmap(path, np.float16, "r", shape=(entries, dim))
+            # Only ever read at scattered rows: a page missing from the cache is read alone, without the
+            # readahead meant for files read in order (which made each such row cost milliseconds).
+            with contextlib.suppress(AttributeError, OSError):
+                copy._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
+            return copy
     return None
 
 
@@ -399,10 +427,19 @@ def _open(files: _Files, state: AnnState, kind: IndexKind) -> tuple[Any, np.ndar
         return None
     if index.ntotal != state.nodes or len(labels) != index.ntotal or len(sigs) != index.ntotal:
         return None
+    sigs = sigs.astype(np.float32)
     half = _open_half(files.half(state.half), state.nodes, state.dim) if state.half else None
-    if state.half and half is None:
+    if state.half and (half is None or not _copy_matches(half, sigs)):
         return None
-    return index, labels.astype(np.int64), sigs.astype(np.float32), half
+    return index, labels.astype(np.int64), sigs, half
+
+
+def _copy_matches(half: np.ndarray, sigs: np.ndarray, samples: int = 64) -> bool:
+    """Whether the float16 copy holds the vectors the entries were added with, by their signatures at a few
+    entries: a rebuild killed after it replaced the index files but before its state was written leaves
+    the old build's copy beside the new build's entries (the same count, other vectors)."""
+    entries = np.unique(np.linspace(0, len(sigs) - 1, min(samples, len(sigs))).astype(np.int64))
+    return bool(np.all(np.abs(signatures(np.asarray(half[entries], np.float32)) - sigs[entries]) <= HALF_TOLERANCE))
 
 
 def sync_ann(
@@ -418,12 +455,15 @@ def sync_ann(
     beside it): the float16 copy is extended in place."""
     files = _paths(folder, key[0], model_id)
     state = _read_state(files.state)
-    dtype = _chosen(dtype, state, len(exact.ids))
-    kind = index_kind(dtype)
-    if state is not None and state.generation == key[1] and (opened := _open_matching(files, state, dtype, exact)):
-        return AnnIndex(exact, opened[0], opened[1], kind, opened[3])  # the common case: no lock, no writes
+    chosen = _chosen(dtype, state, len(exact.ids))
+    if state is not None and state.generation == key[1] and (opened := _open_matching(files, state, chosen, exact)):
+        return AnnIndex(exact, opened[0], opened[1], index_kind(chosen), opened[3])  # no lock, no writes
     folder.mkdir(parents=True, exist_ok=True)
-    with held_lock(files.index.with_suffix(".lock"), lambda holder: log(f"ann index: waiting for pid {holder}")):
+
+    def waiting(holder: str) -> None:
+        log(f"ann index: waiting for {f'pid {holder}' if holder else 'another process'} to finish updating it")
+
+    with held_lock(files.index.with_suffix(".lock"), waiting):
         return _update(files, key[1], exact, dtype, log)
 
 
@@ -435,11 +475,14 @@ def _open_matching(
     return _open(files, state, index_kind(dtype))
 
 
-def _update(files: _Files, generation: int, exact: ExactIndex, dtype: AnnDtype, log: Callable[[str], None]) -> AnnIndex:
+def _update(
+    files: _Files, generation: int, exact: ExactIndex, asked: AnnDtype | None, log: Callable[[str], None]
+) -> AnnIndex:
     ids, matrix = exact.ids, exact.matrix
     dim = int(matrix.shape[1])
-    kind = index_kind(dtype)
     state = _read_state(files.state)  # again: another process may have updated it while this one waited
+    dtype = _chosen(asked, state, len(ids))
+    kind = index_kind(dtype)
     opened = _open_matching(files, state, dtype, exact) if state is not None else None
     if opened is not None and state is not None and state.generation == generation:
         return AnnIndex(exact, opened[0], opened[1], kind, opened[3])
@@ -504,6 +547,8 @@ def describe_ann(folder: Path, key: tuple[int, int], model_id: int, dtype: AnnDt
     fresh = "current" if state.generation == key[1] else "updated at the next query"
     size = files.index.stat().st_size / 2**20
     described = f"{index_kind(state.dtype).name(state.dim)}: {state.count} vectors, {size:.0f} MiB, {fresh}"
-    if state.half:
+    if state.half and not files.half(state.half).is_file():
+        described += "; its float16 copy is missing: rebuilt at the next query"
+    elif state.half:
         described += f"; candidates ranked from a float16 copy ({state.nodes * state.dim * 2 / 2**20:.0f} MiB)"
     return described + "; exact re-rank"
