@@ -113,6 +113,29 @@ def combine_terms(
 # sequential product over the whole matrix is cheaper than gathering scattered rows (memory-mapped).
 GATHER_FRACTION = 0.25
 GATHER_BLOCK = 65_536
+# Gathers of at most this many rows tell the kernel their pages first (``scattered_rows``): a hint costs
+# ~10 us a row, which a cold row repays a thousand times and a cached one does not, so not for big gathers.
+HINTED_ROWS = 256
+
+
+def scattered_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows]`` for a few scattered ``rows``. Of a memory-mapped side file, the pages holding them
+    are first asked for together (``MADV_WILLNEED``): gathered one page fault at a time, each fault also
+    reads ahead as if the file were read in order, and 64 rows of a 20 GB side file out of the page cache
+    took 0.86 s (p50, a 2-core VM's disk) where the hinted gather took 1.4 ms."""
+    mapping = getattr(matrix, "_mmap", None)
+    # Only a whole memmap (its base is the mapping): a slice's offset into the mapping is not known here.
+    if mapping is not None and matrix.base is mapping and 0 < len(rows) <= HINTED_ROWS and hasattr(mapping, "madvise"):
+        import mmap
+
+        start_of_array = matrix.offset % mmap.ALLOCATIONGRANULARITY  # numpy maps from a granularity boundary
+        row_bytes = matrix.strides[0]
+        for row in np.asarray(rows, np.int64).tolist():
+            begin = start_of_array + row * row_bytes
+            page = begin - begin % mmap.PAGESIZE
+            with contextlib.suppress(OSError):  # a hint: where the kernel refuses it the gather is the same
+                mapping.madvise(mmap.MADV_WILLNEED, page, begin + row_bytes - page)
+    return np.asarray(matrix[rows])
 
 
 class VectorIndex(Protocol):
@@ -160,7 +183,7 @@ class ExactIndex:
         at = np.searchsorted(self.ids, wanted)
         if len(wanted) and (at.max() >= len(self.ids) or not np.array_equal(self.ids[at], wanted)):
             raise UsageError("some of those photos have no vector in the library: index them first")
-        return np.asarray(self.matrix[at], np.float32).reshape(len(wanted), self.matrix.shape[1])
+        return np.asarray(scattered_rows(self.matrix, at), np.float32).reshape(len(wanted), self.matrix.shape[1])
 
     def subset_scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of ``rows`` only: gathered a block at a time when few, else read off one full product."""
