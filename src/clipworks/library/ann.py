@@ -271,7 +271,7 @@ class AnnIndex:
         self.kind = kind
         self.half = half
         self.ids: np.ndarray = exact.ids
-        self._node_rows: np.ndarray | None = None  # index entry -> row of its file in ``ids`` (-1: gone)
+        self._node_rows: np.ndarray | None = None  # ``entry_rows``, once made
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -310,23 +310,28 @@ class AnnIndex:
 
     def _rows_of_entries(self, nodes: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
         """The row in ``ids`` of each entry's file, -1 where the photo is gone or ``allowed`` leaves it out."""
-        labels = self.labels[nodes]
-        at = np.minimum(np.searchsorted(self.ids, labels), max(len(self.ids) - 1, 0))
-        keep = self.ids[at] == labels
+        at = self.entry_rows()[nodes]
         if allowed is not None:
             place = np.minimum(np.searchsorted(allowed, at), len(allowed) - 1)
-            keep &= allowed[place] == at
-        return np.where(keep, at, -1)
+            at = np.where(allowed[place] == at, at, -1)
+        return at
+
+    def entry_rows(self) -> np.ndarray:
+        """Index entry -> row of its file in ``ids`` (-1: the photo is gone), made at the first query: 0.85 s
+        at 10M entries, where looking up each query's 1,024 candidates in ``ids`` took about 1 ms."""
+        if self._node_rows is None:
+            labels = self.labels
+            at = np.minimum(np.searchsorted(self.ids, labels), max(len(self.ids) - 1, 0))
+            self._node_rows = np.where(self.ids[at] == labels, at, -1) if len(self.ids) else np.full(len(labels), -1)
+        return self._node_rows
 
     def _allowing(self, rows: np.ndarray) -> Any:
         """faiss search parameters admitting only the entries of ``rows``' files (their newest entry, and
         dead ones of the same file, which the re-ranking drops or re-scores anyway)."""
         faiss = _faiss()
-        if self._node_rows is None:
-            self._node_rows = self._rows_of_entries(np.arange(len(self.labels)), None)
         allowed = np.zeros(len(self.ids) + 1, bool)  # the extra last slot stands for entries of no live row
         allowed[rows] = True
-        bits = np.packbits(allowed[self._node_rows], bitorder="little")
+        bits = np.packbits(allowed[self.entry_rows()], bitorder="little")
         selector = faiss.IDSelectorBitmap(len(self.labels), faiss.swig_ptr(bits))
         params = self.kind.parameters(selector)
         params._keep = (bits, selector)  # faiss holds raw pointers to both: they must live as long as params
