@@ -21,7 +21,7 @@ from clipworks.library.scan import image_extensions, walk
 from clipworks.library.search import Term, combine_terms, parse_query, query_texts
 from clipworks.library.store import Store
 from clipworks.runtime.encoder import ClipModel
-from library_helpers import file_ids, make_variants, stored_vectors
+from library_helpers import file_ids, library_of_dim, make_variants, stored_vectors
 
 
 @pytest.fixture
@@ -213,6 +213,37 @@ def test_side_file_is_used_and_replaced(tmp_path: Path, folder: Path, vit_bundle
     lib.index([folder])
     assert len(Library(db).search("x", top_k=100)) == len(photos) + 6
     assert len(list((tmp_path / "lib.db-vectors").glob("*.npy"))) == 2  # the stale generation is gone
+
+
+def test_the_side_file_is_streamed_from_the_database_in_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20,000 512-d vectors (40 MB) written into the side file 2,048 rows at a time: the peak of what Python
+    allocates meanwhile stays near two blocks (8 MB), not the 80 MB of all BLOBs plus the matrix (at 10M
+    photos that was 40 GB on a 24 GB machine). The file holds the rows as the database orders them."""
+    import tracemalloc
+
+    from clipworks.library import store as store_module
+    from clipworks.library.search import MatrixCache
+
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/photos/{i:05d}.jpg" for i in range(20_000)], 512)
+    monkeypatch.setattr(store_module, "LIVE_BLOCK_ROWS", 2048)
+    with Store(db) as store:
+        (model,) = store.models()
+        want_ids, want = store.live_vectors(model)
+        tracemalloc.start()
+        try:
+            index = MatrixCache(db, model).get(store)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+        assert isinstance(index.matrix, np.memmap) and len(want_ids) == 20_000
+        np.testing.assert_array_equal(index.ids, want_ids)
+        np.testing.assert_array_equal(index.matrix, want)
+        reopened = MatrixCache(db, model).get(store)  # another process: the file, not the database
+        np.testing.assert_array_equal(reopened.matrix, want)
 
 
 def test_recreated_library_never_reads_the_old_side_file(tmp_path: Path, vit_bundle: Path, photos):

@@ -21,7 +21,7 @@ import numpy as np
 from clipworks import ops
 from clipworks.atomic import atomic_path
 from clipworks.errors import UsageError
-from clipworks.library.store import ModelRow, Store
+from clipworks.library.store import ModelRow, Store, damaged
 
 
 class Hit(NamedTuple):
@@ -270,25 +270,43 @@ class MatrixCache:
                         return ExactIndex(ids, matrix), key
         with store.snapshot():
             key = store.side_file_key()
-            ids, matrix = store.live_vectors(self.model)
-        if self.side_file:
-            with contextlib.suppress(OSError):
-                self._write(key, ids, matrix)
-        return ExactIndex(ids, matrix), key
+            if self.side_file:
+                with contextlib.suppress(OSError):  # a full disk or a read-only folder: held in memory instead
+                    return self._write(key, store), key
+            return ExactIndex(*store.live_vectors(self.model)), key
 
-    def _write(self, key: tuple[int, int], ids: np.ndarray, matrix: np.ndarray) -> None:
+    def _write(self, key: tuple[int, int], store: Store) -> ExactIndex:
+        """The side file of ``key`` streamed from ``store`` a block at a time (10M vectors are 20 GB: not
+        read into memory first), opened as a memory map; older ones removed."""
         folder = cache_dir_for(self.db)
         folder.mkdir(exist_ok=True)
         ids_file, matrix_file = self._names(key)
-        for target, array in ((ids_file, ids), (matrix_file, matrix)):  # the matrix last: it marks completion
-            with atomic_path(target) as tmp, tmp.open("wb") as fh:
-                np.save(fh, array)
+        count = store.live_vector_count(self.model)
+        if count == 0:
+            return ExactIndex(np.zeros(0, np.int64), np.zeros((0, self.model.dim), np.float32))
+        ids = np.empty(count, np.int64)
+        with atomic_path(matrix_file) as tmp:  # the matrix last: its name appearing marks completion
+            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, self.model.dim))
+            filled = 0
+            for keys, vectors in store.live_vector_blocks(self.model):
+                if filled + len(keys) > count:
+                    raise damaged(self.db, "more vectors came back than it counted")
+                ids[filled : filled + len(keys)], matrix[filled : filled + len(keys)] = keys, vectors
+                filled += len(keys)
+            if filled != count:
+                raise damaged(self.db, f"{filled} vectors came back where it counted {count}")
+            matrix.flush()
+            del matrix
+            with atomic_path(ids_file) as ids_tmp, ids_tmp.open("wb") as fh:
+                np.save(fh, ids)
         ours = f"{key[0]:016x}-"
         stale = f"{ours}m{self.model.id}-g"
         for old in folder.glob("*.npy"):
             # Older generations of this model, and whatever an earlier database at this path left.
             if old not in (ids_file, matrix_file) and (old.name.startswith(stale) or not old.name.startswith(ours)):
-                old.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # still mapped by a reader on Windows: removed next time
+                    old.unlink()
+        return ExactIndex(ids, np.load(matrix_file, mmap_mode="r"))
 
 
 def duplicate_groups(index: ExactIndex, threshold: float, block: int = 1024) -> list[list[tuple[int, float]]]:

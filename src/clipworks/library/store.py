@@ -223,6 +223,11 @@ def to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=VECTOR_DTYPE).tobytes()
 
 
+LIVE_BLOCK_ROWS = 65_536  # 128 MiB of 512-d BLOBs, and as much again as a matrix
+# The rows of table {t} (moments m, embeddings e) that count for model ? : those of files still present.
+_PRESENT_VECTORS = "JOIN files f ON f.id = {t}.file_id WHERE {t}.model_id = ? AND f.deleted_at IS NULL"
+
+
 def from_blobs(blobs: Iterable[bytes], dim: int) -> np.ndarray:
     data = b"".join(blobs)
     return np.frombuffer(data, dtype=VECTOR_DTYPE).reshape(-1, dim).astype(np.float32, copy=False)
@@ -570,15 +575,39 @@ class Store:
     def live_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]:
         """(search keys, (N, D) float32) of every present photo and video moment with a vector for
         ``model``, ordered by key: the moments first, then the photos by file id."""
-        rows = self.conn.execute(
-            "SELECT e.file_id, e.vector FROM embeddings e JOIN files f ON f.id = e.file_id "
-            "WHERE e.model_id = ? AND f.deleted_at IS NULL UNION ALL "
+        blocks = list(self.live_vector_blocks(model))
+        if not blocks:
+            return np.zeros(0, np.int64), np.zeros((0, model.dim), np.float32)
+        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+    def live_vector_blocks(self, model: ModelRow) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``live_vectors`` a block of ``LIVE_BLOCK_ROWS`` at a time, in the same order: 10M 512-d vectors are
+        20 GB, which neither their BLOBs nor the matrix built from them may take in memory at once. Call it
+        inside ``snapshot`` where the blocks must be of one state."""
+        present = _PRESENT_VECTORS
+        # Moments' keys are negative and file ids positive: the moments, then the photos in the embeddings'
+        # own key order (no sort of 20 GB of BLOBs), is the order of all keys.
+        queries = (
             f"SELECT -(m.file_id * {MOMENT_SLOTS} + m.ordinal), m.vector FROM moments m "
-            "JOIN files f ON f.id = m.file_id WHERE m.model_id = ? AND f.deleted_at IS NULL ORDER BY 1",
-            (model.id, model.id),
-        ).fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        return ids, self._matrix(model, [r[1] for r in rows])
+            f"{present.format(t='m')} ORDER BY 1",
+            f"SELECT e.file_id, e.vector FROM embeddings e {present.format(t='e')} ORDER BY e.file_id",
+        )
+        for sql in queries:
+            cursor = self.conn.execute(sql, (model.id,))
+            while found := cursor.fetchmany(LIVE_BLOCK_ROWS):
+                keys = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
+                yield keys, self._matrix(model, [r[1] for r in found])
+
+    def live_vector_count(self, model: ModelRow) -> int:
+        """How many rows ``live_vectors`` has."""
+        present = _PRESENT_VECTORS
+        return int(
+            self.conn.execute(
+                f"SELECT (SELECT count(*) FROM moments m {present.format(t='m')}) "
+                f"+ (SELECT count(*) FROM embeddings e {present.format(t='e')})",
+                (model.id, model.id),
+            ).fetchone()[0]
+        )
 
     def _matrix(self, model: ModelRow, blobs: list[bytes]) -> np.ndarray:
         """The vectors as rows, refusing any whose length is not the model's dimension (read as is, one
