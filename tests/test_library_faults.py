@@ -26,7 +26,7 @@ from clipworks.cli.main import main
 from clipworks.library import Library
 from clipworks.library.store import Store
 from conftest import MODEL_CONFIGS
-from library_helpers import copy_photos, make_variants, stored_vectors
+from library_helpers import copy_photos, library_of_dim, make_variants, stored_vectors
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
@@ -398,3 +398,48 @@ def test_a_bundle_replaced_under_the_library_is_refused(
         assert conn.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 1
     code, _, err = run(capsys, "index", "export", tmp_path / "out.pkl", "--db", db)
     assert code == 0, err  # the stored vectors need no model to be exported
+
+
+# -- the side file ------------------------------------------------------------------------------------
+
+
+def test_a_side_file_that_does_not_fit_the_disk_leaves_the_matrix_in_memory(
+    disk: Disk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3,000 512-d vectors (6 MB) against a 2 MiB disk for the side file: the write fails with the disk's own
+    error (a file mapped for writing would have been killed by SIGBUS at the first page past the end), the
+    search holds the matrix in memory instead, and no half-written file stays behind."""
+    import resource
+
+    from clipworks.library.search import MatrixCache
+
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/photos/{i:05d}.jpg" for i in range(3000)], 512)
+    (tmp_path / "lib.db-vectors").symlink_to(disk.folder, target_is_directory=True)
+    if not disk.mounted:  # no tmpfs here: a file size limit fails the write the same way (EFBIG)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (disk.SIZE, limit[1]))
+        monkeypatch.setattr(disk, "close", lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit))
+    with Store(db) as store:
+        (model,) = store.models()
+        index = MatrixCache(db, model).get(store)
+        want_ids, want = store.live_vectors(model)
+    assert not isinstance(index.matrix, np.memmap)
+    np.testing.assert_array_equal(index.ids, want_ids)
+    np.testing.assert_array_equal(index.matrix, want)
+    assert list(disk.folder.iterdir()) == []
+
+
+def test_a_library_emptied_drops_its_old_side_file(tmp_path: Path) -> None:
+    from clipworks.library.search import MatrixCache
+
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/photos/{i:05d}.jpg" for i in range(100)], 32)
+    with Store(db) as store:
+        (model,) = store.models()
+        assert len(MatrixCache(db, model).get(store)) == 100
+        assert len(list((tmp_path / "lib.db-vectors").glob("*.npy"))) == 2
+        with store.write() as conn:
+            conn.execute("UPDATE files SET deleted_at = 1")
+        assert len(MatrixCache(db, model).get(store)) == 0
+    assert list((tmp_path / "lib.db-vectors").glob("*.npy")) == []

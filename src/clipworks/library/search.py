@@ -281,32 +281,39 @@ class MatrixCache:
         folder = cache_dir_for(self.db)
         folder.mkdir(exist_ok=True)
         ids_file, matrix_file = self._names(key)
-        count = store.live_vector_count(self.model)
-        if count == 0:
-            return ExactIndex(np.zeros(0, np.int64), np.zeros((0, self.model.dim), np.float32))
+        count, dim = store.live_vector_count(self.model), self.model.dim
         ids = np.empty(count, np.int64)
-        with atomic_path(matrix_file) as tmp:  # the matrix last: its name appearing marks completion
-            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, self.model.dim))
-            filled = 0
-            for keys, vectors in store.live_vector_blocks(self.model):
-                if filled + len(keys) > count:
-                    raise damaged(self.db, "more vectors came back than it counted")
-                ids[filled : filled + len(keys)], matrix[filled : filled + len(keys)] = keys, vectors
-                filled += len(keys)
-            if filled != count:
-                raise damaged(self.db, f"{filled} vectors came back where it counted {count}")
-            matrix.flush()
-            del matrix
-            with atomic_path(ids_file) as ids_tmp, ids_tmp.open("wb") as fh:
-                np.save(fh, ids)
+        if count:
+            # Written, not mapped for writing: a disk that fills up mid-file then raises ENOSPC (an OSError,
+            # answered by holding the matrix in memory) where a mapping's page would end the process (SIGBUS).
+            with atomic_path(matrix_file) as tmp, tmp.open("wb") as fh:  # the matrix last: it marks completion
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(fh, {**header, "shape": (count, dim)})
+                filled = 0
+                for keys, vectors in store.live_vector_blocks(self.model):
+                    if filled + len(keys) > count:
+                        raise damaged(self.db, "more vectors came back than it counted")
+                    ids[filled : filled + len(keys)] = keys
+                    fh.write(memoryview(np.ascontiguousarray(vectors, np.float32)).cast("B"))
+                    filled += len(keys)
+                if filled != count:
+                    raise damaged(self.db, f"{filled} vectors came back where it counted {count}")
+                fh.flush()
+                with atomic_path(ids_file) as ids_tmp, ids_tmp.open("wb") as ids_fh:
+                    np.save(ids_fh, ids)
+        self._remove_stale(folder, (ids_file, matrix_file), key)
+        if not count:
+            return ExactIndex(ids, np.zeros((0, dim), np.float32))
+        return ExactIndex(ids, np.load(matrix_file, mmap_mode="r"))
+
+    def _remove_stale(self, folder: Path, keep: tuple[Path, Path], key: tuple[int, int]) -> None:
+        """Older generations of this model, and whatever an earlier database at this path left."""
         ours = f"{key[0]:016x}-"
         stale = f"{ours}m{self.model.id}-g"
         for old in folder.glob("*.npy"):
-            # Older generations of this model, and whatever an earlier database at this path left.
-            if old not in (ids_file, matrix_file) and (old.name.startswith(stale) or not old.name.startswith(ours)):
+            if old not in keep and (old.name.startswith(stale) or not old.name.startswith(ours)):
                 with contextlib.suppress(OSError):  # still mapped by a reader on Windows: removed next time
                     old.unlink()
-        return ExactIndex(ids, np.load(matrix_file, mmap_mode="r"))
 
 
 def duplicate_groups(index: ExactIndex, threshold: float, block: int = 1024) -> list[list[tuple[int, float]]]:
