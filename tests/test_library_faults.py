@@ -443,3 +443,50 @@ def test_a_library_emptied_drops_its_old_side_file(tmp_path: Path) -> None:
             conn.execute("UPDATE files SET deleted_at = 1")
         assert len(MatrixCache(db, model).get(store)) == 0
     assert list((tmp_path / "lib.db-vectors").glob("*.npy")) == []
+
+
+def _ann_base(count: int = 3000, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal((count, dim)).astype(np.float32)
+    return np.arange(1, count + 1, dtype=np.int64), matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def test_an_ann_index_in_a_read_only_folder_is_updated_in_memory(disk: Disk) -> None:
+    """A saved index one generation behind, on a read-only share: the search still answers from the index,
+    updated for this process only, and nothing on the share changes."""
+    from clipworks.library.ann import sync_ann
+    from clipworks.library.search import ExactIndex
+
+    ids, matrix = _ann_base()
+    folder = disk.folder / "vectors"
+    sync_ann(folder, (1, 1), 1, ExactIndex(ids[:-100], matrix[:-100]), "pq")
+    before = {f.name: digest(f) for f in folder.iterdir()}
+    disk.read_only()
+    logs: list[str] = []
+    ann = sync_ann(folder, (1, 2), 1, ExactIndex(ids, matrix), "pq", logs.append)
+    assert logs[0] == f"ann index: {folder} cannot be written: the index is updated in memory, for this process only"
+    assert logs[1] == "ann index: +100 -0 vectors (0 replaced)"
+    assert ann.top_k(matrix[-1], 1)[0][0] == ids[-1]  # a photo only the in-memory update knows
+    assert {f.name: digest(f) for f in folder.iterdir()} == before
+
+
+def test_an_ann_index_that_does_not_fit_the_disk_is_one_line(disk: Disk, monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from clipworks.errors import ClipworksError
+    from clipworks.library.ann import sync_ann
+    from clipworks.library.search import ExactIndex
+
+    ids, matrix = _ann_base(20_000, 64)  # an f32 graph of ~7 MB against a 2 MiB disk
+    if disk.mounted:
+        disk.fill(leave=0)
+    else:  # no tmpfs here: a file size limit fails the write the same way (EFBIG)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
+        monkeypatch.setattr(disk, "close", lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit))
+    with pytest.raises(ClipworksError) as e:
+        sync_ann(disk.folder / "vectors", (1, 1), 1, ExactIndex(ids, matrix), "f32")
+    message = str(e.value)
+    assert message.startswith(f"cannot save the search index in {disk.folder / 'vectors'} (")
+    assert message.endswith("free some space, or search with --ann off") and "\n" not in message
+    assert not [f for f in (disk.folder / "vectors").iterdir() if f.suffix != ".lock"]  # no temporary files left

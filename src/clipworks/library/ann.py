@@ -42,7 +42,7 @@ import numpy as np
 
 from clipworks import ops
 from clipworks.atomic import atomic_path, atomic_write_text, held_lock
-from clipworks.errors import UsageError
+from clipworks.errors import ClipworksError, UsageError
 from clipworks.extras import require
 from clipworks.library.search import ExactIndex, rank, scattered_rows
 
@@ -463,13 +463,22 @@ def sync_ann(
     chosen = _chosen(dtype, state, len(exact.ids))
     if state is not None and state.generation == key[1] and (opened := _open_matching(files, state, chosen, exact)):
         return AnnIndex(exact, opened[0], opened[1], index_kind(chosen), opened[3])  # no lock, no writes
-    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):  # a library on a read-only share: searched all the same
+        log(f"ann index: {folder} cannot be written: the index is updated in memory, for this process only")
+        return _update(files, key[1], exact, dtype, log, save=False)
 
     def waiting(holder: str) -> None:
         log(f"ann index: waiting for {f'pid {holder}' if holder else 'another process'} to finish updating it")
 
-    with held_lock(files.index.with_suffix(".lock"), waiting):
-        return _update(files, key[1], exact, dtype, log)
+    try:
+        with held_lock(files.index.with_suffix(".lock"), waiting):
+            return _update(files, key[1], exact, dtype, log)
+    except OSError as e:  # a full disk, most often: the saved index is as it was (each file is replaced whole)
+        raise ClipworksError(
+            f"cannot save the search index in {folder} ({e.strerror or e}): free some space, or search with --ann off"
+        ) from None
 
 
 def _open_matching(
@@ -481,8 +490,15 @@ def _open_matching(
 
 
 def _update(
-    files: _Files, generation: int, exact: ExactIndex, asked: AnnDtype | None, log: Callable[[str], None]
+    files: _Files,
+    generation: int,
+    exact: ExactIndex,
+    asked: AnnDtype | None,
+    log: Callable[[str], None],
+    save: bool = True,
 ) -> AnnIndex:
+    """``sync_ann``'s work under its lock. ``save`` False: nothing is written (the folder is read-only), and
+    the index answers without a float16 copy (its new entries would have no rows in the saved one)."""
     ids, matrix = exact.ids, exact.matrix
     dim = int(matrix.shape[1])
     state = _read_state(files.state)  # again: another process may have updated it while this one waited
@@ -506,7 +522,7 @@ def _update(
         changed = state.changed_since_build + removed + int(fresh.sum())
         if changed <= REBUILD_FRACTION * max(len(ids), 1):
             rows = np.nonzero(fresh)[0]
-            half_name = state.half
+            half_name = state.half if save else ""
             with _half_writer(files.half(half_name) if half_name else None, state.nodes, dim) as half:
                 _add(index, matrix, rows, half)
             labels = np.concatenate([labels, ids[rows]])
@@ -518,11 +534,16 @@ def _update(
         log(f"ann index: building {kind.name(dim)} over {len(ids)} vectors")
         index, labels, sigs, changed = kind.new(dim, matrix), ids.copy(), current, 0
         # A new name: the copy the saved state points to stays whole until the new state replaces it.
-        half_name = secrets.token_hex(4) if kind.keeps_half_copy(len(ids)) else ""
+        half_name = secrets.token_hex(4) if save and kind.keeps_half_copy(len(ids)) else ""
         with _half_writer(files.half(half_name) if half_name else None, 0, dim) as half:
             _add(index, matrix, half=half)
+    if not save:
+        return AnnIndex(exact, index, labels, kind)
     with atomic_path(files.index) as tmp:
-        _faiss().write_index(index, str(tmp))
+        try:
+            _faiss().write_index(index, str(tmp))
+        except RuntimeError as e:  # faiss reports a failed write (a full disk) as its own error
+            raise OSError(f"faiss could not write {files.index.name}: {str(e).strip().splitlines()[-1]}") from e
     for target, array in ((files.labels, labels), (files.signatures, sigs)):
         with atomic_path(target) as tmp, tmp.open("wb") as fh:
             np.save(fh, array)
