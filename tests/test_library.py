@@ -204,15 +204,16 @@ def test_side_file_is_used_and_replaced(tmp_path: Path, folder: Path, vit_bundle
     lib = Library(db, str(vit_bundle), create=True)
     lib.index([folder / "more"])
     expected = lib.search("x", top_k=3)
-    side = sorted((tmp_path / "lib.db-vectors").glob("*.npy"))
-    assert [p.name.endswith(".ids.npy") for p in side] == [True, False]
+    side = tmp_path / "lib.db-vectors"
+    (rows,) = side.glob("*.f32")  # the rows, and which key each holds
+    assert rows.stat().st_size == 6 * lib.model_row.dim * 4 and len(list(side.glob("*.rows.npz"))) == 1
     fresh = Library(db)
     index = fresh.vectors()
     assert isinstance(index.matrix, np.memmap)  # a new process maps the side file instead of reading BLOBs
     assert fresh.search("x", top_k=3) == expected
     lib.index([folder])
     assert len(Library(db).search("x", top_k=100)) == len(photos) + 6
-    assert len(list((tmp_path / "lib.db-vectors").glob("*.npy"))) == 2  # the stale generation is gone
+    assert len(list(side.glob("*.f32"))) == 1 and len(list(side.glob("*.rows.npz"))) == 1  # the stale one is gone
 
 
 def test_the_side_file_is_streamed_from_the_database_in_bounded_memory(
@@ -255,7 +256,7 @@ def test_recreated_library_never_reads_the_old_side_file(tmp_path: Path, vit_bun
     old.search("x")  # writes the side file
     old.close()
     side = tmp_path / "lib.db-vectors"
-    assert list(side.glob("*.npy"))
+    assert list(side.glob("*.f32"))
     for f in tmp_path.glob("lib.db*"):  # the library deleted, its side folder left behind
         if f != side:
             f.unlink()
@@ -273,7 +274,7 @@ def test_recreated_library_never_reads_the_old_side_file(tmp_path: Path, vit_bun
     assert [h.path for h in hits] == want  # the new photos ranked by their own vectors
     np.testing.assert_allclose([h.score for h in hits], np.sort(scores)[::-1], atol=1e-5)
     assert not {str(p) for p in old_photos} & {h.path for h in hits}
-    assert len(list(side.glob("*.npy"))) == 2  # the old library's files are gone
+    assert len(list(side.glob("*.f32"))) == len(list(side.glob("*.rows.npz"))) == 1  # the old library's are gone
 
 
 def test_excluded_files_are_reported_as_excluded_and_come_back_without_embedding(

@@ -427,7 +427,7 @@ def test_a_side_file_that_does_not_fit_the_disk_leaves_the_matrix_in_memory(
     assert not isinstance(index.matrix, np.memmap)
     np.testing.assert_array_equal(index.ids, want_ids)
     np.testing.assert_array_equal(index.matrix, want)
-    assert list(disk.folder.iterdir()) == []
+    assert [p.suffix for p in disk.folder.iterdir()] in ([], [".lock"])  # nothing half-written
 
 
 def test_a_library_emptied_drops_its_old_side_file(tmp_path: Path) -> None:
@@ -438,11 +438,12 @@ def test_a_library_emptied_drops_its_old_side_file(tmp_path: Path) -> None:
     with Store(db) as store:
         (model,) = store.models()
         assert len(MatrixCache(db, model).get(store)) == 100
-        assert len(list((tmp_path / "lib.db-vectors").glob("*.npy"))) == 2
+        (rows,) = (tmp_path / "lib.db-vectors").glob("*.f32")
         with store.write() as conn:
             conn.execute("UPDATE files SET deleted_at = 1")
         assert len(MatrixCache(db, model).get(store)) == 0
-    assert list((tmp_path / "lib.db-vectors").glob("*.npy")) == []
+    assert not rows.exists()
+    assert [p.stat().st_size for p in (tmp_path / "lib.db-vectors").glob("*.f32")] == [0]
 
 
 def _ann_base(count: int = 3000, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:

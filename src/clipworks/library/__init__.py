@@ -487,24 +487,32 @@ class Library(LibraryBase):
     # -- search ------------------------------------------------------------------------------------
     def vectors(self) -> ExactIndex:
         """The current exact index of the model's vectors (rebuilt when the database changed)."""
+        return self._vectors_at()[0]
+
+    def _vectors_at(self) -> tuple[ExactIndex, tuple[int, int]]:
+        """`vectors`, and the key (library id, generation) whose vectors they are."""
         row = self.model_row
         with self._lock:
             if self._cache is None:
                 self._cache = MatrixCache(self.path, row, side_file=self._side_file)
-            return self._cache.get(self.store)
+            index = self._cache.get(self.store)
+            assert self._cache.key is not None
+            return index, self._cache.key
 
     def searcher(self, log: Callable[[str], None] = lambda _m: None) -> ExactIndex | AnnIndex:
         """What answers queries: the exact index, or an approximate one with exact re-ranking when ``ann``
         says so (``auto``: from ``ANN_MIN_ROWS`` photos on). That index is opened, updated or built here."""
-        exact = self.vectors()
+        exact, key = self._vectors_at()
         if not wants_ann(self.ann_mode, len(exact)):
             return exact
         with self._lock:
-            key = self.store.side_file_key()
+            # The generation of ``exact``, not the store's now: the index saved for it takes in the changes
+            # logged from there on (a write committed meanwhile is the next query's to take in).
             if self._ann is None or self._ann[0] != key or self._ann[1].exact is not exact:
                 from clipworks.library.search import cache_dir_for
 
-                index = sync_ann(cache_dir_for(self.path), key, self.model_row.id, exact, self.ann_dtype, log)
+                folder, model_id, changes = cache_dir_for(self.path), self.model_row.id, self.store.files_changed_since
+                index = sync_ann(folder, key, model_id, exact, self.ann_dtype, log, changes)
                 self._ann = (key, index)
             return self._ann[1]
 

@@ -45,6 +45,10 @@ from clipworks.atomic import atomic_path, atomic_write_text, held_lock
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.extras import require
 from clipworks.library.search import ExactIndex, rank, scattered_rows
+from clipworks.library.store import rows_of_files
+
+# (generation, most) -> the files whose vectors changed since then, None if unknown or more than ``most``.
+ChangedSince = Callable[[int, int], "np.ndarray | None"]
 
 AnnMode = Literal["auto", "on", "off"]
 AnnDtype = Literal["f32", "f16", "i8", "pq"]
@@ -263,7 +267,13 @@ class AnnIndex:
     copy first and only the best few are re-scored from the float32 matrix."""
 
     def __init__(
-        self, exact: ExactIndex, index: Any, labels: np.ndarray, kind: IndexKind, half: np.ndarray | None = None
+        self,
+        exact: ExactIndex,
+        index: Any,
+        labels: np.ndarray,
+        kind: IndexKind,
+        half: np.ndarray | None = None,
+        node_rows: np.ndarray | None = None,
     ) -> None:
         self.exact = exact  # ids sorted ascending (Store.live_vectors), matrix rows in that order
         self.index = index  # the faiss index that proposes candidates
@@ -271,7 +281,7 @@ class AnnIndex:
         self.kind = kind
         self.half = half
         self.ids: np.ndarray = exact.ids
-        self._node_rows: np.ndarray | None = None  # ``entry_rows``, once made
+        self._node_rows = node_rows  # ``entry_rows``, once made (an update knows them already)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -320,9 +330,7 @@ class AnnIndex:
         """Index entry -> row of its file in ``ids`` (-1: the photo is gone), made at the first query: 0.85 s
         at 10M entries, where looking up each query's 1,024 candidates in ``ids`` took about 1 ms."""
         if self._node_rows is None:
-            labels = self.labels
-            at = np.minimum(np.searchsorted(self.ids, labels), max(len(self.ids) - 1, 0))
-            self._node_rows = np.where(self.ids[at] == labels, at, -1) if len(self.ids) else np.full(len(labels), -1)
+            self._node_rows = _entry_rows(self.ids, self.labels)
         return self._node_rows
 
     def _allowing(self, rows: np.ndarray) -> Any:
@@ -375,16 +383,20 @@ def _paths(folder: Path, library_id: int, model_id: int) -> _Files:
 
 def _add(
     index: Any, matrix: np.ndarray, rows: np.ndarray | None = None, half: BinaryIO | None = None, block: int = 65_536
-) -> None:
+) -> np.ndarray:
     """Adds ``matrix`` (or its ``rows``) to ``index``, and as float16 to ``half`` where the index keeps a
-    copy. In blocks, so a memory-mapped matrix is paged in a slice at a time, and read once for both."""
+    copy; returns the added rows' signatures. In blocks, so a memory-mapped matrix is paged in a slice at a
+    time, and read once for all three."""
     count = len(matrix) if rows is None else len(rows)
+    added = [np.zeros(0, np.float32)]
     for start in range(0, count, block):
         part = matrix[start : start + block] if rows is None else matrix[rows[start : start + block]]
         part = np.ascontiguousarray(part, np.float32)
         index.add(part)
+        added.append(signatures(part))
         if half is not None:
             half.write(part.astype(np.float16).tobytes())
+    return np.concatenate(added)
 
 
 @contextlib.contextmanager
@@ -454,10 +466,12 @@ def sync_ann(
     exact: ExactIndex,
     dtype: AnnDtype | None = None,
     log: Callable[[str], None] = lambda _m: None,
+    changed_since: ChangedSince | None = None,
 ) -> AnnIndex:
     """The library's approximate index for ``key`` (library id, generation): opened, updated in place or
     rebuilt. ``dtype`` None: the one the saved index has. One process at a time updates it (a lock file
-    beside it): the float16 copy is extended in place."""
+    beside it): the float16 copy is extended in place. ``changed_since`` (`Store.files_changed_since`) names
+    the files whose vectors may differ from the saved index's; without it every row is compared."""
     files = _paths(folder, key[0], model_id)
     state = _read_state(files.state)
     chosen = _chosen(dtype, state, len(exact.ids))
@@ -467,14 +481,14 @@ def sync_ann(
         folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK):  # a library on a read-only share: searched all the same
         log(f"ann index: {folder} cannot be written: the index is updated in memory, for this process only")
-        return _update(files, key[1], exact, dtype, log, save=False)
+        return _update(files, key[1], exact, dtype, log, changed_since, save=False)
 
     def waiting(holder: str) -> None:
         log(f"ann index: waiting for {f'pid {holder}' if holder else 'another process'} to finish updating it")
 
     try:
         with held_lock(files.index.with_suffix(".lock"), waiting):
-            return _update(files, key[1], exact, dtype, log)
+            return _update(files, key[1], exact, dtype, log, changed_since)
     except OSError as e:  # a full disk, most often: the saved index is as it was (each file is replaced whole)
         raise ClipworksError(
             f"cannot save the search index in {folder} ({e.strerror or e}): free some space, or search with --ann off"
@@ -495,6 +509,7 @@ def _update(
     exact: ExactIndex,
     asked: AnnDtype | None,
     log: Callable[[str], None],
+    changed_since: ChangedSince | None = None,
     save: bool = True,
 ) -> AnnIndex:
     """``sync_ann``'s work under its lock. ``save`` False: nothing is written (the folder is read-only), and
@@ -507,38 +522,32 @@ def _update(
     opened = _open_matching(files, state, dtype, exact) if state is not None else None
     if opened is not None and state is not None and state.generation == generation:
         return AnnIndex(exact, opened[0], opened[1], kind, opened[3])
-    current = signatures(matrix)
     changed = 0
     if opened is not None and state is not None:
         index, labels, sigs, _ = opened
-        # The newest entry of each file id is the one that counts (older ones are dead after a re-embed).
-        last = {int(label): node for node, label in enumerate(labels)}
-        nodes = np.array([last.get(int(i), -1) for i in ids], np.int64)
-        known = nodes >= 0
-        fresh = ~known
-        fresh[known] = np.abs(sigs[nodes[known]] - current[known]) > SIGNATURE_TOLERANCE
-        removed = len(last) - int(known.sum())
-        replaced = int(fresh.sum()) - int((~known).sum())
-        changed = state.changed_since_build + removed + int(fresh.sum())
+        # Changes since the older of the two: a state another process saved may be newer than ``exact``.
+        since = min(state.generation, generation)
+        rows, removed, replaced, node_rows = _fresh_rows(exact, labels, sigs, since, changed_since)
+        changed = state.changed_since_build + removed + len(rows)
         if changed <= REBUILD_FRACTION * max(len(ids), 1):
-            rows = np.nonzero(fresh)[0]
             half_name = state.half if save else ""
             with _half_writer(files.half(half_name) if half_name else None, state.nodes, dim) as half:
-                _add(index, matrix, rows, half)
+                sigs = np.concatenate([sigs, _add(index, matrix, rows, half)])
             labels = np.concatenate([labels, ids[rows]])
-            sigs = np.concatenate([sigs, current[rows]])
+            node_rows = np.concatenate([node_rows, rows])
             log(f"ann index: +{len(rows) - replaced} -{removed} vectors ({replaced} replaced)")
         else:
             opened = None
     if opened is None:
         log(f"ann index: building {kind.name(dim)} over {len(ids)} vectors")
-        index, labels, sigs, changed = kind.new(dim, matrix), ids.copy(), current, 0
+        index, labels, changed = kind.new(dim, matrix), ids.copy(), 0
+        node_rows = np.arange(len(ids), dtype=np.int64)
         # A new name: the copy the saved state points to stays whole until the new state replaces it.
         half_name = secrets.token_hex(4) if save and kind.keeps_half_copy(len(ids)) else ""
         with _half_writer(files.half(half_name) if half_name else None, 0, dim) as half:
-            _add(index, matrix, half=half)
+            sigs = _add(index, matrix, half=half)
     if not save:
-        return AnnIndex(exact, index, labels, kind)
+        return AnnIndex(exact, index, labels, kind, node_rows=node_rows)
     with atomic_path(files.index) as tmp:
         try:
             _faiss().write_index(index, str(tmp))
@@ -551,7 +560,47 @@ def _update(
     atomic_write_text(files.state, json.dumps(asdict(saved)) + "\n")
     files.remove_other_halves(half_name)
     half_copy = _open_half(files.half(half_name), saved.nodes, dim) if half_name else None
-    return AnnIndex(exact, index, labels, kind, half_copy)
+    return AnnIndex(exact, index, labels, kind, half_copy, node_rows)
+
+
+def _fresh_rows(
+    exact: ExactIndex, labels: np.ndarray, sigs: np.ndarray, since: int, changed_since: ChangedSince | None
+) -> tuple[np.ndarray, int, int, np.ndarray]:
+    """What an update of the saved index (of generation ``since`` or later) adds: (the rows of ``exact``
+    whose vector it lacks, ascending; how many photos it has entries of that are gone; how many of those
+    rows replace an entry; each entry's row).
+
+    A row is fresh when no entry has its key, or when its newest entry's signature differs (re-embedded).
+    Only the rows of the files the change log names are compared, where there is a log (at 10M photos,
+    comparing every row reads all 20 GB of vectors); without one, every row is."""
+    ids = exact.ids
+    node_rows = _entry_rows(ids, labels)
+    present = node_rows >= 0
+    newest = np.full(len(ids), -1, np.int64)  # the newest entry of each row: older ones are dead
+    np.maximum.at(newest, node_rows[present], np.flatnonzero(present))
+    known = newest >= 0
+    named = changed_since(since, int(REBUILD_FRACTION * len(ids)) + 1) if changed_since else None
+    if named is None:
+        compared = np.flatnonzero(known)
+        current = signatures(exact.matrix)[compared]
+        removed = len(np.unique(labels[~present]))  # every photo gone since the build, again each time
+    else:
+        compared = rows_of_files(ids, named)
+        compared = compared[known[compared]]
+        current = signatures(exact.matrix[compared])
+        removed = len(np.intersect1d(labels[~present], named))
+    fresh = ~known
+    fresh[compared] = np.abs(sigs[newest[compared]] - current) > SIGNATURE_TOLERANCE
+    rows = np.flatnonzero(fresh)
+    return rows, removed, len(rows) - int((~known).sum()), node_rows
+
+
+def _entry_rows(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Index entry -> row of its file in ``ids`` (sorted), -1 where the photo is gone."""
+    if not len(ids):
+        return np.full(len(labels), -1, np.int64)
+    at = np.minimum(np.searchsorted(ids, labels), len(ids) - 1)
+    return np.where(ids[at] == labels, at, -1)
 
 
 def _chosen(dtype: AnnDtype | None, state: AnnState | None, rows: int) -> AnnDtype:

@@ -10,7 +10,9 @@ matrix-vector product instead of reading every BLOB out of SQLite.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,9 @@ from typing import Literal, NamedTuple, Protocol
 import numpy as np
 
 from clipworks import ops
-from clipworks.atomic import atomic_path
+from clipworks.atomic import atomic_path, held_lock
 from clipworks.errors import UsageError
-from clipworks.library.store import ModelRow, Store, damaged
+from clipworks.library.store import ModelRow, Store, damaged, rows_of_files
 
 
 class Hit(NamedTuple):
@@ -231,14 +233,65 @@ def cache_dir_for(db: Path) -> Path:
     return db.with_name(db.name + "-vectors")
 
 
+class SideRows:
+    """A matrix whose row i is ``physical[rows[i]]``: the rows of a side file in key order after changes
+    were appended at its end (`MatrixCache`). It reads as an array's rows do: a slice is another such view,
+    an index array gathers those rows (hinted, see ``scattered_rows``), ``@ query`` scores every row, and
+    ``np.asarray`` gathers them all."""
+
+    ndim = 2
+
+    def __init__(self, physical: np.ndarray, rows: np.ndarray) -> None:
+        self.physical = physical  # the whole memory map: dead rows (replaced, removed) are never read
+        self.rows = rows
+        self.shape = (len(rows), int(physical.shape[1]))
+        self.dtype = physical.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: slice | np.ndarray) -> SideRows | np.ndarray:
+        if isinstance(item, slice):
+            return SideRows(self.physical, self.rows[item])
+        return scattered_rows(self.physical, self.rows[np.asarray(item)])
+
+    def __matmul__(self, query: np.ndarray) -> np.ndarray:
+        return np.asarray(self.physical @ query)[self.rows]  # one sequential pass, dead rows included
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        gathered = np.asarray(self.physical[self.rows])
+        return gathered if dtype is None else gathered.astype(dtype, copy=False)
+
+
+# A change to fewer than this fraction of the files is appended to the side file (the files it touched read
+# from SQLite); more, and the whole file is written again. So is a file whose dead rows (of vectors since
+# replaced or removed) would pass the second fraction of it.
+EXTEND_FRACTION = 0.1
+DEAD_FRACTION = 0.25
+
+
+class _Map(NamedTuple):
+    """Which rows of a side file hold one generation's vectors: ``ids`` sorted, ``rows`` their rows in the
+    file (empty: row i holds ids[i]), ``token`` names the file, ``count`` how many rows it had then."""
+
+    generation: int
+    ids: np.ndarray
+    rows: np.ndarray
+    token: str
+    count: int
+
+
 class MatrixCache:
     """The current matrix of one model: in memory, else the side file, else rebuilt from SQLite.
 
-    The side file (``<db>-vectors/<library id>-m<model>-g<generation>.npy`` and ``.ids.npy``) lets a fresh
-    process start with a memory map instead of decoding every BLOB. Its name is its key: the random id
-    the database got when it was created, so that a library deleted and made again at the same path
-    (whose generation counts up from 0 again) never reads the old one's vectors, and the generation,
-    so that any change rebuilds it. Only a file of exactly this key is opened; others are removed.
+    The side file lets a fresh process start with a memory map instead of decoding every BLOB. In
+    ``<db>-vectors/``: the rows, raw float32 (``<library id>-m<model>.<token>.f32``), which are only ever
+    appended to, and for each generation a map of which row holds each key (``...-g<generation>.rows.npz``).
+    A change since a mapped generation appends the vectors of the files it touched (`Store.files_changed_since`)
+    and maps the new generation: at 10M photos an `index add` of a few photos writes a few MB, not the 20 GB
+    of every row. Names start with the random id the database got when it was created, so a library deleted
+    and made again at the same path (whose generation counts up from 0 again) never reads the old one's
+    vectors; anything else in the folder of this model, or of another library id, is removed.
     """
 
     def __init__(self, db: Path, model: ModelRow, *, side_file: bool = True) -> None:
@@ -253,65 +306,151 @@ class MatrixCache:
             self.index, self.key = self._load(store)
         return self.index
 
-    def _names(self, key: tuple[int, int]) -> tuple[Path, Path]:
-        library_id, generation = key
-        base = cache_dir_for(self.db) / f"{library_id:016x}-m{self.model.id}-g{generation}"
-        return base.with_suffix(".ids.npy"), base.with_suffix(".npy")
+    def _base(self, library_id: int) -> Path:
+        return cache_dir_for(self.db) / f"{library_id:016x}-m{self.model.id}"
+
+    def _map_file(self, key: tuple[int, int]) -> Path:
+        return self._base(key[0]).with_name(f"{self._base(key[0]).name}-g{key[1]}.rows.npz")
+
+    def _rows_file(self, library_id: int, token: str) -> Path:
+        return self._base(library_id).with_suffix(f".{token}.f32")
 
     def _load(self, store: Store) -> tuple[ExactIndex, tuple[int, int]]:
         if self.side_file:
             key = store.side_file_key()
-            ids_file, matrix_file = self._names(key)
-            if matrix_file.is_file() and ids_file.is_file():
-                with contextlib.suppress(OSError, ValueError):
-                    ids = np.load(ids_file)
-                    matrix = np.load(matrix_file, mmap_mode="r")
-                    if ids.ndim == 1 and matrix.shape == (len(ids), self.model.dim):
-                        return ExactIndex(ids, matrix), key
+            if (opened := self._open(key)) is not None:
+                return opened, key
+            with contextlib.suppress(OSError):  # a full disk or a read-only folder: held in memory instead
+                return self._update(store)
         with store.snapshot():
+            return ExactIndex(*store.live_vectors(self.model)), store.side_file_key()
+
+    def _read_map(self, key: tuple[int, int]) -> _Map | None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with np.load(self._map_file(key), allow_pickle=False) as saved:
+                found = _Map(key[1], saved["ids"], saved["rows"], str(saved["token"]), int(saved["count"]))
+            consistent = found.ids.ndim == 1 and (
+                len(found.rows) == len(found.ids) if len(found.rows) else found.count == len(found.ids)
+            )
+            if consistent and self._rows_file(key[0], found.token).stat().st_size >= found.count * self._row_bytes:
+                return found
+        return None
+
+    @property
+    def _row_bytes(self) -> int:
+        return self.model.dim * 4
+
+    def _open(self, key: tuple[int, int]) -> ExactIndex | None:
+        """The side file as mapped for ``key``, or None (not made yet, or not whole)."""
+        found = self._read_map(key)
+        if found is None:
+            return None
+        if found.count == 0:
+            return ExactIndex(found.ids, np.zeros((0, self.model.dim), np.float32))
+        physical = np.memmap(self._rows_file(key[0], found.token), np.float32, "r", shape=(found.count, self.model.dim))
+        if not len(found.rows):
+            return ExactIndex(found.ids, physical)
+        if int(found.rows.max()) >= found.count:
+            return None
+        return ExactIndex(found.ids, SideRows(physical, found.rows))
+
+    def _update(self, store: Store) -> tuple[ExactIndex, tuple[int, int]]:
+        """The side file brought to the store's generation, under a lock beside it (a change is appended
+        in place): opened if another process made it meanwhile, else extended, else written anew."""
+        library_id = store.side_file_key()[0]
+        cache_dir_for(self.db).mkdir(exist_ok=True)
+        with held_lock(self._base(library_id).with_suffix(".lock")), store.snapshot():
             key = store.side_file_key()
-            if self.side_file:
-                with contextlib.suppress(OSError):  # a full disk or a read-only folder: held in memory instead
-                    return self._write(key, store), key
-            return ExactIndex(*store.live_vectors(self.model)), key
+            index = self._open(key) or self._extend(key, store) or self._write(key, store)
+            return index, key
+
+    def _extend(self, key: tuple[int, int], store: Store) -> ExactIndex | None:
+        """The newest earlier generation's side file with the vectors of the files changed since appended,
+        or None where that is not worth it (or there is none)."""
+        base = self._newest_map(key)
+        if base is None:
+            return None
+        changed = store.files_changed_since(base.generation, max(1, int(EXTEND_FRACTION * len(base.ids))))
+        if changed is None:
+            return None
+        rows_file = self._rows_file(key[0], base.token)
+        end = rows_file.stat().st_size // self._row_bytes  # after rows an interrupted append left: never mapped
+        keys, vectors = store.live_vectors(self.model, changed)
+        kept = np.ones(len(base.ids), bool)
+        kept[rows_of_files(base.ids, changed)] = False
+        total = end + len(keys)
+        if total - (int(kept.sum()) + len(keys)) > DEAD_FRACTION * total:
+            return None
+        try:
+            with rows_file.open("r+b") as fh:
+                fh.seek(end * self._row_bytes)
+                fh.write(np.ascontiguousarray(vectors, np.float32).tobytes())  # a change's few rows
+                fh.flush()
+                os.fsync(fh.fileno())  # before the map that points at them
+        except OSError:  # a full disk: no map points past ``end`` (this process holds the lock)
+            with contextlib.suppress(OSError):
+                os.truncate(rows_file, end * self._row_bytes)
+            raise
+        old_rows = base.rows if len(base.rows) else np.arange(len(base.ids), dtype=np.int64)
+        kept_ids, kept_rows = base.ids[kept], old_rows[kept]
+        at = np.searchsorted(kept_ids, keys)
+        ids = np.insert(kept_ids, at, keys)
+        rows = np.insert(kept_rows, at, np.arange(end, total, dtype=np.int64))
+        self._save_map(key, _Map(key[1], ids, rows, base.token, total))
+        return self._open(key)
+
+    def _newest_map(self, key: tuple[int, int]) -> _Map | None:
+        prefix = f"{self._base(key[0]).name}-g"
+        generations = []
+        for path in cache_dir_for(self.db).glob(f"{prefix}*.rows.npz"):
+            with contextlib.suppress(ValueError):
+                generations.append(int(path.name[len(prefix) : -len(".rows.npz")]))
+        earlier = [g for g in generations if g < key[1]]  # a later one is of a database since replaced
+        return self._read_map((key[0], max(earlier))) if earlier else None
 
     def _write(self, key: tuple[int, int], store: Store) -> ExactIndex:
-        """The side file of ``key`` streamed from ``store`` a block at a time (10M vectors are 20 GB: not
-        read into memory first), opened as a memory map; older ones removed."""
-        folder = cache_dir_for(self.db)
-        folder.mkdir(exist_ok=True)
-        ids_file, matrix_file = self._names(key)
-        count, dim = store.live_vector_count(self.model), self.model.dim
+        """A new side file for ``key``, streamed from ``store`` a block at a time (10M vectors are 20 GB:
+        not read into memory first)."""
+        token = secrets.token_hex(4)
+        rows_file = self._rows_file(key[0], token)
+        count = store.live_vector_count(self.model)
         ids = np.empty(count, np.int64)
-        if count:
+        filled = 0
+        try:
             # Written, not mapped for writing: a disk that fills up mid-file then raises ENOSPC (an OSError,
             # answered by holding the matrix in memory) where a mapping's page would end the process (SIGBUS).
-            with atomic_path(matrix_file) as tmp, tmp.open("wb") as fh:  # the matrix last: it marks completion
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
-                np.lib.format.write_array_header_1_0(fh, {**header, "shape": (count, dim)})
-                filled = 0
+            with rows_file.open("wb") as fh:
                 for keys, vectors in store.live_vector_blocks(self.model):
                     if filled + len(keys) > count:
                         raise damaged(self.db, "more vectors came back than it counted")
                     ids[filled : filled + len(keys)] = keys
                     fh.write(memoryview(np.ascontiguousarray(vectors, np.float32)).cast("B"))
                     filled += len(keys)
-                if filled != count:
-                    raise damaged(self.db, f"{filled} vectors came back where it counted {count}")
                 fh.flush()
-                with atomic_path(ids_file) as ids_tmp, ids_tmp.open("wb") as ids_fh:
-                    np.save(ids_fh, ids)
-        self._remove_stale(folder, (ids_file, matrix_file), key)
-        if not count:
-            return ExactIndex(ids, np.zeros((0, dim), np.float32))
-        return ExactIndex(ids, np.load(matrix_file, mmap_mode="r"))
+                os.fsync(fh.fileno())
+            if filled != count:
+                raise damaged(self.db, f"{filled} vectors came back where it counted {count}")
+            self._save_map(key, _Map(key[1], ids, np.zeros(0, np.int64), token, count))
+        except BaseException:
+            rows_file.unlink(missing_ok=True)
+            raise
+        return self._open(key) or ExactIndex(ids, np.zeros((0, self.model.dim), np.float32))
 
-    def _remove_stale(self, folder: Path, keep: tuple[Path, Path], key: tuple[int, int]) -> None:
-        """Older generations of this model, and whatever an earlier database at this path left."""
+    def _save_map(self, key: tuple[int, int], found: _Map) -> None:
+        """Writes the map of ``key`` (it marks the generation's side file complete), then removes what
+        no longer counts: other generations' maps, other rows files, other libraries' files."""
+        with atomic_path(self._map_file(key)) as tmp, tmp.open("wb") as fh:
+            np.savez(fh, ids=found.ids, rows=found.rows, token=np.array(found.token), count=np.array(found.count))
+            fh.flush()
+            os.fsync(fh.fileno())
+        keep = {self._map_file(key), self._rows_file(key[0], found.token)}
         ours = f"{key[0]:016x}-"
-        stale = f"{ours}m{self.model.id}-g"
-        for old in folder.glob("*.npy"):
-            if old not in keep and (old.name.startswith(stale) or not old.name.startswith(ours)):
+        this_model = self._base(key[0]).name
+        for old in cache_dir_for(self.db).iterdir():
+            name = old.name
+            mine = name.startswith(f"{this_model}-g") or (name.startswith(f"{this_model}.") and name.endswith(".f32"))
+            theirs = not name.startswith(ours) and name.endswith((".npy", ".npz", ".f32"))
+            if old not in keep and (mine or theirs):
                 with contextlib.suppress(OSError):  # still mapped by a reader on Windows: removed next time
                     old.unlink()
 

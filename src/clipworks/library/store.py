@@ -10,6 +10,7 @@ processes know when their cached matrix is stale.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import time
@@ -26,6 +27,33 @@ from clipworks.errors import ClipworksError, UsageError
 
 BUSY_TIMEOUT_MS = 30_000
 VECTOR_DTYPE = np.dtype("<f4")
+
+
+def _change_triggers() -> str:
+    """Schema 7's triggers: each logs the file of a row written or removed in a table search reads. Part of
+    a released migration: change them in a new one."""
+    # Delete, then insert: an INSERT OR REPLACE in a trigger takes the conflict policy of the statement that
+    # fired it, and under an outer INSERT OR IGNORE would keep the older generation.
+    log = (
+        "DELETE FROM changed_files WHERE file_id = {0}; INSERT INTO changed_files (file_id, generation) "
+        "VALUES ({0}, (SELECT value FROM state WHERE key = 'generation'));"
+    )
+    triggers = [
+        (f"{table}_{event.lower()}", event, table, [f"{row}.file_id" for row in rows], "")
+        for table in ("embeddings", "moments")
+        for event, rows in (("INSERT", ["NEW"]), ("UPDATE", ["OLD", "NEW"]), ("DELETE", ["OLD"]))
+    ]
+    triggers += [
+        ("files_presence", "UPDATE OF deleted_at", "files", ["NEW.id"],
+         "WHEN (OLD.deleted_at IS NULL) IS NOT (NEW.deleted_at IS NULL)"),
+        ("files_delete", "DELETE", "files", ["OLD.id"], ""),
+    ]  # fmt: skip
+    return "".join(
+        f"CREATE TRIGGER {name}_logged AFTER {event} ON {table} {when} BEGIN "
+        f"{' '.join(log.format(file_id) for file_id in file_ids)} END;\n"
+        for name, event, table, file_ids, when in triggers
+    )
+
 
 # Each entry upgrades the schema by one version; append, never edit a released one.
 MIGRATIONS: list[str] = [
@@ -139,6 +167,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE models ADD COLUMN precision TEXT;
     ALTER TABLE models ADD COLUMN decode TEXT;
     """,
+    # 7: which files' vectors changed since a generation (`Store.files_changed_since`), so that a side file
+    # or an approximate index of 10M vectors takes in a change by reading the few files it touched. One row
+    # per file: the generation its last change was made from (the counter goes up at commit, so a change
+    # logged as g is in generation g + 1 on). Kept by triggers on every table a search reads (a vector
+    # written or removed, a file gone or back), so no code path that writes can forget it. It is complete
+    # from ``changes_from`` on: the generation this migration ran at.
+    """
+    CREATE TABLE changed_files (file_id INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
+    CREATE INDEX changed_files_generation ON changed_files(generation);
+    INSERT INTO state (key, value) SELECT 'changes_from', value FROM state WHERE key = 'generation';
+    """
+    + _change_triggers(),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 CHECKED_TABLES = ("roots", "files", "models", "state")  # what a writer checks first (see `Store._check`)
@@ -209,6 +249,21 @@ def files_of(keys: np.ndarray) -> np.ndarray:
     """The file id of each search key (a photo's own id, a moment's video)."""
     keys = np.asarray(keys, np.int64)
     return np.where(keys > 0, keys, -keys // MOMENT_SLOTS)
+
+
+def rows_of_files(keys: np.ndarray, files: np.ndarray) -> np.ndarray:
+    """The positions (ascending) in sorted search ``keys`` of every key of ``files``: a photo's own key and
+    a video's moments. By binary search, not by ``files_of`` over every key: ``keys`` may be 10M long."""
+    keys, files = np.asarray(keys, np.int64), np.unique(np.asarray(files, np.int64))
+    if not len(keys) or not len(files):
+        return np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(keys, files), len(keys) - 1)
+    found = [at[keys[at] == files]]
+    # A video's moments are the keys -(id * MOMENT_SLOTS + ordinal): one run of keys per video.
+    first = np.searchsorted(keys, -(files * MOMENT_SLOTS + MOMENT_SLOTS - 1), "left")
+    last = np.searchsorted(keys, -(files * MOMENT_SLOTS), "right")
+    found += [np.arange(a, b) for a, b in zip(first.tolist(), last.tolist(), strict=True) if b > a]
+    return np.unique(np.concatenate(found))
 
 
 class Target(NamedTuple):
@@ -572,39 +627,58 @@ class Store:
 
         return metadata_of(self.conn, file_ids)
 
-    def live_vectors(self, model: ModelRow) -> tuple[np.ndarray, np.ndarray]:
+    def live_vectors(self, model: ModelRow, files: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(search keys, (N, D) float32) of every present photo and video moment with a vector for
-        ``model``, ordered by key: the moments first, then the photos by file id."""
-        blocks = list(self.live_vector_blocks(model))
+        ``model`` (of ``files`` only, when given), ordered by key: the moments first, then the photos by
+        file id."""
+        blocks = list(self.live_vector_blocks(model, files))
         if not blocks:
             return np.zeros(0, np.int64), np.zeros((0, model.dim), np.float32)
         return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
-    def live_vector_blocks(self, model: ModelRow) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def live_vector_blocks(
+        self, model: ModelRow, files: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``live_vectors`` a block of ``LIVE_BLOCK_ROWS`` at a time, in the same order: 10M 512-d vectors are
         20 GB, which neither their BLOBs nor the matrix built from them may take in memory at once. Call it
         inside ``snapshot`` where the blocks must be of one state."""
-        present = _PRESENT_VECTORS
+        chosen, parameters = "", [model.id]
+        if files is not None:  # one parameter whatever the count (SQLite allows 32,766 of them)
+            chosen = " AND f.id IN (SELECT value FROM json_each(?))"
+            parameters.append(json.dumps(np.asarray(files, np.int64).tolist()))
         # Moments' keys are negative and file ids positive: the moments, then the photos in the embeddings'
         # own key order (no sort of 20 GB of BLOBs), is the order of all keys.
         queries = (
             f"SELECT -(m.file_id * {MOMENT_SLOTS} + m.ordinal), m.vector FROM moments m "
-            f"{present.format(t='m')} ORDER BY 1",
-            f"SELECT e.file_id, e.vector FROM embeddings e {present.format(t='e')} ORDER BY e.file_id",
+            f"{_PRESENT_VECTORS.format(t='m')}{chosen} ORDER BY 1",
+            f"SELECT e.file_id, e.vector FROM embeddings e {_PRESENT_VECTORS.format(t='e')}{chosen} ORDER BY e.file_id",
         )
         for sql in queries:
-            cursor = self.conn.execute(sql, (model.id,))
+            cursor = self.conn.execute(sql, parameters)
             while found := cursor.fetchmany(LIVE_BLOCK_ROWS):
                 keys = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
                 yield keys, self._matrix(model, [r[1] for r in found])
 
+    def files_changed_since(self, generation: int, most: int) -> np.ndarray | None:
+        """The ids (ascending) of the files whose vectors or presence changed after ``generation``: what a
+        side file or index of that generation must read again. None where there are more than ``most`` (or
+        the log, from schema 7, does not reach back that far): reading everything is then as quick."""
+        row = self.conn.execute("SELECT value FROM state WHERE key = 'changes_from'").fetchone()
+        if row is None or generation < int(row[0]):
+            return None
+        found = self.conn.execute(
+            "SELECT file_id FROM changed_files WHERE generation >= ? LIMIT ?", (generation, most + 1)
+        ).fetchall()
+        if len(found) > most:
+            return None
+        return np.unique(np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found)))
+
     def live_vector_count(self, model: ModelRow) -> int:
         """How many rows ``live_vectors`` has."""
-        present = _PRESENT_VECTORS
         return int(
             self.conn.execute(
-                f"SELECT (SELECT count(*) FROM moments m {present.format(t='m')}) "
-                f"+ (SELECT count(*) FROM embeddings e {present.format(t='e')})",
+                f"SELECT (SELECT count(*) FROM moments m {_PRESENT_VECTORS.format(t='m')}) "
+                f"+ (SELECT count(*) FROM embeddings e {_PRESENT_VECTORS.format(t='e')})",
                 (model.id, model.id),
             ).fetchone()[0]
         )
@@ -684,7 +758,15 @@ def now() -> float:
 
 
 def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """The statements of ``script``, split at the semicolons that end one (not those inside a trigger)."""
+    statements, part = [], ""
+    for piece in script.split(";"):
+        part += piece + ";"
+        if sqlite3.complete_statement(part):
+            if part.strip(" \n;"):
+                statements.append(part.strip())
+            part = ""
+    return statements
 
 
 def _add_to_list(joined: str | None, value: str) -> str:

@@ -1,0 +1,359 @@
+"""The change log (schema 7) and what reads it: a side file and an approximate index that take in a small
+change by reading the files it touched, not every vector (at 10M photos, 20 GB)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipworks.library import Library
+from clipworks.library.ann import _fresh_rows, sync_ann
+from clipworks.library.search import DEAD_FRACTION, ExactIndex, MatrixCache, SideRows
+from clipworks.library.store import MIGRATIONS, SCHEMA_VERSION, ModelRow, Store, moment_key, rows_of_files, to_blob
+from library_helpers import library_of_dim
+
+DIM = 16
+NEW_FILE = "INSERT INTO files (id, path, size, mtime_ns, updated_at) VALUES (?, CAST(? AS TEXT), 0, 0, 0)"
+PUT_VECTOR = "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)"
+PUT_MOMENT = "INSERT INTO moments VALUES (?, ?, ?, ?, ?)"
+
+
+def unit(rng: np.random.Generator, rows: int = 1) -> np.ndarray:
+    vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def side_folder(db: Path) -> Path:
+    return db.with_name(db.name + "-vectors")
+
+
+def rows_files(db: Path) -> list[Path]:
+    return sorted(side_folder(db).glob("*.f32"))
+
+
+def add_file(conn: sqlite3.Connection, file_id: int, path: str) -> None:
+    conn.execute(NEW_FILE, (file_id, path.encode()))
+
+
+# -- the log -------------------------------------------------------------------------------------------
+
+
+def test_every_write_a_search_sees_logs_its_file_and_nothing_else(tmp_path: Path) -> None:
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/p/{i:02d}.jpg" for i in range(1, 21)], DIM)
+    rng = np.random.default_rng(0)
+    blob = to_blob(unit(rng)[0])
+    with Store(db) as store:
+        (model,) = store.models()
+        m = model.id
+        writes: list[tuple[str, list[tuple[str, tuple]], set[int]]] = [
+            ("a vector replaced", [("INSERT OR REPLACE INTO embeddings VALUES (?, 2, ?)", (m, blob))], {2}),
+            ("a vector updated", [("UPDATE embeddings SET vector = ? WHERE file_id = 3", (blob,))], {3}),
+            ("a vector deleted", [("DELETE FROM embeddings WHERE file_id = 4", ())], {4}),
+            # Under an outer OR IGNORE, a trigger's own OR REPLACE would have kept the log's older generation.
+            ("a vector written again under OR IGNORE",
+             [("INSERT OR IGNORE INTO embeddings VALUES (?, 4, ?)", (m, blob))], {4}),
+            ("a file gone", [("UPDATE files SET deleted_at = 1 WHERE id = 5", ())], {5}),
+            ("a file back", [("UPDATE files SET deleted_at = NULL WHERE id = 5", ())], {5}),
+            ("a file deleted with its vectors", [("DELETE FROM files WHERE id = 6", ())], {6}),
+            ("a video's moments", [(PUT_MOMENT, (m, 7, o, o, blob)) for o in range(3)], {7}),
+            ("the moments removed", [("DELETE FROM moments WHERE file_id = 7", ())], {7}),
+            ("metadata only", [("UPDATE files SET make = 'Canon', size = 5 WHERE id = 8", ())], set()),
+            ("a gone file's time of going", [("UPDATE files SET deleted_at = 1 WHERE id = 9", ()),
+                                             ("UPDATE files SET deleted_at = 2 WHERE id = 9", ())], {9}),
+            ("a file added with its vector", [(NEW_FILE, (30, b"/p/30.jpg")), (PUT_VECTOR, (m, 30, blob))], {30}),
+            ("the model's vectors all removed", [("DELETE FROM models WHERE id = ?", (m,))],
+             set(range(1, 21)) - {6} | {30}),
+        ]  # fmt: skip
+        for what, statements, expected in writes:
+            before = store.generation()
+            with store.write() as conn:
+                for sql, parameters in statements:
+                    conn.execute(sql, parameters)
+            changed = store.files_changed_since(before, 100)
+            assert changed is not None and set(changed.tolist()) == expected, what
+            assert store.files_changed_since(before + 1, 100).tolist() == [], what  # nothing since
+
+
+def test_the_log_answers_only_from_its_migration_on_and_for_few_files(tmp_path: Path) -> None:
+    """A library from before schema 7: what changed before the migration is not known (None: read all)."""
+    db = tmp_path / "lib.db"
+    conn = sqlite3.connect(db)
+    conn.executescript("".join(MIGRATIONS[:6]))
+    conn.execute("PRAGMA user_version = 6")
+    conn.execute("UPDATE state SET value = 41 WHERE key = 'generation'")
+    conn.commit()
+    conn.close()
+    with Store(db) as store:
+        assert store.version == SCHEMA_VERSION
+        assert store.files_changed_since(40, 100) is None  # from before the log began
+        assert store.files_changed_since(41, 100).tolist() == []
+        model = store.ensure_model("m", "f", DIM, None)
+        with store.write() as conn:
+            for i in range(1, 6):
+                add_file(conn, i, f"/p/{i}.jpg")
+                conn.execute("INSERT INTO embeddings VALUES (?, ?, ?)", (model.id, i, to_blob(np.ones(DIM))))
+        assert store.files_changed_since(41, 5).tolist() == [1, 2, 3, 4, 5]
+        assert store.files_changed_since(41, 4) is None  # more than asked for: the caller reads everything
+
+
+def test_rows_of_files_finds_a_photo_and_every_moment_of_a_video() -> None:
+    keys = np.sort(np.array([moment_key(3, o) for o in range(4)] + [moment_key(8, 0), 1, 2, 3, 5, 9], np.int64))
+    found = rows_of_files(keys, np.array([3, 9, 4]))
+    assert sorted(keys[found].tolist()) == sorted([moment_key(3, o) for o in range(4)] + [3, 9])
+    assert rows_of_files(keys, np.array([], np.int64)).tolist() == []
+    assert rows_of_files(np.array([], np.int64), np.array([3])).tolist() == []
+
+
+# -- the side file -------------------------------------------------------------------------------------
+
+
+def assert_current(index: ExactIndex, store: Store) -> None:
+    (model,) = store.models()
+    ids, matrix = store.live_vectors(model)
+    np.testing.assert_array_equal(index.ids, ids)
+    np.testing.assert_array_equal(np.asarray(index.matrix), matrix)
+    query = unit(np.random.default_rng(9))[0]
+    np.testing.assert_allclose(index.scores(query), matrix @ query, atol=1e-6)  # BLAS blocks rows its own way
+    some = ids[:: max(1, len(ids) // 7)]
+    np.testing.assert_array_equal(index.vectors_of(some), matrix[np.searchsorted(ids, some)])
+
+
+def test_a_small_change_is_appended_to_the_side_file_not_written_again(tmp_path: Path) -> None:
+    """Photos added, re-embedded and gone, a video's moments added and then replaced: each change appends
+    just the vectors of the files it touched to the same rows file, and the index equals SQLite's vectors
+    (keys, every row, scores) in this process and in a new one."""
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/p/{i:03d}.jpg" for i in range(1, 201)], DIM)
+    rng = np.random.default_rng(1)
+    with Store(db) as store:
+        (model,) = store.models()
+        cache = MatrixCache(db, model)
+        assert_current(cache.get(store), store)
+        (rows_file,) = rows_files(db)
+        row_bytes = DIM * 4
+        assert rows_file.stat().st_size == 200 * row_bytes
+
+        def change(statements: list[tuple[str, tuple]], appended: int) -> None:
+            size = rows_file.stat().st_size
+            with store.write() as conn:
+                for sql, parameters in statements:
+                    conn.execute(sql, parameters)
+            index = cache.get(store)
+            assert rows_files(db) == [rows_file], "a change of a few files wrote a new side file"
+            assert rows_file.stat().st_size == size + appended * row_bytes
+            assert isinstance(index.matrix, SideRows)
+            assert_current(index, store)
+            assert_current(MatrixCache(db, model).get(store), store)  # another process: the map and the rows
+
+        def blob() -> bytes:
+            return to_blob(unit(rng)[0])
+
+        m = model.id
+        change(
+            [(NEW_FILE, (300 + i, f"/p/new{i}.jpg".encode())) for i in range(3)]
+            + [(PUT_VECTOR, (m, 300 + i, blob())) for i in range(3)],
+            3,
+        )
+        change([(PUT_VECTOR, (m, i, blob())) for i in (5, 77)], 2)
+        change([("UPDATE files SET deleted_at = 1 WHERE id IN (6, 150, 301)", ())], 0)
+        change([(NEW_FILE, (400, b"/v.mp4"))] + [(PUT_MOMENT, (m, 400, o, o * 2.0, blob())) for o in range(4)], 4)
+        change(
+            [("DELETE FROM moments WHERE file_id = 400", ())]
+            + [(PUT_MOMENT, (m, 400, o, o * 1.0, blob())) for o in range(2)],
+            2,
+        )
+        change([("UPDATE files SET deleted_at = NULL WHERE id = 150", ())], 1)  # fmt: skip
+        maps = sorted(side_folder(db).glob("*.rows.npz"))
+        assert len(maps) == 1 and maps[0].name.endswith(f"-g{store.generation()}.rows.npz")  # older maps removed
+
+
+def test_an_old_generation_stays_readable_while_a_change_is_appended(tmp_path: Path) -> None:
+    """A reader holding the index of an earlier generation reads the same vectors after the file grew:
+    appended rows never overwrite mapped ones."""
+    db = tmp_path / "lib.db"
+    vectors = library_of_dim(db, [f"/p/{i:03d}.jpg" for i in range(1, 101)], DIM)
+    with Store(db) as store:
+        (model,) = store.models()
+        old = MatrixCache(db, model).get(store)
+        before = np.asarray(old.matrix).copy()
+        with store.write() as conn:
+            conn.execute(PUT_VECTOR, (model.id, 1, to_blob(-vectors["/p/001.jpg"])))
+        assert_current(MatrixCache(db, model).get(store), store)
+    np.testing.assert_array_equal(np.asarray(old.matrix), before)
+
+
+@contextmanager
+def hundred_photos(tmp_path: Path) -> Iterator[tuple[Path, Store, ModelRow, MatrixCache, Path]]:
+    """A library of 100 photos whose side file is made: (db, store, model, its cache, the rows file)."""
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/p/{i:03d}.jpg" for i in range(1, 101)], DIM)
+    with Store(db) as store:
+        (model,) = store.models()
+        cache = MatrixCache(db, model)
+        cache.get(store)
+        (rows_file,) = rows_files(db)
+        yield db, store, model, cache, rows_file
+
+
+def test_rows_an_interrupted_append_left_are_never_read(tmp_path: Path) -> None:
+    with hundred_photos(tmp_path) as (db, store, model, _, rows_file):
+        with rows_file.open("ab") as fh:  # a process killed mid-append: a row and a half of garbage
+            fh.write(np.full(DIM + DIM // 2, np.nan, np.float32).tobytes())
+        with store.write() as conn:
+            conn.execute(PUT_VECTOR, (model.id, 7, to_blob(np.eye(DIM)[0])))
+        index = MatrixCache(db, model).get(store)
+        assert_current(index, store)
+        assert not np.isnan(np.asarray(index.matrix)).any()
+
+
+def test_a_side_file_mostly_of_dead_rows_is_written_again(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    with hundred_photos(tmp_path) as (db, store, model, cache, first):
+        rounds = 0
+        while rows_files(db) == [first]:
+            with store.write() as conn:  # 9 of 100 re-embedded a time: under the 10% that is appended
+                for i in rng.choice(np.arange(1, 101), 9, replace=False).tolist():
+                    conn.execute(PUT_VECTOR, (model.id, i, to_blob(unit(rng)[0])))
+            assert_current(cache.get(store), store)
+            rounds += 1
+        assert rounds == 1 + int(DEAD_FRACTION * 100 / (1 - DEAD_FRACTION) // 9)  # dead rows past the fraction
+        assert not first.exists()
+        (second,) = rows_files(db)
+        assert second.stat().st_size == 100 * DIM * 4  # written anew: live rows only
+
+
+def test_a_large_change_writes_the_side_file_again(tmp_path: Path) -> None:
+    with hundred_photos(tmp_path) as (db, store, _, cache, first):
+        with store.write() as conn:
+            conn.execute("UPDATE files SET deleted_at = 1 WHERE id <= 20")
+        assert_current(cache.get(store), store)
+        assert rows_files(db) != [first] and rows_files(db)[0].stat().st_size == 80 * DIM * 4
+
+
+def test_a_side_file_from_before_the_log_is_written_again(tmp_path: Path) -> None:
+    """The side file of a generation from before schema 7 cannot know what changed since: written anew."""
+    with hundred_photos(tmp_path) as (db, store, model, _, first):
+        with store.write() as conn:
+            conn.execute("UPDATE files SET deleted_at = 1 WHERE id = 3")
+            conn.execute("UPDATE state SET value = (SELECT value + 2 FROM state WHERE key = 'generation') "
+                         "WHERE key = 'changes_from'")  # fmt: skip
+        assert_current(MatrixCache(db, model).get(store), store)
+        assert rows_files(db) != [first]
+
+
+# -- the approximate index -----------------------------------------------------------------------------
+
+
+class CountingRows(SideRows):
+    """The side file's rows, counting how many any read gathers."""
+
+    def __init__(self, physical: np.ndarray, rows: np.ndarray, tally: list[int]) -> None:
+        super().__init__(physical, rows)
+        self.tally = tally
+
+    def __getitem__(self, item):  # type: ignore[no-untyped-def]
+        part = super().__getitem__(item)
+        if isinstance(part, SideRows):
+            return CountingRows(part.physical, part.rows, self.tally)
+        self.tally.append(len(part))
+        return part
+
+    def __array__(self, dtype=None, copy=None):  # type: ignore[no-untyped-def]
+        self.tally.append(len(self.rows))
+        return super().__array__(dtype, copy)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "pq"])
+def test_the_index_update_reads_only_the_files_the_log_names(tmp_path: Path, dtype: str) -> None:
+    """With the log, an update of a 3,000-vector index compares and adds the rows of the 12 files it names
+    (re-embedded, new, gone), not all 3,000; the index it makes is the one a full comparison makes."""
+    rng = np.random.default_rng(3)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    matrix = unit(rng, 3000)
+    sync_ann(tmp_path / "log", (1, 1), 1, ExactIndex(ids, matrix), dtype)
+    sync_ann(tmp_path / "all", (1, 1), 1, ExactIndex(ids, matrix), dtype)
+    changed = np.array([10, 20, 30, 40, 3001, 3002, 3003, 3004, 5, 6, 7, 8], np.int64)
+    new_ids = np.concatenate([np.setdiff1d(ids, [5, 6, 7, 8]), [3001, 3002, 3003, 3004]])
+    new = matrix[np.minimum(new_ids, 3000) - 1].copy()
+    new[np.isin(new_ids, [10, 20, 30, 40, 3001, 3002, 3003, 3004])] = unit(rng, 8)
+    tally: list[int] = []
+    exact = ExactIndex(new_ids, CountingRows(new, np.arange(len(new_ids)), tally))
+    asked: list[tuple[int, int]] = []
+
+    def changes(generation: int, most: int) -> np.ndarray:
+        asked.append((generation, most))
+        return changed
+
+    logs: list[str] = []
+    ann = sync_ann(tmp_path / "log", (1, 2), 1, exact, dtype, logs.append, changes)
+    assert asked == [(1, 601)] and sum(tally) <= 2 * len(changed), tally  # compared, then added
+    assert logs == ["ann index: +4 -4 vectors (4 replaced)"]
+    full = sync_ann(tmp_path / "all", (1, 2), 1, ExactIndex(new_ids, new), dtype)
+    np.testing.assert_array_equal(ann.labels, full.labels)
+    query = new[np.searchsorted(new_ids, 3002)]
+    assert ann.top_k(query, 5)[0].tolist() == full.top_k(query, 5)[0].tolist()
+    assert ann.top_k(query, 1)[0].tolist() == [3002]
+    # What `entry_rows` would make from scratch, handed over by the update.
+    np.testing.assert_array_equal(ann.entry_rows(), type(ann)(exact, ann.index, ann.labels, ann.kind).entry_rows())
+
+
+def test_without_a_log_every_row_is_compared(tmp_path: Path) -> None:
+    """Without a log (None: from before schema 7, or too many changes), every row is compared."""
+    rng = np.random.default_rng(4)
+    ids = np.arange(1, 2001, dtype=np.int64)
+    matrix = unit(rng, 2000)
+    state_folder = tmp_path / "ann"
+    sync_ann(state_folder, (1, 1), 1, ExactIndex(ids, matrix), "f32")
+    moved = matrix.copy()
+    moved[99] = unit(rng)[0]
+    opened = sync_ann(state_folder, (1, 1), 1, ExactIndex(ids, matrix), "f32")
+    rows, removed, replaced, _ = _fresh_rows(ExactIndex(ids, moved), opened.labels, _sigs(state_folder), 1, None)
+    assert rows.tolist() == [99] and (removed, replaced) == (0, 1)
+    rows, *_ = _fresh_rows(ExactIndex(ids, moved), opened.labels, _sigs(state_folder), 1, lambda g, m: None)
+    assert rows.tolist() == [99]
+
+
+def _sigs(folder: Path) -> np.ndarray:
+    from clipworks.library.ann import _paths
+
+    return np.load(_paths(folder, 1, 1).signatures).astype(np.float32)
+
+
+# -- the library ---------------------------------------------------------------------------------------
+
+
+def test_a_library_after_index_changes_answers_as_one_read_from_sqlite(tmp_path: Path) -> None:
+    """A library of 2,000 photos with its approximate index: photos re-embedded next to the query, new
+    ones and gone ones, in several commits; each search afterwards answers as a library without side file
+    or index does, and the side file was appended to, not written again."""
+    db = tmp_path / "lib.db"
+    paths = [f"/p/{i:04d}.jpg" for i in range(2000)]
+    library_of_dim(db, paths, DIM)
+    rng = np.random.default_rng(6)
+    query = unit(rng)[0]
+    with Library(db, ann="on", ann_dtype="f32") as library:
+        library.search_vector(query, top_k=10)
+        (first,) = rows_files(db)
+        for round_no in range(3):
+            with Store(db) as store, store.write() as conn:
+                (model,) = store.models()
+                for i in rng.choice(2000, 5, replace=False).tolist():
+                    near = query + 0.05 * unit(rng)[0]
+                    conn.execute(PUT_VECTOR, (model.id, i + 1, to_blob(near / np.linalg.norm(near))))
+                for i in range(3):
+                    file_id = 5000 + round_no * 10 + i
+                    add_file(conn, file_id, f"/p/new-{round_no}-{i}.jpg")
+                    conn.execute(PUT_VECTOR, (model.id, file_id, to_blob(unit(rng)[0])))
+                conn.execute(
+                    "UPDATE files SET deleted_at = 1 WHERE id IN (SELECT id FROM files ORDER BY random() LIMIT 4)"
+                )
+            hits = library.search_vector(query, top_k=10)
+            with Library(db, ann="off", side_file=False) as plain:
+                assert hits == plain.search_vector(query, top_k=10), round_no
+        assert rows_files(db) == [first]
