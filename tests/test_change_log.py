@@ -11,10 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipworks.library import Library
+from clipworks.library import Library, make_filters
 from clipworks.library.ann import _fresh_rows, sync_ann
+from clipworks.library.metadata import Facets, FileFacets
 from clipworks.library.search import DEAD_FRACTION, ExactIndex, MatrixCache, SideRows
-from clipworks.library.store import MIGRATIONS, SCHEMA_VERSION, ModelRow, Store, moment_key, rows_of_files, to_blob
+from clipworks.library.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    ModelRow,
+    Store,
+    files_of,
+    moment_key,
+    rows_of_files,
+    to_blob,
+)
 from library_helpers import library_of_dim
 
 DIM = 16
@@ -63,7 +73,9 @@ def test_every_write_a_search_sees_logs_its_file_and_nothing_else(tmp_path: Path
             ("a file deleted with its vectors", [("DELETE FROM files WHERE id = 6", ())], {6}),
             ("a video's moments", [(PUT_MOMENT, (m, 7, o, o, blob)) for o in range(3)], {7}),
             ("the moments removed", [("DELETE FROM moments WHERE file_id = 7", ())], {7}),
-            ("metadata only", [("UPDATE files SET make = 'Canon', size = 5 WHERE id = 8", ())], set()),
+            ("metadata a filter reads", [("UPDATE files SET make = 'Canon', taken_at = 5 WHERE id = 8", ())], {8}),
+            ("what no search reads", [("UPDATE files SET size = 5, hash = 'x' WHERE id = 8", ())], set()),
+            ("a facet written as it was", [("UPDATE files SET make = 'Canon' WHERE id = 8", ())], set()),
             ("a gone file's time of going", [("UPDATE files SET deleted_at = 1 WHERE id = 9", ()),
                                              ("UPDATE files SET deleted_at = 2 WHERE id = 9", ())], {9}),
             ("a file added with its vector", [(NEW_FILE, (30, b"/p/30.jpg")), (PUT_VECTOR, (m, 30, blob))], {30}),
@@ -357,3 +369,58 @@ def test_a_library_after_index_changes_answers_as_one_read_from_sqlite(tmp_path:
             with Library(db, ann="off", side_file=False) as plain:
                 assert hits == plain.search_vector(query, top_k=10), round_no
         assert rows_files(db) == [first]
+
+
+def facet_rows(facets: Facets) -> list[tuple]:
+    """Each row's facets with its camera by name (codes differ between a table kept and one read anew)."""
+    names = [*facets.cameras, None]
+    columns = (facets.taken_at, facets.local, facets.lat, facets.lon, facets.video)
+    known = [np.where(np.isnan(c.astype(float)), None, c.astype(float)) for c in columns]  # NaN is not NaN
+    return [(*(c[i] for c in known), names[facets.camera[i]]) for i in range(len(facets.taken_at))]
+
+
+def test_the_filters_arrays_take_in_a_change_by_reading_the_files_it_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cameras, capture times and places changed, photos added and gone, a video added: after each change
+    the arrays filters read equal those read anew from SQLite, and only the changed files were read."""
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/p/{i:03d}.jpg" for i in range(1, 201)], DIM)
+    reads: list[int | None] = []
+    read = FileFacets.read.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[FileFacets], conn: sqlite3.Connection, files: np.ndarray | None = None) -> FileFacets:
+        reads.append(None if files is None else len(files))
+        return read(cls, conn, files)
+
+    monkeypatch.setattr(FileFacets, "read", classmethod(counted))
+    rng = np.random.default_rng(8)
+    changes = [
+        "UPDATE files SET make = 'Canon', model = 'EOS R5', taken_at = 1.6e9, taken_offset = 3600 WHERE id IN (3, 4)",
+        "UPDATE files SET make = 'CANON', model = 'EOS R5', lat = 48.85, lon = 2.35 WHERE id = 5",
+        "UPDATE files SET make = NULL, model = NULL WHERE id = 3",
+        "UPDATE files SET deleted_at = 1 WHERE id IN (10, 11)",
+        "UPDATE files SET deleted_at = NULL, make = 'Nikon' WHERE id = 10",
+    ]
+    with Library(db, ann="off") as library:
+        assert facet_rows(library.facets())  # the first read: every file
+        assert reads == [None]
+        for number, sql in enumerate([*changes, "video"]):
+            with Store(db) as store, store.write() as conn:
+                if sql == "video":
+                    (model,) = store.models()
+                    add_file(conn, 900, "/v.mp4")
+                    conn.execute("UPDATE files SET kind = 'video', taken_at = 1.7e9 WHERE id = 900")
+                    for o in range(3):
+                        conn.execute(PUT_MOMENT, (model.id, 900, o, float(o), to_blob(unit(rng)[0])))
+                else:
+                    conn.execute(sql)
+            facets = library.facets()
+            with Store(db) as store, store.snapshot() as conn:
+                files = files_of(store.live_vectors(store.models()[0])[0])
+                assert facet_rows(facets) == facet_rows(FileFacets.read(conn).of_rows(files)), sql
+            assert reads[-2] is not None and reads[-2] <= 2, (number, reads)  # the library's: just those files
+        videos = library.filtered_rows(make_filters(kind="video"))
+        assert len(videos) == 3 and set(files_of(library.vectors().ids[videos]).tolist()) == {900}
+        canon = library.filtered_rows(make_filters(camera="canon"))
+        assert set(library.vectors().ids[canon].tolist()) == {4, 5}

@@ -36,7 +36,7 @@ from clipworks.models.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from clipworks.library.interchange import ExportReport
-    from clipworks.library.metadata import Facets, Metadata, SortKey
+    from clipworks.library.metadata import Facets, FileFacets, Metadata, SortKey
 
 __all__ = [
     "SCHEMA_VERSION", "Filters", "Hit", "IndexReport", "Library", "LibraryStatus", "Term", "make_filters",
@@ -432,8 +432,9 @@ class Library(LibraryBase):
         self.ann_mode: AnnMode = ann
         self.ann_dtype: AnnDtype | None = ann_dtype  # None: what the saved index has
         self._ann: tuple[tuple[int, int], AnnIndex] | None = None
-        # The filterable metadata of that index's rows, and the file of each row.
-        self._facets: tuple[ExactIndex, Facets, np.ndarray] | None = None
+        # The filterable metadata of that index's rows, the file of each row, and the per-file table they
+        # come from with the generation it was read at (a change reads again only the files it touched).
+        self._facets: tuple[ExactIndex, Facets, np.ndarray, FileFacets, int] | None = None
 
         self.path = Path(db).expanduser() if db is not None else db_path()
         self._init_model(model, {"device": device, "precision": precision, "threads": threads})
@@ -539,7 +540,7 @@ class Library(LibraryBase):
 
     def _row_facets(self) -> tuple[Facets, np.ndarray]:
         """(`facets`, each row's file id: a photo's own, a moment's video)."""
-        from clipworks.library.metadata import Facets
+        from clipworks.library.metadata import FileFacets
         from clipworks.library.store import files_of
 
         exact = self.vectors()
@@ -547,8 +548,16 @@ class Library(LibraryBase):
             if self._facets is None or self._facets[0] is not exact:
                 files = files_of(exact.ids)
                 with self.store.snapshot() as db:
-                    self._facets = (exact, Facets.load(db, files), files)
-            _, facets, files = self._facets
+                    generation = self.store.generation()
+                    table = None
+                    if self._facets is not None:
+                        _, _, _, table, since = self._facets
+                        changed = self.store.files_changed_since(since, max(1, len(table.ids) // 10))
+                        table = None if changed is None else table.updated(db, changed)
+                    if table is None:
+                        table = FileFacets.read(db)
+                    self._facets = (exact, table.of_rows(files), files, table, generation)
+            _, facets, files, _, _ = self._facets
         return facets, files
 
     def filtered_rows(self, filters: Filters) -> np.ndarray:

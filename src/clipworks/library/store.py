@@ -29,9 +29,15 @@ BUSY_TIMEOUT_MS = 30_000
 VECTOR_DTYPE = np.dtype("<f4")
 
 
+# The columns of ``files`` a search filter reads into arrays (`metadata.FileFacets`): a change to them is
+# logged like a change of vectors. Part of schema 7: another column is a new migration's trigger.
+FACET_COLUMNS = ("taken_at", "taken_offset", "lat", "lon", "kind", "make", "model")
+
+
 def _change_triggers() -> str:
-    """Schema 7's triggers: each logs the file of a row written or removed in a table search reads. Part of
-    a released migration: change them in a new one."""
+    """Schema 7's triggers: each logs the file of a row a search reads (a vector, a file's presence or its
+    filterable metadata) when it is written or removed. Part of a released migration: change them in a
+    new one."""
     # Delete, then insert: an INSERT OR REPLACE in a trigger takes the conflict policy of the statement that
     # fired it, and under an outer INSERT OR IGNORE would keep the older generation.
     log = (
@@ -43,9 +49,12 @@ def _change_triggers() -> str:
         for table in ("embeddings", "moments")
         for event, rows in (("INSERT", ["NEW"]), ("UPDATE", ["OLD", "NEW"]), ("DELETE", ["OLD"]))
     ]
+    facets = ", ".join(FACET_COLUMNS)
     triggers += [
         ("files_presence", "UPDATE OF deleted_at", "files", ["NEW.id"],
          "WHEN (OLD.deleted_at IS NULL) IS NOT (NEW.deleted_at IS NULL)"),
+        ("files_facets", f"UPDATE OF {facets}", "files", ["NEW.id"],
+         "WHEN " + " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in FACET_COLUMNS)),
         ("files_delete", "DELETE", "files", ["OLD.id"], ""),
     ]  # fmt: skip
     return "".join(
@@ -167,12 +176,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE models ADD COLUMN precision TEXT;
     ALTER TABLE models ADD COLUMN decode TEXT;
     """,
-    # 7: which files' vectors changed since a generation (`Store.files_changed_since`), so that a side file
-    # or an approximate index of 10M vectors takes in a change by reading the few files it touched. One row
-    # per file: the generation its last change was made from (the counter goes up at commit, so a change
-    # logged as g is in generation g + 1 on). Kept by triggers on every table a search reads (a vector
-    # written or removed, a file gone or back), so no code path that writes can forget it. It is complete
-    # from ``changes_from`` on: the generation this migration ran at.
+    # 7: which files changed since a generation (`Store.files_changed_since`), so that a side file, an
+    # approximate index or the search filters' arrays of 10M photos take in a change by reading the few
+    # files it touched. One row per file: the generation its last change was made from (the counter goes
+    # up at commit, so a change logged as g is in generation g + 1 on). Kept by triggers on everything a
+    # search reads (a vector written or removed, a file gone or back, its filterable metadata), so no code
+    # path that writes can forget it. It is complete from ``changes_from`` on: the generation this
+    # migration ran at.
     """
     CREATE TABLE changed_files (file_id INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
     CREATE INDEX changed_files_generation ON changed_files(generation);
