@@ -23,11 +23,12 @@ from clipworks.library.ann import (
     sync_ann,
 )
 from clipworks.library.search import ExactIndex
+from clipworks.library.store import Revision
 from clipworks.ops import l2_normalize
 from library_helpers import make_variants
 
 DIM = 32
-KEY = (0x1234, 1)
+KEY = Revision(0x1234, 1, 11)
 KINDS = ["f16", "pq"]  # an HNSW graph, and IVF-PQ's lists of product codes
 
 
@@ -146,7 +147,7 @@ def test_saved_index_is_reopened_not_rebuilt(tmp_path: Path, base: ExactIndex, d
     else:
         assert again.index.hnsw.efSearch == EXPANSION_SEARCH
     state = json.loads(next(tmp_path.glob("*.faiss.json")).read_text())
-    assert state["generation"] == KEY[1] and state["count"] == len(base)
+    assert state["generation"] == KEY.generation and state["count"] == len(base)
 
 
 @pytest.mark.parametrize("dtype", KINDS)
@@ -160,7 +161,7 @@ def test_update_in_place_adds_removes_and_replaces(tmp_path: Path, base: ExactIn
     added_ids = np.arange(100_000, 100_150, dtype=np.int64)
     new = exact_of(np.concatenate([ids[100:], added_ids]), np.concatenate([matrix[100:], clustered(150, seed=3)]))
     logs: list[str] = []
-    ann = sync_ann(tmp_path, (KEY[0], 2), 1, new, dtype, logs.append)
+    ann = sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, new, dtype, logs.append)
     assert logs == ["ann index: +150 -100 vectors (1 replaced)"]
     assert ann.index.ntotal == len(base) + 151  # dead nodes stay until a rebuild; re-ranking skips them
     for q in base.matrix[:100]:  # the removed photos' own vectors never bring them back
@@ -176,7 +177,7 @@ def test_drift_past_the_limit_rebuilds(tmp_path: Path, base: ExactIndex, dtype: 
     keep = int(len(base) * (1 - REBUILD_FRACTION)) - 10
     smaller = exact_of(base.ids[:keep], np.array(base.matrix[:keep]))
     logs: list[str] = []
-    sync_ann(tmp_path, (KEY[0], 2), 1, smaller, dtype, logs.append)
+    sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, smaller, dtype, logs.append)
     assert any("building" in m for m in logs)
 
 
@@ -222,7 +223,7 @@ def test_a_new_index_over_many_photos_is_product_codes_and_a_saved_graph_stays(
     assert logs == [f"ann index: building IVF-PQ (4-byte codes) over {len(base)} vectors"]
     logs.clear()
     # A graph built when the library was smaller is kept (rebuilding it is for --ann-dtype to ask).
-    assert isinstance(sync_ann(tmp_path / "graph", (KEY[0], 2), 1, base, None, logs.append).kind, HnswKind)
+    assert isinstance(sync_ann(tmp_path / "graph", Revision(KEY[0], 2, 12), 1, base, None, logs.append).kind, HnswKind)
     assert not any("building" in line for line in logs)
     below = ExactIndex(base.ids[:-1], base.matrix[:-1])
     assert isinstance(sync_ann(tmp_path / "small", KEY, 1, below, None).kind, HnswKind)
@@ -328,7 +329,7 @@ def test_the_float16_copy_grows_in_place_and_a_rebuild_replaces_it(
     matrix[200] = new_vector
     added = clustered(150, seed=3)
     new = exact_of(np.concatenate([ids[100:], np.arange(100_000, 100_150)]), np.concatenate([matrix[100:], added]))
-    ann = sync_ann(tmp_path, (KEY[0], 2), 1, new, "pq")
+    ann = sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, new, "pq")
     state, same = half_copy_of(tmp_path)
     assert same == copy and state["half"] == first["half"] and state["nodes"] == len(base) + 151
     assert copy.stat().st_size == state["nodes"] * DIM * 2  # the leftover bytes were cut
@@ -338,7 +339,7 @@ def test_the_float16_copy_grows_in_place_and_a_rebuild_replaces_it(
     assert ann.top_k(new_vector, 1)[0][0] == ids[200]
     assert recall_at_10(ann, new, clustered(30, seed=4)) >= 0.95
     keep = int(len(new) * (1 - REBUILD_FRACTION)) - 10
-    sync_ann(tmp_path, (KEY[0], 3), 1, exact_of(new.ids[:keep], np.array(new.matrix[:keep])), "pq")
+    sync_ann(tmp_path, Revision(KEY[0], 3, 13), 1, exact_of(new.ids[:keep], np.array(new.matrix[:keep])), "pq")
     rebuilt, replacement = half_copy_of(tmp_path)  # the old copy is gone: only one file matches
     assert rebuilt["half"] != first["half"] and replacement.stat().st_size == keep * DIM * 2
 
@@ -382,14 +383,15 @@ def test_one_process_at_a_time_updates_the_index(tmp_path: Path, base: ExactInde
     lock = next(tmp_path.glob("*.lock"))
     with held_lock(lock):
         worker = threading.Thread(
-            target=lambda: (sync_ann(tmp_path, (KEY[0], 2), 1, base, "pq", logs.append), done.set())
+            target=lambda: (sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, base, "pq", logs.append), done.set())
         )
         worker.start()
         assert not done.wait(1.0)
         assert logs == [f"ann index: waiting for pid {os.getpid()} to finish updating it"]
     worker.join(30)
     assert done.is_set() and logs[-1] == "ann index: +0 -0 vectors (0 replaced)"
-    assert sync_ann(tmp_path, (KEY[0], 2), 1, base, "pq", logs.append) and len(logs) == 2  # current: no lock taken
+    current = sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, base, "pq", logs.append)
+    assert current and len(logs) == 2  # current: no lock taken
 
 
 def test_a_rebuild_killed_before_its_state_leaves_no_mismatched_copy(
@@ -407,11 +409,11 @@ def test_a_rebuild_killed_before_its_state_leaves_no_mismatched_copy(
 
     monkeypatch.setattr(ann_module, "atomic_write_text", kill)
     with pytest.raises(RuntimeError, match="killed"):
-        sync_ann(tmp_path, (KEY[0], 2), 1, other, "pq")  # past the drift limit: a rebuild
+        sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, other, "pq")  # past the drift limit: a rebuild
     monkeypatch.undo()
     monkeypatch.setattr(ann_module, "PQ_HALF_COPY_ENTRIES", len(base) // 2)
     logs: list[str] = []
-    ann = sync_ann(tmp_path, (KEY[0], 2), 1, other, "pq", logs.append)
+    ann = sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, other, "pq", logs.append)
     assert any("building" in m for m in logs)
     assert recall_at_10(ann, other, clustered(30, seed=12)) >= 0.95
 
@@ -429,7 +431,7 @@ def test_entries_of_re_embedded_or_excluded_photos_do_not_crowd_out_the_rest(
     matrix[rows] = l2_normalize(matrix[rows] + 0.05 * np.random.default_rng(2).standard_normal((60, DIM)))
     moved = ExactIndex(base.ids, matrix.astype(np.float32))
     logs: list[str] = []
-    ann = sync_ann(tmp_path, (KEY[0], 2), 1, moved, "pq", logs.append)
+    ann = sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, moved, "pq", logs.append)
     assert logs == ["ann index: +0 -0 vectors (60 replaced)"]
     want = moved.top_k(q, 10, exclude=nearest.tolist())
     got = ann.top_k(q, 10, exclude=nearest.tolist())
@@ -453,7 +455,7 @@ def test_a_process_that_waited_for_the_lock_keeps_the_index_the_other_built(
         waiter.start()
         while not logs:
             waiter.join(0.05)
-        ann_module._update(files, KEY[1], base, "f16", lambda _m: None)  # the holder builds a graph meanwhile
+        ann_module._update(files, KEY, base, "f16", lambda _m: None)  # the holder builds a graph meanwhile
     waiter.join(30)
     assert not waiter.is_alive() and not any("building" in m for m in logs)
     assert json.loads(files.state.read_text())["dtype"] == "f16"

@@ -3,6 +3,8 @@ change by reading the files it touched, not every vector (at 10M photos, 20 GB).
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from clipworks.library.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     ModelRow,
+    Revision,
     Store,
     files_of,
     moment_key,
@@ -83,13 +86,13 @@ def test_every_write_a_search_sees_logs_its_file_and_nothing_else(tmp_path: Path
              set(range(1, 21)) - {6} | {30}),
         ]  # fmt: skip
         for what, statements, expected in writes:
-            before = store.generation()
+            before = store.revision()
             with store.write() as conn:
                 for sql, parameters in statements:
                     conn.execute(sql, parameters)
             changed = store.files_changed_since(before, 100)
             assert changed is not None and set(changed.tolist()) == expected, what
-            assert store.files_changed_since(before + 1, 100).tolist() == [], what  # nothing since
+            assert store.files_changed_since(store.revision(), 100).tolist() == [], what  # nothing since
 
 
 def test_the_log_answers_only_from_its_migration_on_and_for_few_files(tmp_path: Path) -> None:
@@ -103,15 +106,17 @@ def test_the_log_answers_only_from_its_migration_on_and_for_few_files(tmp_path: 
     conn.close()
     with Store(db) as store:
         assert store.version == SCHEMA_VERSION
-        assert store.files_changed_since(40, 100) is None  # from before the log began
-        assert store.files_changed_since(41, 100).tolist() == []
+        migrated = store.revision()
+        assert migrated.generation == 41
+        assert store.files_changed_since(migrated._replace(generation=40), 100) is None  # before the log began
+        assert store.files_changed_since(migrated, 100).tolist() == []
         model = store.ensure_model("m", "f", DIM, None)
         with store.write() as conn:
             for i in range(1, 6):
                 add_file(conn, i, f"/p/{i}.jpg")
                 conn.execute("INSERT INTO embeddings VALUES (?, ?, ?)", (model.id, i, to_blob(np.ones(DIM))))
-        assert store.files_changed_since(41, 5).tolist() == [1, 2, 3, 4, 5]
-        assert store.files_changed_since(41, 4) is None  # more than asked for: the caller reads everything
+        assert store.files_changed_since(migrated, 5).tolist() == [1, 2, 3, 4, 5]
+        assert store.files_changed_since(migrated, 4) is None  # more than asked for: the caller reads everything
 
 
 def test_rows_of_files_finds_a_photo_and_every_moment_of_a_video() -> None:
@@ -134,6 +139,19 @@ def assert_current(index: ExactIndex, store: Store) -> None:
     np.testing.assert_allclose(index.scores(query), matrix @ query, atol=1e-6)  # BLAS blocks rows its own way
     some = ids[:: max(1, len(ids) // 7)]
     np.testing.assert_array_equal(index.vectors_of(some), matrix[np.searchsorted(ids, some)])
+
+
+def test_side_rows_read_as_the_rows_they_stand_for() -> None:
+    physical = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)
+    rows = np.array([4, 0, 5, 2])
+    side, plain = SideRows(physical, rows), physical[rows]
+    assert len(side) == 4 and side.shape == plain.shape
+    np.testing.assert_array_equal(side[1], plain[1])
+    np.testing.assert_array_equal(side[np.int64(-1)], plain[-1])
+    np.testing.assert_array_equal(side[np.array([3, 0])], plain[[3, 0]])
+    np.testing.assert_array_equal(np.asarray(side[1:3]), plain[1:3])
+    np.testing.assert_array_equal(side @ np.ones(3, np.float32), plain @ np.ones(3, np.float32))
+    np.testing.assert_array_equal(np.asarray(side, np.float64), plain.astype(np.float64))
 
 
 def test_a_small_change_is_appended_to_the_side_file_not_written_again(tmp_path: Path) -> None:
@@ -259,6 +277,96 @@ def test_a_side_file_from_before_the_log_is_written_again(tmp_path: Path) -> Non
         assert rows_files(db) != [first]
 
 
+def test_a_side_file_mapped_before_generations_were_stamped_is_written_again(tmp_path: Path) -> None:
+    """A map saved by clipworks before schema 8 has no stamp, so nothing tells which history it is of."""
+    with hundred_photos(tmp_path) as (db, store, model, _, first):
+        (map_file,) = side_folder(db).glob("*.rows.npz")
+        with np.load(map_file) as saved:
+            fields = {name: saved[name] for name in saved.files if name != "stamp"}
+        with map_file.open("wb") as fh:
+            np.savez(fh, **fields)
+        with store.write() as conn:
+            conn.execute(PUT_VECTOR, (model.id, 7, to_blob(np.eye(DIM)[0])))
+        assert_current(MatrixCache(db, model).get(store), store)
+        assert rows_files(db) != [first]
+
+
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+def test_a_side_file_another_process_replaces_while_it_is_opened_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """The map is read without the lock, so another process's rewrite can remove (or a crash leave short)
+    the rows file it names before it is mapped: the index is then made under the lock, not an error."""
+    with hundred_photos(tmp_path) as (db, store, model, _, first):
+        read = MatrixCache._read_map
+
+        def read_then_replaced(self: MatrixCache, library_id: int, generation: int) -> object:
+            found = read(self, library_id, generation)
+            if first.exists():  # after the checks, before the mapping
+                if damage == "removed":
+                    first.unlink()
+                else:
+                    os.truncate(first, first.stat().st_size // 2)
+            return found
+
+        monkeypatch.setattr(MatrixCache, "_read_map", read_then_replaced)
+        index = MatrixCache(db, model).get(store)
+        monkeypatch.undo()
+        assert_current(index, store)
+
+
+def restore(backup: Path, db: Path) -> None:
+    """What restoring a backup copy does: the database file replaced, its journal gone."""
+    for journal in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        journal.unlink(missing_ok=True)
+    shutil.copyfile(backup, db)
+
+
+@pytest.mark.parametrize("writes_after_restore", [2, 3])
+def test_a_library_restored_from_a_backup_never_reads_its_abandoned_historys_side_files(
+    tmp_path: Path, writes_after_restore: int
+) -> None:
+    """A backup taken at generation g; the library changed on (the best 5 photos removed, another
+    re-embedded next to the query) and searched, so its side file and index are of g + 2; the backup
+    restored and changed otherwise. At g + 2 again (the same number) and past it, the answer is the
+    restored database's, as one read from SQLite: its side file and index are not the abandoned ones."""
+    db, backup = tmp_path / "lib.db", tmp_path / "backup.db"
+    library_of_dim(db, [f"/p/{i:04d}.jpg" for i in range(2000)], DIM)
+    rng = np.random.default_rng(10)
+    query = unit(rng)[0]
+
+    def write(*statements: tuple[str, tuple]) -> None:
+        with Store(db) as store, store.write() as conn:
+            for sql, parameters in statements:
+                conn.execute(sql, parameters)
+
+    def near() -> bytes:
+        vector = query + 0.05 * unit(rng)[0]
+        return to_blob(vector / np.linalg.norm(vector))
+
+    with Store(db) as store:
+        (model,) = store.models()
+    write(*[(PUT_VECTOR, (model.id, i, near())) for i in range(1, 6)])
+    best = {f"/p/{i - 1:04d}.jpg" for i in range(1, 6)}  # files 1 to 5
+    with Library(db, ann="on", ann_dtype="f32") as library:
+        assert {hit.path for hit in library.search_vector(query, top_k=5)} == best
+        with Store(db) as store:
+            store.conn.execute("VACUUM INTO ?", (str(backup),))
+        write(("UPDATE files SET deleted_at = 1 WHERE id <= 5", ()))
+        library.search_vector(query, top_k=10)
+        write((PUT_VECTOR, (model.id, 6, near())))
+        library.search_vector(query, top_k=10)
+    restore(backup, db)
+    for n in range(writes_after_restore):
+        write((PUT_VECTOR, (model.id, 100 + n, to_blob(unit(rng)[0]))))
+    with Library(db, ann="on", ann_dtype="f32") as library, Library(db, ann="off", side_file=False) as plain:
+        hits = library.search_vector(query, top_k=10)
+        assert hits == plain.search_vector(query, top_k=10)
+        assert best <= {hit.path for hit in hits}  # gone only in the abandoned history
+        with Store(db) as store:
+            assert_current(library.vectors(), store)
+
+
 # -- the approximate index -----------------------------------------------------------------------------
 
 
@@ -288,25 +396,25 @@ def test_the_index_update_reads_only_the_files_the_log_names(tmp_path: Path, dty
     rng = np.random.default_rng(3)
     ids = np.arange(1, 3001, dtype=np.int64)
     matrix = unit(rng, 3000)
-    sync_ann(tmp_path / "log", (1, 1), 1, ExactIndex(ids, matrix), dtype)
-    sync_ann(tmp_path / "all", (1, 1), 1, ExactIndex(ids, matrix), dtype)
+    sync_ann(tmp_path / "log", Revision(1, 1, 11), 1, ExactIndex(ids, matrix), dtype)
+    sync_ann(tmp_path / "all", Revision(1, 1, 11), 1, ExactIndex(ids, matrix), dtype)
     changed = np.array([10, 20, 30, 40, 3001, 3002, 3003, 3004, 5, 6, 7, 8], np.int64)
     new_ids = np.concatenate([np.setdiff1d(ids, [5, 6, 7, 8]), [3001, 3002, 3003, 3004]])
     new = matrix[np.minimum(new_ids, 3000) - 1].copy()
     new[np.isin(new_ids, [10, 20, 30, 40, 3001, 3002, 3003, 3004])] = unit(rng, 8)
     tally: list[int] = []
     exact = ExactIndex(new_ids, CountingRows(new, np.arange(len(new_ids)), tally))
-    asked: list[tuple[int, int]] = []
+    asked: list[tuple[Revision, int]] = []
 
-    def changes(generation: int, most: int) -> np.ndarray:
-        asked.append((generation, most))
+    def changes(since: Revision, most: int) -> np.ndarray:
+        asked.append((since, most))
         return changed
 
     logs: list[str] = []
-    ann = sync_ann(tmp_path / "log", (1, 2), 1, exact, dtype, logs.append, changes)
-    assert asked == [(1, 601)] and sum(tally) <= 2 * len(changed), tally  # compared, then added
+    ann = sync_ann(tmp_path / "log", Revision(1, 2, 12), 1, exact, dtype, logs.append, changes)
+    assert asked == [(Revision(1, 1, 11), 601)] and sum(tally) <= 2 * len(changed), tally  # compared, then added
     assert logs == ["ann index: +4 -4 vectors (4 replaced)"]
-    full = sync_ann(tmp_path / "all", (1, 2), 1, ExactIndex(new_ids, new), dtype)
+    full = sync_ann(tmp_path / "all", Revision(1, 2, 12), 1, ExactIndex(new_ids, new), dtype)
     np.testing.assert_array_equal(ann.labels, full.labels)
     query = new[np.searchsorted(new_ids, 3002)]
     assert ann.top_k(query, 5)[0].tolist() == full.top_k(query, 5)[0].tolist()
@@ -321,13 +429,14 @@ def test_without_a_log_every_row_is_compared(tmp_path: Path) -> None:
     ids = np.arange(1, 2001, dtype=np.int64)
     matrix = unit(rng, 2000)
     state_folder = tmp_path / "ann"
-    sync_ann(state_folder, (1, 1), 1, ExactIndex(ids, matrix), "f32")
+    sync_ann(state_folder, Revision(1, 1, 11), 1, ExactIndex(ids, matrix), "f32")
     moved = matrix.copy()
     moved[99] = unit(rng)[0]
-    opened = sync_ann(state_folder, (1, 1), 1, ExactIndex(ids, matrix), "f32")
-    rows, removed, replaced, _ = _fresh_rows(ExactIndex(ids, moved), opened.labels, _sigs(state_folder), 1, None)
+    opened = sync_ann(state_folder, Revision(1, 1, 11), 1, ExactIndex(ids, matrix), "f32")
+    saved = Revision(1, 1, 11)
+    rows, removed, replaced, _ = _fresh_rows(ExactIndex(ids, moved), opened.labels, _sigs(state_folder), saved, None)
     assert rows.tolist() == [99] and (removed, replaced) == (0, 1)
-    rows, *_ = _fresh_rows(ExactIndex(ids, moved), opened.labels, _sigs(state_folder), 1, lambda g, m: None)
+    rows, *_ = _fresh_rows(ExactIndex(ids, moved), opened.labels, _sigs(state_folder), saved, lambda g, m: None)
     assert rows.tolist() == [99]
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from clipworks.cli.main import main
 from clipworks.library import Library
-from clipworks.library.store import Store
+from clipworks.library.store import Revision, Store
 from conftest import MODEL_CONFIGS
 from library_helpers import copy_photos, library_of_dim, make_variants, stored_vectors
 
@@ -460,11 +460,11 @@ def test_an_ann_index_in_a_read_only_folder_is_updated_in_memory(disk: Disk) -> 
 
     ids, matrix = _ann_base()
     folder = disk.folder / "vectors"
-    sync_ann(folder, (1, 1), 1, ExactIndex(ids[:-100], matrix[:-100]), "pq")
+    sync_ann(folder, Revision(1, 1, 11), 1, ExactIndex(ids[:-100], matrix[:-100]), "pq")
     before = {f.name: digest(f) for f in folder.iterdir()}
     disk.read_only()
     logs: list[str] = []
-    ann = sync_ann(folder, (1, 2), 1, ExactIndex(ids, matrix), "pq", logs.append)
+    ann = sync_ann(folder, Revision(1, 2, 12), 1, ExactIndex(ids, matrix), "pq", logs.append)
     assert logs[0] == f"ann index: {folder} cannot be written: the index is updated in memory, for this process only"
     assert logs[1] == "ann index: +100 -0 vectors (0 replaced)"
     assert ann.top_k(matrix[-1], 1)[0][0] == ids[-1]  # a photo only the in-memory update knows
@@ -486,7 +486,7 @@ def test_an_ann_index_that_does_not_fit_the_disk_is_one_line(disk: Disk, monkeyp
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
         monkeypatch.setattr(disk, "close", lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit))
     with pytest.raises(ClipworksError) as e:
-        sync_ann(disk.folder / "vectors", (1, 1), 1, ExactIndex(ids, matrix), "f32")
+        sync_ann(disk.folder / "vectors", Revision(1, 1, 11), 1, ExactIndex(ids, matrix), "f32")
     message = str(e.value)
     assert message.startswith(f"cannot save the search index in {disk.folder / 'vectors'} (")
     assert message.endswith("free some space, or search with --ann off") and "\n" not in message

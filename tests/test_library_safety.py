@@ -239,10 +239,10 @@ def test_an_upgraded_library_serves_after_the_next_index_run(tmp_path: Path, tre
     conn.close()
     with Store(db) as store:
         assert store.version == SCHEMA_VERSION
-        library_id, generation = store.side_file_key()
+        library_id, generation, _ = store.revision()
         assert library_id > 0 and generation == 0
     with Store(db) as store:
-        assert store.side_file_key()[0] == library_id  # made once, by the migration
+        assert store.revision().library_id == library_id  # made once, by the migration
     lib = Library(db, model)
     file_id = file_ids(db)[tree.path("a.jpg")]
     with gallery_client(tmp_path, model, lib) as c:

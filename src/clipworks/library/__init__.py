@@ -31,7 +31,7 @@ from clipworks.library.ann import ANN_MIN_ROWS, AnnDtype, AnnIndex, AnnMode, che
 from clipworks.library.indexer import IndexReport
 from clipworks.library.metadata import Filters, make_filters
 from clipworks.library.search import ExactIndex, Hit, MatrixCache, Term, combine_terms, parse_query, query_texts
-from clipworks.library.store import SCHEMA_VERSION, FileRow, ModelRow, Store, Target
+from clipworks.library.store import SCHEMA_VERSION, FileRow, ModelRow, Revision, Store, Target
 from clipworks.models.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
@@ -431,10 +431,10 @@ class Library(LibraryBase):
         check_ann_options(ann, ann_dtype)
         self.ann_mode: AnnMode = ann
         self.ann_dtype: AnnDtype | None = ann_dtype  # None: what the saved index has
-        self._ann: tuple[tuple[int, int], AnnIndex] | None = None
+        self._ann: tuple[Revision, AnnIndex] | None = None
         # The filterable metadata of that index's rows, the file of each row, and the per-file table they
-        # come from with the generation it was read at (a change reads again only the files it touched).
-        self._facets: tuple[ExactIndex, Facets, np.ndarray, FileFacets, int] | None = None
+        # come from with the revision it was read at (a change reads again only the files it touched).
+        self._facets: tuple[ExactIndex, Facets, np.ndarray, FileFacets, Revision] | None = None
 
         self.path = Path(db).expanduser() if db is not None else db_path()
         self._init_model(model, {"device": device, "precision": precision, "threads": threads})
@@ -490,8 +490,8 @@ class Library(LibraryBase):
         """The current exact index of the model's vectors (rebuilt when the database changed)."""
         return self._vectors_at()[0]
 
-    def _vectors_at(self) -> tuple[ExactIndex, tuple[int, int]]:
-        """`vectors`, and the key (library id, generation) whose vectors they are."""
+    def _vectors_at(self) -> tuple[ExactIndex, Revision]:
+        """`vectors`, and the revision whose vectors they are."""
         row = self.model_row
         with self._lock:
             if self._cache is None:
@@ -507,7 +507,7 @@ class Library(LibraryBase):
         if not wants_ann(self.ann_mode, len(exact)):
             return exact
         with self._lock:
-            # The generation of ``exact``, not the store's now: the index saved for it takes in the changes
+            # The revision of ``exact``, not the store's now: the index saved for it takes in the changes
             # logged from there on (a write committed meanwhile is the next query's to take in).
             if self._ann is None or self._ann[0] != key or self._ann[1].exact is not exact:
                 from clipworks.library.search import cache_dir_for
@@ -548,7 +548,7 @@ class Library(LibraryBase):
             if self._facets is None or self._facets[0] is not exact:
                 files = files_of(exact.ids)
                 with self.store.snapshot() as db:
-                    generation = self.store.generation()
+                    revision = self.store.revision()
                     table = None
                     if self._facets is not None:
                         _, _, _, table, since = self._facets
@@ -556,7 +556,7 @@ class Library(LibraryBase):
                         table = None if changed is None else table.updated(db, changed)
                     if table is None:
                         table = FileFacets.read(db)
-                    self._facets = (exact, table.of_rows(files), files, table, generation)
+                    self._facets = (exact, table.of_rows(files), files, table, revision)
             _, facets, files, _, _ = self._facets
         return facets, files
 
@@ -696,7 +696,7 @@ class Library(LibraryBase):
         vectors = models[0][1] if len(models) == 1 else 0
         if not wants_ann(self.ann_mode, vectors):
             return "exact (ann off)" if self.ann_mode == "off" else f"exact (below {ANN_MIN_ROWS} photos)"
-        key = self.store.side_file_key()
+        key = self.store.revision()
         return describe_ann(cache_dir_for(self.path), key, models[0][0].id, self.ann_dtype, vectors)
 
     def import_file(self, file: str | Path, fmt: str | None = None) -> Any:

@@ -19,7 +19,7 @@ IVF-PQ's lists and codebooks were trained on vectors that are no longer the libr
 
 The index lives beside the database as ``<db>-vectors/<library id>-m<model>.faiss`` with the file ids of
 its nodes (``.labels.npy``), a one-number signature of each node's vector (``.sig.npy``, to notice a
-re-embedded photo without reading vectors back), and a JSON of the generation it reflects, written last.
+re-embedded photo without reading vectors back), and a JSON of the revision it reflects, written last.
 An IVF-PQ index built over millions of photos also keeps a float16 copy of its nodes' vectors
 (``.<build>.f16``, extended in place as nodes are added): its candidates are ranked from that copy and only
 the best few are re-scored from the float32 side file, which at 10M (20 GB) no longer stays in memory.
@@ -45,10 +45,10 @@ from clipworks.atomic import atomic_path, atomic_write_text, held_lock
 from clipworks.errors import ClipworksError, UsageError
 from clipworks.extras import require
 from clipworks.library.search import ExactIndex, rank, scattered_rows
-from clipworks.library.store import rows_of_files
+from clipworks.library.store import Revision, rows_of_files
 
-# (generation, most) -> the files whose vectors changed since then, None if unknown or more than ``most``.
-ChangedSince = Callable[[int, int], "np.ndarray | None"]
+# (revision, most) -> the files whose vectors changed since then, None if unknown or more than ``most``.
+ChangedSince = Callable[[Revision, int], "np.ndarray | None"]
 
 AnnMode = Literal["auto", "on", "off"]
 AnnDtype = Literal["f32", "f16", "i8", "pq"]
@@ -125,6 +125,12 @@ class AnnState:
     # The name of this build's float16 copy of its entries' vectors (``<base>.<half>.f16``), "" for none.
     # A new name per build: the copy of the build the state describes is never overwritten by a rebuild.
     half: str = ""
+    # The stamp of ``generation`` (`store.Revision`): 0 in a state saved before schema 8, which then never
+    # matches and is brought up to date by comparing every row.
+    stamp: int = 0
+
+    def reflects(self, revision: Revision) -> bool:
+        return (self.generation, self.stamp) == (revision.generation, revision.stamp)
 
 
 def _faiss() -> Any:
@@ -461,34 +467,34 @@ def _copy_matches(half: np.ndarray, sigs: np.ndarray, samples: int = 64) -> bool
 
 def sync_ann(
     folder: Path,
-    key: tuple[int, int],
+    key: Revision,
     model_id: int,
     exact: ExactIndex,
     dtype: AnnDtype | None = None,
     log: Callable[[str], None] = lambda _m: None,
     changed_since: ChangedSince | None = None,
 ) -> AnnIndex:
-    """The library's approximate index for ``key`` (library id, generation): opened, updated in place or
+    """The library's approximate index for ``key`` (the revision ``exact`` is of): opened, updated in place or
     rebuilt. ``dtype`` None: the one the saved index has. One process at a time updates it (a lock file
     beside it): the float16 copy is extended in place. ``changed_since`` (`Store.files_changed_since`) names
     the files whose vectors may differ from the saved index's; without it every row is compared."""
-    files = _paths(folder, key[0], model_id)
+    files = _paths(folder, key.library_id, model_id)
     state = _read_state(files.state)
     chosen = _chosen(dtype, state, len(exact.ids))
-    if state is not None and state.generation == key[1] and (opened := _open_matching(files, state, chosen, exact)):
+    if state is not None and state.reflects(key) and (opened := _open_matching(files, state, chosen, exact)):
         return AnnIndex(exact, opened[0], opened[1], index_kind(chosen), opened[3])  # no lock, no writes
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK):  # a library on a read-only share: searched all the same
         log(f"ann index: {folder} cannot be written: the index is updated in memory, for this process only")
-        return _update(files, key[1], exact, dtype, log, changed_since, save=False)
+        return _update(files, key, exact, dtype, log, changed_since, save=False)
 
     def waiting(holder: str) -> None:
         log(f"ann index: waiting for {f'pid {holder}' if holder else 'another process'} to finish updating it")
 
     try:
         with held_lock(files.index.with_suffix(".lock"), waiting):
-            return _update(files, key[1], exact, dtype, log, changed_since)
+            return _update(files, key, exact, dtype, log, changed_since)
     except OSError as e:  # a full disk, most often: the saved index is as it was (each file is replaced whole)
         raise ClipworksError(
             f"cannot save the search index in {folder} ({e.strerror or e}): free some space, or search with --ann off"
@@ -505,7 +511,7 @@ def _open_matching(
 
 def _update(
     files: _Files,
-    generation: int,
+    key: Revision,
     exact: ExactIndex,
     asked: AnnDtype | None,
     log: Callable[[str], None],
@@ -520,13 +526,14 @@ def _update(
     dtype = _chosen(asked, state, len(ids))
     kind = index_kind(dtype)
     opened = _open_matching(files, state, dtype, exact) if state is not None else None
-    if opened is not None and state is not None and state.generation == generation:
+    if opened is not None and state is not None and state.reflects(key):
         return AnnIndex(exact, opened[0], opened[1], kind, opened[3])
     changed = 0
     if opened is not None and state is not None:
         index, labels, sigs, _ = opened
-        # Changes since the older of the two: a state another process saved may be newer than ``exact``.
-        since = min(state.generation, generation)
+        # The log names what changed since the saved state where that state is of this history and not
+        # newer than ``exact`` (another process may have saved a later one): else every row is compared.
+        since = Revision(key.library_id, state.generation, state.stamp) if state.generation <= key.generation else None
         rows, removed, replaced, node_rows = _fresh_rows(exact, labels, sigs, since, changed_since)
         changed = state.changed_since_build + removed + len(rows)
         if changed <= REBUILD_FRACTION * max(len(ids), 1):
@@ -556,7 +563,7 @@ def _update(
     for target, array in ((files.labels, labels), (files.signatures, sigs)):
         with atomic_path(target) as tmp, tmp.open("wb") as fh:
             np.save(fh, array)
-    saved = AnnState(generation, dtype, dim, len(ids), int(index.ntotal), changed, half_name)
+    saved = AnnState(key.generation, dtype, dim, len(ids), int(index.ntotal), changed, half_name, key.stamp)
     atomic_write_text(files.state, json.dumps(asdict(saved)) + "\n")
     files.remove_other_halves(half_name)
     half_copy = _open_half(files.half(half_name), saved.nodes, dim) if half_name else None
@@ -564,9 +571,13 @@ def _update(
 
 
 def _fresh_rows(
-    exact: ExactIndex, labels: np.ndarray, sigs: np.ndarray, since: int, changed_since: ChangedSince | None
+    exact: ExactIndex,
+    labels: np.ndarray,
+    sigs: np.ndarray,
+    since: Revision | None,
+    changed_since: ChangedSince | None,
 ) -> tuple[np.ndarray, int, int, np.ndarray]:
-    """What an update of the saved index (of generation ``since`` or later) adds: (the rows of ``exact``
+    """What an update of the saved index (of revision ``since``) adds: (the rows of ``exact``
     whose vector it lacks, ascending; how many photos it has entries of that are gone; how many of those
     rows replace an entry; each entry's row).
 
@@ -579,7 +590,7 @@ def _fresh_rows(
     newest = np.full(len(ids), -1, np.int64)  # the newest entry of each row: older ones are dead
     np.maximum.at(newest, node_rows[present], np.flatnonzero(present))
     known = newest >= 0
-    named = changed_since(since, int(REBUILD_FRACTION * len(ids)) + 1) if changed_since else None
+    named = changed_since(since, int(REBUILD_FRACTION * len(ids)) + 1) if changed_since and since else None
     if named is None:
         compared = np.flatnonzero(known)
         current = signatures(exact.matrix)[compared]
@@ -612,14 +623,14 @@ def _chosen(dtype: AnnDtype | None, state: AnnState | None, rows: int) -> AnnDty
     return "pq" if rows >= PQ_DEFAULT_ROWS else DEFAULT_ANN_DTYPE
 
 
-def describe_ann(folder: Path, key: tuple[int, int], model_id: int, dtype: AnnDtype | None, rows: int) -> str:
+def describe_ann(folder: Path, key: Revision, model_id: int, dtype: AnnDtype | None, rows: int) -> str:
     """The saved index in words, without opening it: what ``index status`` prints."""
-    files = _paths(folder, key[0], model_id)
+    files = _paths(folder, key.library_id, model_id)
     state = _read_state(files.state)
     dtype = _chosen(dtype, state, rows)
     if state is None or not files.index.is_file() or state.dtype != dtype:
         return f"{index_kind(dtype).name()}, not built yet: the next query or `index add` builds it"
-    fresh = "current" if state.generation == key[1] else "updated at the next query"
+    fresh = "current" if state.reflects(key) else "updated at the next query"
     size = files.index.stat().st_size / 2**20
     described = f"{index_kind(state.dtype).name(state.dim)}: {state.count} vectors, {size:.0f} MiB, {fresh}"
     if state.half and not files.half(state.half).is_file():

@@ -23,7 +23,7 @@ import numpy as np
 from clipworks import ops
 from clipworks.atomic import atomic_path, held_lock
 from clipworks.errors import UsageError
-from clipworks.library.store import ModelRow, Store, damaged, rows_of_files
+from clipworks.library.store import ModelRow, Revision, Store, damaged, rows_of_files
 
 
 class Hit(NamedTuple):
@@ -250,9 +250,11 @@ class SideRows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, item: slice | np.ndarray) -> SideRows | np.ndarray:
+    def __getitem__(self, item: int | slice | np.ndarray) -> SideRows | np.ndarray:
         if isinstance(item, slice):
             return SideRows(self.physical, self.rows[item])
+        if np.ndim(item) == 0:  # one row
+            return np.asarray(self.physical[self.rows[item]])
         return scattered_rows(self.physical, self.rows[np.asarray(item)])
 
     def __matmul__(self, query: np.ndarray) -> np.ndarray:
@@ -271,10 +273,10 @@ DEAD_FRACTION = 0.25
 
 
 class _Map(NamedTuple):
-    """Which rows of a side file hold one generation's vectors: ``ids`` sorted, ``rows`` their rows in the
+    """Which rows of a side file hold one revision's vectors: ``ids`` sorted, ``rows`` their rows in the
     file (empty: row i holds ids[i]), ``token`` names the file, ``count`` how many rows it had then."""
 
-    generation: int
+    revision: Revision
     ids: np.ndarray
     rows: np.ndarray
     token: str
@@ -298,41 +300,43 @@ class MatrixCache:
         self.db = db
         self.model = model
         self.side_file = side_file
-        self.key: tuple[int, int] | None = None
+        self.key: Revision | None = None
         self.index: ExactIndex = ExactIndex(np.zeros(0, np.int64), np.zeros((0, model.dim), np.float32))
 
     def get(self, store: Store) -> ExactIndex:
-        if store.side_file_key() != self.key:
+        if store.revision() != self.key:
             self.index, self.key = self._load(store)
         return self.index
 
     def _base(self, library_id: int) -> Path:
         return cache_dir_for(self.db) / f"{library_id:016x}-m{self.model.id}"
 
-    def _map_file(self, key: tuple[int, int]) -> Path:
-        return self._base(key[0]).with_name(f"{self._base(key[0]).name}-g{key[1]}.rows.npz")
+    def _map_file(self, library_id: int, generation: int) -> Path:
+        return self._base(library_id).with_name(f"{self._base(library_id).name}-g{generation}.rows.npz")
 
     def _rows_file(self, library_id: int, token: str) -> Path:
         return self._base(library_id).with_suffix(f".{token}.f32")
 
-    def _load(self, store: Store) -> tuple[ExactIndex, tuple[int, int]]:
+    def _load(self, store: Store) -> tuple[ExactIndex, Revision]:
         if self.side_file:
-            key = store.side_file_key()
+            key = store.revision()
             if (opened := self._open(key)) is not None:
                 return opened, key
             with contextlib.suppress(OSError):  # a full disk or a read-only folder: held in memory instead
                 return self._update(store)
         with store.snapshot():
-            return ExactIndex(*store.live_vectors(self.model)), store.side_file_key()
+            return ExactIndex(*store.live_vectors(self.model)), store.revision()
 
-    def _read_map(self, key: tuple[int, int]) -> _Map | None:
+    def _read_map(self, library_id: int, generation: int) -> _Map | None:
+        """The map saved for ``generation``, or None (none, not whole, or from before schema 8's stamps)."""
         with contextlib.suppress(OSError, ValueError, KeyError):
-            with np.load(self._map_file(key), allow_pickle=False) as saved:
-                found = _Map(key[1], saved["ids"], saved["rows"], str(saved["token"]), int(saved["count"]))
+            with np.load(self._map_file(library_id, generation), allow_pickle=False) as saved:
+                revision = Revision(library_id, generation, int(saved["stamp"]))
+                found = _Map(revision, saved["ids"], saved["rows"], str(saved["token"]), int(saved["count"]))
             consistent = found.ids.ndim == 1 and (
                 len(found.rows) == len(found.ids) if len(found.rows) else found.count == len(found.ids)
             )
-            if consistent and self._rows_file(key[0], found.token).stat().st_size >= found.count * self._row_bytes:
+            if consistent and self._rows_file(library_id, found.token).stat().st_size >= found.count * self._row_bytes:
                 return found
         return None
 
@@ -340,40 +344,45 @@ class MatrixCache:
     def _row_bytes(self) -> int:
         return self.model.dim * 4
 
-    def _open(self, key: tuple[int, int]) -> ExactIndex | None:
-        """The side file as mapped for ``key``, or None (not made yet, or not whole)."""
-        found = self._read_map(key)
-        if found is None:
+    def _open(self, key: Revision) -> ExactIndex | None:
+        """The side file as mapped for ``key``, or None (not made yet, not whole, of another history, or
+        removed by another process's rewrite since its map was read: this one is run without the lock)."""
+        found = self._read_map(key.library_id, key.generation)
+        if found is None or found.revision != key:
             return None
         if found.count == 0:
             return ExactIndex(found.ids, np.zeros((0, self.model.dim), np.float32))
-        physical = np.memmap(self._rows_file(key[0], found.token), np.float32, "r", shape=(found.count, self.model.dim))
+        try:
+            rows_file = self._rows_file(key.library_id, found.token)
+            physical = np.memmap(rows_file, np.float32, "r", shape=(found.count, self.model.dim))
+        except (OSError, ValueError):  # gone, or cut short, since the map was read
+            return None
         if not len(found.rows):
             return ExactIndex(found.ids, physical)
         if int(found.rows.max()) >= found.count:
             return None
         return ExactIndex(found.ids, SideRows(physical, found.rows))
 
-    def _update(self, store: Store) -> tuple[ExactIndex, tuple[int, int]]:
-        """The side file brought to the store's generation, under a lock beside it (a change is appended
+    def _update(self, store: Store) -> tuple[ExactIndex, Revision]:
+        """The side file brought to the store's revision, under a lock beside it (a change is appended
         in place): opened if another process made it meanwhile, else extended, else written anew."""
-        library_id = store.side_file_key()[0]
+        library_id = store.revision().library_id
         cache_dir_for(self.db).mkdir(exist_ok=True)
-        with held_lock(self._base(library_id).with_suffix(".lock")), store.snapshot():
-            key = store.side_file_key()
+        with held_lock(self._base(library_id).with_suffix(".side.lock")), store.snapshot():
+            key = store.revision()
             index = self._open(key) or self._extend(key, store) or self._write(key, store)
             return index, key
 
-    def _extend(self, key: tuple[int, int], store: Store) -> ExactIndex | None:
+    def _extend(self, key: Revision, store: Store) -> ExactIndex | None:
         """The newest earlier generation's side file with the vectors of the files changed since appended,
-        or None where that is not worth it (or there is none)."""
+        or None where that is not worth it (or there is none, or it is of another history)."""
         base = self._newest_map(key)
         if base is None:
             return None
-        changed = store.files_changed_since(base.generation, max(1, int(EXTEND_FRACTION * len(base.ids))))
+        changed = store.files_changed_since(base.revision, max(1, int(EXTEND_FRACTION * len(base.ids))))
         if changed is None:
             return None
-        rows_file = self._rows_file(key[0], base.token)
+        rows_file = self._rows_file(key.library_id, base.token)
         end = rows_file.stat().st_size // self._row_bytes  # after rows an interrupted append left: never mapped
         keys, vectors = store.live_vectors(self.model, changed)
         kept = np.ones(len(base.ids), bool)
@@ -396,23 +405,23 @@ class MatrixCache:
         at = np.searchsorted(kept_ids, keys)
         ids = np.insert(kept_ids, at, keys)
         rows = np.insert(kept_rows, at, np.arange(end, total, dtype=np.int64))
-        self._save_map(key, _Map(key[1], ids, rows, base.token, total))
+        self._save_map(_Map(key, ids, rows, base.token, total))
         return self._open(key)
 
-    def _newest_map(self, key: tuple[int, int]) -> _Map | None:
-        prefix = f"{self._base(key[0]).name}-g"
+    def _newest_map(self, key: Revision) -> _Map | None:
+        prefix = f"{self._base(key.library_id).name}-g"
         generations = []
         for path in cache_dir_for(self.db).glob(f"{prefix}*.rows.npz"):
             with contextlib.suppress(ValueError):
                 generations.append(int(path.name[len(prefix) : -len(".rows.npz")]))
-        earlier = [g for g in generations if g < key[1]]  # a later one is of a database since replaced
-        return self._read_map((key[0], max(earlier))) if earlier else None
+        earlier = [g for g in generations if g < key.generation]  # a later one is of a history since abandoned
+        return self._read_map(key.library_id, max(earlier)) if earlier else None
 
-    def _write(self, key: tuple[int, int], store: Store) -> ExactIndex:
+    def _write(self, key: Revision, store: Store) -> ExactIndex:
         """A new side file for ``key``, streamed from ``store`` a block at a time (10M vectors are 20 GB:
         not read into memory first)."""
         token = secrets.token_hex(4)
-        rows_file = self._rows_file(key[0], token)
+        rows_file = self._rows_file(key.library_id, token)
         count = store.live_vector_count(self.model)
         ids = np.empty(count, np.int64)
         filled = 0
@@ -430,22 +439,31 @@ class MatrixCache:
                 os.fsync(fh.fileno())
             if filled != count:
                 raise damaged(self.db, f"{filled} vectors came back where it counted {count}")
-            self._save_map(key, _Map(key[1], ids, np.zeros(0, np.int64), token, count))
+            self._save_map(_Map(key, ids, np.zeros(0, np.int64), token, count))
         except BaseException:
             rows_file.unlink(missing_ok=True)
             raise
         return self._open(key) or ExactIndex(ids, np.zeros((0, self.model.dim), np.float32))
 
-    def _save_map(self, key: tuple[int, int], found: _Map) -> None:
-        """Writes the map of ``key`` (it marks the generation's side file complete), then removes what
-        no longer counts: other generations' maps, other rows files, other libraries' files."""
-        with atomic_path(self._map_file(key)) as tmp, tmp.open("wb") as fh:
-            np.savez(fh, ids=found.ids, rows=found.rows, token=np.array(found.token), count=np.array(found.count))
+    def _save_map(self, found: _Map) -> None:
+        """Writes the map of ``found.revision`` (it marks that side file complete), then removes what no
+        longer counts: other generations' maps, other rows files, other libraries' files."""
+        library_id, generation, stamp = found.revision
+        map_file = self._map_file(library_id, generation)
+        with atomic_path(map_file) as tmp, tmp.open("wb") as fh:
+            np.savez(
+                fh,
+                ids=found.ids,
+                rows=found.rows,
+                token=np.array(found.token),
+                count=np.array(found.count),
+                stamp=np.array(stamp, np.int64),
+            )
             fh.flush()
             os.fsync(fh.fileno())
-        keep = {self._map_file(key), self._rows_file(key[0], found.token)}
-        ours = f"{key[0]:016x}-"
-        this_model = self._base(key[0]).name
+        keep = {map_file, self._rows_file(library_id, found.token)}
+        ours = f"{library_id:016x}-"
+        this_model = self._base(library_id).name
         for old in cache_dir_for(self.db).iterdir():
             name = old.name
             mine = name.startswith(f"{this_model}-g") or (name.startswith(f"{this_model}.") and name.endswith(".f32"))

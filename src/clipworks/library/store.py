@@ -189,9 +189,31 @@ MIGRATIONS: list[str] = [
     INSERT INTO state (key, value) SELECT 'changes_from', value FROM state WHERE key = 'generation';
     """
     + _change_triggers(),
+    # 8: a random stamp for each generation, so that a state cached beside the database (a side file, an
+    # approximate index) is known to be of this database's history and not of one it was restored from a
+    # backup over: a backup restored at generation 40 counts 41, 42... again, and a side file mapped at
+    # 42 before the restore holds what the abandoned 42 held. Stamped by a trigger on the counter, so no
+    # path that commits can skip it.
+    """
+    CREATE TABLE generations (generation INTEGER PRIMARY KEY, stamp INTEGER NOT NULL);
+    INSERT INTO generations (generation, stamp) SELECT value, random() FROM state WHERE key = 'generation';
+    CREATE TRIGGER generation_stamped AFTER UPDATE OF value ON state WHEN NEW.key = 'generation' BEGIN
+        INSERT OR REPLACE INTO generations (generation, stamp) VALUES (NEW.value, random());
+    END;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 CHECKED_TABLES = ("roots", "files", "models", "state")  # what a writer checks first (see `Store._check`)
+
+
+class Revision(NamedTuple):
+    """One committed state of one library database: what a matrix, an index or a filter's arrays cached
+    from it are valid for. ``library_id`` tells it from another database made at the same path, ``stamp``
+    from the same generation of a history since abandoned (schema 8)."""
+
+    library_id: int
+    generation: int
+    stamp: int
 
 
 @dataclass(frozen=True)
@@ -669,15 +691,22 @@ class Store:
                 keys = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
                 yield keys, self._matrix(model, [r[1] for r in found])
 
-    def files_changed_since(self, generation: int, most: int) -> np.ndarray | None:
-        """The ids (ascending) of the files whose vectors or presence changed after ``generation``: what a
-        side file or index of that generation must read again. None where there are more than ``most`` (or
-        the log, from schema 7, does not reach back that far): reading everything is then as quick."""
-        row = self.conn.execute("SELECT value FROM state WHERE key = 'changes_from'").fetchone()
-        if row is None or generation < int(row[0]):
+    def files_changed_since(self, since: Revision, most: int) -> np.ndarray | None:
+        """The ids (ascending) of the files whose vectors, presence or filtered metadata changed after
+        ``since``: what a side file or index of that revision must read again. None where there are more
+        than ``most`` (reading everything is then as quick), where the log (from schema 7) does not reach
+        back that far, or where ``since`` is not of this database's history (another library's, or one this
+        database was restored from a backup over): the caller reads everything."""
+        row = self.conn.execute(
+            "SELECT (SELECT value FROM state WHERE key = 'library_id'), "
+            "(SELECT value FROM state WHERE key = 'changes_from'), "
+            "(SELECT stamp FROM generations WHERE generation = ?)",
+            (since.generation,),
+        ).fetchone()
+        if row[1] is None or since.generation < int(row[1]) or (row[0], row[2]) != (since.library_id, since.stamp):
             return None
         found = self.conn.execute(
-            "SELECT file_id FROM changed_files WHERE generation >= ? LIMIT ?", (generation, most + 1)
+            "SELECT file_id FROM changed_files WHERE generation >= ? LIMIT ?", (since.generation, most + 1)
         ).fetchall()
         if len(found) > most:
             return None
@@ -703,13 +732,13 @@ class Store:
         return from_blobs(blobs, model.dim)
 
     # -- which database this is; a file by id; how a folder is walked --------------------------------
-    def side_file_key(self) -> tuple[int, int]:
-        """(library id, generation), read in one statement: what a cached matrix of this database is valid for."""
+    def revision(self) -> Revision:
+        """The committed state read now, in one statement: what a cached matrix of this database is valid for."""
         row = self.conn.execute(
-            "SELECT (SELECT value FROM state WHERE key = 'library_id'), "
-            "(SELECT value FROM state WHERE key = 'generation')"
+            "SELECT (SELECT value FROM state WHERE key = 'library_id'), g.generation, g.stamp FROM generations g "
+            "WHERE g.generation = (SELECT value FROM state WHERE key = 'generation')"
         ).fetchone()
-        return int(row[0]), int(row[1])
+        return Revision(int(row[0]), int(row[1]), int(row[2]))
 
     def file_by_id(self, file_id: int) -> FileRow | None:
         row = self.conn.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
