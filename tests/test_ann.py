@@ -171,6 +171,110 @@ def test_update_in_place_adds_removes_and_replaces(tmp_path: Path, base: ExactIn
     assert recall_at_10(ann, new, clustered(30, seed=4)) >= 0.95
 
 
+def changed_by(exact: ExactIndex, seed: int, added: int = 40, removed: int = 5) -> tuple[ExactIndex, np.ndarray]:
+    """``exact`` with its first ``removed`` photos gone, one re-embedded and ``added`` new ones: (it, the
+    re-embedded photo's new vector)."""
+    ids, matrix = exact.ids.copy(), np.array(exact.matrix)
+    moved = l2_normalize(np.random.default_rng(seed).standard_normal(DIM).astype(np.float32))
+    matrix[removed + 1] = moved
+    new_ids = np.arange(added, dtype=np.int64) + 1_000_000 * seed
+    return exact_of(np.concatenate([ids[removed:], new_ids]),
+                    np.concatenate([matrix[removed:], clustered(added, seed=seed)])), moved  # fmt: skip
+
+
+def saved_state(folder: Path) -> dict:
+    return json.loads(next(folder.glob("*.faiss.json")).read_text())
+
+
+@pytest.mark.parametrize("dtype", KINDS)
+def test_a_small_update_is_appended_to_a_tail_and_the_index_file_is_not_written(
+    tmp_path: Path, base: ExactIndex, dtype: str
+) -> None:
+    """faiss writes an index only whole (695 MiB at 10M photos): a few added entries go to the tail file,
+    and whoever opens the index adds them again, to the same answers."""
+    sync_ann(tmp_path, KEY, 1, base, dtype)
+    index_file = next(tmp_path.glob("*.faiss"))
+    written = {f.name: f.read_bytes() for f in (index_file, *tmp_path.glob("*.npy"))}
+    current = base
+    for generation in (2, 3):
+        moved_id = int(current.ids[6])  # changed_by re-embeds the photo after the 5 it removes
+        current, moved = changed_by(current, seed=generation)
+        updated = sync_ann(tmp_path, Revision(KEY[0], generation, 10 + generation), 1, current, dtype)
+        assert {f.name: f.read_bytes() for f in (index_file, *tmp_path.glob("*.npy"))} == written
+        state, (tail,) = saved_state(tmp_path), tmp_path.glob("*.tail")
+        assert state["tail_entries"] == 41 * (generation - 1) and state["nodes"] == len(base) + state["tail_entries"]
+        assert tail.name.endswith(f".{state['tail']}.tail")
+        said = describe_ann(tmp_path, Revision(KEY[0], generation, 10 + generation), 1, dtype, len(current))
+        assert f"; {state['tail_entries']} entries appended since it was written whole" in said
+        # label, signature, vector; the bytes an update killed before its state left past the end are cut
+        assert tail.stat().st_size == state["tail_entries"] * (8 + 4 + 4 * DIM)
+        with tail.open("ab") as fh:  # what an update killed before its state was written leaves past the end
+            fh.write(b"\x7f" * 999)
+        reopened = sync_ann(tmp_path, Revision(KEY[0], generation, 10 + generation), 1, current, dtype)
+        assert reopened.index.ntotal == updated.index.ntotal and reopened is not updated
+        np.testing.assert_array_equal(reopened.labels, updated.labels)
+        assert reopened.top_k(moved, 1)[0][0] == updated.top_k(moved, 1)[0][0] == moved_id
+        assert reopened.top_k(current.matrix[-1], 1)[0][0] == current.ids[-1]
+        queries = clustered(30, seed=20 + generation)
+        assert recall_at_10(reopened, current, queries) >= 0.95
+        if dtype == "pq":  # the same codes in the same lists: the very same candidates
+            for q in queries:
+                np.testing.assert_array_equal(reopened.top_k(q, 10)[0], updated.top_k(q, 10)[0])
+
+
+@pytest.mark.parametrize("dtype", KINDS)
+def test_photos_only_removed_write_no_index_file_and_no_tail(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
+    sync_ann(tmp_path, KEY, 1, base, dtype)
+    index_file = next(tmp_path.glob("*.faiss"))
+    first = index_file.read_bytes()
+    fewer = exact_of(base.ids[50:], np.array(base.matrix[50:]))
+    sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, fewer, dtype)
+    assert index_file.read_bytes() == first and list(tmp_path.glob("*.tail")) == []
+    state = saved_state(tmp_path)
+    assert (state["generation"], state["count"], state["tail_entries"]) == (2, len(fewer), 0)
+    logs: list[str] = []
+    reopened = sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, fewer, dtype, logs.append)
+    assert logs == [] and not set(reopened.top_k(base.matrix[0], 20)[0].tolist()) & set(base.ids[:50].tolist())
+
+
+def test_a_tail_past_its_limit_is_folded_into_the_index_file(
+    tmp_path: Path, base: ExactIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(IvfPqKind, "tail_entries", 60)
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    index_file = next(tmp_path.glob("*.faiss"))
+    first = index_file.read_bytes()
+    once, _ = changed_by(base, seed=2)
+    sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, once, "pq")
+    assert index_file.read_bytes() == first and saved_state(tmp_path)["tail_entries"] == 41
+    twice, moved = changed_by(once, seed=3)  # 82 entries would be past the 60
+    updated = sync_ann(tmp_path, Revision(KEY[0], 3, 13), 1, twice, "pq")
+    state = saved_state(tmp_path)
+    assert index_file.read_bytes() != first and (state["tail"], state["tail_entries"]) == ("", 0)
+    assert list(tmp_path.glob("*.tail")) == [] and state["nodes"] == len(base) + 82
+    logs: list[str] = []
+    reopened = sync_ann(tmp_path, Revision(KEY[0], 3, 13), 1, twice, "pq", logs.append)
+    assert logs == [] and reopened.index.ntotal == updated.index.ntotal
+    assert reopened.top_k(moved, 1)[0][0] == updated.top_k(moved, 1)[0][0]
+
+
+@pytest.mark.parametrize("damage", ["missing", "short"])
+def test_a_damaged_tail_rebuilds_the_index(tmp_path: Path, base: ExactIndex, damage: str) -> None:
+    sync_ann(tmp_path, KEY, 1, base, "pq")
+    once, _ = changed_by(base, seed=2)
+    sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, once, "pq")
+    (tail,) = tmp_path.glob("*.tail")
+    if damage == "missing":
+        tail.unlink()
+    else:
+        tail.write_bytes(tail.read_bytes()[:-10])
+    logs: list[str] = []
+    ann = sync_ann(tmp_path, Revision(KEY[0], 2, 12), 1, once, "pq", logs.append)
+    assert any("building" in m for m in logs)
+    assert recall_at_10(ann, once, clustered(20, seed=5)) >= 0.95
+    assert (saved_state(tmp_path)["tail_entries"], list(tmp_path.glob("*.tail"))) == (0, [])
+
+
 @pytest.mark.parametrize("dtype", KINDS)
 def test_drift_past_the_limit_rebuilds(tmp_path: Path, base: ExactIndex, dtype: str) -> None:
     sync_ann(tmp_path, KEY, 1, base, dtype)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clipworks.library import Library, make_filters
+from clipworks.library import store as store_module
 from clipworks.library.ann import _fresh_rows, sync_ann
 from clipworks.library.metadata import Facets, FileFacets
 from clipworks.library.search import DEAD_FRACTION, ExactIndex, MatrixCache, SideRows
@@ -117,6 +118,45 @@ def test_the_log_answers_only_from_its_migration_on_and_for_few_files(tmp_path: 
                 conn.execute("INSERT INTO embeddings VALUES (?, ?, ?)", (model.id, i, to_blob(np.ones(DIM))))
         assert store.files_changed_since(migrated, 5).tolist() == [1, 2, 3, 4, 5]
         assert store.files_changed_since(migrated, 4) is None  # more than asked for: the caller reads everything
+
+
+def test_the_log_forgets_what_only_a_cache_older_than_its_span_would_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row a commit (the stamps) and one per file ever changed would grow without end: every few commits
+    the log keeps only its last span. A revision within it is answered as before; an older one is told to
+    read everything, and a library searched from such a side file still answers as SQLite does."""
+    monkeypatch.setattr(store_module, "CHANGE_LOG_COMMITS", 12)
+    monkeypatch.setattr(store_module, "PRUNE_EVERY", 4)
+    db = tmp_path / "lib.db"
+    library_of_dim(db, [f"/p/{i:02d}.jpg" for i in range(1, 41)], DIM)
+    rng = np.random.default_rng(3)
+    with Library(db, ann="off") as library:
+        library.vectors()  # a side file of the library as made
+        with Store(db) as store:
+            (model,) = store.models()
+            seen: list[tuple[Revision, set[int]]] = []  # each revision, and the files changed since it
+            for commit in range(30):
+                revision = store.revision()
+                seen.append((revision, set()))
+                with store.write() as conn:
+                    conn.execute(PUT_VECTOR, (model.id, commit + 1, to_blob(unit(rng)[0])))
+                for _, changed in seen:
+                    changed.add(commit + 1)
+            now = store.revision()
+            kept = store.conn.execute("SELECT min(generation), count(*) FROM generations").fetchone()
+            assert now.generation - 12 - 4 < kept[0] <= now.generation - 12 and kept[1] == now.generation - kept[0] + 1
+            assert store.conn.execute("SELECT min(generation) FROM changed_files").fetchone()[0] >= kept[0]
+            for revision, changed in seen:
+                answer = store.files_changed_since(revision, 100)
+                if revision.generation >= kept[0]:
+                    assert answer is not None and set(answer.tolist()) == changed
+                else:
+                    assert answer is None
+        query = unit(np.random.default_rng(9))[0]
+        answer = [(h.path, round(h.score, 5)) for h in library.search_vector(query, top_k=10)]
+    with Library(db, ann="off", side_file=False) as plain:
+        assert [(h.path, round(h.score, 5)) for h in plain.search_vector(query, top_k=10)] == answer
 
 
 def test_rows_of_files_finds_a_photo_and_every_moment_of_a_video() -> None:

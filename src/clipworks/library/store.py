@@ -203,6 +203,12 @@ MIGRATIONS: list[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+# The change log answers for a cache (a side file, an index, the filters' arrays) made at most this many
+# commits ago; an older one reads everything again, as after any change to a tenth of the library. Without
+# a bound the generations table grows by a row a commit (a tagging service commits per request) and the
+# log keeps a row for every file ever changed. Forgotten every PRUNE_EVERY commits, in the commit itself.
+CHANGE_LOG_COMMITS = 100_000
+PRUNE_EVERY = 1024
 CHECKED_TABLES = ("roots", "files", "models", "state")  # what a writer checks first (see `Store._check`)
 
 
@@ -542,12 +548,23 @@ class Store:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
-            self.conn.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+            (generation,) = self.conn.execute(
+                "UPDATE state SET value = value + 1 WHERE key = 'generation' RETURNING value"
+            ).fetchone()
+            if generation % PRUNE_EVERY == 0 and generation > CHANGE_LOG_COMMITS:
+                self._forget_changes_before(generation - CHANGE_LOG_COMMITS)
             self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+
+    def _forget_changes_before(self, oldest: int) -> None:
+        """The log from ``oldest`` on only: ``files_changed_since`` an older revision answers None (read
+        everything), and the rows and stamps only such a revision would have needed are deleted."""
+        self.conn.execute("UPDATE state SET value = ? WHERE key = 'changes_from' AND value < ?", (oldest, oldest))
+        self.conn.execute("DELETE FROM changed_files WHERE generation < ?", (oldest,))
+        self.conn.execute("DELETE FROM generations WHERE generation < ?", (oldest,))
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
