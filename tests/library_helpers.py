@@ -126,16 +126,20 @@ def file_ids(db: Path) -> dict[str, int]:
         conn.close()
 
 
-def library_of_dim(db: Path, paths: Sequence[str], dim: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A library holding ``dim``-d unit vectors for ``paths``, imported as the vectors of a ``dim``-d model
-    (``dim=512`` stands for ViT-B-32, whose vectors the robot's ClipItems holds; the tiny test bundles make
-    32-d ones). Returns path -> vector as stored (unit rows are stored bit for bit)."""
+def library_of_dim(
+    db: Path, paths: Sequence[str], dim: int, seed: int = 0, vectors: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """A library holding ``dim``-d unit vectors for ``paths`` (random ones unless ``vectors`` are given),
+    imported as the vectors of a ``dim``-d model (``dim=512`` stands for ViT-B-32, whose vectors the robot's
+    ClipItems holds; the tiny test bundles make 32-d ones). Returns path -> vector as stored (unit rows are
+    stored bit for bit)."""
     from clipworks.library.interchange import import_vectors
     from clipworks.library.store import Store
 
-    rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((len(paths), dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    if vectors is None:
+        rng = np.random.default_rng(seed)
+        vectors = rng.standard_normal((len(paths), dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     pkl = db.with_name(db.name + ".pkl")
     pkl.write_bytes(pickle.dumps({"img_path": list(paths), "embedding": list(vectors)}))
     with Store(db) as store:

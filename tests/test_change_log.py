@@ -194,18 +194,27 @@ def test_side_rows_read_as_the_rows_they_stand_for() -> None:
     np.testing.assert_array_equal(np.asarray(side, np.float64), plain.astype(np.float64))
 
 
-def test_a_small_change_is_appended_to_the_side_file_not_written_again(tmp_path: Path) -> None:
-    """Photos added, re-embedded and gone, a video's moments added and then replaced: each change appends
-    just the vectors of the files it touched to the same rows file, and the index equals SQLite's vectors
-    (keys, every row, scores) in this process and in a new one."""
+@contextmanager
+def hundred_photos(tmp_path: Path, photos: int = 100) -> Iterator[tuple[Path, Store, ModelRow, MatrixCache, Path]]:
+    """A library of 100 photos (or ``photos``) whose side file is made: (db, store, model, its cache, the
+    rows file); the first map is saved whole at the store's generation then."""
     db = tmp_path / "lib.db"
-    library_of_dim(db, [f"/p/{i:03d}.jpg" for i in range(1, 201)], DIM)
-    rng = np.random.default_rng(1)
+    library_of_dim(db, [f"/p/{i:03d}.jpg" for i in range(1, photos + 1)], DIM)
     with Store(db) as store:
         (model,) = store.models()
         cache = MatrixCache(db, model)
         assert_current(cache.get(store), store)
         (rows_file,) = rows_files(db)
+        yield db, store, model, cache, rows_file
+
+
+def test_a_small_change_is_appended_to_the_side_file_not_written_again(tmp_path: Path) -> None:
+    """Photos added, re-embedded and gone, a video's moments added and then replaced: each change appends
+    just the vectors of the files it touched to the same rows file, and the index equals SQLite's vectors
+    (keys, every row, scores) in this process and in a new one."""
+    rng = np.random.default_rng(1)
+    with hundred_photos(tmp_path, 200) as (db, store, model, cache, rows_file):
+        whole_generation = store.generation()
         row_bytes = DIM * 4
         assert rows_file.stat().st_size == 200 * row_bytes
 
@@ -239,8 +248,80 @@ def test_a_small_change_is_appended_to_the_side_file_not_written_again(tmp_path:
             2,
         )
         change([("UPDATE files SET deleted_at = NULL WHERE id = 150", ())], 1)  # fmt: skip
-        maps = sorted(side_folder(db).glob("*.rows.npz"))
-        assert len(maps) == 1 and maps[0].name.endswith(f"-g{store.generation()}.rows.npz")  # older maps removed
+        # The whole map of the first generation and the newest one's difference from it: the others removed.
+        assert map_generations(db) == [whole_generation, store.generation()]
+        assert is_difference(newest_map(db))
+
+
+def map_generations(db: Path) -> list[int]:
+    return sorted(int(p.name.split("-g")[-1].removesuffix(".rows.npz")) for p in side_folder(db).glob("*.rows.npz"))
+
+
+def newest_map(db: Path) -> Path:
+    return max(side_folder(db).glob("*.rows.npz"), key=lambda p: int(p.name.split("-g")[-1].split(".")[0]))
+
+
+def is_difference(map_file: Path) -> bool:
+    with np.load(map_file) as saved:
+        return "whole" in saved.files
+
+
+def stored_values(map_file: Path) -> int:
+    """How many numbers a saved map holds: what its size grows with."""
+    with np.load(map_file) as saved:
+        return sum(saved[name].size for name in saved.files)
+
+
+def test_a_generations_map_is_its_difference_from_the_whole_map_until_that_grows_past_its_fraction(
+    tmp_path: Path,
+) -> None:
+    """Each small change saves only the keys it drops and adds since the map saved whole (at 10M photos
+    160 MB, written at every change before), read back by a new process as the whole map would be; once
+    the difference passes DELTA_FRACTION of the keys the map is saved whole again and the old one goes."""
+    photos = 400
+    rng = np.random.default_rng(4)
+    with hundred_photos(tmp_path, photos) as (db, store, model, cache, _):
+        whole = store.generation()
+        whole_size = stored_values(newest_map(db))
+        changed = 0
+        while map_generations(db)[0] == whole:
+            with store.write() as conn:  # two re-embedded, one removed, one added: under EXTEND_FRACTION
+                for i in rng.choice(np.arange(1, photos + 1), 2, replace=False).tolist():
+                    conn.execute(PUT_VECTOR, (model.id, i, to_blob(unit(rng)[0])))
+                conn.execute("UPDATE files SET deleted_at = 1 WHERE id = ?", (int(rng.integers(1, photos + 1)),))
+                add_file(conn, 1000 + changed, f"/p/new{changed}.jpg")
+                conn.execute(PUT_VECTOR, (model.id, 1000 + changed, to_blob(unit(rng)[0])))
+            changed += 1
+            assert_current(cache.get(store), store)
+            assert_current(MatrixCache(db, model).get(store), store)  # another process: whole map + difference
+            if map_generations(db)[0] == whole:
+                assert map_generations(db) == [whole, store.generation()] and is_difference(newest_map(db))
+                assert stored_values(newest_map(db)) <= 3 * whole_size / 16  # three arrays of at most 1/16
+        # Up to 6 keys more in the difference per change (2 dropped and 2 added for the re-embedded, 1
+        # dropped, 1 added): past 1/16 of the ~400 keys after at least 4 changes and before 30.
+        assert 4 < changed < 30, changed
+        assert map_generations(db) == [store.generation()] and not is_difference(newest_map(db))
+        assert len(rows_files(db)) == 1  # the rows still appended to, not written again
+
+
+@pytest.mark.parametrize("damage", ["removed", "of another history"])
+def test_a_difference_whose_whole_map_is_gone_or_replaced_is_not_read(tmp_path: Path, damage: str) -> None:
+    with hundred_photos(tmp_path) as (db, store, model, cache, first):
+        whole_file = newest_map(db)
+        with store.write() as conn:
+            conn.execute(PUT_VECTOR, (model.id, 7, to_blob(np.eye(DIM)[0])))
+        assert_current(cache.get(store), store)
+        assert is_difference(newest_map(db))
+        if damage == "removed":
+            whole_file.unlink()
+        else:  # the same generation saved with another stamp: another history's map
+            with np.load(whole_file) as saved:
+                fields = {name: saved[name] for name in saved.files}
+            fields["stamp"] = fields["stamp"] + 1
+            with whole_file.open("wb") as fh:
+                np.savez(fh, **fields)
+        assert_current(MatrixCache(db, model).get(store), store)
+        assert rows_files(db) != [first]  # nothing tells which rows hold what: written anew
 
 
 def test_an_old_generation_stays_readable_while_a_change_is_appended(tmp_path: Path) -> None:
@@ -256,19 +337,6 @@ def test_an_old_generation_stays_readable_while_a_change_is_appended(tmp_path: P
             conn.execute(PUT_VECTOR, (model.id, 1, to_blob(-vectors["/p/001.jpg"])))
         assert_current(MatrixCache(db, model).get(store), store)
     np.testing.assert_array_equal(np.asarray(old.matrix), before)
-
-
-@contextmanager
-def hundred_photos(tmp_path: Path) -> Iterator[tuple[Path, Store, ModelRow, MatrixCache, Path]]:
-    """A library of 100 photos whose side file is made: (db, store, model, its cache, the rows file)."""
-    db = tmp_path / "lib.db"
-    library_of_dim(db, [f"/p/{i:03d}.jpg" for i in range(1, 101)], DIM)
-    with Store(db) as store:
-        (model,) = store.models()
-        cache = MatrixCache(db, model)
-        cache.get(store)
-        (rows_file,) = rows_files(db)
-        yield db, store, model, cache, rows_file
 
 
 def test_rows_an_interrupted_append_left_are_never_read(tmp_path: Path) -> None:

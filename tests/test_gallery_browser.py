@@ -130,9 +130,11 @@ def page(driver, server):
 
 
 def wait(driver, condition, timeout: float = 20):  # type: ignore[no-untyped-def]
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition)
+    # The page renders its tiles anew: an element a condition found may be replaced before it is read.
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def tile_ids(driver) -> list[int]:  # type: ignore[no-untyped-def]

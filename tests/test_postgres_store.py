@@ -155,6 +155,33 @@ def test_filters_choose_in_sql_before_ranking(library, model, store_url, spec) -
     assert len(got) == min(3, len(allowed))
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "hnsw"])
+def test_pages_of_tied_photos_partition_the_ranking(store_url, tmp_path, exact) -> None:
+    """Groups of four photos with one vector bit for bit (a photo and its copies embedded in one batch):
+    Postgres meets tied rows in no set order, so a page that cut a tie once showed one of them again on the
+    next page and another never; at every page size the pages are now the whole ranking, ties by key."""
+    from library_helpers import library_of_dim
+
+    rng = np.random.default_rng(1)
+    distinct = rng.standard_normal((8, 16)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    db = tmp_path / "ties.db"
+    library_of_dim(db, [f"/p/{i:02d}.jpg" for i in range(32)], 16, vectors=distinct[rng.permutation(32) % 8])
+    with Library(db, ann="off") as lib:
+        push_library(lib.store, store_url)
+    query = distinct[:3].sum(axis=0)
+    with PostgresStore(store_url) as shared:
+        (row,) = shared.models()
+        whole = shared.ranked(row, query, top_k=32, exact=exact)
+        assert len({key for key, _ in whole}) == 32
+        for group in range(0, 32, 4):  # scores fall in ties of four, ranked by key within each
+            assert len({score for _, score in whole[group : group + 4]}) == 1
+            assert [key for key, _ in whole[group : group + 4]] == sorted(key for key, _ in whole[group : group + 4])
+        for size in (1, 2, 3, 5, 7):
+            pages = [shared.ranked(row, query, top_k=size, offset=at, exact=exact) for at in range(0, 32, size)]
+            assert [hit for page in pages for hit in page] == whole, size
+
+
 def test_sort_by_date_and_threshold_follow_the_sqlite_library(library, model, store_url) -> None:
     push_library(library.store, store_url)
     with PostgresLibrary(store_url, model) as shared:

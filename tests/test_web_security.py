@@ -511,6 +511,7 @@ def test_a_good_model_with_preload_is_ready_before_serving(vit_bundle, tmp_path)
 
 
 def test_gallery_with_a_key_in_headless_chromium(keyed_serve_url, library, tmp_path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -519,7 +520,8 @@ def test_gallery_with_a_key_in_headless_chromium(keyed_serve_url, library, tmp_p
 
     driver = browser(tmp_path / "chrome-profile")
     try:
-        wait = WebDriverWait(driver, 20)
+        # The page renders its messages and tiles anew: an element found may be replaced before it is read.
+        wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(keyed_serve_url + "/?q=a+dog")
         box = wait.until(lambda d: d.find_element(By.ID, "key"))
         box.send_keys("wrong", Keys.ENTER)

@@ -45,8 +45,10 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the ``k`` highest scores of a 1-D array, best first (ties keep input order).
+def top_k(scores: np.ndarray, k: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` highest scores of a 1-D array, best first; tied scores go by
+    ascending ``keys`` (default: their position), at the cut as within it, so the best ``k`` are always the
+    first ``k`` of the best ``k + 1``: pages read at growing offsets never repeat or skip a hit.
 
     ``argpartition`` first, so a query over a million rows sorts only the ``k`` it keeps.
     """
@@ -54,6 +56,23 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = max(0, min(int(k), len(scores)))
     if k == 0:
         return np.zeros(0, np.intp), scores[:0]
-    candidates = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    order = candidates[np.lexsort((candidates, -scores[candidates]))]
+    if k < len(scores):
+        candidates = _ties_at_the_cut(scores, np.argpartition(-scores, k - 1)[:k], keys)
+    else:
+        candidates = np.arange(len(scores))
+    tiebreak = candidates if keys is None else np.asarray(keys)[candidates]
+    order = candidates[np.lexsort((tiebreak, -scores[candidates]))]
     return order, scores[order]
+
+
+def _ties_at_the_cut(scores: np.ndarray, candidates: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
+    """``candidates`` with the scores tied with the k-th best chosen by key: argpartition keeps an arbitrary
+    few of them (a photo and its copy, embedded in the same batch, score alike to the last bit)."""
+    kth = scores[candidates].min()
+    at_cut = scores[candidates] == kth
+    tied = np.flatnonzero(scores == kth)  # ascending: by position
+    if len(tied) == np.count_nonzero(at_cut):  # every tie is inside (or the k-th is NaN: none is)
+        return candidates
+    if keys is not None:
+        tied = tied[np.argsort(np.asarray(keys)[tied], kind="stable")]
+    return np.concatenate([candidates[~at_cut], tied[: np.count_nonzero(at_cut)]])

@@ -221,8 +221,7 @@ def rank(
     below ``threshold``. ``scores`` may be changed."""
     if exclude:
         scores[np.isin(ids, np.asarray(exclude, np.int64))] = -np.inf
-    best, _ = ops.top_k(scores, k)
-    best = best[np.lexsort((ids[best], -scores[best]))]
+    best, _ = ops.top_k(scores, k, ids)
     best = best[np.isfinite(scores[best])]
     if threshold is not None:
         best = best[scores[best] >= threshold]
@@ -270,17 +269,51 @@ class SideRows:
 # replaced or removed) would pass the second fraction of it.
 EXTEND_FRACTION = 0.1
 DEAD_FRACTION = 0.25
+# A generation's map is saved as its difference from the last map saved whole (the keys it drops, the keys
+# and rows it adds) while that difference holds at most this fraction of its keys: a whole map is 16 bytes
+# a key (160 MB at 10M photos), which every `index add` would otherwise write again.
+DELTA_FRACTION = 1 / 16
 
 
 class _Map(NamedTuple):
     """Which rows of a side file hold one revision's vectors: ``ids`` sorted, ``rows`` their rows in the
-    file (empty: row i holds ids[i]), ``token`` names the file, ``count`` how many rows it had then."""
+    file (empty: row i holds ids[i]), ``token`` names the file, ``count`` how many rows it had then;
+    ``whole`` the map saved whole that this one was read or made from, None where it is that map."""
 
     revision: Revision
     ids: np.ndarray
     rows: np.ndarray
     token: str
     count: int
+    whole: _Map | None = None
+
+    def row_of_each(self) -> np.ndarray:
+        return self.rows if len(self.rows) else np.arange(len(self.ids), dtype=np.int64)
+
+    def difference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The keys of ``whole`` this map drops, and the keys (sorted) and rows it adds. A row below the
+        whole map's count can only be one it mapped, to the same key: rows are appended, never reused."""
+        assert self.whole is not None
+        rows = self.row_of_each()
+        inherited = rows < self.whole.count
+        kept = np.zeros(len(self.whole.ids), bool)
+        kept[np.searchsorted(self.whole.ids, self.ids[inherited])] = True
+        return self.whole.ids[~kept], self.ids[~inherited], rows[~inherited]
+
+    @staticmethod
+    def applied(whole: _Map, revision: Revision, count: int, dropped: np.ndarray, added: np.ndarray,
+                added_rows: np.ndarray) -> _Map:  # fmt: skip
+        """The map that ``difference`` described, made again from ``whole`` (ValueError where it does not
+        fit: a key it drops that the whole map lacks)."""
+        kept = np.ones(len(whole.ids), bool)
+        at = np.searchsorted(whole.ids, dropped)
+        if len(dropped) and (int(at.max()) >= len(whole.ids) or not np.array_equal(whole.ids[at], dropped)):
+            raise ValueError("the difference drops keys the whole map lacks")
+        kept[at] = False
+        kept_ids, kept_rows = whole.ids[kept], whole.row_of_each()[kept]
+        at = np.searchsorted(kept_ids, added)
+        ids, rows = np.insert(kept_ids, at, added), np.insert(kept_rows, at, added_rows)
+        return _Map(revision, ids, rows, whole.token, count, whole)
 
 
 class MatrixCache:
@@ -288,10 +321,11 @@ class MatrixCache:
 
     The side file lets a fresh process start with a memory map instead of decoding every BLOB. In
     ``<db>-vectors/``: the rows, raw float32 (``<library id>-m<model>.<token>.f32``), which are only ever
-    appended to, and for each generation a map of which row holds each key (``...-g<generation>.rows.npz``).
-    A change since a mapped generation appends the vectors of the files it touched (`Store.files_changed_since`)
-    and maps the new generation: at 10M photos an `index add` of a few photos writes a few MB, not the 20 GB
-    of every row. Names start with the random id the database got when it was created, so a library deleted
+    appended to, and for each generation a map of which row holds each key (``...-g<generation>.rows.npz``),
+    saved whole or as its difference from the last map saved whole. A change since a mapped generation
+    appends the vectors of the files it touched (`Store.files_changed_since`) and maps the new generation:
+    at 10M photos an `index add` of a few photos writes a few MB, not the 20 GB of every row or the 160 MB
+    of a whole map. Names start with the random id the database got when it was created, so a library deleted
     and made again at the same path (whose generation counts up from 0 again) never reads the old one's
     vectors; anything else in the folder of this model, or of another library id, is removed.
     """
@@ -327,12 +361,22 @@ class MatrixCache:
         with store.snapshot():
             return ExactIndex(*store.live_vectors(self.model)), store.revision()
 
-    def _read_map(self, library_id: int, generation: int) -> _Map | None:
-        """The map saved for ``generation``, or None (none, not whole, or from before schema 8's stamps)."""
-        with contextlib.suppress(OSError, ValueError, KeyError):
+    def _read_map(self, library_id: int, generation: int, *, whole_only: bool = False) -> _Map | None:
+        """The map saved for ``generation``, or None (none, not whole, from before schema 8's stamps, or
+        a difference from a whole map that is gone or is not the one it was made from)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
             with np.load(self._map_file(library_id, generation), allow_pickle=False) as saved:
                 revision = Revision(library_id, generation, int(saved["stamp"]))
-                found = _Map(revision, saved["ids"], saved["rows"], str(saved["token"]), int(saved["count"]))
+                token, count = str(saved["token"]), int(saved["count"])
+                if "whole" not in saved.files:
+                    found = _Map(revision, saved["ids"], saved["rows"], token, count)
+                elif whole_only:
+                    return None
+                else:
+                    whole = self._read_map(library_id, int(saved["whole"]), whole_only=True)
+                    if whole is None or (whole.revision.stamp, whole.token) != (int(saved["whole_stamp"]), token):
+                        return None
+                    found = _Map.applied(whole, revision, count, saved["dropped"], saved["added"], saved["added_rows"])
             consistent = found.ids.ndim == 1 and (
                 len(found.rows) == len(found.ids) if len(found.rows) else found.count == len(found.ids)
             )
@@ -400,12 +444,11 @@ class MatrixCache:
             with contextlib.suppress(OSError):
                 os.truncate(rows_file, end * self._row_bytes)
             raise
-        old_rows = base.rows if len(base.rows) else np.arange(len(base.ids), dtype=np.int64)
-        kept_ids, kept_rows = base.ids[kept], old_rows[kept]
+        kept_ids, kept_rows = base.ids[kept], base.row_of_each()[kept]
         at = np.searchsorted(kept_ids, keys)
         ids = np.insert(kept_ids, at, keys)
         rows = np.insert(kept_rows, at, np.arange(end, total, dtype=np.int64))
-        self._save_map(_Map(key, ids, rows, base.token, total))
+        self._save_map(_Map(key, ids, rows, base.token, total, base.whole or base))
         return self._open(key)
 
     def _newest_map(self, key: Revision) -> _Map | None:
@@ -446,22 +489,25 @@ class MatrixCache:
         return self._open(key) or ExactIndex(ids, np.zeros((0, self.model.dim), np.float32))
 
     def _save_map(self, found: _Map) -> None:
-        """Writes the map of ``found.revision`` (it marks that side file complete), then removes what no
-        longer counts: other generations' maps, other rows files, other libraries' files."""
+        """Writes the map of ``found.revision`` (it marks that side file complete), as its difference from
+        ``found.whole`` where that is small, then removes what no longer counts: other generations' maps
+        (but the whole one a difference needs), other rows files, other libraries' files."""
         library_id, generation, stamp = found.revision
         map_file = self._map_file(library_id, generation)
+        arrays = {"ids": found.ids, "rows": found.rows}
+        keep = {map_file, self._rows_file(library_id, found.token)}
+        if found.whole is not None:
+            dropped, added, added_rows = found.difference()
+            if len(dropped) + len(added) <= DELTA_FRACTION * len(found.ids):
+                whole_generation, whole_stamp = found.whole.revision.generation, found.whole.revision.stamp
+                arrays = {"whole": np.array(whole_generation, np.int64), "whole_stamp": np.array(whole_stamp, np.int64),
+                          "dropped": dropped, "added": added, "added_rows": added_rows}  # fmt: skip
+                keep.add(self._map_file(library_id, whole_generation))
         with atomic_path(map_file) as tmp, tmp.open("wb") as fh:
-            np.savez(
-                fh,
-                ids=found.ids,
-                rows=found.rows,
-                token=np.array(found.token),
-                count=np.array(found.count),
-                stamp=np.array(stamp, np.int64),
-            )
+            np.savez(fh, token=np.array(found.token), count=np.array(found.count), stamp=np.array(stamp, np.int64),
+                     **arrays)  # fmt: skip
             fh.flush()
             os.fsync(fh.fileno())
-        keep = {map_file, self._rows_file(library_id, found.token)}
         ours = f"{library_id:016x}-"
         this_model = self._base(library_id).name
         for old in cache_dir_for(self.db).iterdir():
