@@ -251,12 +251,15 @@ def test_recreated_library_never_reads_the_old_side_file(tmp_path: Path, vit_bun
     db = tmp_path / "lib.db"
     old_photos = make_variants(photos, tmp_path / "old", 6)
     new_photos = make_variants(photos[::-1], tmp_path / "new", 6, size=200, fmt="png")
-    old = Library(db, str(vit_bundle), create=True)
+    old = Library(db, str(vit_bundle), create=True, ann="on")
     old.index([tmp_path / "old"], batch_size=4)
-    old.search("x")  # writes the side file
+    old.search("x")  # writes the side file and the approximate index
+    shutil.copy(old_photos[0], old_photos[0].with_name("extra" + old_photos[0].suffix))
+    old.index([tmp_path / "old"], batch_size=4)
+    old.search("x")  # the extra photo appended to the index's tail
     old.close()
     side = tmp_path / "lib.db-vectors"
-    assert list(side.glob("*.f32"))
+    assert list(side.glob("*.f32")) and list(side.glob("*.faiss")) and list(side.glob("*.tail"))
     for f in tmp_path.glob("lib.db*"):  # the library deleted, its side folder left behind
         if f != side:
             f.unlink()
@@ -275,6 +278,7 @@ def test_recreated_library_never_reads_the_old_side_file(tmp_path: Path, vit_bun
     np.testing.assert_allclose([h.score for h in hits], np.sort(scores)[::-1], atol=1e-5)
     assert not {str(p) for p in old_photos} & {h.path for h in hits}
     assert len(list(side.glob("*.f32"))) == len(list(side.glob("*.rows.npz"))) == 1  # the old library's are gone
+    assert not [p.name for p in side.iterdir() if p.name.endswith((".faiss", ".faiss.json", ".tail", ".npy"))]
 
 
 def test_excluded_files_are_reported_as_excluded_and_come_back_without_embedding(

@@ -444,13 +444,14 @@ class PostgresStore:
         )
         # One row past the page: where it ties with the page's last, the tie is settled by key below.
         params = [query, *args, query, wanted + 1]
-        use_index = not exact and wanted <= EF_SEARCH_MAX
+        use_index = not exact and wanted + 1 <= EF_SEARCH_MAX
         # pgvector before 0.8 filters the index's ef_search candidates after the scan: a filter passing a tenth
         # of the photos leaves a tenth of them, so filtered searches take the widest candidate list there.
         narrowed = (filters or exclude) and _version(self.pgvector_version) < (0, 8)
-        beam = EF_SEARCH_MAX if narrowed else min(EF_SEARCH_MAX, max(ef_search, wanted))
+        # pgvector before 0.8 returns at most ef_search rows: the row past the page needs one more.
+        beam = EF_SEARCH_MAX if narrowed else min(EF_SEARCH_MAX, max(ef_search, wanted + 1))
         rows = self._rank(sql, params, use_index, beam)
-        if use_index and len(rows) < wanted and (filters or exclude):
+        if use_index and len(rows) <= wanted and (filters or exclude):
             rows = self._rank(sql, params, False, beam)
         rows.sort(key=lambda r: (-r[1], r[0]))
         if len(rows) > wanted and rows[wanted - 1][1] == rows[wanted][1]:

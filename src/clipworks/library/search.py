@@ -269,6 +269,9 @@ class SideRows:
 # replaced or removed) would pass the second fraction of it.
 EXTEND_FRACTION = 0.1
 DEAD_FRACTION = 0.25
+# What the side files and approximate indexes of a library write in its folder: another library id's are
+# removed (one deleted and made again at the same path), whatever the age of the clipworks that made them.
+CACHE_SUFFIXES = (".npy", ".npz", ".f32", ".f16", ".tail", ".faiss", ".faiss.json")
 # A generation's map is saved as its difference from the last map saved whole (the keys it drops, the keys
 # and rows it adds) while that difference holds at most this fraction of its keys: a whole map is 16 bytes
 # a key (160 MB at 10M photos), which every `index add` would otherwise write again.
@@ -513,7 +516,7 @@ class MatrixCache:
         for old in cache_dir_for(self.db).iterdir():
             name = old.name
             mine = name.startswith(f"{this_model}-g") or (name.startswith(f"{this_model}.") and name.endswith(".f32"))
-            theirs = not name.startswith(ours) and name.endswith((".npy", ".npz", ".f32"))
+            theirs = not name.startswith(ours) and name.endswith(CACHE_SUFFIXES)
             if old not in keep and (mine or theirs):
                 with contextlib.suppress(OSError):  # still mapped by a reader on Windows: removed next time
                     old.unlink()

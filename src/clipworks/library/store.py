@@ -548,9 +548,9 @@ class Store:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
-            (generation,) = self.conn.execute(
-                "UPDATE state SET value = value + 1 WHERE key = 'generation' RETURNING value"
-            ).fetchone()
+            self.conn.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+            # Read back, not RETURNING: that needs SQLite 3.35, newer than some systems' Python links.
+            (generation,) = self.conn.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()
             if generation % PRUNE_EVERY == 0 and generation > CHANGE_LOG_COMMITS:
                 self._forget_changes_before(generation - CHANGE_LOG_COMMITS)
             self.conn.execute("COMMIT")
