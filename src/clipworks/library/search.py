@@ -397,10 +397,14 @@ class MatrixCache:
         found = self._read_map(key.library_id, key.generation)
         if found is None or found.revision != key:
             return None
+        return self._mapped(found)
+
+    def _mapped(self, found: _Map) -> ExactIndex | None:
+        """The side file's rows as ``found`` maps them, or None (gone or cut short since)."""
         if found.count == 0:
             return ExactIndex(found.ids, np.zeros((0, self.model.dim), np.float32))
         try:
-            rows_file = self._rows_file(key.library_id, found.token)
+            rows_file = self._rows_file(found.revision.library_id, found.token)
             physical = np.memmap(rows_file, np.float32, "r", shape=(found.count, self.model.dim))
         except (OSError, ValueError):  # gone, or cut short, since the map was read
             return None
@@ -451,8 +455,9 @@ class MatrixCache:
         at = np.searchsorted(kept_ids, keys)
         ids = np.insert(kept_ids, at, keys)
         rows = np.insert(kept_rows, at, np.arange(end, total, dtype=np.int64))
-        self._save_map(_Map(key, ids, rows, base.token, total, base.whole or base))
-        return self._open(key)
+        extended = _Map(key, ids, rows, base.token, total, base.whole or base)
+        self._save_map(extended)
+        return self._mapped(extended)  # as saved, not read back: at 10M keys the map is 160 MB
 
     def _newest_map(self, key: Revision) -> _Map | None:
         prefix = f"{self._base(key.library_id).name}-g"
@@ -485,11 +490,12 @@ class MatrixCache:
                 os.fsync(fh.fileno())
             if filled != count:
                 raise damaged(self.db, f"{filled} vectors came back where it counted {count}")
-            self._save_map(_Map(key, ids, np.zeros(0, np.int64), token, count))
+            written = _Map(key, ids, np.zeros(0, np.int64), token, count)
+            self._save_map(written)
         except BaseException:
             rows_file.unlink(missing_ok=True)
             raise
-        return self._open(key) or ExactIndex(ids, np.zeros((0, self.model.dim), np.float32))
+        return self._mapped(written) or ExactIndex(ids, np.zeros((0, self.model.dim), np.float32))
 
     def _save_map(self, found: _Map) -> None:
         """Writes the map of ``found.revision`` (it marks that side file complete), as its difference from
