@@ -438,10 +438,9 @@ class PostgresStore:
             args.append([int(k) for k in exclude])
         join = " JOIN files f ON f.id = v.file_id" if filters else ""
         query = np.asarray(vector, np.float32)
-        sql = (
-            f"SELECT v.key, -(v.embedding <#> %s) FROM {vectors_table(model.id)} v{join} WHERE true{where} "
-            "ORDER BY v.embedding <#> %s LIMIT %s"
-        )
+        # The rows the filters let through, scored (the query, then the filters' arguments).
+        scored = f"SELECT v.key, -(v.embedding <#> %s) FROM {vectors_table(model.id)} v{join} WHERE true{where} "
+        sql = scored + "ORDER BY v.embedding <#> %s LIMIT %s"
         # One row past the page: where it ties with the page's last, the tie is settled by key below.
         params = [query, *args, query, wanted + 1]
         use_index = not exact and wanted + 1 <= EF_SEARCH_MAX
@@ -455,23 +454,20 @@ class PostgresStore:
             rows = self._rank(sql, params, False, beam)
         rows.sort(key=lambda r: (-r[1], r[0]))
         if len(rows) > wanted and rows[wanted - 1][1] == rows[wanted][1]:
-            rows = self._settle_tie_at_the_cut(model, query, rows, wanted, join, where, args)
+            rows = self._settle_tie_at_the_cut(scored, [query, *args], query, rows, wanted)
         out = [(int(k), float(s)) for k, s in rows[offset:wanted]]
         return [hit for hit in out if threshold is None or hit[1] >= threshold]
 
-    def _settle_tie_at_the_cut(self, model: ModelRow, query: np.ndarray, rows: list[tuple[int, float]], wanted: int,
-                               join: str, where: str, args: list[Any]) -> list[tuple[int, float]]:  # fmt: skip
+    def _settle_tie_at_the_cut(self, scored: str, scored_args: list[Any], query: np.ndarray,
+                               rows: list[tuple[int, float]], wanted: int) -> list[tuple[int, float]]:  # fmt: skip
         """``rows`` with the rows scoring as the page's last chosen by key among all that do, not by the order
         Postgres met them in (a photo and its copy, embedded in one batch, score alike to the last bit): so a
         page is always the start of the next one's ranking, and paging never repeats or skips a hit. Rare,
         and a sequential scan: equal distances have no index."""
         tie = rows[wanted - 1][1]
         above = [r for r in rows if r[1] > tie]
-        sql = (
-            f"SELECT v.key, -(v.embedding <#> %s) FROM {vectors_table(model.id)} v{join} WHERE true{where} "
-            "AND -(v.embedding <#> %s) = %s ORDER BY v.key LIMIT %s"
-        )
-        tied = self._rank(sql, [query, *args, query, tie, wanted - len(above)], False, 0)
+        sql = scored + "AND -(v.embedding <#> %s) = %s ORDER BY v.key LIMIT %s"
+        tied = self._rank(sql, [*scored_args, query, tie, wanted - len(above)], False, 0)
         return above + tied
 
     def default_ef_search(self, model: ModelRow) -> int:

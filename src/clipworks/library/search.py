@@ -313,10 +313,15 @@ class _Map(NamedTuple):
         if len(dropped) and (int(at.max()) >= len(whole.ids) or not np.array_equal(whole.ids[at], dropped)):
             raise ValueError("the difference drops keys the whole map lacks")
         kept[at] = False
-        kept_ids, kept_rows = whole.ids[kept], whole.row_of_each()[kept]
+        return whole.merged(kept, added, added_rows, revision, count, whole)
+
+    def merged(self, kept: np.ndarray, added: np.ndarray, added_rows: np.ndarray, revision: Revision, count: int,
+               whole: _Map | None) -> _Map:  # fmt: skip
+        """This map's ``kept`` keys with ``added`` (sorted) at ``added_rows``, in key order."""
+        kept_ids, kept_rows = self.ids[kept], self.row_of_each()[kept]
         at = np.searchsorted(kept_ids, added)
         ids, rows = np.insert(kept_ids, at, added), np.insert(kept_rows, at, added_rows)
-        return _Map(revision, ids, rows, whole.token, count, whole)
+        return _Map(revision, ids, rows, self.token, count, whole)
 
 
 class MatrixCache:
@@ -451,11 +456,7 @@ class MatrixCache:
             with contextlib.suppress(OSError):
                 os.truncate(rows_file, end * self._row_bytes)
             raise
-        kept_ids, kept_rows = base.ids[kept], base.row_of_each()[kept]
-        at = np.searchsorted(kept_ids, keys)
-        ids = np.insert(kept_ids, at, keys)
-        rows = np.insert(kept_rows, at, np.arange(end, total, dtype=np.int64))
-        extended = _Map(key, ids, rows, base.token, total, base.whole or base)
+        extended = base.merged(kept, keys, np.arange(end, total, dtype=np.int64), key, total, base.whole or base)
         self._save_map(extended)
         return self._mapped(extended)  # as saved, not read back: at 10M keys the map is 160 MB
 
